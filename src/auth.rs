@@ -1,0 +1,227 @@
+//! Public key authentication for one SSH connection: keys from the ssh-agent at
+//! `SSH_AUTH_SOCK` (rsa-sha2 for RSA, as OpenSSH ≥ 8.8 refuses SHA-1, ed25519, ECDSA) and
+//! unencrypted identity files from the config. When identity files are configured their agent
+//! twins are offered first, so a full agent does not exhaust the server's MaxAuthTries.
+//! Knows nothing of fleet or of which connection it authenticates beyond its name.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use russh::client::{AuthResult, Handle, Handler};
+use russh::keys::agent::client::AgentClient;
+use russh::keys::agent::AgentIdentity;
+use russh::keys::{Algorithm, HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKey};
+use tokio::net::UnixStream;
+
+use crate::known_hosts::fingerprint_sha256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("no ssh-agent: SSH_AUTH_SOCK is not set and no identity_files are configured; start one (`eval \"$(ssh-agent)\"`), add your key with `ssh-add`, and start fleet-broker from that environment")]
+    NoAgent,
+    #[error("cannot reach the ssh-agent at {path}: {reason}; is ssh-agent still running? (check SSH_AUTH_SOCK)")]
+    AgentUnreachable { path: PathBuf, reason: String },
+    #[error("the ssh-agent at {0} holds no keys and no identity_files are configured; add your key with `ssh-add`")]
+    EmptyAgent(PathBuf),
+    #[error("identity file {path}: {reason}")]
+    IdentityFile { path: PathBuf, reason: String },
+    #[error("{target} refused every key for user {user:?} (tried {tried}); check that one of them is in ~{user}/.ssh/authorized_keys there, or set `user` for this cluster")]
+    Refused {
+        target: String,
+        user: String,
+        tried: String,
+    },
+    #[error("authentication to {target} failed: {reason}")]
+    Transport { target: String, reason: String },
+}
+
+/// A key we may offer, and who signs with it.
+enum Candidate {
+    Agent(PublicKey),
+    File(Arc<PrivateKey>),
+}
+
+impl Candidate {
+    fn public(&self) -> PublicKey {
+        match self {
+            Candidate::Agent(k) => k.clone(),
+            Candidate::File(k) => k.public_key().clone(),
+        }
+    }
+}
+
+/// Where keys come from for one connection.
+#[derive(Debug, Clone, Default)]
+pub struct KeySource {
+    /// The agent socket (`SSH_AUTH_SOCK`), if any.
+    pub agent: Option<PathBuf>,
+    pub identity_files: Vec<PathBuf>,
+}
+
+impl KeySource {
+    /// The agent from the process environment plus the given files.
+    pub fn from_env(identity_files: &[PathBuf]) -> KeySource {
+        KeySource {
+            agent: std::env::var_os("SSH_AUTH_SOCK")
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from),
+            identity_files: identity_files.to_vec(),
+        }
+    }
+}
+
+fn public_of_file(path: &Path) -> Option<PublicKey> {
+    let mut pub_path = path.as_os_str().to_owned();
+    pub_path.push(".pub");
+    russh::keys::load_public_key(PathBuf::from(pub_path)).ok()
+}
+
+fn load_file_key(path: &Path) -> Result<Option<PrivateKey>, AuthError> {
+    match russh::keys::load_secret_key(path, None) {
+        Ok(k) => Ok(Some(k)),
+        Err(russh::keys::Error::KeyIsEncrypted) => Ok(None),
+        Err(e) => Err(AuthError::IdentityFile {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+async fn agent_keys(path: &Path) -> Result<(AgentClient<UnixStream>, Vec<PublicKey>), AuthError> {
+    let unreachable = |reason: String| AuthError::AgentUnreachable {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut agent = AgentClient::connect_uds(path)
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    let ids = agent
+        .request_identities()
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    let keys = ids
+        .into_iter()
+        .filter_map(|id| match id {
+            AgentIdentity::PublicKey { key, .. } => Some(key),
+            AgentIdentity::Certificate { .. } => None,
+        })
+        .collect();
+    Ok((agent, keys))
+}
+
+/// Orders the candidates: agent keys that match configured files, other agent keys, then
+/// file keys the agent does not hold.
+async fn candidates(
+    source: &KeySource,
+) -> Result<(Option<AgentClient<UnixStream>>, Vec<Candidate>), AuthError> {
+    let (agent, agent_pubs) = match &source.agent {
+        Some(p) => {
+            let (a, k) = agent_keys(p).await?;
+            (Some(a), k)
+        }
+        None => (None, Vec::new()),
+    };
+    let mut wanted: Vec<PublicKey> = Vec::new();
+    let mut files: Vec<Candidate> = Vec::new();
+    for path in &source.identity_files {
+        let pubkey = public_of_file(path);
+        let in_agent = pubkey
+            .as_ref()
+            .is_some_and(|pk| agent_pubs.iter().any(|a| a.key_data() == pk.key_data()));
+        if let Some(pk) = &pubkey {
+            wanted.push(pk.clone());
+        }
+        if in_agent {
+            continue;
+        }
+        match load_file_key(path)? {
+            Some(k) => {
+                if !agent_pubs
+                    .iter()
+                    .any(|a| a.key_data() == k.public_key().key_data())
+                {
+                    wanted.push(k.public_key().clone());
+                    files.push(Candidate::File(Arc::new(k)));
+                }
+            }
+            None => tracing::warn!(
+                file = %path.display(),
+                "identity file is encrypted and its key is not in the agent; skipping it (add it with ssh-add)"
+            ),
+        }
+    }
+    let (first, rest): (Vec<PublicKey>, Vec<PublicKey>) = agent_pubs
+        .into_iter()
+        .partition(|a| wanted.iter().any(|w| w.key_data() == a.key_data()));
+    let mut out: Vec<Candidate> = first.into_iter().map(Candidate::Agent).collect();
+    out.extend(rest.into_iter().map(Candidate::Agent));
+    out.extend(files);
+    if out.is_empty() {
+        return Err(match &source.agent {
+            None => AuthError::NoAgent,
+            Some(p) => AuthError::EmptyAgent(p.clone()),
+        });
+    }
+    Ok((agent, out))
+}
+
+/// Authenticates `user` on `handle`; `target` names the server in errors.
+pub async fn authenticate<H: Handler>(
+    handle: &mut Handle<H>,
+    user: &str,
+    source: &KeySource,
+    target: &str,
+) -> Result<(), AuthError> {
+    let (mut agent, keys) = candidates(source).await?;
+    let transport = |reason: String| AuthError::Transport {
+        target: target.to_string(),
+        reason,
+    };
+    let mut rsa_hash: Option<Option<HashAlg>> = None;
+    let mut tried = Vec::new();
+    for cand in keys {
+        let public = cand.public();
+        let hash = if matches!(public.algorithm(), Algorithm::Rsa { .. }) {
+            if rsa_hash.is_none() {
+                let best = handle
+                    .best_supported_rsa_hash()
+                    .await
+                    .map_err(|e| transport(e.to_string()))?;
+                // No server-sig-algs: assume a modern server (rsa-sha2-256 is RFC 8332's).
+                rsa_hash = Some(best.unwrap_or(Some(HashAlg::Sha256)));
+            }
+            rsa_hash.flatten()
+        } else {
+            None
+        };
+        tried.push(fingerprint_sha256(&public));
+        let result = match (&cand, agent.as_mut()) {
+            (Candidate::Agent(k), Some(agent)) => handle
+                .authenticate_publickey_with(user, k.clone(), hash, agent)
+                .await
+                .map_err(|e| transport(format!("ssh-agent could not sign: {e}")))?,
+            (Candidate::File(k), _) => handle
+                .authenticate_publickey(user, PrivateKeyWithHashAlg::new(k.clone(), hash))
+                .await
+                .map_err(|e| transport(e.to_string()))?,
+            (Candidate::Agent(_), None) => continue,
+        };
+        match result {
+            AuthResult::Success => return Ok(()),
+            AuthResult::Failure {
+                remaining_methods, ..
+            } => {
+                if !remaining_methods.contains(&russh::MethodKind::PublicKey)
+                    && !remaining_methods.is_empty()
+                {
+                    break;
+                }
+            }
+        }
+    }
+    Err(AuthError::Refused {
+        target: target.to_string(),
+        user: user.to_string(),
+        tried: tried.join(", "),
+    })
+}

@@ -1,0 +1,208 @@
+//! `fleet-broker`: the daemon and its admin commands. Thin: parse arguments, call the library.
+//!
+//! Exit codes: 0 success, 1 failure (the message says what to do), 2 usage error.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use fleet_broker::config::{default_config_path, Config};
+use fleet_broker::control::{ClusterInfo, ClusterList};
+use fleet_broker::daemon::{Daemon, DaemonOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "fleet-broker",
+    version,
+    about = "SSH tunnel and access broker for CoreOS fleet clusters"
+)]
+struct Cli {
+    /// Config file (default: $FLEET_BROKER_CONFIG or $XDG_CONFIG_HOME/fleet-broker/config.toml)
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the daemon in the foreground (logs to stderr; RUST_LOG sets the level)
+    Serve,
+    /// Validate the config and print the effective settings
+    CheckConfig,
+    /// Show each cluster's tunnel state
+    Status {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask the daemon to connect a cluster now (also clears a failed state)
+    Connect { cluster: String },
+    /// Ask the daemon to close a cluster's tunnel
+    Disconnect { cluster: String },
+    /// Run a built-in demo cluster through the real daemon
+    Demo {
+        /// Check once and exit 0/1 instead of serving until Ctrl-C
+        #[arg(long)]
+        once: bool,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn load_config(path: Option<PathBuf>) -> anyhow::Result<Config> {
+    let path = path.unwrap_or_else(default_config_path);
+    Ok(Config::load(&path)?)
+}
+
+async fn control_request(method: &str, path: &str) -> anyhow::Result<(u16, bytes::Bytes)> {
+    use http_body_util::{BodyExt, Empty};
+    let sock = fleet_broker::local::control_socket(&fleet_broker::local::default_runtime_dir());
+    let stream = tokio::net::UnixStream::connect(&sock).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach the fleet-broker daemon at {}: {e}; start it with `fleet-broker serve`",
+            sock.display()
+        )
+    })?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("Host", "fleet-broker")
+        .body(Empty::<bytes::Bytes>::new())?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status().as_u16();
+    Ok((status, resp.into_body().collect().await?.to_bytes()))
+}
+
+fn print_table(list: &ClusterList) {
+    println!(
+        "{:<16} {:<11} {:<24} {:<10} {:>8} {:>10} {:>9}  LAST ERROR",
+        "CLUSTER", "STATE", "TUNNEL", "USER", "REQUESTS", "RECONNECTS", "P50 MS"
+    );
+    for c in &list.clusters {
+        let ClusterInfo {
+            name,
+            state,
+            tunnel,
+            user,
+            requests,
+            reconnects,
+            latency_p50_ms,
+            last_error,
+            ..
+        } = c;
+        println!(
+            "{:<16} {:<11} {:<24} {:<10} {:>8} {:>10} {:>9}  {}",
+            name,
+            state,
+            tunnel,
+            user,
+            requests,
+            reconnects,
+            latency_p50_ms.map_or("-".into(), |v| format!("{v:.2}")),
+            last_error.as_deref().unwrap_or("-")
+        );
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Cmd::Serve => {
+            let config = load_config(cli.config)?;
+            let opts = DaemonOptions::from_env();
+            if opts.agent_socket.is_none() {
+                tracing::warn!("SSH_AUTH_SOCK is not set: only identity_files can authenticate");
+            }
+            let daemon = Daemon::start(&config, &opts).await?;
+            tracing::info!(control = %daemon.control_socket.display(), clusters = config.clusters.len(), "fleet-broker ready");
+            fleet_broker::shutdown_signal().await;
+            tracing::info!("shutting down");
+            daemon.shutdown().await;
+            Ok(())
+        }
+        Cmd::CheckConfig => {
+            let config = load_config(cli.config)?;
+            println!(
+                "# {}: OK, {} cluster(s)",
+                config.path.display(),
+                config.clusters.len()
+            );
+            for c in config.clusters.values() {
+                println!();
+                print!("{}", c.to_toml());
+            }
+            Ok(())
+        }
+        Cmd::Status { json } => {
+            let (status, body) = control_request("GET", "/v1/clusters").await?;
+            if status != 200 {
+                anyhow::bail!(
+                    "daemon answered {status}: {}",
+                    String::from_utf8_lossy(&body)
+                );
+            }
+            if json {
+                println!("{}", String::from_utf8_lossy(&body));
+            } else {
+                print_table(&serde_json::from_slice(&body)?);
+            }
+            Ok(())
+        }
+        Cmd::Connect { cluster } | Cmd::Disconnect { cluster }
+            if !fleet_broker::config::valid_cluster_name(&cluster) =>
+        {
+            anyhow::bail!("{cluster:?} is not a valid cluster name")
+        }
+        Cmd::Connect { cluster } => control_cmd(&cluster, "connect").await,
+        Cmd::Disconnect { cluster } => control_cmd(&cluster, "disconnect").await,
+        Cmd::Demo { once } => fleet_broker::demo::run(once).await,
+    }
+}
+
+async fn control_cmd(cluster: &str, what: &str) -> anyhow::Result<()> {
+    let (status, body) = control_request("POST", &format!("/v1/clusters/{cluster}/{what}")).await?;
+    if status != 200 {
+        anyhow::bail!("{}", String::from_utf8_lossy(&body));
+    }
+    let info: ClusterInfo = serde_json::from_slice(&body)?;
+    println!(
+        "{}: {}{}",
+        info.name,
+        info.state,
+        info.last_error
+            .map(|e| format!(" ({e})"))
+            .unwrap_or_default()
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if matches!(cli.command, Cmd::Serve | Cmd::Demo { .. }) {
+        init_logging();
+    }
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("fleet-broker: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fleet-broker: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

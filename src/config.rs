@@ -1,0 +1,583 @@
+//! The broker's configuration: the TOML file of `[defaults]` and `[clusters.NAME]` tables,
+//! parsed once into validated types. Every error names the file, line and column (or the
+//! cluster and field) so the user can fix it; nothing outside this module sees raw strings
+//! for durations, endpoints or policies.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// Default user on CoreOS hosts, as fleetctl assumed.
+pub const DEFAULT_USER: &str = "core";
+/// fleetd's socket on a CoreOS host.
+pub const DEFAULT_ENDPOINT: &str = "unix:///var/run/fleet.sock";
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
+pub const DEFAULT_KEEPALIVE_MAX: usize = 3;
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_KNOWN_HOSTS: [&str; 2] = ["~/.fleetctl/known_hosts", "~/.ssh/known_hosts"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read config: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Syntax {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// How an unknown or changed host key is treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HostKeyPolicy {
+    /// Unknown hosts are refused; the user pins them with `fleet-broker trust`.
+    Strict,
+    /// Unknown hosts are pinned on first use; changed keys are still refused.
+    AcceptNew,
+    /// No checking at all (warned about loudly at start).
+    Off,
+}
+
+impl fmt::Display for HostKeyPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            HostKeyPolicy::Strict => "strict",
+            HostKeyPolicy::AcceptNew => "accept-new",
+            HostKeyPolicy::Off => "off",
+        })
+    }
+}
+
+/// When the tunnel is first dialled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConnectMode {
+    /// On the first local request.
+    Lazy,
+    /// As soon as the daemon starts.
+    Eager,
+}
+
+/// `host[:port]` of an SSH server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPort {
+    pub host: String,
+    pub port: u16,
+}
+
+impl HostPort {
+    /// Parses `host`, `host:port`, `[v6]` or `[v6]:port`; port defaults to 22.
+    pub fn parse(s: &str) -> Result<HostPort, String> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Err("host must not be empty".into());
+        }
+        let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+            let (h, after) = rest
+                .split_once(']')
+                .ok_or_else(|| format!("{s:?}: missing ']' after IPv6 address"))?;
+            let port = match after {
+                "" => None,
+                p => Some(
+                    p.strip_prefix(':')
+                        .ok_or_else(|| format!("{s:?}: expected ':port' after ']'"))?,
+                ),
+            };
+            (h.to_string(), port)
+        } else if s.matches(':').count() > 1 {
+            (s.to_string(), None)
+        } else if let Some((h, p)) = s.split_once(':') {
+            (h.to_string(), Some(p))
+        } else {
+            (s.to_string(), None)
+        };
+        if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c == '/') {
+            return Err(format!("{s:?}: invalid host name"));
+        }
+        let port = match port {
+            None => 22,
+            Some(p) => match p.parse::<u16>() {
+                Ok(p) if p > 0 => p,
+                _ => return Err(format!("{s:?}: port must be a number from 1 to 65535")),
+            },
+        };
+        Ok(HostPort { host, port })
+    }
+
+    /// The name OpenSSH writes into known_hosts for this host: `host` on port 22,
+    /// `[host]:port` elsewhere.
+    pub fn known_hosts_name(&self) -> String {
+        known_hosts_name(&self.host, self.port)
+    }
+}
+
+/// known_hosts spelling of a host and port.
+pub fn known_hosts_name(host: &str, port: u16) -> String {
+    if port == 22 {
+        host.to_string()
+    } else {
+        format!("[{host}]:{port}")
+    }
+}
+
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Where fleet's API listens, as seen from the tunnel host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// A unix socket on the tunnel host, reached by `direct-streamlocal@openssh.com`.
+    Unix(String),
+    /// A TCP address reachable from the tunnel host, reached by `direct-tcpip`.
+    Http { host: String, port: u16 },
+}
+
+impl Endpoint {
+    pub fn parse(s: &str) -> Result<Endpoint, String> {
+        if let Some(path) = s.strip_prefix("unix://") {
+            if !path.starts_with('/') {
+                return Err(format!(
+                    "{s:?}: a unix endpoint needs an absolute path, e.g. unix:///var/run/fleet.sock"
+                ));
+            }
+            return Ok(Endpoint::Unix(path.to_string()));
+        }
+        if let Some(rest) = s.strip_prefix("http://") {
+            let authority = rest.trim_end_matches('/');
+            if authority.contains('/') {
+                return Err(format!("{s:?}: an http endpoint must not have a path"));
+            }
+            let hp = HostPort::parse(authority)?;
+            let port = if authority.contains(':') && !authority.ends_with(']') {
+                hp.port
+            } else {
+                80
+            };
+            return Ok(Endpoint::Http {
+                host: hp.host,
+                port,
+            });
+        }
+        Err(format!(
+            "{s:?}: endpoint must start with unix:// or http:// (https is not carried by the tunnel)"
+        ))
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Unix(p) => write!(f, "unix://{p}"),
+            Endpoint::Http { host, port } => write!(f, "http://{host}:{port}"),
+        }
+    }
+}
+
+/// One named cluster, with defaults applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterConfig {
+    pub name: String,
+    pub tunnel: HostPort,
+    pub endpoint: Endpoint,
+    pub user: String,
+    /// Tried after the agent; their agent twins are offered first.
+    pub identity_files: Vec<PathBuf>,
+    /// Pins are read from all; accept-new writes to the first.
+    pub known_hosts: Vec<PathBuf>,
+    pub host_key_checking: HostKeyPolicy,
+    pub keepalive_interval: Duration,
+    /// Missed keepalives before the tunnel is declared dead.
+    pub keepalive_max: usize,
+    /// Bounds TCP connect + SSH handshake + authentication, and how long a request waits
+    /// for a tunnel that is not up.
+    pub connect_timeout: Duration,
+    pub connect: ConnectMode,
+    pub machine_ssh_port: u16,
+    /// When true the broker refuses PUT/DELETE/PATCH with 403.
+    pub read_only: bool,
+}
+
+/// The whole validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub path: PathBuf,
+    pub clusters: BTreeMap<String, ClusterConfig>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    defaults: RawSettings,
+    #[serde(default)]
+    clusters: BTreeMap<String, RawSettings>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSettings {
+    #[serde(default, deserialize_with = "de_hostport")]
+    tunnel: Option<HostPort>,
+    user: Option<String>,
+    identity_files: Option<Vec<String>>,
+    known_hosts: Option<Vec<String>>,
+    host_key_checking: Option<HostKeyPolicy>,
+    #[serde(default, deserialize_with = "de_duration")]
+    keepalive_interval: Option<Duration>,
+    keepalive_max: Option<usize>,
+    #[serde(default, deserialize_with = "de_duration")]
+    connect_timeout: Option<Duration>,
+    connect: Option<ConnectMode>,
+    machine_ssh_port: Option<u16>,
+    read_only: Option<bool>,
+    #[serde(default, deserialize_with = "de_endpoint")]
+    endpoint: Option<Endpoint>,
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s = String::deserialize(d)?;
+    let v = humantime::parse_duration(&s).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "invalid duration {s:?}: {e} (write e.g. \"15s\" or \"500ms\")"
+        ))
+    })?;
+    if v.is_zero() {
+        return Err(serde::de::Error::custom(
+            "duration must be greater than zero",
+        ));
+    }
+    Ok(Some(v))
+}
+
+fn de_hostport<'de, D: Deserializer<'de>>(d: D) -> Result<Option<HostPort>, D::Error> {
+    let s = String::deserialize(d)?;
+    HostPort::parse(&s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+fn de_endpoint<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Endpoint>, D::Error> {
+    let s = String::deserialize(d)?;
+    Endpoint::parse(&s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+/// Is `name` usable as a cluster name (and so as a socket file name)?
+pub fn valid_cluster_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name != "."
+        && name != ".."
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
+/// Expands a leading `~/` from `$HOME`.
+pub fn expand_tilde(p: &str) -> PathBuf {
+    if p == "~" {
+        return home_dir();
+    }
+    match p.strip_prefix("~/") {
+        Some(rest) => home_dir().join(rest),
+        None => PathBuf::from(p),
+    }
+}
+
+fn home_dir() -> PathBuf {
+    std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/"))
+}
+
+/// The config file path: `$FLEET_BROKER_CONFIG`, else `$XDG_CONFIG_HOME/fleet-broker/config.toml`,
+/// else `~/.config/fleet-broker/config.toml`.
+pub fn default_config_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("FLEET_BROKER_CONFIG").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home_dir().join(".config"));
+    base.join("fleet-broker").join("config.toml")
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rfind('\n').map_or(offset, |nl| offset - nl - 1) + 1;
+    (line, column)
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Validates `text` as if read from `path` (used in error messages).
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let raw: RawFile = toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map_or((1, 1), |s| line_col(text, s.start));
+            ConfigError::Syntax {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message: e.message().trim().to_string(),
+            }
+        })?;
+        if raw.defaults.tunnel.is_some() {
+            let off = text.find("[defaults]").unwrap_or(0);
+            let (line, column) = line_col(text, off);
+            return Err(ConfigError::Syntax {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message: "`tunnel` belongs in a [clusters.NAME] table, not in [defaults]".into(),
+            });
+        }
+        let mut clusters = BTreeMap::new();
+        for (name, rc) in raw.clusters {
+            let at = |message: String| {
+                let header = format!("[clusters.{name}]");
+                let quoted = format!("[clusters.\"{name}\"]");
+                match text.find(&header).or_else(|| text.find(&quoted)) {
+                    Some(off) => {
+                        let (line, column) = line_col(text, off);
+                        ConfigError::Syntax {
+                            path: path.to_path_buf(),
+                            line,
+                            column,
+                            message,
+                        }
+                    }
+                    None => ConfigError::Invalid {
+                        path: path.to_path_buf(),
+                        message,
+                    },
+                }
+            };
+            if !valid_cluster_name(&name) {
+                return Err(at(format!(
+                    "cluster name {name:?} may only contain letters, digits, '_', '.' and '-'"
+                )));
+            }
+            let Some(tunnel) = rc.tunnel.clone() else {
+                return Err(at(format!(
+                    "cluster {name:?}: missing field `tunnel` (the SSH host[:port] that reaches fleet)"
+                )));
+            };
+            let c = merge(&name, tunnel, rc, &raw.defaults);
+            if c.user.is_empty() {
+                return Err(at(format!("cluster {name:?}: user must not be empty")));
+            }
+            if c.known_hosts.is_empty() && c.host_key_checking != HostKeyPolicy::Off {
+                return Err(at(format!(
+                    "cluster {name:?}: known_hosts is empty; list at least one file or set host_key_checking = \"off\""
+                )));
+            }
+            clusters.insert(name, c);
+        }
+        Ok(Config {
+            path: path.to_path_buf(),
+            clusters,
+        })
+    }
+}
+
+fn merge(name: &str, tunnel: HostPort, s: RawSettings, d: &RawSettings) -> ClusterConfig {
+    let paths =
+        |v: Option<Vec<String>>, dv: &Option<Vec<String>>, default: &[&str]| -> Vec<PathBuf> {
+            v.or_else(|| dv.clone())
+                .unwrap_or_else(|| default.iter().map(|s| s.to_string()).collect())
+                .iter()
+                .map(|p| expand_tilde(p))
+                .collect()
+        };
+    ClusterConfig {
+        name: name.to_string(),
+        tunnel,
+        endpoint: s
+            .endpoint
+            .or_else(|| d.endpoint.clone())
+            .unwrap_or_else(|| Endpoint::Unix("/var/run/fleet.sock".into())),
+        user: s
+            .user
+            .or_else(|| d.user.clone())
+            .unwrap_or_else(|| DEFAULT_USER.into()),
+        identity_files: paths(s.identity_files, &d.identity_files, &[]),
+        known_hosts: paths(s.known_hosts, &d.known_hosts, &DEFAULT_KNOWN_HOSTS),
+        host_key_checking: s
+            .host_key_checking
+            .or(d.host_key_checking)
+            .unwrap_or(HostKeyPolicy::Strict),
+        keepalive_interval: s
+            .keepalive_interval
+            .or(d.keepalive_interval)
+            .unwrap_or(DEFAULT_KEEPALIVE_INTERVAL),
+        keepalive_max: s
+            .keepalive_max
+            .or(d.keepalive_max)
+            .unwrap_or(DEFAULT_KEEPALIVE_MAX)
+            .max(1),
+        connect_timeout: s
+            .connect_timeout
+            .or(d.connect_timeout)
+            .unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+        connect: s.connect.or(d.connect).unwrap_or(ConnectMode::Lazy),
+        machine_ssh_port: s.machine_ssh_port.or(d.machine_ssh_port).unwrap_or(22),
+        read_only: s.read_only.or(d.read_only).unwrap_or(false),
+    }
+}
+
+impl ClusterConfig {
+    /// The effective settings as TOML, for `check-config`.
+    pub fn to_toml(&self) -> String {
+        let list = |v: &[PathBuf]| {
+            let items: Vec<String> = v
+                .iter()
+                .map(|p| format!("{:?}", p.display().to_string()))
+                .collect();
+            format!("[{}]", items.join(", "))
+        };
+        format!(
+            "[clusters.{name}]\ntunnel = \"{tunnel}\"\nendpoint = \"{endpoint}\"\nuser = {user:?}\nidentity_files = {ids}\nknown_hosts = {kh}\nhost_key_checking = \"{hkc}\"\nkeepalive_interval = \"{ka}\"\nkeepalive_max = {kam}\nconnect_timeout = \"{ct}\"\nconnect = \"{conn}\"\nmachine_ssh_port = {msp}\nread_only = {ro}\n",
+            name = self.name,
+            tunnel = self.tunnel,
+            endpoint = self.endpoint,
+            user = self.user,
+            ids = list(&self.identity_files),
+            kh = list(&self.known_hosts),
+            hkc = self.host_key_checking,
+            ka = humantime::format_duration(self.keepalive_interval),
+            kam = self.keepalive_max,
+            ct = humantime::format_duration(self.connect_timeout),
+            conn = match self.connect {
+                ConnectMode::Lazy => "lazy",
+                ConnectMode::Eager => "eager",
+            },
+            msp = self.machine_ssh_port,
+            ro = self.read_only,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/fb.toml"), text)
+    }
+
+    #[test]
+    fn defaults_apply_and_clusters_override_them() {
+        let c = parse(
+            "[defaults]\nuser = \"elroy\"\nconnect_timeout = \"3s\"\n\n[clusters.prod]\ntunnel = \"bastion:2222\"\n\n[clusters.dev]\ntunnel = \"10.0.0.1\"\nuser = \"jane\"\nendpoint = \"http://10.0.0.5:49153\"\n",
+        )
+        .expect("valid config");
+        let prod = &c.clusters["prod"];
+        assert_eq!(prod.user, "elroy");
+        assert_eq!(
+            prod.tunnel,
+            HostPort {
+                host: "bastion".into(),
+                port: 2222
+            }
+        );
+        assert_eq!(prod.connect_timeout, Duration::from_secs(3));
+        assert_eq!(prod.endpoint, Endpoint::Unix("/var/run/fleet.sock".into()));
+        assert_eq!(prod.host_key_checking, HostKeyPolicy::Strict);
+        let dev = &c.clusters["dev"];
+        assert_eq!(dev.user, "jane");
+        assert_eq!(dev.tunnel.port, 22);
+        assert_eq!(
+            dev.endpoint,
+            Endpoint::Http {
+                host: "10.0.0.5".into(),
+                port: 49153
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_column() {
+        let e = parse("[clusters.prod]\ntunnel = \"h\"\ntunel = \"x\"\n").unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("/etc/fb.toml:3:1: unknown field `tunel`"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn bad_values_are_rejected_with_position() {
+        let e = parse("[clusters.a]\ntunnel = \"h\"\nhost_key_checking = \"maybe\"\n").unwrap_err();
+        assert!(e.to_string().starts_with("/etc/fb.toml:3:"), "{e}");
+        assert!(e.to_string().contains("maybe"), "{e}");
+        let e = parse("[clusters.a]\ntunnel = \"h\"\nkeepalive_interval = \"soon\"\n").unwrap_err();
+        assert!(e.to_string().contains("invalid duration \"soon\""), "{e}");
+        let e = parse("[clusters.a]\ntunnel = \"h:99999\"\n").unwrap_err();
+        assert!(e.to_string().contains("port must be a number"), "{e}");
+        let e = parse("[clusters.a]\ntunnel = \"h\"\nendpoint = \"https://x\"\n").unwrap_err();
+        assert!(e.to_string().contains("endpoint must start with"), "{e}");
+        let e = parse("[clusters.a]\n").unwrap_err();
+        assert!(e.to_string().contains("missing field `tunnel`"), "{e}");
+    }
+
+    #[test]
+    fn cluster_names_are_restricted() {
+        let e = parse("[clusters.\"a/b\"]\ntunnel = \"h\"\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/etc/fb.toml:1:1: cluster name \"a/b\" may only contain letters, digits, '_', '.' and '-'"
+        );
+        assert!(valid_cluster_name("prod-1.eu_west"));
+        assert!(!valid_cluster_name(".."));
+    }
+
+    #[test]
+    fn hostport_forms() {
+        assert_eq!(
+            HostPort::parse("[::1]:2200").unwrap(),
+            HostPort {
+                host: "::1".into(),
+                port: 2200
+            }
+        );
+        assert_eq!(HostPort::parse("::1").unwrap().port, 22);
+        assert_eq!(HostPort::parse("h:22").unwrap().known_hosts_name(), "h");
+        assert_eq!(
+            HostPort::parse("h:2222").unwrap().known_hosts_name(),
+            "[h]:2222"
+        );
+        assert!(HostPort::parse("h:0").is_err());
+        assert!(HostPort::parse("").is_err());
+    }
+}

@@ -1,0 +1,124 @@
+//! The control socket (`control.sock`, HTTP/1.1 + JSON): cluster health and counters, and
+//! operator commands. Routes:
+//! `GET /v1/clusters`, `GET /v1/clusters/NAME`, `POST /v1/clusters/NAME/connect`,
+//! `POST /v1/clusters/NAME/disconnect`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use serde::{Deserialize, Serialize};
+
+use crate::http::{fleet_error, json_response, Body};
+use crate::tunnel::{Command, Status, Tunnel};
+
+/// One cluster as the control socket reports it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    pub name: String,
+    pub tunnel: String,
+    pub user: String,
+    pub endpoint: String,
+    pub socket: PathBuf,
+    pub state: String,
+    pub host_key_fingerprint: Option<String>,
+    pub connected_since: Option<String>,
+    pub last_error: Option<String>,
+    pub reconnects: u64,
+    pub requests: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub latency_p50_ms: Option<f64>,
+    pub latency_p99_ms: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterList {
+    pub clusters: Vec<ClusterInfo>,
+}
+
+/// What the control socket serves.
+pub struct Control {
+    pub tunnels: BTreeMap<String, (Arc<Tunnel>, PathBuf)>,
+}
+
+fn info(t: &Tunnel, socket: &std::path::Path) -> ClusterInfo {
+    let Status {
+        state,
+        host_key_fingerprint,
+        connected_since,
+        last_error,
+        reconnects,
+        requests,
+        bytes_in,
+        bytes_out,
+        latency_p50_ms,
+        latency_p99_ms,
+    } = t.status();
+    ClusterInfo {
+        name: t.config.name.clone(),
+        tunnel: t.config.tunnel.to_string(),
+        user: t.config.user.clone(),
+        endpoint: t.config.endpoint.to_string(),
+        socket: socket.to_path_buf(),
+        state: serde_json::to_value(state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default(),
+        host_key_fingerprint,
+        connected_since,
+        last_error,
+        reconnects,
+        requests,
+        bytes_in,
+        bytes_out,
+        latency_p50_ms,
+        latency_p99_ms,
+    }
+}
+
+fn to_json<T: Serialize>(v: &T) -> Response<Body> {
+    match serde_json::to_string(v) {
+        Ok(s) => json_response(StatusCode::OK, s),
+        Err(e) => fleet_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
+impl Control {
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let path = req.uri().path().to_string();
+        let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        match (req.method(), segs.as_slice()) {
+            (&Method::GET, ["v1", "clusters"]) => to_json(&ClusterList {
+                clusters: self.tunnels.values().map(|(t, s)| info(t, s)).collect(),
+            }),
+            (m, ["v1", "clusters", name, rest @ ..]) => {
+                let Some((t, sock)) = self.tunnels.get(*name) else {
+                    return fleet_error(
+                        StatusCode::NOT_FOUND,
+                        &format!(
+                            "no cluster named {name:?}; configured: {}",
+                            self.tunnels.keys().cloned().collect::<Vec<_>>().join(", ")
+                        ),
+                    );
+                };
+                match (m, rest) {
+                    (&Method::GET, []) => to_json(&info(t, sock)),
+                    (&Method::POST, ["connect"]) => {
+                        t.command(Command::Connect).await;
+                        let _ = t.link().await;
+                        to_json(&info(t, sock))
+                    }
+                    (&Method::POST, ["disconnect"]) => {
+                        t.command(Command::Disconnect).await;
+                        to_json(&info(t, sock))
+                    }
+                    _ => fleet_error(StatusCode::NOT_FOUND, &format!("no route {m} {path}")),
+                }
+            }
+            (m, _) => fleet_error(StatusCode::NOT_FOUND, &format!("no route {m} {path}")),
+        }
+    }
+}

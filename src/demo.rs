@@ -1,0 +1,324 @@
+//! `fleet-broker demo`: the whole broker on a built-in cluster, for a fresh machine. An
+//! in-process SSH server (russh) fronts the fleet API simulator with three machines, an
+//! in-process ssh-agent holds a generated key, the server's host key is pinned, and the real
+//! daemon serves the `demo` cluster from a temporary directory.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use rand::RngCore;
+use russh::keys::ssh_key::private::Ed25519Keypair;
+use russh::keys::{PrivateKey, PublicKey};
+use russh::server::{Auth, ChannelOpenHandle, Msg, Session};
+use russh::{Channel, ChannelOpenFailure};
+use tokio::net::{TcpListener, UnixListener, UnixStream};
+use tokio::sync::watch;
+
+use crate::config::{ClusterConfig, Config, ConnectMode, Endpoint, HostKeyPolicy, HostPort};
+use crate::daemon::{Daemon, DaemonOptions};
+use crate::fleet::schema::UnitOption;
+use crate::sim::{demo_machines, Sim};
+
+/// A new random ed25519 key.
+pub fn random_ed25519() -> PrivateKey {
+    let mut seed = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut seed);
+    PrivateKey::from(Ed25519Keypair::from_seed(&seed))
+}
+
+/// The demo's SSH server: accepts one user key, forwards streamlocal channels to one socket.
+#[derive(Clone)]
+struct DemoSsh {
+    user_key: PublicKey,
+    fleet_socket: String,
+}
+
+impl russh::server::Handler for DemoSsh {
+    type Error = russh::Error;
+
+    async fn auth_publickey_offered(
+        &mut self,
+        _user: &str,
+        offer: russh::server::PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
+        Ok(if offer.public_key.key_data() == self.user_key.key_data() {
+            Auth::Accept
+        } else {
+            Auth::reject()
+        })
+    }
+
+    async fn auth_publickey(
+        &mut self,
+        _user: &str,
+        key: russh::server::VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        Ok(if key.public_key.key_data() == self.user_key.key_data() {
+            Auth::Accept
+        } else {
+            Auth::reject()
+        })
+    }
+
+    async fn channel_open_direct_streamlocal(
+        &mut self,
+        channel: Channel<Msg>,
+        socket_path: &str,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if socket_path != self.fleet_socket {
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        }
+        match UnixStream::connect(socket_path).await {
+            Ok(mut upstream) => {
+                reply.accept().await;
+                tokio::spawn(async move {
+                    let mut stream = channel.into_stream();
+                    let _ = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await;
+                });
+            }
+            Err(_) => reply.reject(ChannelOpenFailure::ConnectFailed).await,
+        }
+        Ok(())
+    }
+}
+
+/// Everything the demo runs, torn down on drop.
+pub struct Demo {
+    pub daemon: Daemon,
+    pub socket: PathBuf,
+    pub fleet_socket: PathBuf,
+    stop_tx: watch::Sender<bool>,
+    _dir: tempfile::TempDir,
+}
+
+async fn serve_agent(
+    path: &Path,
+    key: &PrivateKey,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("binding agent socket {}", path.display()))?;
+    let incoming = Box::pin(futures::stream::unfold(listener, |l| async move {
+        let r = l.accept().await.map(|(s, _)| s);
+        Some((r, l))
+    }));
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = russh::keys::agent::server::serve(incoming, ()) => {}
+            _ = stop.changed() => {}
+        }
+    });
+    let mut client = russh::keys::agent::client::AgentClient::connect_uds(path).await?;
+    client.add_identity(key, &[]).await?;
+    Ok(())
+}
+
+impl Demo {
+    /// Starts the simulator, SSH server, agent and daemon.
+    pub async fn start() -> anyhow::Result<Demo> {
+        let dir = tempfile::Builder::new()
+            .prefix("fleet-broker-demo.")
+            .tempdir()?;
+        let (stop_tx, stop_rx) = watch::channel(false);
+
+        let fleet_socket = dir.path().join("fleet.sock");
+        let mut sim = Sim::new(demo_machines());
+        sim.put(
+            "hello.service",
+            vec![
+                UnitOption {
+                    section: "Unit".into(),
+                    name: "Description".into(),
+                    value: "Hello World".into(),
+                },
+                UnitOption {
+                    section: "Service".into(),
+                    name: "ExecStart".into(),
+                    value: "/bin/sleep 3000".into(),
+                },
+            ],
+            "launched".into(),
+        );
+        let listener = UnixListener::bind(&fleet_socket)?;
+        tokio::spawn(crate::sim::serve(
+            listener,
+            Arc::new(Mutex::new(sim)),
+            stop_rx.clone(),
+        ));
+
+        let host_key = random_ed25519();
+        let user_key = random_ed25519();
+        let agent_socket = dir.path().join("agent.sock");
+        serve_agent(&agent_socket, &user_key, stop_rx.clone()).await?;
+
+        let tcp = TcpListener::bind("127.0.0.1:0").await?;
+        let port = tcp.local_addr()?.port();
+        let server_config = Arc::new(russh::server::Config {
+            keys: vec![host_key.clone()],
+            auth_rejection_time: Duration::from_millis(10),
+            auth_rejection_time_initial: Some(Duration::ZERO),
+            nodelay: true,
+            ..Default::default()
+        });
+        let handler = DemoSsh {
+            user_key: user_key.public_key().clone(),
+            fleet_socket: fleet_socket.display().to_string(),
+        };
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    accepted = tcp.accept() => {
+                        let Ok((stream, _)) = accepted else { continue };
+                        let _ = stream.set_nodelay(true);
+                        let (cfg, h) = (server_config.clone(), handler.clone());
+                        tokio::spawn(async move {
+                            if let Ok(session) = russh::server::run_stream(cfg, stream, h).await {
+                                let _ = session.await;
+                            }
+                        });
+                    }
+                    _ = stop.changed() => break,
+                }
+            }
+        });
+
+        let known_hosts = dir.path().join("known_hosts");
+        let tunnel = HostPort {
+            host: "127.0.0.1".into(),
+            port,
+        };
+        crate::known_hosts::append_pin(
+            &known_hosts,
+            &tunnel.known_hosts_name(),
+            host_key.public_key(),
+        )?;
+        let cluster = ClusterConfig {
+            name: "demo".into(),
+            tunnel,
+            endpoint: Endpoint::Unix(fleet_socket.display().to_string()),
+            user: "core".into(),
+            identity_files: vec![],
+            known_hosts: vec![known_hosts],
+            host_key_checking: HostKeyPolicy::Strict,
+            keepalive_interval: Duration::from_secs(15),
+            keepalive_max: 3,
+            connect_timeout: Duration::from_secs(10),
+            connect: ConnectMode::Eager,
+            machine_ssh_port: 22,
+            read_only: false,
+        };
+        let config = Config {
+            path: dir.path().join("config.toml"),
+            clusters: [("demo".to_string(), cluster)].into_iter().collect(),
+        };
+        let runtime_dir = dir.path().join("run");
+        let daemon = Daemon::start(
+            &config,
+            &DaemonOptions {
+                runtime_dir: runtime_dir.clone(),
+                agent_socket: Some(agent_socket),
+            },
+        )
+        .await?;
+        let socket = crate::local::cluster_socket(&runtime_dir, "demo");
+        Ok(Demo {
+            daemon,
+            socket,
+            fleet_socket,
+            stop_tx,
+            _dir: dir,
+        })
+    }
+
+    pub async fn stop(self) {
+        self.daemon.shutdown().await;
+        self.stop_tx.send_replace(true);
+    }
+}
+
+/// `GET path` on a unix socket; returns status and body.
+pub async fn get_unix(socket: &Path, path: &str) -> anyhow::Result<(u16, Bytes)> {
+    let stream = UnixStream::connect(socket)
+        .await
+        .with_context(|| format!("connecting to {}", socket.display()))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header("Host", "domain-sock")
+        .body(Empty::<Bytes>::new())?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((status, body))
+}
+
+/// Runs the demo: prints how to use it, shows the machines through the broker, and with
+/// `once` exits after checking that the broker's answer equals the simulator's.
+pub async fn run(once: bool) -> anyhow::Result<()> {
+    let demo = Demo::start().await?;
+    let sock = demo.socket.display().to_string();
+    println!("fleet-broker demo: cluster \"demo\" is served on {sock}");
+    println!();
+    println!("  export FLEETCTL_ENDPOINT=unix://{sock}");
+    println!("  curl --unix-socket {sock} http://x/fleet/v1/machines");
+    println!();
+    let through = tokio::time::timeout(
+        Duration::from_secs(20),
+        get_unix(&demo.socket, "/fleet/v1/machines"),
+    )
+    .await;
+    let direct = get_unix(&demo.fleet_socket, "/fleet/v1/machines").await;
+    let result = match (through, direct) {
+        (Ok(Ok((200, body))), Ok((200, want))) if body == want => {
+            println!("GET /fleet/v1/machines through the broker:");
+            println!("{}", String::from_utf8_lossy(&body));
+            let page: crate::fleet::schema::MachinePage = serde_json::from_slice(&body)?;
+            println!();
+            println!("MACHINE\t\tIP\t\tMETADATA");
+            for m in &page.machines {
+                let meta: Vec<String> =
+                    m.metadata.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let meta = if meta.is_empty() {
+                    "-".to_string()
+                } else {
+                    meta.join(",")
+                };
+                println!(
+                    "{}...\t{}\t{meta}",
+                    m.id.get(..8).unwrap_or(&m.id),
+                    m.primary_ip
+                );
+            }
+            Ok(())
+        }
+        (Ok(Ok((status, body))), _) => Err(anyhow::anyhow!(
+            "the broker answered {status}: {}",
+            String::from_utf8_lossy(&body)
+        )),
+        (Ok(Err(e)), _) => Err(e),
+        (Err(_), _) => Err(anyhow::anyhow!("no answer through the broker within 20s")),
+    };
+    if once || result.is_err() {
+        demo.stop().await;
+        return result;
+    }
+    println!();
+    println!("Serving until Ctrl-C.");
+    crate::shutdown_signal().await;
+    demo.stop().await;
+    if let Err(e) = result {
+        bail!(e);
+    }
+    Ok(())
+}

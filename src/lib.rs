@@ -1,0 +1,36 @@
+//! fleet-broker: an SSH tunnel and access broker for CoreOS fleet clusters.
+//!
+//! One long-lived daemon per user keeps one agent-authenticated, host-key-pinned SSH
+//! connection per named cluster and exposes each cluster's fleet API as a private local unix
+//! socket. See `docs/` and the README for the picture.
+
+pub mod auth;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod demo;
+pub mod fleet;
+pub mod http;
+pub mod known_hosts;
+pub mod local;
+pub mod proxy;
+pub mod sim;
+pub mod tunnel;
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => {}
+                _ = i.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,346 @@
+//! A cluster socket: a local HTTP/1.1 server whose every request is forwarded to the
+//! cluster's fleet API over a pooled upstream HTTP connection carried by an SSH channel
+//! (`direct-streamlocal@openssh.com` for a unix endpoint, `direct-tcpip` for http). Paths,
+//! queries, status codes and bodies pass through unchanged and streamed.
+//!
+//! Every channel is drained by its own task into a bounded buffer ([`DrainedChannel`]):
+//! russh stalls the whole connection when one channel's queue fills, so a local client that
+//! stops reading is cut off instead of stalling every other request.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode, Uri};
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use russh::client::Msg;
+use russh::{Channel, ChannelMsg};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::config::Endpoint;
+use crate::http::{fleet_error, Body};
+use crate::tunnel::{SshHandle, Tunnel};
+
+/// Bytes a channel may hold for a local reader before that reader is cut off.
+pub const MAX_BUFFERED: usize = 32 * 1024 * 1024;
+/// Attempts to open a channel when sshd reports the remote connect failed (listener backlog).
+const OPEN_ATTEMPTS: u32 = 6;
+/// Idle pooled upstream connections kept per cluster.
+const POOL_MAX_IDLE: usize = 32;
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+struct Shared {
+    queue: VecDeque<Bytes>,
+    buffered: usize,
+    eof: bool,
+    cut: bool,
+    waker: Option<Waker>,
+}
+
+/// A channel as a byte stream whose reading side is drained by a task into a bounded buffer.
+pub struct DrainedChannel {
+    shared: Arc<Mutex<Shared>>,
+    writer: Pin<Box<dyn AsyncWrite + Send + Sync>>,
+    closer: Option<Arc<dyn Fn() + Send + Sync>>,
+}
+
+fn lock(s: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+    match s.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+impl DrainedChannel {
+    pub fn new(channel: Channel<Msg>) -> DrainedChannel {
+        let (mut read_half, write_half) = channel.split();
+        let writer = Box::pin(write_half.make_writer());
+        let write_half = Arc::new(write_half);
+        let shared = Arc::new(Mutex::new(Shared {
+            queue: VecDeque::new(),
+            buffered: 0,
+            eof: false,
+            cut: false,
+            waker: None,
+        }));
+        let close_half = write_half.clone();
+        let closer: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+            let h = close_half.clone();
+            tokio::spawn(async move {
+                let _ = h.close().await;
+            });
+        });
+        let drain_shared = shared.clone();
+        let drain_closer = closer.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = read_half.wait().await {
+                let mut s = lock(&drain_shared);
+                match msg {
+                    ChannelMsg::Data { data } => {
+                        if s.cut {
+                            continue;
+                        }
+                        if s.buffered + data.len() > MAX_BUFFERED {
+                            s.cut = true;
+                            s.queue.clear();
+                            s.buffered = 0;
+                            tracing::warn!("local client stopped reading; closing its channel");
+                            drain_closer();
+                        } else {
+                            s.buffered += data.len();
+                            s.queue.push_back(data);
+                        }
+                    }
+                    ChannelMsg::Eof | ChannelMsg::Close => s.eof = true,
+                    _ => continue,
+                }
+                if let Some(w) = s.waker.take() {
+                    w.wake();
+                }
+            }
+            let mut s = lock(&drain_shared);
+            s.eof = true;
+            if let Some(w) = s.waker.take() {
+                w.wake();
+            }
+        });
+        DrainedChannel {
+            shared,
+            writer,
+            closer: Some(closer),
+        }
+    }
+}
+
+impl Drop for DrainedChannel {
+    fn drop(&mut self) {
+        if let Some(c) = self.closer.take() {
+            c();
+        }
+    }
+}
+
+impl AsyncRead for DrainedChannel {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let mut s = lock(&self.shared);
+        if s.cut {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "reader fell too far behind; channel closed",
+            )));
+        }
+        if let Some(front) = s.queue.front_mut() {
+            let n = front.len().min(buf.remaining());
+            buf.put_slice(&front[..n]);
+            if n == front.len() {
+                s.queue.pop_front();
+            } else {
+                *front = front.slice(n..);
+            }
+            s.buffered -= n;
+            return Poll::Ready(Ok(()));
+        }
+        if s.eof {
+            return Poll::Ready(Ok(()));
+        }
+        s.waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+impl AsyncWrite for DrainedChannel {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.writer.as_mut().poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.writer.as_mut().poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.writer.as_mut().poll_shutdown(cx)
+    }
+}
+
+impl Connection for DrainedChannel {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+/// Opens a byte stream to the cluster's fleet endpoint on the tunnel's SSH connection,
+/// retrying when sshd could not connect to the endpoint (its listener backlog was full).
+pub async fn open_endpoint(
+    handle: &SshHandle,
+    endpoint: &Endpoint,
+) -> Result<Channel<Msg>, russh::Error> {
+    let mut attempt = 0;
+    loop {
+        let r = match endpoint {
+            Endpoint::Unix(path) => handle.channel_open_direct_streamlocal(path.clone()).await,
+            Endpoint::Http { host, port } => {
+                handle
+                    .channel_open_direct_tcpip(host.clone(), u32::from(*port), "127.0.0.1", 0)
+                    .await
+            }
+        };
+        match r {
+            Err(russh::Error::ChannelOpenFailure(russh::ChannelOpenFailure::ConnectFailed))
+                if attempt + 1 < OPEN_ATTEMPTS =>
+            {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(5u64 << attempt)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// hyper-util connector: each new upstream connection is a fresh channel.
+#[derive(Clone)]
+struct ChannelConnector {
+    tunnel: Arc<Tunnel>,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl tower_service::Service<Uri> for ChannelConnector {
+    type Response = TokioIo<DrainedChannel>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        let tunnel = self.tunnel.clone();
+        Box::pin(async move {
+            let handle = tunnel.link().await.map_err(|e| -> BoxError { e.into() })?;
+            let ch = open_endpoint(&handle, &tunnel.config.endpoint)
+                .await
+                .map_err(|e| -> BoxError {
+                    format!("cannot open a channel to {}: {e}", tunnel.config.endpoint).into()
+                })?;
+            Ok(TokioIo::new(DrainedChannel::new(ch)))
+        })
+    }
+}
+
+/// Forwards requests for one cluster.
+#[derive(Clone)]
+pub struct Proxy {
+    tunnel: Arc<Tunnel>,
+    client: Client<ChannelConnector, Incoming>,
+}
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+impl Proxy {
+    pub fn new(tunnel: Arc<Tunnel>) -> Proxy {
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(POOL_MAX_IDLE)
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .build(ChannelConnector {
+                tunnel: tunnel.clone(),
+            });
+        Proxy { tunnel, client }
+    }
+
+    fn unavailable(&self, cause: &str) -> Response<Body> {
+        fleet_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("cluster {:?}: {cause}", self.tunnel.name()),
+        )
+    }
+
+    /// Handles one local request.
+    pub async fn handle(&self, mut req: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
+        if self.tunnel.config.read_only
+            && matches!(req.method().as_str(), "PUT" | "DELETE" | "PATCH" | "POST")
+        {
+            return fleet_error(
+                StatusCode::FORBIDDEN,
+                &format!(
+                    "cluster {:?} is read-only in the broker's config",
+                    self.tunnel.name()
+                ),
+            );
+        }
+        if let Err(cause) = self.tunnel.link().await {
+            return self.unavailable(&cause);
+        }
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        let uri = match format!("http://fleet{pq}").parse::<Uri>() {
+            Ok(u) => u,
+            Err(e) => {
+                return fleet_error(StatusCode::BAD_REQUEST, &format!("bad request target: {e}"))
+            }
+        };
+        *req.uri_mut() = uri;
+        for h in HOP_BY_HOP {
+            req.headers_mut().remove(h);
+        }
+        let method = req.method().clone();
+        tracing::debug!(cluster = %self.tunnel.name(), %method, path = %pq, "request");
+        match self.client.request(req).await {
+            Ok(resp) => {
+                let (mut parts, body) = resp.into_parts();
+                for h in HOP_BY_HOP {
+                    parts.headers.remove(h);
+                }
+                let tunnel = self.tunnel.clone();
+                tunnel.record_request(started.elapsed(), 0, 0);
+                let body = body
+                    .map_frame(move |f| {
+                        if let Some(d) = f.data_ref() {
+                            tunnel.add_bytes(d.len() as u64, 0);
+                        }
+                        f
+                    })
+                    .map_err(|e| -> BoxError { Box::new(e) })
+                    .boxed();
+                Response::from_parts(parts, body)
+            }
+            Err(e) => {
+                let mut cause = e.to_string();
+                let mut src = std::error::Error::source(&e);
+                while let Some(s) = src {
+                    cause = s.to_string();
+                    src = s.source();
+                }
+                tracing::warn!(cluster = %self.tunnel.name(), error = %cause, "upstream request failed");
+                self.unavailable(&cause)
+            }
+        }
+    }
+}

@@ -1,0 +1,350 @@
+//! The simulated cluster: machines, units, scheduling and the derived unit states.
+
+use std::collections::BTreeMap;
+
+use crate::fleet::schema::{Machine, Unit, UnitOption, UnitState};
+use crate::fleet::unit_file::{fleet_values, glob_match, hash, is_global};
+
+#[derive(Debug, Clone)]
+struct SimUnit {
+    options: Vec<UnitOption>,
+    desired: String,
+    /// The machine a non-global unit is scheduled to.
+    machine: Option<String>,
+}
+
+/// The whole simulated cluster.
+#[derive(Debug, Clone)]
+pub struct Sim {
+    /// Page size (fleetd's `token_limit`).
+    pub token_limit: u16,
+    machines: Vec<Machine>,
+    units: BTreeMap<String, SimUnit>,
+}
+
+/// Three machines shaped like the reference's examples.
+pub fn demo_machines() -> Vec<Machine> {
+    let m = |id: &str, ip: &str, meta: &[(&str, &str)]| Machine {
+        id: id.into(),
+        primary_ip: ip.into(),
+        metadata: meta
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    };
+    vec![
+        m(
+            "113f16a7b8a94d0e9e4a2b1c3d5e7f90",
+            "172.17.8.103",
+            &[("az", "us-west-1b"), ("role", "web")],
+        ),
+        m("85c0c5951d6b4f3aa2b8c9d0e1f2a3b4", "172.17.8.102", &[]),
+        m("e793afb9c3d14e5f8a6b7c8d9e0f1a2b", "172.17.8.101", &[]),
+    ]
+}
+
+fn specifiers(v: &str, name: &str) -> String {
+    let (base, _) = name.rsplit_once('.').unwrap_or((name, ""));
+    let (prefix, instance) = match base.split_once('@') {
+        Some((p, i)) => (p, i),
+        None => (base, ""),
+    };
+    v.replace("%n", name)
+        .replace("%N", base)
+        .replace("%p", prefix)
+        .replace("%i", instance)
+}
+
+impl Sim {
+    pub fn new(machines: Vec<Machine>) -> Sim {
+        let mut machines = machines;
+        machines.sort_by(|a, b| a.id.cmp(&b.id));
+        Sim {
+            token_limit: 100,
+            machines,
+            units: BTreeMap::new(),
+        }
+    }
+
+    pub fn machines(&self) -> &[Machine] {
+        &self.machines
+    }
+
+    pub fn exists(&self, name: &str) -> bool {
+        self.units.contains_key(name)
+    }
+
+    fn values(&self, name: &str, key: &str) -> Vec<String> {
+        self.units
+            .get(name)
+            .map(|u| {
+                fleet_values(&u.options, key)
+                    .iter()
+                    .map(|v| specifiers(v, name))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn unit_view(&self, name: &str, u: &SimUnit, item: bool) -> Unit {
+        let global = is_global(&u.options);
+        let current = if global {
+            if item {
+                String::new()
+            } else {
+                "inactive".into()
+            }
+        } else if u.machine.is_some() {
+            u.desired.clone()
+        } else {
+            "inactive".into()
+        };
+        Unit {
+            current_state: current,
+            desired_state: u.desired.clone(),
+            machine_id: if global {
+                String::new()
+            } else {
+                u.machine.clone().unwrap_or_default()
+            },
+            name: name.into(),
+            options: u.options.clone(),
+        }
+    }
+
+    pub fn units(&self) -> Vec<Unit> {
+        self.units
+            .iter()
+            .map(|(n, u)| self.unit_view(n, u, false))
+            .collect()
+    }
+
+    pub fn unit(&self, name: &str) -> Option<Unit> {
+        self.units.get(name).map(|u| self.unit_view(name, u, true))
+    }
+
+    pub fn unit_hash(&self, name: &str) -> Option<String> {
+        self.units.get(name).map(|u| hash(&u.options))
+    }
+
+    /// Creates or replaces a unit; then schedules.
+    pub fn put(&mut self, name: &str, options: Vec<UnitOption>, desired: String) {
+        let old = self.units.remove(name);
+        let machine = old.and_then(|o| o.machine);
+        self.units.insert(
+            name.into(),
+            SimUnit {
+                options,
+                desired,
+                machine,
+            },
+        );
+        self.reconcile();
+    }
+
+    pub fn set_desired(&mut self, name: &str, desired: &str) {
+        if let Some(u) = self.units.get_mut(name) {
+            u.desired = desired.into();
+        }
+        self.reconcile();
+    }
+
+    pub fn delete(&mut self, name: &str) -> bool {
+        let existed = self.units.remove(name).is_some();
+        self.reconcile();
+        existed
+    }
+
+    fn machine_ok_metadata(&self, m: &Machine, unit: &str) -> bool {
+        let mut wanted: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for pair in self.values(unit, "MachineMetadata") {
+            if let Some((k, v)) = pair.split_once('=') {
+                if !k.is_empty() && !v.is_empty() && !v.contains('=') {
+                    wanted.entry(k.into()).or_default().push(v.into());
+                }
+            }
+        }
+        wanted
+            .iter()
+            .all(|(k, vs)| m.metadata.get(k).is_some_and(|have| vs.contains(have)))
+    }
+
+    fn units_on(&self, machine: &str) -> Vec<String> {
+        self.units
+            .iter()
+            .filter(|(_, u)| u.machine.as_deref() == Some(machine))
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    fn conflicts(&self, a: &str, b: &str) -> bool {
+        let hit = |x: &str, y: &str| {
+            self.values(x, "Conflicts")
+                .iter()
+                .flat_map(|v| v.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+                .any(|p| glob_match(&p, y))
+        };
+        hit(a, b) || hit(b, a)
+    }
+
+    fn able_to_run(&self, m: &Machine, unit: &str) -> bool {
+        let ids = self.values(unit, "MachineID");
+        if let Some(want) = ids.first() {
+            if !(m.id == *want || (want.len() == 8 && m.id.starts_with(want.as_str()))) {
+                return false;
+            }
+        }
+        if !self.machine_ok_metadata(m, unit) {
+            return false;
+        }
+        let here = self.units_on(&m.id);
+        for peer in self.values(unit, "MachineOf") {
+            if !here.contains(&peer) {
+                return false;
+            }
+        }
+        !here
+            .iter()
+            .any(|other| other != unit && self.conflicts(unit, other))
+    }
+
+    /// Unschedules inactive units, then places unscheduled ones on the least-loaded able machine.
+    fn reconcile(&mut self) {
+        let names: Vec<String> = self.units.keys().cloned().collect();
+        for n in &names {
+            if let Some(u) = self.units.get_mut(n) {
+                if u.desired == "inactive" || is_global(&u.options) {
+                    u.machine = None;
+                }
+            }
+        }
+        for n in &names {
+            let Some(u) = self.units.get(n) else { continue };
+            if u.machine.is_some() || u.desired == "inactive" || is_global(&u.options) {
+                continue;
+            }
+            let mut candidates: Vec<(usize, String)> = self
+                .machines
+                .iter()
+                .filter(|m| self.able_to_run(m, n))
+                .map(|m| (self.units_on(&m.id).len(), m.id.clone()))
+                .collect();
+            candidates.sort();
+            if let Some((_, id)) = candidates.into_iter().next() {
+                if let Some(u) = self.units.get_mut(n) {
+                    u.machine = Some(id);
+                }
+            }
+        }
+    }
+
+    /// Every unit state, sorted by (name, machineID).
+    pub fn states(&self) -> Vec<UnitState> {
+        let mut out = Vec::new();
+        let state = |name: &str, u: &SimUnit, machine: &str| {
+            let (active, sub) = if u.desired == "launched" {
+                ("active", "running")
+            } else {
+                ("inactive", "dead")
+            };
+            UnitState {
+                hash: hash(&u.options),
+                machine_id: machine.into(),
+                name: name.into(),
+                active_state: active.into(),
+                load_state: "loaded".into(),
+                sub_state: sub.into(),
+            }
+        };
+        for (name, u) in &self.units {
+            if u.desired == "inactive" {
+                continue;
+            }
+            if is_global(&u.options) {
+                for m in &self.machines {
+                    let conflict = self.units_on(&m.id).iter().any(|o| self.conflicts(name, o));
+                    if self.machine_ok_metadata(m, name) && !conflict {
+                        out.push(state(name, u, &m.id));
+                    }
+                }
+            } else if let Some(m) = &u.machine {
+                out.push(state(name, u, m));
+            }
+        }
+        out.sort_by(|a, b| (&a.name, &a.machine_id).cmp(&(&b.name, &b.machine_id)));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opt(s: &str, n: &str, v: &str) -> UnitOption {
+        UnitOption {
+            section: s.into(),
+            name: n.into(),
+            value: v.into(),
+        }
+    }
+
+    #[test]
+    fn least_loaded_scheduling_with_metadata_and_conflicts() {
+        let mut sim = Sim::new(demo_machines());
+        sim.put(
+            "a.service",
+            vec![opt("Service", "ExecStart", "/bin/true")],
+            "launched".into(),
+        );
+        sim.put(
+            "b.service",
+            vec![opt("Service", "ExecStart", "/bin/true")],
+            "launched".into(),
+        );
+        let a = sim.unit("a.service").unwrap();
+        let b = sim.unit("b.service").unwrap();
+        assert_eq!(a.machine_id, "113f16a7b8a94d0e9e4a2b1c3d5e7f90");
+        assert_eq!(b.machine_id, "85c0c5951d6b4f3aa2b8c9d0e1f2a3b4");
+        assert_eq!(a.current_state, "launched");
+        sim.put(
+            "web.service",
+            vec![opt("X-Fleet", "MachineMetadata", "role=web")],
+            "loaded".into(),
+        );
+        assert_eq!(
+            sim.unit("web.service").unwrap().machine_id,
+            "113f16a7b8a94d0e9e4a2b1c3d5e7f90"
+        );
+        sim.put(
+            "c.service",
+            vec![opt("X-Fleet", "Conflicts", "*.service")],
+            "launched".into(),
+        );
+        // Every machine that has a unit conflicts; the empty one takes it.
+        assert_eq!(
+            sim.unit("c.service").unwrap().machine_id,
+            "e793afb9c3d14e5f8a6b7c8d9e0f1a2b"
+        );
+        sim.put(
+            "d.service",
+            vec![opt("X-Fleet", "MachineID", "nope")],
+            "launched".into(),
+        );
+        let d = sim.unit("d.service").unwrap();
+        assert_eq!(d.current_state, "inactive");
+        assert!(d.machine_id.is_empty());
+    }
+
+    #[test]
+    fn global_units_have_a_state_per_machine() {
+        let mut sim = Sim::new(demo_machines());
+        sim.put(
+            "g.service",
+            vec![opt("X-Fleet", "Global", "true")],
+            "launched".into(),
+        );
+        assert_eq!(sim.states().len(), 3);
+        assert_eq!(sim.unit("g.service").unwrap().current_state, "");
+        assert_eq!(sim.units()[0].current_state, "inactive");
+    }
+}

@@ -1,0 +1,10 @@
+//! A fleet API simulator: fleet's v1 HTTP API as reference section A gives it, over
+//! simulated machines with a least-loaded scheduler (section D) and simulated systemd
+//! states. It serves a unix socket; tests put it behind a real sshd, and `fleet-broker demo`
+//! behind an in-process SSH server.
+
+mod api;
+mod engine;
+
+pub use api::serve;
+pub use engine::{demo_machines, Sim};

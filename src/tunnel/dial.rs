@@ -1,0 +1,293 @@
+//! Dialling one SSH connection: TCP connect to the tunnel host, handshake with the host key
+//! checked against the pins under the cluster's policy, then agent/identity authentication.
+//! The whole dial is bounded by the caller's deadline (russh sends no keepalive before auth).
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use russh::client::{self, Handle};
+use russh::keys::{Algorithm, PublicKeyOrCertificate};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::auth::{self, AuthError, KeySource};
+use crate::config::{known_hosts_name, HostKeyPolicy, HostPort};
+use crate::known_hosts::{self, fingerprint_md5, fingerprint_sha256, KnownHosts, Verdict};
+
+/// Window per channel: large enough for bulk transfers to keep pace with OpenSSH.
+pub const WINDOW_SIZE: u32 = 16 * 1024 * 1024;
+/// Largest packet we accept (OpenSSH's default maximum).
+pub const MAX_PACKET: u32 = 32 * 1024;
+
+/// What a dial needs to know, independent of fleet.
+#[derive(Debug, Clone)]
+pub struct DialSpec {
+    /// Shown in every error (`cluster "prod"`).
+    pub label: String,
+    pub target: HostPort,
+    pub user: String,
+    pub keys: KeySource,
+    pub known_hosts: Vec<PathBuf>,
+    pub policy: HostKeyPolicy,
+    pub keepalive_interval: Option<Duration>,
+    pub keepalive_max: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("cannot connect to {target}: {reason}")]
+    Connect { target: String, reason: String },
+    #[error("{0}")]
+    HostKey(String),
+    #[error("{0}")]
+    KnownHosts(#[from] known_hosts::KnownHostsError),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("SSH handshake with {target} failed: {reason}")]
+    Ssh { target: String, reason: String },
+}
+
+impl DialError {
+    /// Errors that retrying cannot fix: they wait for the operator.
+    pub fn is_fatal(&self) -> bool {
+        match self {
+            DialError::HostKey(_) | DialError::KnownHosts(_) => true,
+            DialError::Auth(AuthError::AgentUnreachable { .. }) => false,
+            DialError::Auth(AuthError::Transport { .. }) => false,
+            DialError::Auth(_) => true,
+            _ => false,
+        }
+    }
+}
+
+/// The client side of one SSH connection. Signals `closed` when the session ends.
+pub struct ClientHandler {
+    label: String,
+    names: Vec<String>,
+    display_addr: String,
+    policy: HostKeyPolicy,
+    known: KnownHosts,
+    pin_file: Option<PathBuf>,
+    /// Why the host key was refused, for the error the dialer returns.
+    refusal: Arc<Mutex<Option<String>>>,
+    /// The SHA256 fingerprint of the accepted host key.
+    accepted: Arc<Mutex<Option<String>>>,
+    /// Dropped with the handler, i.e. when the connection is gone.
+    _closed: watch::Sender<()>,
+}
+
+impl client::Handler for ClientHandler {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        let (verdict, public) = match key {
+            PublicKeyOrCertificate::PublicKey { key, .. } => {
+                (self.known.check(&self.names, key), key.clone())
+            }
+            PublicKeyOrCertificate::Certificate(cert) => (
+                self.known.check_certificate(&self.names, cert),
+                russh::keys::PublicKey::from(cert.public_key().clone()),
+            ),
+        };
+        let fp = fingerprint_sha256(&public);
+        let set_refusal = |m: String| {
+            if let Ok(mut r) = self.refusal.lock() {
+                *r = Some(m);
+            }
+        };
+        let ok = match (verdict, self.policy) {
+            (_, HostKeyPolicy::Off) => true,
+            (Verdict::Trusted(_), _) => true,
+            (Verdict::Revoked(pin), _) => {
+                set_refusal(format!(
+                    "{}: host key {} {fp} of {} is marked @revoked at {}:{}; it is never accepted. Ask the host's administrator for its new key",
+                    self.label, public.algorithm(), self.display_addr, pin.file.display(), pin.line
+                ));
+                false
+            }
+            (Verdict::Changed(pins), _) => {
+                let pinned: Vec<String> = pins.iter().map(|p| p.to_string()).collect();
+                let first = &pins[0];
+                set_refusal(format!(
+                    "{label}: HOST KEY CHANGED for {addr}: it presents {alg} {fp} ({md5}), but known_hosts pins {pinned}. Someone may be intercepting the connection. If the host was really re-keyed, check the new fingerprint out of band, remove the old pin (`ssh-keygen -R '{name}' -f {file}`) and run `fleet-broker trust {cluster}`",
+                    label = self.label,
+                    addr = self.display_addr,
+                    alg = public.algorithm(),
+                    md5 = fingerprint_md5(&public),
+                    pinned = pinned.join(", "),
+                    name = self.names[0],
+                    file = first.file.display(),
+                    cluster = self.label.trim_start_matches("cluster ").trim_matches('"'),
+                ));
+                false
+            }
+            (Verdict::Unknown, HostKeyPolicy::AcceptNew) => match &self.pin_file {
+                Some(file) => match known_hosts::append_pin(file, &self.names[0], &public) {
+                    Ok(()) => {
+                        tracing::warn!(target_host = %self.display_addr, fingerprint = %fp, file = %file.display(), "pinned previously unknown host key (accept-new)");
+                        true
+                    }
+                    Err(e) => {
+                        set_refusal(format!("{}: {e}", self.label));
+                        false
+                    }
+                },
+                None => false,
+            },
+            (Verdict::Unknown, _) => {
+                let file = self.pin_file.as_ref().map_or_else(
+                    || "~/.fleetctl/known_hosts".into(),
+                    |f| f.display().to_string(),
+                );
+                set_refusal(format!(
+                    "{label}: host {addr} is not in known_hosts ({file}) and host_key_checking is strict; it presents {alg} {fp}. Check that fingerprint with the host's administrator, then pin it with `fleet-broker trust {cluster}`",
+                    label = self.label,
+                    addr = self.display_addr,
+                    alg = public.algorithm(),
+                    cluster = self.label.trim_start_matches("cluster ").trim_matches('"'),
+                ));
+                false
+            }
+        };
+        if ok {
+            if let Ok(mut a) = self.accepted.lock() {
+                *a = Some(fp);
+            }
+        }
+        Ok(ok)
+    }
+}
+
+/// A live, authenticated connection.
+pub struct Connection {
+    pub handle: Handle<ClientHandler>,
+    /// Changes (closes) when the connection ends.
+    pub closed: watch::Receiver<()>,
+    pub host_key_fingerprint: String,
+    pub peer: std::net::SocketAddr,
+}
+
+fn preferred_keys(pinned: &[Algorithm]) -> Vec<Algorithm> {
+    let mut out: Vec<Algorithm> = pinned.to_vec();
+    for a in russh::Preferred::DEFAULT.key.iter() {
+        if !out.contains(a) {
+            out.push(a.clone());
+        }
+    }
+    out
+}
+
+/// The client config for a spec (shared by the tunnel and nested hops).
+pub fn client_config(spec: &DialSpec, pinned: &[Algorithm]) -> client::Config {
+    let preferred = russh::Preferred {
+        key: preferred_keys(pinned).into(),
+        ..Default::default()
+    };
+    client::Config {
+        preferred,
+        nodelay: true,
+        keepalive_interval: spec.keepalive_interval,
+        keepalive_max: spec.keepalive_max,
+        window_size: WINDOW_SIZE,
+        maximum_packet_size: MAX_PACKET,
+        ..Default::default()
+    }
+}
+
+async fn tcp_connect(target: &HostPort) -> Result<TcpStream, DialError> {
+    let err = |reason: String| DialError::Connect {
+        target: target.to_string(),
+        reason,
+    };
+    let addrs: Vec<_> = tokio::net::lookup_host((target.host.as_str(), target.port))
+        .await
+        .map_err(|e| err(format!("cannot resolve {}: {e}", target.host)))?
+        .collect();
+    let mut last = String::from("no addresses");
+    for a in addrs {
+        match TcpStream::connect(a).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = format!("{a}: {e}"),
+        }
+    }
+    Err(err(last))
+}
+
+/// Dials, verifies and authenticates. The caller bounds it with a timeout.
+pub async fn dial(spec: &DialSpec) -> Result<Connection, DialError> {
+    let known = if spec.policy == HostKeyPolicy::Off {
+        KnownHosts::default()
+    } else {
+        KnownHosts::load(&spec.known_hosts)?
+    };
+    let tcp = tcp_connect(&spec.target).await?;
+    let _ = tcp.set_nodelay(true);
+    let peer = tcp.peer_addr().map_err(|e| DialError::Connect {
+        target: spec.target.to_string(),
+        reason: e.to_string(),
+    })?;
+    let mut names = vec![spec.target.known_hosts_name()];
+    let ip_name = known_hosts_name(&peer.ip().to_string(), peer.port());
+    if !names.contains(&ip_name) {
+        names.push(ip_name);
+    }
+    let pinned = known.pinned_algorithms(&names);
+    let mut config = client_config(spec, &pinned);
+    if known.has_cert_authority(&names) {
+        config.preferred.host_key_certificates = preferred_keys(&pinned).into();
+    }
+    let (closed_tx, closed_rx) = watch::channel(());
+    let refusal = Arc::new(Mutex::new(None));
+    let accepted = Arc::new(Mutex::new(None));
+    let display_addr = if spec.target.host == peer.ip().to_string() {
+        spec.target.to_string()
+    } else {
+        format!("{} ({peer})", spec.target)
+    };
+    let handler = ClientHandler {
+        label: spec.label.clone(),
+        names,
+        display_addr,
+        policy: spec.policy,
+        known,
+        pin_file: spec.known_hosts.first().cloned(),
+        refusal: refusal.clone(),
+        accepted: accepted.clone(),
+        _closed: closed_tx,
+    };
+    let target = spec.target.to_string();
+    let mut handle = match client::connect_stream(Arc::new(config), tcp, handler).await {
+        Ok(h) => h,
+        Err(e) => {
+            if let Some(msg) = refusal.lock().ok().and_then(|mut r| r.take()) {
+                return Err(DialError::HostKey(msg));
+            }
+            return Err(DialError::Ssh {
+                target,
+                reason: e.to_string(),
+            });
+        }
+    };
+    auth::authenticate(
+        &mut handle,
+        &spec.user,
+        &spec.keys,
+        &format!("{} ({})", target, spec.user),
+    )
+    .await?;
+    let host_key_fingerprint = accepted
+        .lock()
+        .ok()
+        .and_then(|a| a.clone())
+        .unwrap_or_default();
+    Ok(Connection {
+        handle,
+        closed: closed_rx,
+        host_key_fingerprint,
+        peer,
+    })
+}

@@ -1,0 +1,421 @@
+//! One SSH connection per cluster and the supervisor that keeps it up.
+//!
+//! The state machine lives in [`Supervisor::run`]: `Idle → Connecting → Ready → Lost →
+//! Backoff → Connecting …`, plus `Failed` for errors retrying cannot fix (host key refused,
+//! authentication refused), which wait for an operator action (`connect`, reload). Backoff
+//! doubles from 250 ms to 30 s with full jitter; a request arriving during backoff triggers an
+//! immediate attempt. Users of the tunnel call [`Tunnel::link`] and get the live connection or,
+//! within the connect timeout, the reason there is none.
+
+pub mod dial;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use rand::Rng;
+use russh::client::Handle;
+use serde::Serialize;
+use tokio::sync::{mpsc, watch, Notify};
+
+pub use dial::{ClientHandler, DialError, DialSpec};
+
+use crate::config::{ClusterConfig, ConnectMode};
+
+pub const BACKOFF_MIN: Duration = Duration::from_millis(250);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Latency samples kept per cluster for p50/p99.
+const LATENCY_SAMPLES: usize = 1024;
+
+/// The shared, live SSH connection.
+pub type SshHandle = Arc<Handle<ClientHandler>>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Idle,
+    Connecting,
+    Ready,
+    Backoff,
+    Failed,
+}
+
+/// What a request sees of the tunnel.
+#[derive(Clone)]
+enum Link {
+    Down,
+    Up(SshHandle),
+    Failed(String),
+}
+
+/// Operator commands for the supervisor.
+#[derive(Debug, Clone, Copy)]
+pub enum Command {
+    Connect,
+    Disconnect,
+}
+
+/// Counters and the current status, read by the control socket.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub state: State,
+    pub host_key_fingerprint: Option<String>,
+    pub connected_since: Option<String>,
+    pub last_error: Option<String>,
+    pub reconnects: u64,
+    pub requests: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub latency_p50_ms: Option<f64>,
+    pub latency_p99_ms: Option<f64>,
+}
+
+#[derive(Debug)]
+struct Stats {
+    state: State,
+    fingerprint: Option<String>,
+    connected_since: Option<SystemTime>,
+    last_error: Option<String>,
+    reconnects: u64,
+    requests: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+    latencies_us: Vec<u64>,
+    next_sample: usize,
+}
+
+/// One cluster's tunnel, shared by the proxy, the control socket and the supervisor.
+pub struct Tunnel {
+    pub config: ClusterConfig,
+    /// The ssh-agent socket captured when the daemon started.
+    agent: Option<PathBuf>,
+    link_tx: watch::Sender<Link>,
+    /// Woken by requests that find the tunnel down.
+    wake: Notify,
+    cmd_tx: mpsc::Sender<Command>,
+    stats: Mutex<Stats>,
+}
+
+fn percentile(sorted: &[u64], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    Some(sorted[idx.min(sorted.len() - 1)] as f64 / 1000.0)
+}
+
+impl Tunnel {
+    /// Creates the tunnel and spawns its supervisor; the supervisor stops when `shutdown` fires.
+    pub fn spawn(
+        config: ClusterConfig,
+        agent: Option<PathBuf>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Arc<Tunnel> {
+        let (link_tx, _) = watch::channel(Link::Down);
+        let (cmd_tx, cmd_rx) = mpsc::channel(8);
+        let tunnel = Arc::new(Tunnel {
+            config,
+            agent,
+            link_tx,
+            wake: Notify::new(),
+            cmd_tx,
+            stats: Mutex::new(Stats {
+                state: State::Idle,
+                fingerprint: None,
+                connected_since: None,
+                last_error: None,
+                reconnects: 0,
+                requests: 0,
+                bytes_in: 0,
+                bytes_out: 0,
+                latencies_us: Vec::new(),
+                next_sample: 0,
+            }),
+        });
+        let sup = Supervisor {
+            tunnel: tunnel.clone(),
+            cmd_rx,
+            shutdown,
+        };
+        tokio::spawn(sup.run());
+        tunnel
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// The live connection, waiting up to `connect_timeout` for one (and asking for one).
+    pub async fn link(&self) -> Result<SshHandle, String> {
+        let mut rx = self.link_tx.subscribe();
+        let deadline = tokio::time::Instant::now() + self.config.connect_timeout;
+        loop {
+            match &*rx.borrow_and_update() {
+                Link::Up(h) if !h.is_closed() => return Ok(h.clone()),
+                Link::Failed(msg) => return Err(msg.clone()),
+                _ => {}
+            }
+            self.wake.notify_one();
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) => return Err("the broker is shutting down".into()),
+                Err(_) => {
+                    let cause = self
+                        .with_stats(|s| s.last_error.clone())
+                        .unwrap_or_else(|| "still connecting".into());
+                    return Err(format!(
+                        "tunnel to {} not up after {}: {cause}",
+                        self.config.tunnel,
+                        humantime::format_duration(self.config.connect_timeout)
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Sends an operator command to the supervisor.
+    pub async fn command(&self, cmd: Command) {
+        let _ = self.cmd_tx.send(cmd).await;
+    }
+
+    fn with_stats<T>(&self, f: impl FnOnce(&mut Stats) -> T) -> T {
+        let mut guard = match self.stats.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        f(&mut guard)
+    }
+
+    /// Records one proxied request.
+    pub fn record_request(&self, elapsed: Duration, bytes_in: u64, bytes_out: u64) {
+        self.with_stats(|s| {
+            s.requests += 1;
+            s.bytes_in += bytes_in;
+            s.bytes_out += bytes_out;
+            let us = elapsed.as_micros() as u64;
+            if s.latencies_us.len() < LATENCY_SAMPLES {
+                s.latencies_us.push(us);
+            } else {
+                let i = s.next_sample % LATENCY_SAMPLES;
+                s.latencies_us[i] = us;
+            }
+            s.next_sample = s.next_sample.wrapping_add(1);
+        });
+    }
+
+    pub fn add_bytes(&self, bytes_in: u64, bytes_out: u64) {
+        self.with_stats(|s| {
+            s.bytes_in += bytes_in;
+            s.bytes_out += bytes_out;
+        });
+    }
+
+    pub fn status(&self) -> Status {
+        self.with_stats(|s| {
+            let mut lat = s.latencies_us.clone();
+            lat.sort_unstable();
+            Status {
+                state: s.state,
+                host_key_fingerprint: s.fingerprint.clone(),
+                connected_since: s
+                    .connected_since
+                    .map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+                last_error: s.last_error.clone(),
+                reconnects: s.reconnects,
+                requests: s.requests,
+                bytes_in: s.bytes_in,
+                bytes_out: s.bytes_out,
+                latency_p50_ms: percentile(&lat, 0.50),
+                latency_p99_ms: percentile(&lat, 0.99),
+            }
+        })
+    }
+
+    fn set_state(&self, state: State) {
+        self.with_stats(|s| s.state = state);
+    }
+
+    fn dial_spec(&self) -> DialSpec {
+        let c = &self.config;
+        DialSpec {
+            label: format!("cluster {:?}", c.name),
+            target: c.tunnel.clone(),
+            user: c.user.clone(),
+            keys: crate::auth::KeySource {
+                agent: self.agent.clone(),
+                identity_files: c.identity_files.clone(),
+            },
+            known_hosts: c.known_hosts.clone(),
+            policy: c.host_key_checking,
+            keepalive_interval: Some(c.keepalive_interval),
+            keepalive_max: c.keepalive_max,
+        }
+    }
+}
+
+enum Step {
+    Idle,
+    Connecting,
+    Ready(dial::Connection),
+    Backoff,
+    Failed(String),
+    Stop,
+}
+
+struct Supervisor {
+    tunnel: Arc<Tunnel>,
+    cmd_rx: mpsc::Receiver<Command>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Supervisor {
+    async fn run(mut self) {
+        let mut step = match self.tunnel.config.connect {
+            ConnectMode::Eager => Step::Connecting,
+            ConnectMode::Lazy => Step::Idle,
+        };
+        let mut attempt: u32 = 0;
+        let name = self.tunnel.config.name.clone();
+        loop {
+            step = match step {
+                Step::Stop => break,
+                Step::Idle => {
+                    self.tunnel.set_state(State::Idle);
+                    self.tunnel.link_tx.send_replace(Link::Down);
+                    tokio::select! {
+                        _ = self.tunnel.wake.notified() => Step::Connecting,
+                        c = self.cmd_rx.recv() => match c {
+                            Some(Command::Connect) => Step::Connecting,
+                            Some(Command::Disconnect) => Step::Idle,
+                            None => Step::Stop,
+                        },
+                        _ = self.shutdown.changed() => Step::Stop,
+                    }
+                }
+                Step::Connecting => self.connect(&mut attempt).await,
+                Step::Ready(conn) => {
+                    let s = self.ready(conn).await;
+                    if matches!(s, Step::Backoff) {
+                        tracing::warn!(cluster = %name, "tunnel lost; reconnecting");
+                        self.tunnel.with_stats(|st| st.reconnects += 1);
+                    }
+                    s
+                }
+                Step::Backoff => {
+                    self.tunnel.set_state(State::Backoff);
+                    self.tunnel.link_tx.send_replace(Link::Down);
+                    let cap = BACKOFF_MIN
+                        .saturating_mul(1u32 << attempt.min(8))
+                        .min(BACKOFF_MAX);
+                    let delay = rand::thread_rng().gen_range(Duration::ZERO..=cap);
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => Step::Connecting,
+                        _ = self.tunnel.wake.notified() => Step::Connecting,
+                        c = self.cmd_rx.recv() => match c {
+                            Some(Command::Connect) => Step::Connecting,
+                            Some(Command::Disconnect) => Step::Idle,
+                            None => Step::Stop,
+                        },
+                        _ = self.shutdown.changed() => Step::Stop,
+                    }
+                }
+                Step::Failed(msg) => {
+                    self.tunnel.set_state(State::Failed);
+                    self.tunnel.link_tx.send_replace(Link::Failed(msg));
+                    tokio::select! {
+                        c = self.cmd_rx.recv() => match c {
+                            Some(Command::Connect) => { attempt = 0; Step::Connecting }
+                            Some(Command::Disconnect) => Step::Idle,
+                            None => Step::Stop,
+                        },
+                        _ = self.shutdown.changed() => Step::Stop,
+                    }
+                }
+            };
+        }
+        self.tunnel.link_tx.send_replace(Link::Down);
+    }
+
+    async fn connect(&mut self, attempt: &mut u32) -> Step {
+        let t = &self.tunnel;
+        t.set_state(State::Connecting);
+        let spec = t.dial_spec();
+        let started = Instant::now();
+        let result = tokio::select! {
+            r = tokio::time::timeout(t.config.connect_timeout, dial::dial(&spec)) => r,
+            _ = self.shutdown.changed() => return Step::Stop,
+        };
+        match result {
+            Ok(Ok(conn)) => {
+                *attempt = 0;
+                tracing::info!(cluster = %t.config.name, peer = %conn.peer, ms = started.elapsed().as_millis() as u64, "tunnel connected");
+                t.with_stats(|s| {
+                    s.fingerprint = Some(conn.host_key_fingerprint.clone());
+                    s.connected_since = Some(SystemTime::now());
+                    s.last_error = None;
+                });
+                Step::Ready(conn)
+            }
+            Ok(Err(e)) => {
+                let msg = e.to_string();
+                t.with_stats(|s| s.last_error = Some(msg.clone()));
+                if e.is_fatal() {
+                    tracing::error!(cluster = %t.config.name, error = %msg, "tunnel failed; waiting for an operator");
+                    Step::Failed(msg)
+                } else {
+                    tracing::warn!(cluster = %t.config.name, error = %msg, "tunnel connect failed");
+                    *attempt = attempt.saturating_add(1);
+                    Step::Backoff
+                }
+            }
+            Err(_) => {
+                let msg = format!(
+                    "connecting to {} timed out after {}",
+                    t.config.tunnel,
+                    humantime::format_duration(t.config.connect_timeout)
+                );
+                tracing::warn!(cluster = %t.config.name, error = %msg, "tunnel connect failed");
+                t.with_stats(|s| s.last_error = Some(msg));
+                *attempt = attempt.saturating_add(1);
+                Step::Backoff
+            }
+        }
+    }
+
+    async fn ready(&mut self, conn: dial::Connection) -> Step {
+        let t = self.tunnel.clone();
+        t.set_state(State::Ready);
+        let handle: SshHandle = Arc::new(conn.handle);
+        t.link_tx.send_replace(Link::Up(handle.clone()));
+        let mut closed = conn.closed;
+        let next = loop {
+            tokio::select! {
+                _ = closed.changed() => {
+                    t.with_stats(|s| {
+                        s.last_error = Some(format!("connection to {} lost", t.config.tunnel));
+                        s.connected_since = None;
+                    });
+                    break Step::Backoff;
+                }
+                c = self.cmd_rx.recv() => match c {
+                    Some(Command::Connect) => continue,
+                    Some(Command::Disconnect) => break Step::Idle,
+                    None => break Step::Stop,
+                },
+                _ = self.shutdown.changed() => break Step::Stop,
+            }
+        };
+        t.link_tx.send_replace(Link::Down);
+        if !matches!(next, Step::Backoff) {
+            let _ = handle
+                .disconnect(
+                    russh::Disconnect::ByApplication,
+                    "fleet-broker closing",
+                    "en",
+                )
+                .await;
+            t.with_stats(|s| s.connected_since = None);
+        }
+        next
+    }
+}
