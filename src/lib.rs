@@ -15,6 +15,7 @@ pub mod known_hosts;
 pub mod local;
 pub mod proxy;
 pub mod sim;
+pub mod trust;
 pub mod tunnel;
 
 /// Resolves on SIGTERM or SIGINT.

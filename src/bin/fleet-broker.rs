@@ -40,6 +40,13 @@ enum Cmd {
     Connect { cluster: String },
     /// Ask the daemon to close a cluster's tunnel
     Disconnect { cluster: String },
+    /// Show a cluster's host key and pin it in its first known_hosts file
+    Trust {
+        cluster: String,
+        /// Pin without asking (only after checking the fingerprint another way)
+        #[arg(long)]
+        yes: bool,
+    },
     /// Run a built-in demo cluster through the real daemon
     Demo {
         /// Check once and exit 0/1 instead of serving until Ctrl-C
@@ -166,6 +173,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Connect { cluster } => control_cmd(&cluster, "connect").await,
         Cmd::Disconnect { cluster } => control_cmd(&cluster, "disconnect").await,
         Cmd::Demo { once } => fleet_broker::demo::run(once).await,
+        Cmd::Trust { cluster, yes } => {
+            let config = load_config(cli.config)?;
+            let Some(c) = config.clusters.get(&cluster) else {
+                anyhow::bail!(
+                    "no cluster named {cluster:?} in {}; configured: {}",
+                    config.path.display(),
+                    config
+                        .clusters
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            };
+            println!("{}", fleet_broker::trust::trust(c, yes).await?);
+            // A running daemon retries at once (a failed tunnel waits for this).
+            if control_request("POST", &format!("/v1/clusters/{cluster}/connect"))
+                .await
+                .is_ok()
+            {
+                println!("asked the running daemon to reconnect {cluster}");
+            }
+            Ok(())
+        }
     }
 }
 

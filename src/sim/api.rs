@@ -10,7 +10,7 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_TYPE, SERVER};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
-use tokio::net::UnixListener;
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 
 use super::engine::Sim;
@@ -142,7 +142,7 @@ fn query_param(query: Option<&str>, key: &str) -> Option<String> {
         })
 }
 
-/// Serves the simulator on `listener` until `shutdown` turns true.
+/// Serves the simulator on a unix socket until `shutdown` turns true.
 pub async fn serve(
     listener: UnixListener,
     sim: Arc<Mutex<Sim>>,
@@ -151,21 +151,46 @@ pub async fn serve(
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
-                let sim = sim.clone();
-                let svc = hyper::service::service_fn(move |req| {
-                    let sim = sim.clone();
-                    async move { Ok::<_, std::convert::Infallible>(with_server(handle(&sim, req).await)) }
-                });
-                tokio::spawn(async move {
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                        .await;
-                });
+                if let Ok((stream, _)) = accepted {
+                    spawn_conn(stream, sim.clone());
+                }
             }
             _ = shutdown.changed() => break,
         }
     }
+}
+
+/// Serves the simulator on TCP (fleetd's optional `ListenStream`) until `shutdown`.
+pub async fn serve_tcp(
+    listener: TcpListener,
+    sim: Arc<Mutex<Sim>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                if let Ok((stream, _)) = accepted {
+                    spawn_conn(stream, sim.clone());
+                }
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+}
+
+fn spawn_conn<S>(stream: S, sim: Arc<Mutex<Sim>>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req| {
+        let sim = sim.clone();
+        async move { Ok::<_, std::convert::Infallible>(with_server(handle(&sim, req).await)) }
+    });
+    tokio::spawn(async move {
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+            .await;
+    });
 }
 
 fn lock(sim: &Mutex<Sim>) -> std::sync::MutexGuard<'_, Sim> {

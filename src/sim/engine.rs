@@ -142,6 +142,22 @@ impl Sim {
         self.reconcile();
     }
 
+    /// Inserts many units and schedules once (for large simulated registries).
+    pub fn put_many(&mut self, units: Vec<(String, Vec<UnitOption>, String)>) {
+        for (name, options, desired) in units {
+            let machine = self.units.remove(&name).and_then(|o| o.machine);
+            self.units.insert(
+                name,
+                SimUnit {
+                    options,
+                    desired,
+                    machine,
+                },
+            );
+        }
+        self.reconcile();
+    }
+
     pub fn set_desired(&mut self, name: &str, desired: &str) {
         if let Some(u) = self.units.get_mut(name) {
             u.desired = desired.into();

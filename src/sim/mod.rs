@@ -6,5 +6,5 @@
 mod api;
 mod engine;
 
-pub use api::serve;
+pub use api::{serve, serve_tcp};
 pub use engine::{demo_machines, Sim};

@@ -73,6 +73,9 @@ pub struct ClientHandler {
     refusal: Arc<Mutex<Option<String>>>,
     /// The SHA256 fingerprint of the accepted host key.
     accepted: Arc<Mutex<Option<String>>>,
+    /// When set, the presented key is only recorded here and the handshake stops
+    /// (`fleet-broker trust`).
+    capture: Option<Arc<Mutex<Option<russh::keys::PublicKey>>>>,
     /// Dropped with the handler, i.e. when the connection is gone.
     _closed: watch::Sender<()>,
 }
@@ -93,6 +96,12 @@ impl client::Handler for ClientHandler {
                 russh::keys::PublicKey::from(cert.public_key().clone()),
             ),
         };
+        if let Some(c) = &self.capture {
+            if let Ok(mut c) = c.lock() {
+                *c = Some(public);
+            }
+            return Ok(false);
+        }
         let fp = fingerprint_sha256(&public);
         let set_refusal = |m: String| {
             if let Ok(mut r) = self.refusal.lock() {
@@ -217,13 +226,57 @@ async fn tcp_connect(target: &HostPort) -> Result<TcpStream, DialError> {
     Err(err(last))
 }
 
-/// Dials, verifies and authenticates. The caller bounds it with a timeout.
-pub async fn dial(spec: &DialSpec) -> Result<Connection, DialError> {
-    let known = if spec.policy == HostKeyPolicy::Off {
-        KnownHosts::default()
-    } else {
-        KnownHosts::load(&spec.known_hosts)?
+/// What `fleet-broker trust` learns about a host before pinning it.
+pub struct PresentedKey {
+    pub key: russh::keys::PublicKey,
+    /// The names the host is looked up by (configured name first).
+    pub names: Vec<String>,
+    pub verdict: Verdict,
+}
+
+/// Connects far enough to see the host key, then stops; no credentials are offered.
+pub async fn presented_key(spec: &DialSpec) -> Result<PresentedKey, DialError> {
+    let known = KnownHosts::load(&spec.known_hosts)?;
+    let capture = Arc::new(Mutex::new(None));
+    let (tcp, names) = connect_tcp(spec).await?;
+    let pinned = known.pinned_algorithms(&names);
+    let config = client_config(spec, &pinned);
+    let (closed_tx, _closed_rx) = watch::channel(());
+    let handler = ClientHandler {
+        label: spec.label.clone(),
+        names: names.clone(),
+        display_addr: spec.target.to_string(),
+        policy: spec.policy,
+        known: known.clone(),
+        pin_file: None,
+        refusal: Arc::new(Mutex::new(None)),
+        accepted: Arc::new(Mutex::new(None)),
+        capture: Some(capture.clone()),
+        _closed: closed_tx,
     };
+    let result = client::connect_stream(Arc::new(config), tcp, handler).await;
+    let key = capture.lock().ok().and_then(|mut c| c.take());
+    match (key, result) {
+        (Some(key), _) => {
+            let verdict = known.check(&names, &key);
+            Ok(PresentedKey {
+                key,
+                names,
+                verdict,
+            })
+        }
+        (None, Err(e)) => Err(DialError::Ssh {
+            target: spec.target.to_string(),
+            reason: e.to_string(),
+        }),
+        (None, Ok(_)) => Err(DialError::Ssh {
+            target: spec.target.to_string(),
+            reason: "the server presented no host key".into(),
+        }),
+    }
+}
+
+async fn connect_tcp(spec: &DialSpec) -> Result<(TcpStream, Vec<String>), DialError> {
     let tcp = tcp_connect(&spec.target).await?;
     let _ = tcp.set_nodelay(true);
     let peer = tcp.peer_addr().map_err(|e| DialError::Connect {
@@ -235,6 +288,21 @@ pub async fn dial(spec: &DialSpec) -> Result<Connection, DialError> {
     if !names.contains(&ip_name) {
         names.push(ip_name);
     }
+    Ok((tcp, names))
+}
+
+/// Dials, verifies and authenticates. The caller bounds it with a timeout.
+pub async fn dial(spec: &DialSpec) -> Result<Connection, DialError> {
+    let known = if spec.policy == HostKeyPolicy::Off {
+        KnownHosts::default()
+    } else {
+        KnownHosts::load(&spec.known_hosts)?
+    };
+    let (tcp, names) = connect_tcp(spec).await?;
+    let peer = tcp.peer_addr().map_err(|e| DialError::Connect {
+        target: spec.target.to_string(),
+        reason: e.to_string(),
+    })?;
     let pinned = known.pinned_algorithms(&names);
     let mut config = client_config(spec, &pinned);
     if known.has_cert_authority(&names) {
@@ -257,6 +325,7 @@ pub async fn dial(spec: &DialSpec) -> Result<Connection, DialError> {
         pin_file: spec.known_hosts.first().cloned(),
         refusal: refusal.clone(),
         accepted: accepted.clone(),
+        capture: None,
         _closed: closed_tx,
     };
     let target = spec.target.to_string();

@@ -175,6 +175,16 @@ impl Tunnel {
 
     /// Sends an operator command to the supervisor.
     pub async fn command(&self, cmd: Command) {
+        if matches!(cmd, Command::Connect) {
+            // From now on requests wait for the new attempt rather than see the old failure.
+            self.link_tx.send_if_modified(|l| {
+                let failed = matches!(l, Link::Failed(_));
+                if failed {
+                    *l = Link::Down;
+                }
+                failed
+            });
+        }
         let _ = self.cmd_tx.send(cmd).await;
     }
 
@@ -236,13 +246,19 @@ impl Tunnel {
     }
 
     fn dial_spec(&self) -> DialSpec {
-        let c = &self.config;
+        dial_spec(&self.config, self.agent.clone())
+    }
+}
+
+/// The dial parameters of a cluster.
+pub fn dial_spec(c: &ClusterConfig, agent: Option<PathBuf>) -> DialSpec {
+    {
         DialSpec {
             label: format!("cluster {:?}", c.name),
             target: c.tunnel.clone(),
             user: c.user.clone(),
             keys: crate::auth::KeySource {
-                agent: self.agent.clone(),
+                agent,
                 identity_files: c.identity_files.clone(),
             },
             known_hosts: c.known_hosts.clone(),
@@ -339,6 +355,10 @@ impl Supervisor {
     async fn connect(&mut self, attempt: &mut u32) -> Step {
         let t = &self.tunnel;
         t.set_state(State::Connecting);
+        // Requests arriving now wait for this attempt instead of seeing an old failure.
+        if matches!(*t.link_tx.borrow(), Link::Failed(_)) {
+            t.link_tx.send_replace(Link::Down);
+        }
         let spec = t.dial_spec();
         let started = Instant::now();
         let result = tokio::select! {

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what the integration tests need (OpenSSH server and client, curl) when missing,
+# then runs the whole test suite. Works on a fresh Debian 12 machine as root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+[ -x /usr/sbin/sshd ] || need+=(openssh-server)
+command -v ssh-agent >/dev/null || need+=(openssh-client)
+command -v curl >/dev/null || need+=(curl)
+command -v setpriv >/dev/null || need+=(util-linux)
+if [ "${#need[@]}" -gt 0 ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "scripts/test.sh: please install: ${need[*]}" >&2
+        exit 1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y --no-install-recommends "${need[@]}" \
+        || { apt-get update && apt-get install -y --no-install-recommends "${need[@]}"; }
+fi
+
+cargo test --locked

@@ -1,0 +1,706 @@
+//! Test harness: a real OpenSSH `sshd` on 127.0.0.x with its own config and host keys, a
+//! real `ssh-agent` with generated keys, the fleet API simulator on a unix socket, and the
+//! real `fleet-broker serve` binary. Every process is started with its own directory and
+//! port and is killed on drop, so tests run in parallel.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fleet_broker::fleet::schema::{Machine, UnitOption};
+use fleet_broker::sim::{demo_machines, Sim};
+
+/// Generous bound for anything a loaded 2-core machine should finish.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Polls `cond` until it is true or `timeout` passes; panics with `what` on timeout.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(2);
+    while Instant::now() < end {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A world-readable temporary directory (sshd reads files in it as other users).
+pub fn open_tempdir(prefix: &str) -> tempfile::TempDir {
+    let d = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("tempdir");
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    d
+}
+
+/// Generates a key pair with ssh-keygen; returns the private key path.
+pub fn keygen(dir: &Path, name: &str, kind: &str) -> PathBuf {
+    let path = dir.join(name);
+    let mut cmd = Command::new("ssh-keygen");
+    cmd.args(["-q", "-t", kind, "-N", "", "-C", name, "-f"])
+        .arg(&path);
+    if kind == "rsa" {
+        cmd.args(["-b", "2048"]);
+    }
+    run(&mut cmd);
+    path
+}
+
+/// The `type base64` part of a public key file.
+pub fn public_line(private: &Path) -> String {
+    let text = std::fs::read_to_string(private.with_extension("pub"))
+        .or_else(|_| std::fs::read_to_string(format!("{}.pub", private.display())))
+        .expect("public key");
+    text.split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn kill_child(child: &mut Child) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let end = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < end {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A real ssh-agent holding the given keys.
+pub struct Agent {
+    pub socket: PathBuf,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Agent {
+    pub fn start(keys: &[&Path]) -> Agent {
+        let dir = tempfile::Builder::new()
+            .prefix("fb-agent.")
+            .tempdir()
+            .expect("tempdir");
+        let socket = dir.path().join("agent.sock");
+        let child = Command::new("ssh-agent")
+            .arg("-D")
+            .arg("-a")
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("ssh-agent (install openssh-client)");
+        let mut agent = Agent {
+            socket,
+            child,
+            _dir: dir,
+        };
+        wait_until("ssh-agent socket", DEADLINE, || agent.socket.exists());
+        for k in keys {
+            run(Command::new("ssh-add")
+                .arg("-q")
+                .arg(k)
+                .env("SSH_AUTH_SOCK", &agent.socket));
+        }
+        let _ = &mut agent;
+        agent
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        kill_child(&mut self.child);
+    }
+}
+
+/// The fleet API simulator on a unix socket (and optionally TCP), on its own thread.
+pub struct SimServer {
+    pub socket: PathBuf,
+    pub tcp: Option<SocketAddr>,
+    pub sim: Arc<Mutex<Sim>>,
+    stop: Option<tokio::sync::watch::Sender<bool>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+pub fn opt(section: &str, name: &str, value: &str) -> UnitOption {
+    UnitOption {
+        section: section.into(),
+        name: name.into(),
+        value: value.into(),
+    }
+}
+
+impl SimServer {
+    pub fn start() -> SimServer {
+        SimServer::with(demo_machines(), false)
+    }
+
+    pub fn with(machines: Vec<Machine>, tcp: bool) -> SimServer {
+        let dir = open_tempdir("fb-sim.");
+        let socket = dir.path().join("fleet.sock");
+        let sim = Arc::new(Mutex::new(Sim::new(machines)));
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (sock, s) = (socket.clone(), sim.clone());
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let l = tokio::net::UnixListener::bind(&sock).expect("bind sim socket");
+                std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666))
+                    .expect("chmod");
+                let tcp_addr = if tcp {
+                    let t = tokio::net::TcpListener::bind("127.0.0.1:0")
+                        .await
+                        .expect("bind tcp");
+                    let a = t.local_addr().expect("addr");
+                    tokio::spawn(fleet_broker::sim::serve_tcp(t, s.clone(), stop_rx.clone()));
+                    Some(a)
+                } else {
+                    None
+                };
+                let _ = ready_tx.send(tcp_addr);
+                fleet_broker::sim::serve(l, s, stop_rx).await;
+            });
+        });
+        let tcp = ready_rx.recv_timeout(DEADLINE).expect("simulator started");
+        SimServer {
+            socket,
+            tcp,
+            sim,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+            _dir: dir,
+        }
+    }
+
+    pub fn put(&self, name: &str, options: Vec<UnitOption>, desired: &str) {
+        self.sim
+            .lock()
+            .expect("sim")
+            .put(name, options, desired.into());
+    }
+}
+
+impl Drop for SimServer {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(true);
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A real OpenSSH sshd on 127.0.0.x with a random port.
+pub struct Sshd {
+    pub dir: tempfile::TempDir,
+    pub ip: String,
+    pub port: u16,
+    pub host_key: PathBuf,
+    child: Option<Child>,
+}
+
+fn pick_address() -> (String, u16) {
+    let x = 2
+        + (std::process::id() as u64 ^ Instant::now().elapsed().as_nanos() as u64 ^ rand_u64())
+            % 250;
+    let ip = format!("127.0.0.{x}");
+    let l = TcpListener::bind((ip.as_str(), 0)).expect("bind probe");
+    let port = l.local_addr().expect("addr").port();
+    (ip, port)
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(std::process::id() as u64);
+    h.finish()
+}
+
+impl Sshd {
+    /// Starts sshd authorising `keys` for each user in `users`.
+    pub fn start(users: &[&str], keys: &[&Path]) -> Sshd {
+        std::fs::create_dir_all("/run/sshd").expect("privilege separation dir");
+        let dir = open_tempdir("fb-sshd.");
+        let host_key = keygen(dir.path(), "ssh_host_ed25519_key", "ed25519");
+        let ak = dir.path().join("authorized_keys");
+        std::fs::create_dir(&ak).expect("mkdir");
+        std::fs::set_permissions(&ak, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let lines: String = keys
+            .iter()
+            .map(|k| format!("{}\n", public_line(k)))
+            .collect();
+        for u in users {
+            let f = ak.join(u);
+            std::fs::write(&f, &lines).expect("authorized_keys");
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        }
+        let (ip, port) = pick_address();
+        let mut sshd = Sshd {
+            dir,
+            ip,
+            port,
+            host_key,
+            child: None,
+        };
+        sshd.launch();
+        sshd
+    }
+
+    fn write_config(&self) -> PathBuf {
+        let d = self.dir.path();
+        let cfg = format!(
+            "ListenAddress {ip}:{port}\nHostKey {hk}\nPidFile {d}/sshd.pid\nAuthorizedKeysFile {d}/authorized_keys/%u\nStrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin yes\nAllowStreamLocalForwarding yes\nAllowTcpForwarding yes\nMaxStartups 200:30:400\nMaxSessions 100\nLogLevel VERBOSE\nUseDNS no\n",
+            ip = self.ip,
+            port = self.port,
+            hk = self.host_key.display(),
+            d = d.display(),
+        );
+        let path = d.join("sshd_config");
+        std::fs::write(&path, cfg).expect("sshd_config");
+        path
+    }
+
+    fn banner_ready(&self) -> bool {
+        let Ok(mut s) = TcpStream::connect((self.ip.as_str(), self.port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut buf = [0u8; 8];
+        let ok = s.read_exact(&mut buf).is_ok() && &buf[..4] == b"SSH-";
+        let _ = s.write_all(b"SSH-2.0-probe\r\n");
+        ok
+    }
+
+    fn launch(&mut self) {
+        for attempt in 0..5 {
+            let cfg = self.write_config();
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.dir.path().join("sshd.log"))
+                .expect("log");
+            let mut child = Command::new("/usr/sbin/sshd")
+                .arg("-D")
+                .arg("-e")
+                .arg("-f")
+                .arg(&cfg)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("sshd (install openssh-server)");
+            let end = Instant::now() + DEADLINE;
+            let mut up = false;
+            while Instant::now() < end {
+                if self.banner_ready() {
+                    up = true;
+                    break;
+                }
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if up {
+                self.child = Some(child);
+                return;
+            }
+            kill_child(&mut child);
+            if attempt < 4 && self.child.is_none() {
+                let (ip, port) = pick_address();
+                self.ip = ip;
+                self.port = port;
+            }
+        }
+        panic!("sshd did not start; log:\n{}", self.log());
+    }
+
+    /// Stops sshd and every connection it serves.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // Children serving connections are in sshd's process group only with -D;
+            // kill them by their parent's pid.
+            let _ = Command::new("pkill")
+                .arg("-TERM")
+                .arg("-P")
+                .arg(c.id().to_string())
+                .status();
+            kill_child(&mut c);
+        }
+        wait_until("sshd to stop listening", DEADLINE, || {
+            TcpStream::connect((self.ip.as_str(), self.port)).is_err()
+        });
+    }
+
+    /// Starts sshd again on the same address with the same keys.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "restart after kill");
+        let cfg = self.write_config();
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.path().join("sshd.log"))
+            .expect("log");
+        let child = Command::new("/usr/sbin/sshd")
+            .arg("-D")
+            .arg("-e")
+            .arg("-f")
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("sshd");
+        self.child = Some(child);
+        wait_until("sshd to listen again", DEADLINE, || self.banner_ready());
+    }
+
+    /// `[ip]:port ssh-ed25519 AAAA…` pinning this server's host key.
+    pub fn known_hosts_line(&self) -> String {
+        format!(
+            "[{}]:{} {}\n",
+            self.ip,
+            self.port,
+            public_line(&self.host_key)
+        )
+    }
+
+    pub fn tunnel(&self) -> String {
+        format!("{}:{}", self.ip, self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("pkill")
+                .arg("-TERM")
+                .arg("-P")
+                .arg(c.id().to_string())
+                .status();
+            kill_child(&mut c);
+        }
+    }
+}
+
+/// The real `fleet-broker serve` with its own config and runtime dir.
+pub struct Broker {
+    pub dir: tempfile::TempDir,
+    pub runtime_dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Broker {
+    /// Starts the daemon with `config` (TOML) and the agent socket.
+    pub fn start(config: &str, agent: Option<&Path>) -> Broker {
+        Broker::start_as(config, agent, None)
+    }
+
+    /// Starts it as `uid` (via setpriv) when given.
+    pub fn start_as(config: &str, agent: Option<&Path>, uid: Option<u32>) -> Broker {
+        let dir = open_tempdir("fb-broker.");
+        let cfg = dir.path().join("config.toml");
+        std::fs::write(&cfg, config).expect("config");
+        std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let xdg = dir.path().join("xdg");
+        std::fs::create_dir(&xdg).expect("xdg");
+        std::fs::set_permissions(&xdg, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        let mut bin = PathBuf::from(env!("CARGO_BIN_EXE_fleet-broker"));
+        let mut cmd = match uid {
+            Some(uid) => {
+                nix::unistd::chown(&xdg, Some(nix::unistd::Uid::from_raw(uid)), None)
+                    .expect("chown");
+                let copy = dir.path().join("fleet-broker");
+                std::fs::copy(&bin, &copy).expect("copy binary");
+                bin = copy;
+                let mut c = Command::new("setpriv");
+                c.arg(format!("--reuid={uid}"))
+                    .arg(format!("--regid={uid}"))
+                    .arg("--clear-groups")
+                    .arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        cmd.arg("serve")
+            .env("FLEET_BROKER_CONFIG", &cfg)
+            .env("XDG_RUNTIME_DIR", &xdg)
+            .env("RUST_LOG", "fleet_broker=debug")
+            .env_remove("SSH_AUTH_SOCK")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        if let Some(a) = agent {
+            cmd.env("SSH_AUTH_SOCK", a);
+        }
+        let log = std::fs::File::create(dir.path().join("broker.log")).expect("log");
+        cmd.stderr(log);
+        let child = cmd.spawn().expect("fleet-broker");
+        let runtime_dir = xdg.join("fleet-broker");
+        let mut b = Broker {
+            dir,
+            runtime_dir,
+            child: Some(child),
+        };
+        let control = b.control_socket();
+        let started = Instant::now();
+        loop {
+            if std::os::unix::net::UnixStream::connect(&control).is_ok() {
+                break;
+            }
+            if let Some(Ok(Some(status))) = b.child.as_mut().map(|c| c.try_wait()) {
+                panic!("fleet-broker exited early ({status}); log:\n{}", b.log());
+            }
+            assert!(
+                started.elapsed() < DEADLINE,
+                "fleet-broker did not start; log:\n{}",
+                b.log()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        b
+    }
+
+    /// Runs `fleet-broker ARGS` against this daemon's config and runtime dir.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_fleet-broker"))
+            .args(args)
+            .env("FLEET_BROKER_CONFIG", self.dir.path().join("config.toml"))
+            .env("XDG_RUNTIME_DIR", self.dir.path().join("xdg"))
+            .stdin(Stdio::null())
+            .output()
+            .expect("fleet-broker")
+    }
+
+    pub fn socket(&self, cluster: &str) -> PathBuf {
+        self.runtime_dir
+            .join("clusters")
+            .join(format!("{cluster}.sock"))
+    }
+
+    pub fn control_socket(&self) -> PathBuf {
+        self.runtime_dir.join("control.sock")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("broker.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Sends SIGTERM and waits for exit; returns whether it exited successfully.
+    pub fn terminate(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else {
+            return false;
+        };
+        let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let end = Instant::now() + DEADLINE;
+        while Instant::now() < end {
+            if let Ok(Some(st)) = c.try_wait() {
+                return st.success();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        false
+    }
+
+    /// GET on the control socket, parsed.
+    pub fn cluster_info(&self, name: &str) -> serde_json::Value {
+        let (status, body) = http(
+            &self.control_socket(),
+            "GET",
+            &format!("/v1/clusters/{name}"),
+            None,
+        );
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        serde_json::from_slice(&body).expect("json")
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill_child(&mut c);
+        }
+    }
+}
+
+/// One HTTP/1.1 request on a new connection to a unix socket; returns status and body.
+/// Plain blocking I/O so tests exercise the sockets as any client would.
+pub fn http(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, Vec<u8>) {
+    try_http(socket, method, path, body)
+        .unwrap_or_else(|e| panic!("{method} {path} on {}: {e}", socket.display()))
+}
+
+pub fn try_http(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> std::io::Result<(u16, Vec<u8>)> {
+    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: domain-sock\r\nConnection: close\r\n");
+    if let Some(b) = body {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            b.len()
+        ));
+    }
+    req.push_str("\r\n");
+    if let Some(b) = body {
+        req.push_str(b);
+    }
+    s.write_all(req.as_bytes())?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    parse_response(&raw)
+}
+
+/// Splits a raw HTTP/1.1 response, de-chunking if needed.
+pub fn parse_response(raw: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
+    let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| bad("no header end"))?;
+    let head = String::from_utf8_lossy(&raw[..end]).to_string();
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("no status"))?;
+    let mut body = raw[end + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        let mut out = Vec::new();
+        let mut rest = &body[..];
+        loop {
+            let nl = rest
+                .windows(2)
+                .position(|w| w == b"\r\n")
+                .ok_or_else(|| bad("chunk size"))?;
+            let size = usize::from_str_radix(String::from_utf8_lossy(&rest[..nl]).trim(), 16)
+                .map_err(|_| bad("chunk size"))?;
+            rest = &rest[nl + 2..];
+            if size == 0 {
+                break;
+            }
+            if rest.len() < size + 2 {
+                return Err(bad("truncated chunk"));
+            }
+            out.extend_from_slice(&rest[..size]);
+            rest = &rest[size + 2..];
+        }
+        body = out;
+    }
+    Ok((status, body))
+}
+
+/// A cluster table for a config file.
+pub fn cluster_toml(
+    name: &str,
+    sshd: &Sshd,
+    endpoint: &str,
+    user: &str,
+    known_hosts: &Path,
+    extra: &str,
+) -> String {
+    let timeout = if extra.contains("connect_timeout") {
+        ""
+    } else {
+        "connect_timeout = \"10s\"\n"
+    };
+    format!(
+        "[clusters.{name}]\ntunnel = \"{}\"\nendpoint = \"{endpoint}\"\nuser = \"{user}\"\nknown_hosts = [\"{}\"]\n{timeout}{extra}\n",
+        sshd.tunnel(),
+        known_hosts.display()
+    )
+}
+
+/// Everything a single-cluster test needs.
+pub struct World {
+    pub sim: SimServer,
+    pub sshd: Sshd,
+    pub agent: Agent,
+    pub keys: tempfile::TempDir,
+    pub known_hosts: PathBuf,
+}
+
+impl World {
+    /// sshd authorising one ed25519 key for root, an agent holding it, the simulator, and a
+    /// known_hosts file pinning the server.
+    pub fn new() -> World {
+        let keys = open_tempdir("fb-keys.");
+        let key = keygen(keys.path(), "id_ed25519", "ed25519");
+        let sshd = Sshd::start(&["root"], &[&key]);
+        let agent = Agent::start(&[&key]);
+        let sim = SimServer::start();
+        let known_hosts = keys.path().join("known_hosts");
+        std::fs::write(&known_hosts, sshd.known_hosts_line()).expect("known_hosts");
+        World {
+            sim,
+            sshd,
+            agent,
+            keys,
+            known_hosts,
+        }
+    }
+
+    pub fn config(&self, extra: &str) -> String {
+        cluster_toml(
+            "c1",
+            &self.sshd,
+            &format!("unix://{}", self.sim.socket.display()),
+            "root",
+            &self.known_hosts,
+            extra,
+        )
+    }
+
+    pub fn broker(&self, extra: &str) -> Broker {
+        Broker::start(&self.config(extra), Some(&self.agent.socket))
+    }
+}

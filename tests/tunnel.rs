@@ -1,0 +1,519 @@
+//! The daemon end to end: a real sshd, a real ssh-agent, the simulator behind sshd, and the
+//! real `fleet-broker serve` binary.
+
+mod support;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+#[test]
+fn machines_units_and_state_pass_through_byte_identical() {
+    let w = World::new();
+    w.sim.put(
+        "hello.service",
+        vec![
+            opt("Unit", "Description", "Hello"),
+            opt("Service", "ExecStart", "/bin/sleep 1000"),
+        ],
+        "launched",
+    );
+    w.sim.put(
+        "web@.service",
+        vec![opt("Service", "ExecStart", "/bin/true")],
+        "inactive",
+    );
+    let b = w.broker("");
+    let sock = b.socket("c1");
+    for path in [
+        "/fleet/v1/machines",
+        "/fleet/v1/units",
+        "/fleet/v1/state",
+        "/fleet/v1/units/web%40.service",
+        "/v1-alpha/units?alt=json",
+        "/fleet/v1/units/nope.service",
+        "/fleet/v1/machines/",
+    ] {
+        let through = http(&sock, "GET", path, None);
+        let direct = http(&w.sim.socket, "GET", path, None);
+        assert_eq!(through, direct, "{path}");
+    }
+    let (status, body) = http(&sock, "GET", "/fleet/v1/units", None);
+    assert_eq!(status, 200);
+    assert!(String::from_utf8_lossy(&body).contains("\"name\":\"hello.service\""));
+
+    // curl, as a user would type it, gets the same bytes as the simulator itself gives.
+    let out = Command::new("curl")
+        .args(["-sS", "--unix-socket"])
+        .arg(&sock)
+        .arg("http://x/fleet/v1/units")
+        .output()
+        .expect("curl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        out.stdout,
+        http(&w.sim.socket, "GET", "/fleet/v1/units", None).1
+    );
+
+    // Writes go through too, with fleet's status codes.
+    let body = r#"{"name":"new.service","options":[{"name":"ExecStart","section":"Service","value":"/bin/true"}]}"#;
+    assert_eq!(
+        http(&sock, "PUT", "/fleet/v1/units/new.service", Some(body)).0,
+        201
+    );
+    assert_eq!(
+        http(
+            &sock,
+            "PUT",
+            "/fleet/v1/units/new.service",
+            Some(r#"{"desiredState":"launched"}"#)
+        )
+        .0,
+        204
+    );
+    let (status, body) = http(&sock, "GET", "/fleet/v1/units/new.service", None);
+    assert_eq!(status, 200);
+    assert!(String::from_utf8_lossy(&body).contains("\"currentState\":\"launched\""));
+    assert_eq!(
+        http(&sock, "DELETE", "/fleet/v1/units/new.service", None).0,
+        204
+    );
+
+    let info = b.cluster_info("c1");
+    assert_eq!(info["state"], "ready");
+    assert!(info["requests"].as_u64().unwrap_or(0) >= 10, "{info}");
+    assert!(info["host_key_fingerprint"]
+        .as_str()
+        .unwrap_or("")
+        .starts_with("SHA256:"));
+}
+
+#[test]
+fn two_hundred_concurrent_requests_all_succeed() {
+    let w = World::new();
+    for i in 0..20 {
+        w.sim.put(
+            &format!("u{i}.service"),
+            vec![opt("Service", "ExecStart", "/bin/true")],
+            "launched",
+        );
+    }
+    let b = w.broker("");
+    let sock = b.socket("c1");
+    let want = http(&w.sim.socket, "GET", "/fleet/v1/units", None);
+    let handles: Vec<_> = (0..200)
+        .map(|_| {
+            let sock = sock.clone();
+            std::thread::spawn(move || try_http(&sock, "GET", "/fleet/v1/units", None))
+        })
+        .collect();
+    let mut ok = 0;
+    for h in handles {
+        let got = h.join().expect("thread").expect("request");
+        assert_eq!(got, want);
+        ok += 1;
+    }
+    assert_eq!(ok, 200);
+    assert_eq!(
+        w.sshd.log().matches("Accepted publickey").count(),
+        1,
+        "one SSH connection carries them all"
+    );
+}
+
+#[test]
+fn large_response_streams_through_intact() {
+    let w = World::new();
+    {
+        let mut sim = w.sim.sim.lock().expect("sim");
+        sim.token_limit = 5000;
+        let big = "x".repeat(1500);
+        sim.put_many(
+            (0..4000)
+                .map(|i| {
+                    (
+                        format!("big{i:05}.service"),
+                        vec![opt("Service", "ExecStart", &format!("/bin/echo {big}"))],
+                        "inactive".to_string(),
+                    )
+                })
+                .collect(),
+        );
+    }
+    let b = w.broker("");
+    let direct = http(&w.sim.socket, "GET", "/fleet/v1/units", None);
+    assert!(
+        direct.1.len() > 6_000_000,
+        "response is {} bytes",
+        direct.1.len()
+    );
+    let through = http(&b.socket("c1"), "GET", "/fleet/v1/units", None);
+    assert_eq!(through.0, 200);
+    assert!(
+        through.1 == direct.1,
+        "body differs: {} vs {} bytes",
+        through.1.len(),
+        direct.1.len()
+    );
+}
+
+#[test]
+fn changed_host_key_is_refused_with_both_fingerprints() {
+    let w = World::new();
+    let other = keygen(w.keys.path(), "other_host_key", "ed25519");
+    let pinned_line = format!("[{}]:{} {}\n", w.sshd.ip, w.sshd.port, public_line(&other));
+    std::fs::write(&w.known_hosts, format!("# pins\n{pinned_line}")).expect("write");
+    let b = w.broker("");
+    let (status, body) = http(&b.socket("c1"), "GET", "/fleet/v1/machines", None);
+    assert_eq!(status, 503);
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("fleet error json");
+    assert_eq!(v["error"]["code"], 503);
+    let msg = v["error"]["message"].as_str().expect("message").to_string();
+    let fp = |k: &std::path::Path| {
+        let out = Command::new("ssh-keygen")
+            .arg("-lf")
+            .arg(format!("{}.pub", k.display()))
+            .output()
+            .expect("ssh-keygen -l");
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .nth(1)
+            .expect("fingerprint")
+            .to_string()
+    };
+    assert!(msg.starts_with("cluster \"c1\": "), "{msg}");
+    assert!(msg.contains("HOST KEY CHANGED"), "{msg}");
+    assert!(
+        msg.contains(&fp(&w.sshd.host_key)),
+        "presented fingerprint missing: {msg}"
+    );
+    assert!(
+        msg.contains(&fp(&other)),
+        "pinned fingerprint missing: {msg}"
+    );
+    assert!(
+        msg.contains(&format!("{}:2", w.known_hosts.display())),
+        "pin location missing: {msg}"
+    );
+    assert!(msg.contains("fleet-broker trust c1"), "{msg}");
+    assert_eq!(b.cluster_info("c1")["state"], "failed");
+    // trust never replaces a contradicting pin.
+    let out = b.cli(&["trust", "c1", "--yes"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("ssh-keygen -R"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !w.sshd.log().contains("Accepted publickey"),
+        "no credentials were offered to the impostor"
+    );
+}
+
+#[test]
+fn unknown_host_is_refused_under_strict_and_pinned_under_accept_new() {
+    let w = World::new();
+    std::fs::write(&w.known_hosts, "").expect("empty");
+    let b = w.broker("");
+    let (status, body) = http(&b.socket("c1"), "GET", "/fleet/v1/machines", None);
+    assert_eq!(status, 503);
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains("not in known_hosts"), "{body}");
+    assert!(body.contains("fleet-broker trust c1"), "{body}");
+    assert_eq!(b.cluster_info("c1")["state"], "failed");
+
+    // `fleet-broker trust` pins the presented key and the failed tunnel comes up.
+    let out = b.cli(&["trust", "c1", "--yes"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("pinned ssh-ed25519 SHA256:"), "{stdout}");
+    assert!(
+        stdout.contains("asked the running daemon to reconnect c1"),
+        "{stdout}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&w.known_hosts).expect("read"),
+        w.sshd.known_hosts_line()
+    );
+    assert_eq!(
+        http(&b.socket("c1"), "GET", "/fleet/v1/machines", None).0,
+        200,
+        "{}",
+        b.log()
+    );
+    let out = b.cli(&["trust", "c1", "--yes"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("already pinned"));
+    drop(b);
+    std::fs::write(&w.known_hosts, "").expect("empty");
+
+    let b = w.broker("host_key_checking = \"accept-new\"");
+    let (status, _) = http(&b.socket("c1"), "GET", "/fleet/v1/machines", None);
+    assert_eq!(status, 200, "{}", b.log());
+    let pinned = std::fs::read_to_string(&w.known_hosts).expect("known_hosts");
+    assert_eq!(pinned, w.sshd.known_hosts_line());
+    assert!(
+        b.log().contains("pinned previously unknown host key"),
+        "{}",
+        b.log()
+    );
+}
+
+#[test]
+fn hashed_known_hosts_entry_is_accepted() {
+    let w = World::new();
+    let out = Command::new("ssh-keygen")
+        .arg("-H")
+        .arg("-f")
+        .arg(&w.known_hosts)
+        .output()
+        .expect("ssh-keygen -H");
+    assert!(out.status.success());
+    let text = std::fs::read_to_string(&w.known_hosts).expect("read");
+    assert!(text.starts_with("|1|"), "{text}");
+    let b = w.broker("");
+    assert_eq!(
+        http(&b.socket("c1"), "GET", "/fleet/v1/machines", None).0,
+        200,
+        "{}",
+        b.log()
+    );
+}
+
+#[test]
+fn two_clusters_with_different_users_at_once() {
+    let keys = open_tempdir("fb-keys.");
+    let key = keygen(keys.path(), "id_ed25519", "ed25519");
+    let sshd = Sshd::start(&["root", "nobody"], &[&key]);
+    let agent = Agent::start(&[&key]);
+    let sim_a = SimServer::start();
+    let sim_b = SimServer::with(
+        vec![fleet_broker::fleet::schema::Machine {
+            id: "abc".into(),
+            ..Default::default()
+        }],
+        false,
+    );
+    let kh = keys.path().join("known_hosts");
+    std::fs::write(&kh, sshd.known_hosts_line()).expect("kh");
+    let config = format!(
+        "{}{}",
+        cluster_toml(
+            "alpha",
+            &sshd,
+            &format!("unix://{}", sim_a.socket.display()),
+            "root",
+            &kh,
+            ""
+        ),
+        cluster_toml(
+            "beta",
+            &sshd,
+            &format!("unix://{}", sim_b.socket.display()),
+            "nobody",
+            &kh,
+            ""
+        )
+    );
+    let b = Broker::start(&config, Some(&agent.socket));
+    let a_threads: Vec<_> = ["alpha", "beta"]
+        .into_iter()
+        .map(|c| {
+            let s = b.socket(c);
+            std::thread::spawn(move || http(&s, "GET", "/fleet/v1/machines", None))
+        })
+        .collect();
+    let results: Vec<_> = a_threads
+        .into_iter()
+        .map(|t| t.join().expect("join"))
+        .collect();
+    assert_eq!(
+        results[0],
+        http(&sim_a.socket, "GET", "/fleet/v1/machines", None)
+    );
+    assert_eq!(
+        results[1],
+        http(&sim_b.socket, "GET", "/fleet/v1/machines", None)
+    );
+    assert_ne!(results[0], results[1]);
+    let log = sshd.log();
+    assert!(log.contains("Accepted publickey for root"), "{log}");
+    assert!(log.contains("Accepted publickey for nobody"), "{log}");
+    assert_eq!(b.cluster_info("beta")["user"], "nobody");
+}
+
+#[test]
+fn rsa_only_agent_authenticates_with_sha2_signatures() {
+    let keys = open_tempdir("fb-keys.");
+    let key = keygen(keys.path(), "id_rsa", "rsa");
+    let sshd = Sshd::start(&["root"], &[&key]);
+    let agent = Agent::start(&[&key]);
+    let sim = SimServer::start();
+    let kh = keys.path().join("known_hosts");
+    std::fs::write(&kh, sshd.known_hosts_line()).expect("kh");
+    let b = Broker::start(
+        &cluster_toml(
+            "c1",
+            &sshd,
+            &format!("unix://{}", sim.socket.display()),
+            "root",
+            &kh,
+            "",
+        ),
+        Some(&agent.socket),
+    );
+    assert_eq!(
+        http(&b.socket("c1"), "GET", "/fleet/v1/machines", None).0,
+        200,
+        "{}",
+        b.log()
+    );
+    let log = sshd.log();
+    assert!(
+        log.contains("Accepted publickey for root") && log.contains("RSA SHA256:"),
+        "{log}"
+    );
+}
+
+#[test]
+fn tunnel_recovers_after_sshd_restart_and_answers_503_meanwhile() {
+    let mut w = World::new();
+    let b = w.broker("connect_timeout = \"2s\"\nkeepalive_interval = \"1s\"\nkeepalive_max = 2");
+    let sock = b.socket("c1");
+    assert_eq!(http(&sock, "GET", "/fleet/v1/machines", None).0, 200);
+    w.sshd.kill();
+    wait_until("the broker to notice the lost tunnel", DEADLINE, || {
+        b.cluster_info("c1")["state"] != "ready"
+    });
+    let started = Instant::now();
+    let (status, body) = http(&sock, "GET", "/fleet/v1/machines", None);
+    let waited = started.elapsed();
+    assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("cluster \"c1\": "),
+        "{v}"
+    );
+    // Bounded by connect_timeout (2 s), not hanging: allow scheduling slack on a loaded machine.
+    assert!(waited < Duration::from_secs(15), "503 took {waited:?}");
+    w.sshd.restart();
+    wait_until("automatic recovery", DEADLINE, || {
+        try_http(&sock, "GET", "/fleet/v1/machines", None).is_ok_and(|r| r.0 == 200)
+    });
+    let info = b.cluster_info("c1");
+    assert_eq!(info["state"], "ready");
+    assert!(info["reconnects"].as_u64().unwrap_or(0) >= 1, "{info}");
+}
+
+#[test]
+fn runtime_dir_and_sockets_are_private() {
+    let w = World::new();
+    let mut b = w.broker("");
+    let mode =
+        |p: &std::path::Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode(&b.runtime_dir), 0o700);
+    assert_eq!(mode(&b.runtime_dir.join("clusters")), 0o700);
+    assert_eq!(mode(&b.socket("c1")), 0o600);
+    assert_eq!(mode(&b.control_socket()), 0o600);
+    assert_eq!(
+        std::fs::metadata(b.socket("c1")).expect("stat").uid(),
+        nix::unistd::geteuid().as_raw()
+    );
+    // SIGTERM removes the sockets.
+    assert!(b.terminate(), "clean exit on SIGTERM; log:\n{}", b.log());
+    assert!(!b.socket("c1").exists());
+    assert!(!b.control_socket().exists());
+}
+
+#[test]
+fn connection_from_another_uid_is_refused() {
+    let w = World::new();
+    // The broker runs as nobody; this test (root) passes the file permissions but not the
+    // peer uid check.
+    let b = Broker::start_as(&w.config(""), None, Some(65534));
+    let r = try_http(&b.socket("c1"), "GET", "/fleet/v1/machines", None);
+    assert!(r.is_err(), "a foreign uid got an answer: {r:?}");
+    let r = try_http(&b.control_socket(), "GET", "/v1/clusters", None);
+    assert!(r.is_err(), "a foreign uid got an answer: {r:?}");
+    wait_until("the refusal to be logged", DEADLINE, || {
+        b.log().matches("refused local connection").count() >= 2
+    });
+    assert!(b.log().contains("uid 0"), "{}", b.log());
+}
+
+#[test]
+fn stalled_reader_does_not_block_other_clients() {
+    let w = World::new();
+    {
+        let mut sim = w.sim.sim.lock().expect("sim");
+        sim.token_limit = 20000;
+        let big = "y".repeat(4000);
+        sim.put_many(
+            (0..12000)
+                .map(|i| {
+                    (
+                        format!("s{i:05}.service"),
+                        vec![opt("Service", "ExecStart", &format!("/bin/echo {big}"))],
+                        "inactive".to_string(),
+                    )
+                })
+                .collect(),
+        );
+    }
+    let b = w.broker("");
+    let sock = b.socket("c1");
+    // A client asks for ~48 MB and never reads past the first bytes.
+    let mut stalled = std::os::unix::net::UnixStream::connect(&sock).expect("connect");
+    use std::io::{Read, Write};
+    stalled
+        .write_all(b"GET /fleet/v1/units HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("write");
+    let mut first = [0u8; 16];
+    stalled.read_exact(&mut first).expect("first bytes");
+    assert_eq!(&first[..12], b"HTTP/1.1 200");
+    // Other clients on the same SSH connection keep being served.
+    for _ in 0..20 {
+        let (status, _) = http(&sock, "GET", "/fleet/v1/machines", None);
+        assert_eq!(status, 200);
+    }
+    wait_until("the stalled client to be cut off", DEADLINE, || {
+        b.log().contains("local client stopped reading")
+    });
+    drop(stalled);
+    assert_eq!(http(&sock, "GET", "/fleet/v1/machines", None).0, 200);
+}
+
+#[test]
+fn http_endpoint_is_reached_by_direct_tcpip() {
+    let keys = open_tempdir("fb-keys.");
+    let key = keygen(keys.path(), "id_ed25519", "ed25519");
+    let sshd = Sshd::start(&["root"], &[&key]);
+    let agent = Agent::start(&[&key]);
+    let sim = SimServer::with(fleet_broker::sim::demo_machines(), true);
+    let tcp = sim.tcp.expect("tcp listener");
+    let kh = keys.path().join("known_hosts");
+    std::fs::write(&kh, sshd.known_hosts_line()).expect("kh");
+    let b = Broker::start(
+        &cluster_toml("web", &sshd, &format!("http://{tcp}"), "root", &kh, ""),
+        Some(&agent.socket),
+    );
+    let through = http(&b.socket("web"), "GET", "/fleet/v1/machines", None);
+    assert_eq!(through.0, 200, "{}", b.log());
+    assert_eq!(
+        through,
+        http(&sim.socket, "GET", "/fleet/v1/machines", None)
+    );
+}
