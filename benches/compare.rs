@@ -1,1 +1,130 @@
-fn main() {}
+//! Latency of `GET /fleet/v1/machines` with a new local connection per request, in one run:
+//! through fleet-broker, through OpenSSH `ssh -N -L` (what users configure), through OpenSSH
+//! with a pty (`ssh -tt -L … sleep`, which makes OpenSSH set TCP_NODELAY), and directly on the
+//! simulator socket (the floor). Paths are sampled in turn (A B C D A B …) after a warm-up.
+//! `BENCH_N` sets the samples per path (default 200).
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+struct Ssh(Child);
+
+impl Drop for Ssh {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn openssh_forward(w: &World, local: &Path, tuned: bool) -> Ssh {
+    let mut cmd = Command::new("ssh");
+    cmd.arg("-p")
+        .arg(w.sshd.port.to_string())
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", w.known_hosts.display()))
+        .args([
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StreamLocalBindUnlink=yes",
+        ])
+        .arg("-o")
+        .arg(format!("IdentityAgent={}", w.agent.socket.display()))
+        .arg("-L")
+        .arg(format!("{}:{}", local.display(), w.sim.socket.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if tuned {
+        cmd.arg("-tt")
+            .arg(format!("root@{}", w.sshd.ip))
+            .arg("sleep 600");
+    } else {
+        cmd.arg("-N").arg(format!("root@{}", w.sshd.ip));
+    }
+    let child = Ssh(cmd.spawn().expect("ssh"));
+    wait_until("ssh -L socket", DEADLINE, || {
+        try_http(local, "GET", "/fleet/v1/machines", None).is_ok_and(|r| r.0 == 200)
+    });
+    child
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; nothing else is accepted.
+    let n: usize = std::env::var("BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let w = World::new();
+    let broker = w.broker("");
+    let dir = open_tempdir("fb-bench.");
+    let plain_sock = dir.path().join("plain.sock");
+    let tuned_sock = dir.path().join("tuned.sock");
+    let _plain = openssh_forward(&w, &plain_sock, false);
+    let _tuned = openssh_forward(&w, &tuned_sock, true);
+    let paths: Vec<(&str, PathBuf)> = vec![
+        ("fleet-broker", broker.socket("c1")),
+        ("OpenSSH ssh -N -L", plain_sock.clone()),
+        ("OpenSSH ssh -tt -L (tuned)", tuned_sock.clone()),
+        ("simulator socket (floor)", w.sim.socket.clone()),
+    ];
+    let want = http(&w.sim.socket, "GET", "/fleet/v1/machines", None);
+    for (_, p) in &paths {
+        for _ in 0..20 {
+            assert_eq!(http(p, "GET", "/fleet/v1/machines", None), want);
+        }
+    }
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::with_capacity(n); paths.len()];
+    for _ in 0..n {
+        for (i, (_, p)) in paths.iter().enumerate() {
+            let t = Instant::now();
+            let r = http(p, "GET", "/fleet/v1/machines", None);
+            samples[i].push(t.elapsed());
+            assert_eq!(r.0, 200);
+        }
+    }
+    println!("GET /fleet/v1/machines, new local connection per request, {n} samples per path, interleaved");
+    println!("{:<30} {:>10} {:>10}", "path", "p50 ms", "p99 ms");
+    let mut stats = Vec::new();
+    for (i, (name, _)) in paths.iter().enumerate() {
+        let mut s = samples[i].clone();
+        s.sort();
+        let (p50, p99) = (percentile(&s, 0.5), percentile(&s, 0.99));
+        println!("{name:<30} {:>10.3} {:>10.3}", ms(p50), ms(p99));
+        stats.push((p50, p99));
+    }
+    let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();
+    println!();
+    println!(
+        "broker / OpenSSH -N -L:        p50 {:.3}x   p99 {:.3}x",
+        ratio(stats[0].0, stats[1].0),
+        ratio(stats[0].1, stats[1].1)
+    );
+    println!(
+        "broker / OpenSSH tuned (-tt):  p50 {:.3}x   p99 {:.3}x",
+        ratio(stats[0].0, stats[2].0),
+        ratio(stats[0].1, stats[2].1)
+    );
+    println!(
+        "broker / simulator socket:     p50 {:.3}x   p99 {:.3}x",
+        ratio(stats[0].0, stats[3].0),
+        ratio(stats[0].1, stats[3].1)
+    );
+}

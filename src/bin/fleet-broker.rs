@@ -222,7 +222,7 @@ fn main() -> ExitCode {
     if matches!(cli.command, Cmd::Serve | Cmd::Demo { .. }) {
         init_logging();
     }
-    let rt = match tokio::runtime::Runtime::new() {
+    let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("fleet-broker: cannot start the runtime: {e}");
@@ -235,5 +235,16 @@ fn main() -> ExitCode {
             eprintln!("fleet-broker: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `FLEET_BROKER_THREADS=1` runs everything on one thread (lower latency per request,
+/// no parallel crypto); the default uses tokio's multi-threaded scheduler.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    match std::env::var("FLEET_BROKER_THREADS").ok().as_deref() {
+        Some("1") => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Runtime::new(),
     }
 }

@@ -461,7 +461,14 @@ impl Broker {
         cmd.arg("serve")
             .env("FLEET_BROKER_CONFIG", &cfg)
             .env("XDG_RUNTIME_DIR", &xdg)
-            .env("RUST_LOG", "fleet_broker=debug")
+            .env(
+                "RUST_LOG",
+                std::env::var("BROKER_LOG").unwrap_or_else(|_| "fleet_broker=debug".into()),
+            )
+            .env(
+                "FLEET_BROKER_THREADS",
+                std::env::var("FLEET_BROKER_THREADS").unwrap_or_default(),
+            )
             .env_remove("SSH_AUTH_SOCK")
             .stdin(Stdio::null())
             .stdout(Stdio::null());
