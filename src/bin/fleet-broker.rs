@@ -200,10 +200,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// The message of a `{"error":{…}}` body, or the body itself.
+fn error_text(body: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+        .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned())
+}
+
 async fn control_cmd(cluster: &str, what: &str) -> anyhow::Result<()> {
     let (status, body) = control_request("POST", &format!("/v1/clusters/{cluster}/{what}")).await?;
     if status != 200 {
-        anyhow::bail!("{}", String::from_utf8_lossy(&body));
+        anyhow::bail!("{}", error_text(&body));
     }
     let info: ClusterInfo = serde_json::from_slice(&body)?;
     println!(

@@ -1,0 +1,335 @@
+//! Daemon behaviour around the tunnel: authentication errors, stale and live sockets, the
+//! status command, the demo, and the shipped example config.
+
+mod support;
+
+use std::process::{Command, Stdio};
+
+use support::*;
+
+fn error_message(body: &[u8]) -> String {
+    let v: serde_json::Value = serde_json::from_slice(body).expect("fleet error json");
+    v["error"]["message"].as_str().expect("message").to_string()
+}
+
+#[test]
+fn missing_agent_is_a_clear_error() {
+    let w = World::new();
+    let b = Broker::start(&w.config(""), None);
+    let (status, body) = http(&b.socket("c1"), "GET", "/fleet/v1/machines", None);
+    assert_eq!(status, 503);
+    let msg = error_message(&body);
+    assert!(msg.contains("SSH_AUTH_SOCK is not set"), "{msg}");
+    assert!(msg.contains("ssh-add"), "{msg}");
+    assert_eq!(b.cluster_info("c1")["state"], "failed");
+}
+
+#[test]
+fn empty_agent_is_a_clear_error() {
+    let w = World::new();
+    let empty = Agent::start(&[]);
+    let b = Broker::start(&w.config(""), Some(&empty.socket));
+    let (status, body) = http(&b.socket("c1"), "GET", "/fleet/v1/machines", None);
+    assert_eq!(status, 503);
+    let msg = error_message(&body);
+    assert!(msg.contains("holds no keys"), "{msg}");
+}
+
+#[test]
+fn refused_key_names_user_and_keys_tried() {
+    let w = World::new();
+    let stranger = keygen(w.keys.path(), "stranger", "ed25519");
+    let agent = Agent::start(&[&stranger]);
+    let b = Broker::start(&w.config(""), Some(&agent.socket));
+    let (status, body) = http(&b.socket("c1"), "GET", "/fleet/v1/machines", None);
+    assert_eq!(status, 503);
+    let msg = error_message(&body);
+    assert!(msg.contains("refused every key for user \"root\""), "{msg}");
+    assert!(msg.contains("SHA256:"), "{msg}");
+    assert!(msg.contains("authorized_keys"), "{msg}");
+}
+
+#[test]
+fn identity_file_authenticates_without_an_agent() {
+    let w = World::new();
+    let key = w.keys.path().join("id_ed25519");
+    let b = Broker::start(
+        &w.config(&format!("identity_files = [\"{}\"]", key.display())),
+        None,
+    );
+    assert_eq!(
+        http(&b.socket("c1"), "GET", "/fleet/v1/machines", None).0,
+        200,
+        "{}",
+        b.log()
+    );
+}
+
+#[test]
+fn agent_key_matching_identity_file_is_offered_first() {
+    let w = World::new();
+    // An agent full of other keys: sshd's MaxAuthTries (6) would stop us before the right one.
+    let mut keys = Vec::new();
+    for i in 0..7 {
+        keys.push(keygen(w.keys.path(), &format!("other{i}"), "ed25519"));
+    }
+    let right = w.keys.path().join("id_ed25519");
+    keys.push(right.clone());
+    let refs: Vec<&std::path::Path> = keys.iter().map(|k| k.as_path()).collect();
+    let agent = Agent::start(&refs);
+    let b = Broker::start(
+        &w.config(&format!("identity_files = [\"{}\"]", right.display())),
+        Some(&agent.socket),
+    );
+    assert_eq!(
+        http(&b.socket("c1"), "GET", "/fleet/v1/machines", None).0,
+        200,
+        "{}",
+        b.log()
+    );
+    let log = w.sshd.log();
+    assert!(
+        !log.contains("Failed publickey"),
+        "only the matching key was offered:\n{log}"
+    );
+}
+
+#[test]
+fn stale_socket_is_replaced_but_a_live_daemon_is_not_displaced() {
+    let w = World::new();
+    let b = w.broker("");
+    // A second daemon with the same runtime dir must refuse to start.
+    let out = Command::new(env!("CARGO_BIN_EXE_fleet-broker"))
+        .arg("serve")
+        .env("FLEET_BROKER_CONFIG", b.dir.path().join("config.toml"))
+        .env("XDG_RUNTIME_DIR", b.dir.path().join("xdg"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("second daemon");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("another fleet-broker is already serving"),
+        "{err}"
+    );
+    assert_eq!(
+        http(&b.socket("c1"), "GET", "/fleet/v1/machines", None).0,
+        200
+    );
+
+    // A socket file nobody serves (a crashed daemon's) is replaced.
+    let dir = open_tempdir("fb-stale.");
+    let xdg = dir.path().join("xdg");
+    let run = xdg.join("fleet-broker");
+    std::fs::create_dir_all(run.join("clusters")).expect("mkdir");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    }
+    let stale = run.join("clusters").join("c1.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).expect("bind"));
+    assert!(stale.exists());
+    let cfg = dir.path().join("config.toml");
+    std::fs::write(&cfg, w.config("")).expect("config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fleet-broker"))
+        .arg("serve")
+        .env("FLEET_BROKER_CONFIG", &cfg)
+        .env("XDG_RUNTIME_DIR", &xdg)
+        .env("SSH_AUTH_SOCK", &w.agent.socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("daemon");
+    wait_until("the replaced socket to serve", DEADLINE, || {
+        try_http(&stale, "GET", "/fleet/v1/machines", None).is_ok_and(|r| r.0 == 200)
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn symlinked_runtime_dir_is_refused() {
+    let w = World::new();
+    let dir = open_tempdir("fb-link.");
+    let real = dir.path().join("real");
+    std::fs::create_dir(&real).expect("mkdir");
+    let xdg = dir.path().join("xdg");
+    std::fs::create_dir(&xdg).expect("mkdir");
+    std::os::unix::fs::symlink(&real, xdg.join("fleet-broker")).expect("symlink");
+    let cfg = dir.path().join("config.toml");
+    std::fs::write(&cfg, w.config("")).expect("config");
+    let out = Command::new(env!("CARGO_BIN_EXE_fleet-broker"))
+        .arg("serve")
+        .env("FLEET_BROKER_CONFIG", &cfg)
+        .env("XDG_RUNTIME_DIR", &xdg)
+        .stdin(Stdio::null())
+        .output()
+        .expect("daemon");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is a symlink"), "{err}");
+    assert!(
+        std::fs::read_dir(&real).expect("read").next().is_none(),
+        "nothing was created behind the link"
+    );
+}
+
+#[test]
+fn status_prints_a_table_and_json() {
+    let w = World::new();
+    let b = w.broker("");
+    assert_eq!(
+        http(&b.socket("c1"), "GET", "/fleet/v1/machines", None).0,
+        200
+    );
+    let out = b.cli(&["status"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].starts_with("CLUSTER"), "{table}");
+    assert!(
+        lines[1].starts_with("c1 ") && lines[1].contains(" ready "),
+        "{table}"
+    );
+    assert!(lines[1].contains(&w.sshd.tunnel()), "{table}");
+    let out = b.cli(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let c = &v["clusters"][0];
+    assert_eq!(c["name"], "c1");
+    assert_eq!(c["state"], "ready");
+    assert_eq!(c["user"], "root");
+    assert_eq!(c["requests"], 1);
+    assert!(c["bytes_in"].as_u64().unwrap_or(0) > 100, "{c}");
+    assert!(c["latency_p50_ms"].as_f64().is_some(), "{c}");
+    assert!(c["connected_since"].as_str().is_some(), "{c}");
+    assert!(c["socket"]
+        .as_str()
+        .unwrap_or("")
+        .ends_with("clusters/c1.sock"));
+
+    // disconnect and connect through the control socket.
+    let out = b.cli(&["disconnect", "c1"]);
+    assert!(out.status.success());
+    wait_until("idle", DEADLINE, || b.cluster_info("c1")["state"] == "idle");
+    let out = b.cli(&["connect", "c1"]);
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("c1: ready"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = b.cli(&["connect", "nope"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no cluster named \"nope\""));
+}
+
+#[test]
+fn status_without_a_daemon_says_how_to_start_one() {
+    let dir = open_tempdir("fb-nodaemon.");
+    let out = Command::new(env!("CARGO_BIN_EXE_fleet-broker"))
+        .arg("status")
+        .env("XDG_RUNTIME_DIR", dir.path())
+        .output()
+        .expect("status");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fleet-broker serve"));
+}
+
+#[test]
+fn eager_cluster_connects_at_start() {
+    let w = World::new();
+    let b = w.broker("connect = \"eager\"");
+    wait_until("eager connect", DEADLINE, || {
+        b.cluster_info("c1")["state"] == "ready"
+    });
+    assert_eq!(b.cluster_info("c1")["requests"], 0);
+}
+
+#[test]
+fn read_only_cluster_refuses_writes() {
+    let w = World::new();
+    let b = w.broker("read_only = true");
+    let (status, body) = http(&b.socket("c1"), "DELETE", "/fleet/v1/units/x.service", None);
+    assert_eq!(status, 403);
+    assert!(error_message(&body).contains("read-only"));
+    assert_eq!(http(&b.socket("c1"), "GET", "/fleet/v1/units", None).0, 200);
+}
+
+#[test]
+fn demo_once_shows_the_machines_through_the_broker() {
+    let out = Command::new(env!("CARGO_BIN_EXE_fleet-broker"))
+        .args(["demo", "--once"])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .expect("demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("export FLEETCTL_ENDPOINT=unix://"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("\"primaryIP\":\"172.17.8.102\""),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("113f16a7...\t172.17.8.103\taz=us-west-1b,role=web"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn example_config_is_valid() {
+    let out = Command::new(env!("CARGO_BIN_EXE_fleet-broker"))
+        .arg("check-config")
+        .arg("--config")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.toml"))
+        .output()
+        .expect("check-config");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("[clusters.prod]\ntunnel = \"bastion.example.com:22\""),
+        "{stdout}"
+    );
+    assert!(stdout.contains("user = \"elroy\""), "{stdout}");
+    assert!(
+        stdout.contains("[clusters.staging]\ntunnel = \"[2001:db8::10]:2222\""),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn bad_config_names_file_line_and_column() {
+    let dir = open_tempdir("fb-badcfg.");
+    let cfg = dir.path().join("config.toml");
+    std::fs::write(
+        &cfg,
+        "[clusters.a]\ntunnel = \"h\"\nconnect = \"sometimes\"\n",
+    )
+    .expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_fleet-broker"))
+        .arg("check-config")
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .expect("check-config");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("{}:3:11:", cfg.display())), "{err}");
+    assert!(err.contains("sometimes"), "{err}");
+}

@@ -1,0 +1,348 @@
+//! The fleet API simulator against reference section A: status codes, messages, empty pages,
+//! pagination tokens, percent-decoding and the PUT decision table.
+
+mod support;
+
+use std::io::{Read, Write};
+
+use support::*;
+
+/// A raw request with arbitrary headers; returns status, head and body.
+fn raw(sim: &SimServer, req: &str) -> (u16, String, Vec<u8>) {
+    let mut s = std::os::unix::net::UnixStream::connect(&sim.socket).expect("connect");
+    s.write_all(req.as_bytes()).expect("write");
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).expect("read");
+    let end = out.windows(4).position(|w| w == b"\r\n\r\n").expect("head");
+    let head = String::from_utf8_lossy(&out[..end]).to_string();
+    let (status, body) = parse_response(&out).expect("response");
+    (status, head, body)
+}
+
+fn put(sim: &SimServer, path: &str, ct: Option<&str>, body: &str) -> (u16, String) {
+    let ct = ct
+        .map(|c| format!("Content-Type: {c}\r\n"))
+        .unwrap_or_default();
+    let req = format!("PUT {path} HTTP/1.1\r\nHost: domain-sock\r\nConnection: close\r\n{ct}Content-Length: {}\r\n\r\n{body}", body.len());
+    let (status, _, body) = raw(sim, &req);
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+fn get(sim: &SimServer, path: &str) -> (u16, String) {
+    let (s, b) = http(&sim.socket, "GET", path, None);
+    (s, String::from_utf8_lossy(&b).into_owned())
+}
+
+const HELLO: &str = r#"{"name":"hello.service","options":[{"name":"Description","section":"Unit","value":"Hello World"},{"name":"ExecStart","section":"Service","value":"/bin/sleep 3000"}]}"#;
+
+#[test]
+fn routing_fallbacks_and_headers() {
+    let sim = SimServer::start();
+    assert_eq!(
+        get(&sim, "/"),
+        (405, r#"{"error":{"code":405,"message":""}}"#.into())
+    );
+    assert_eq!(
+        get(&sim, "/fleet/v1"),
+        (405, r#"{"error":{"code":405,"message":""}}"#.into())
+    );
+    assert_eq!(
+        get(&sim, "/nope"),
+        (404, r#"{"error":{"code":404,"message":""}}"#.into())
+    );
+    assert_eq!(get(&sim, "/fleet/v1/machines/").0, 404);
+    assert_eq!(get(&sim, "/fleet/v1/units/").0, 404);
+    assert_eq!(get(&sim, "/fleet/v1/units"), (200, "{}".into()));
+    assert_eq!(
+        get(&sim, "/v1-alpha/machines"),
+        get(&sim, "/fleet/v1/machines")
+    );
+    let (_, head, _) = raw(
+        &sim,
+        "GET /fleet/v1/units HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(
+        head.contains("server: fleetd/") || head.contains("Server: fleetd/"),
+        "{head}"
+    );
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/json"),
+        "{head}"
+    );
+    let (s, b) = {
+        let (s, b) = http(&sim.socket, "POST", "/fleet/v1/units", Some("{}"));
+        (s, String::from_utf8_lossy(&b).into_owned())
+    };
+    assert_eq!(
+        (s, b.as_str()),
+        (
+            405,
+            r#"{"error":{"code":405,"message":"only GET supported against this resource"}}"#
+        )
+    );
+    let (s, b) = http(&sim.socket, "POST", "/fleet/v1/units/a.service", Some("{}"));
+    assert_eq!(s, 405);
+    assert!(String::from_utf8_lossy(&b)
+        .contains("only GET, PUT and DELETE supported against this resource"));
+    assert_eq!(
+        http(&sim.socket, "DELETE", "/fleet/v1/machines", None).0,
+        405
+    );
+    assert_eq!(
+        http(&sim.socket, "POST", "/fleet/v1/discovery", Some("{}")).0,
+        400
+    );
+    assert_eq!(get(&sim, "/fleet/v1/discovery").0, 200);
+}
+
+#[test]
+fn put_decision_table() {
+    let sim = SimServer::start();
+    let p = "/fleet/v1/units/hello.service?alt=json";
+    assert_eq!(
+        put(&sim, p, None, HELLO),
+        (
+            415,
+            r#"{"error":{"code":415,"message":"expected 1 Content-Type, got 0"}}"#.into()
+        )
+    );
+    assert_eq!(
+        put(&sim, p, Some("text/plain"), HELLO).1,
+        r#"{"error":{"code":415,"message":"only acceptable Content-Type is application/json"}}"#
+    );
+    assert_eq!(put(&sim, p, Some("application/json"), "{").0, 400);
+    assert!(put(&sim, p, Some("application/json"), "{")
+        .1
+        .contains("unable to decode body: "));
+    assert_eq!(
+        put(
+            &sim,
+            "/fleet/v1/units/other.service",
+            Some("application/json"),
+            HELLO
+        )
+        .1,
+        r#"{"error":{"code":400,"message":"name in URL \"other.service\" differs from unit name in request body \"hello.service\""}}"#
+    );
+    assert_eq!(
+        put(
+            &sim,
+            "/fleet/v1/units/bad.foo",
+            Some("application/json"),
+            "{}"
+        )
+        .1,
+        r#"{"error":{"code":400,"message":"invalid unit type: \"foo\""}}"#
+    );
+    assert_eq!(
+        put(
+            &sim,
+            p,
+            Some("application/json"),
+            r#"{"desiredState":"launched"}"#
+        )
+        .1,
+        r#"{"error":{"code":409,"message":"unit does not exist and options field empty"}}"#
+    );
+    assert_eq!(
+        put(&sim, p, Some("application/json; charset=utf-8"), HELLO),
+        (201, String::new())
+    );
+    let (s, b) = get(&sim, "/fleet/v1/units/hello.service");
+    assert_eq!(s, 200);
+    assert_eq!(
+        b,
+        r#"{"currentState":"inactive","desiredState":"inactive","name":"hello.service","options":[{"name":"Description","section":"Unit","value":"Hello World"},{"name":"ExecStart","section":"Service","value":"/bin/sleep 3000"}]}"#
+    );
+    assert_eq!(
+        put(
+            &sim,
+            p,
+            Some("application/json"),
+            r#"{"name":"hello.service"}"#
+        )
+        .1,
+        r#"{"error":{"code":409,"message":"must provide DesiredState to update existing unit"}}"#
+    );
+    assert_eq!(
+        put(
+            &sim,
+            p,
+            Some("application/json"),
+            r#"{"desiredState":"launched","name":"hello.service"}"#
+        ),
+        (204, String::new())
+    );
+    let (_, b) = get(&sim, "/fleet/v1/units/hello.service");
+    assert!(b.starts_with(r#"{"currentState":"launched","desiredState":"launched","machineID":"113f16a7b8a94d0e9e4a2b1c3d5e7f90""#), "{b}");
+    let (_, st) = get(&sim, "/fleet/v1/state");
+    assert!(st.contains(r#""systemdActiveState":"active","systemdLoadState":"loaded","systemdSubState":"running""#), "{st}");
+    // The state value is not validated on update.
+    assert_eq!(
+        put(
+            &sim,
+            p,
+            Some("application/json"),
+            r#"{"desiredState":"bogus"}"#
+        )
+        .0,
+        204
+    );
+    // Invalid desiredState on create: 500 with an empty message.
+    let body = HELLO
+        .replace("hello.service", "x.service")
+        .replace("\"options\"", "\"desiredState\":\"bogus\",\"options\"");
+    assert_eq!(
+        put(
+            &sim,
+            "/fleet/v1/units/x.service",
+            Some("application/json"),
+            &body
+        )
+        .1,
+        r#"{"error":{"code":500,"message":""}}"#
+    );
+    // Templates: created, but not activated.
+    let t = r#"{"options":[{"name":"ExecStart","section":"Service","value":"/bin/true"}]}"#;
+    assert_eq!(
+        put(
+            &sim,
+            "/fleet/v1/units/web%40.service",
+            Some("application/json"),
+            t
+        )
+        .0,
+        201
+    );
+    assert_eq!(get(&sim, "/fleet/v1/units/web%40.service").0, 200);
+    assert_eq!(
+        put(
+            &sim,
+            "/fleet/v1/units/web%40.service",
+            Some("application/json"),
+            r#"{"desiredState":"launched"}"#
+        )
+        .1,
+        r#"{"error":{"code":400,"message":"cannot activate template \"web@.service\""}}"#
+    );
+    assert_eq!(
+        http(
+            &sim.socket,
+            "DELETE",
+            "/fleet/v1/units/web%40.service",
+            None
+        )
+        .0,
+        204
+    );
+    assert_eq!(
+        get(&sim, "/fleet/v1/units/web%40.service"),
+        (
+            404,
+            r#"{"error":{"code":404,"message":"unit does not exist"}}"#.into()
+        )
+    );
+    assert_eq!(
+        http(
+            &sim.socket,
+            "DELETE",
+            "/fleet/v1/units/web%40.service",
+            None
+        )
+        .0,
+        404
+    );
+}
+
+#[test]
+fn pagination_follows_tokens_including_the_exact_fill_quirk() {
+    let sim = SimServer::start();
+    sim.sim.lock().expect("sim").put_many(
+        (0..200)
+            .map(|i| {
+                (
+                    format!("u{i:03}.service"),
+                    vec![opt("Service", "ExecStart", "/bin/true")],
+                    "inactive".to_string(),
+                )
+            })
+            .collect(),
+    );
+    let (_, p1) = get(&sim, "/fleet/v1/units");
+    let v: serde_json::Value = serde_json::from_str(&p1).expect("json");
+    assert_eq!(v["units"].as_array().expect("units").len(), 100);
+    assert_eq!(v["nextPageToken"], "ZAACAA==");
+    assert!(p1.starts_with(r#"{"nextPageToken":"ZAACAA==","units":["#));
+    let (_, p2) = get(&sim, "/fleet/v1/units?nextPageToken=ZAACAA%3D%3D");
+    let v: serde_json::Value = serde_json::from_str(&p2).expect("json");
+    assert_eq!(v["units"].as_array().expect("units").len(), 100);
+    assert_eq!(v["units"][0]["name"], "u100.service");
+    assert_eq!(
+        v["nextPageToken"], "ZAADAA==",
+        "exactly full last page still has a token"
+    );
+    assert_eq!(
+        get(&sim, "/fleet/v1/units?nextPageToken=ZAADAA%3D%3D"),
+        (200, "{}".into())
+    );
+    assert_eq!(
+        get(&sim, "/fleet/v1/units?nextPageToken=AgACAA%3D%3D").1,
+        r#"{"error":{"code":400,"message":"token limit must be 100"}}"#
+    );
+    assert_eq!(
+        get(&sim, "/fleet/v1/units?nextPageToken=a&nextPageToken=b").1,
+        r#"{"error":{"code":400,"message":"too many values for page token"}}"#
+    );
+}
+
+#[test]
+fn state_filters_and_machine_patch() {
+    let sim = SimServer::start();
+    sim.put(
+        "a.service",
+        vec![opt("Service", "ExecStart", "/bin/true")],
+        "launched",
+    );
+    sim.put(
+        "b.service",
+        vec![opt("Service", "ExecStart", "/bin/true")],
+        "loaded",
+    );
+    let (_, all) = get(&sim, "/fleet/v1/state");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&all).expect("json")["states"]
+            .as_array()
+            .expect("states")
+            .len(),
+        2
+    );
+    let (_, one) = get(&sim, "/fleet/v1/state?unitName=b.service");
+    assert!(one.contains(r#""name":"b.service","systemdActiveState":"inactive","systemdLoadState":"loaded","systemdSubState":"dead""#), "{one}");
+    assert_eq!(
+        get(&sim, "/fleet/v1/state?machineID=none"),
+        (200, "{}".into())
+    );
+    let (s, b) = http(
+        &sim.socket,
+        "PATCH",
+        "/fleet/v1/machines",
+        Some(r#"[{"op":"add","path":"/85c0c595/metadata/role","value":{"value":"web"}}]"#),
+    );
+    assert_eq!((s, b.len()), (204, 0));
+    let (s, b) = http(
+        &sim.socket,
+        "PATCH",
+        "/fleet/v1/machines",
+        Some(r#"[{"op":"bump","path":"/x/metadata/k"}]"#),
+    );
+    assert_eq!(s, 400);
+    assert!(String::from_utf8_lossy(&b).contains("invalid op: expect add, remove, or replace"));
+    let (_, b) = http(
+        &sim.socket,
+        "PATCH",
+        "/fleet/v1/machines",
+        Some(r#"[{"op":"add","path":"/x/meta/k","value":{"value":"v"}}]"#),
+    );
+    assert!(String::from_utf8_lossy(&b).contains("machine metadata path invalid"));
+}
