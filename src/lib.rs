@@ -5,6 +5,7 @@
 //! socket. See `docs/` and the README for the picture.
 
 pub mod auth;
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;

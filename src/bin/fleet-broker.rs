@@ -47,6 +47,13 @@ enum Cmd {
         #[arg(long)]
         yes: bool,
     },
+    /// Print shell commands that point fleetctl at a cluster: eval "$(fleet-broker env NAME)"
+    Env {
+        cluster: String,
+        /// Shell syntax: sh (bash, zsh, …) or fish
+        #[arg(long, default_value = "sh", value_parser = ["sh", "bash", "zsh", "fish"])]
+        shell: String,
+    },
     /// Run a built-in demo cluster through the real daemon
     Demo {
         /// Check once and exit 0/1 instead of serving until Ctrl-C
@@ -173,6 +180,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Connect { cluster } => control_cmd(&cluster, "connect").await,
         Cmd::Disconnect { cluster } => control_cmd(&cluster, "disconnect").await,
         Cmd::Demo { once } => fleet_broker::demo::run(once).await,
+        Cmd::Env { cluster, shell } => {
+            let config = load_config(cli.config)?;
+            if !config.clusters.contains_key(&cluster) {
+                anyhow::bail!(
+                    "no cluster named {cluster:?} in {}; configured: {}",
+                    config.path.display(),
+                    config
+                        .clusters
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            let socket = fleet_broker::local::cluster_socket(
+                &fleet_broker::local::default_runtime_dir(),
+                &cluster,
+            );
+            let endpoint = format!("unix://{}", socket.display());
+            if shell == "fish" {
+                println!("set -gx FLEETCTL_ENDPOINT '{endpoint}';");
+                println!("set -gx FLEETCTL_CLUSTER '{cluster}';");
+            } else {
+                println!("export FLEETCTL_ENDPOINT='{endpoint}' FLEETCTL_CLUSTER='{cluster}'");
+            }
+            Ok(())
+        }
         Cmd::Trust { cluster, yes } => {
             let config = load_config(cli.config)?;
             let Some(c) = config.clusters.get(&cluster) else {

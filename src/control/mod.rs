@@ -3,6 +3,8 @@
 //! `GET /v1/clusters`, `GET /v1/clusters/NAME`, `POST /v1/clusters/NAME/connect`,
 //! `POST /v1/clusters/NAME/disconnect`.
 
+pub mod client;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;

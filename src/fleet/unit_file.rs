@@ -294,3 +294,182 @@ mod tests {
         assert_eq!(fleet_values(&o, "MachineMetadata"), vec!["a=b", "c=d"]);
     }
 }
+
+/// Why a unit file could not be parsed (go-systemd's `unit.Deserialize` rules).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("line too long (max {MAX_LINE} bytes)")]
+    LineTooLong,
+    #[error("found garbage after section name {0:?}")]
+    GarbageAfterSection(String),
+    #[error("unable to find end of section")]
+    UnterminatedSection,
+    #[error("line {line}: expected \"=\" in option line {text:?}")]
+    NoEquals { line: usize, text: String },
+}
+
+/// Parses a unit file into options in file order. Comments (`#`, `;`) and blank lines are
+/// dropped, text before the first section is ignored, a value ending in `\` continues on the
+/// next line (backslash, newline and the next line's leading whitespace are kept), and
+/// names and values are trimmed.
+pub fn parse(text: &str) -> Result<Vec<UnitOption>, ParseError> {
+    let mut out = Vec::new();
+    let mut section: Option<String> = None;
+    let lines: Vec<&str> = text.split('\n').collect();
+    let mut i = 0;
+    while i < lines.len() {
+        let raw = lines[i].strip_suffix('\r').unwrap_or(lines[i]);
+        let lineno = i + 1;
+        i += 1;
+        if raw.len() > MAX_LINE {
+            return Err(ParseError::LineTooLong);
+        }
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix('[') {
+            let Some(end) = rest.find(']') else {
+                return Err(ParseError::UnterminatedSection);
+            };
+            let name = &rest[..end];
+            if !rest[end + 1..].trim().is_empty() {
+                return Err(ParseError::GarbageAfterSection(name.to_string()));
+            }
+            section = Some(name.to_string());
+            continue;
+        }
+        let Some(sec) = &section else { continue };
+        let Some((name, first)) = line.split_once('=') else {
+            return Err(ParseError::NoEquals {
+                line: lineno,
+                text: line.to_string(),
+            });
+        };
+        let mut value = first.trim_start().to_string();
+        while value.ends_with('\\') && i < lines.len() {
+            let next = lines[i].strip_suffix('\r').unwrap_or(lines[i]);
+            if next.len() > MAX_LINE {
+                return Err(ParseError::LineTooLong);
+            }
+            i += 1;
+            value.push('\n');
+            value.push_str(next);
+        }
+        out.push(UnitOption {
+            section: sec.clone(),
+            name: name.trim().to_string(),
+            value: value.trim().to_string(),
+        });
+    }
+    Ok(out)
+}
+
+/// `X-Fleet` keys fleet knows; others draw a warning from fleetctl.
+pub const KNOWN_FLEET_KEYS: [&str; 11] = [
+    "MachineID",
+    "MachineOf",
+    "MachineMetadata",
+    "Conflicts",
+    "Global",
+    "Replaces",
+    "X-ConditionMachineID",
+    "X-ConditionMachineBootID",
+    "X-ConditionMachineOf",
+    "X-ConditionMachineMetadata",
+    "X-Conflicts",
+];
+
+/// Unknown `[X-Fleet]` keys, in file order, once each.
+pub fn unknown_fleet_keys(options: &[UnitOption]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for o in options.iter().filter(|o| o.section == "X-Fleet") {
+        if !KNOWN_FLEET_KEYS.contains(&o.name.as_str()) && !out.contains(&o.name) {
+            out.push(o.name.clone());
+        }
+    }
+    out
+}
+
+/// The first `[Unit] Description`, if any.
+pub fn description(options: &[UnitOption]) -> Option<&str> {
+    options
+        .iter()
+        .find(|o| o.section == "Unit" && o.name == "Description")
+        .map(|o| o.value.as_str())
+}
+
+/// `prefix@instance.suffix` split: `(template name, instance)`.
+pub fn instance_of(name: &str) -> Option<(String, String)> {
+    let (base, suffix) = name.rsplit_once('.')?;
+    let (prefix, instance) = base.split_once('@')?;
+    if instance.is_empty() {
+        return None;
+    }
+    Some((format!("{prefix}@.{suffix}"), instance.to_string()))
+}
+
+#[cfg(test)]
+mod parse_tests {
+    use super::*;
+
+    #[test]
+    fn parses_sections_comments_and_continuations() {
+        let text = "junk before\n[Unit]\nDescription = Hello World \n# comment\n; also\n\n[Service]\nExecStart=/bin/sh -c \"echo a \\\n   b\"\n[X-Fleet]\nMachineMetadata=\"a=b\" \"c=d\"\n";
+        let o = parse(text).unwrap();
+        assert_eq!(o.len(), 3);
+        assert_eq!(o[0].name, "Description");
+        assert_eq!(o[0].value, "Hello World");
+        assert_eq!(o[1].value, "/bin/sh -c \"echo a \\\n   b\"");
+        assert_eq!(fleet_values(&o, "MachineMetadata"), vec!["a=b", "c=d"]);
+    }
+
+    #[test]
+    fn hello_world_hash_matches_reference_shape() {
+        let o = parse("[Unit]\nDescription=Hello World\n\n[Service]\nExecStart=/bin/sleep 3000\n")
+            .unwrap();
+        assert_eq!(
+            serialize(&o),
+            "[Unit]\nDescription=Hello World\n\n[Service]\nExecStart=/bin/sleep 3000\n"
+        );
+        assert_eq!(hash(&o), {
+            let d = Sha1::digest(
+                b"[Unit]\nDescription=Hello World\n\n[Service]\nExecStart=/bin/sleep 3000\n",
+            );
+            d.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        });
+    }
+
+    #[test]
+    fn parse_errors() {
+        assert_eq!(
+            parse("[Unit] x\n").unwrap_err(),
+            ParseError::GarbageAfterSection("Unit".into())
+        );
+        assert!(matches!(
+            parse("[Unit]\nnoequals\n").unwrap_err(),
+            ParseError::NoEquals { line: 2, .. }
+        ));
+        assert_eq!(
+            parse(&format!("[Unit]\nA={}\n", "x".repeat(2100))).unwrap_err(),
+            ParseError::LineTooLong
+        );
+        assert_eq!(
+            parse("[Unit\n").unwrap_err(),
+            ParseError::UnterminatedSection
+        );
+    }
+
+    #[test]
+    fn instances_and_unknown_keys() {
+        assert_eq!(
+            instance_of("web@1.service"),
+            Some(("web@.service".into(), "1".into()))
+        );
+        assert_eq!(instance_of("web@.service"), None);
+        assert_eq!(instance_of("web.service"), None);
+        let o = parse("[X-Fleet]\nGlobal=true\nFoo=1\nFoo=2\n").unwrap();
+        assert_eq!(unknown_fleet_keys(&o), vec!["Foo".to_string()]);
+        assert_eq!(description(&o), None);
+    }
+}

@@ -1,0 +1,270 @@
+//! fleetctl's command line (reference B.1, B.2, B.7): global flags with `FLEETCTL_*`
+//! environment forms, cobra-style unique-prefix subcommands, and the per-command flags.
+
+use clap::{ArgAction, Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "fleetctl",
+    about = "fleetctl is a command-line interface to fleet, the cluster-wide CoreOS init system.",
+    disable_version_flag = true,
+    infer_subcommands = true,
+    disable_help_subcommand = true
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalFlags,
+    #[command(subcommand)]
+    pub command: Option<Cmd>,
+}
+
+#[derive(Debug, Args, Clone, Default)]
+pub struct GlobalFlags {
+    /// Broker cluster to talk to (see `fleet-broker status`)
+    #[arg(long, global = true, env = "FLEETCTL_CLUSTER", value_name = "NAME")]
+    pub cluster: Option<String>,
+    /// fleet API location: unix:///path/to/socket (a broker cluster socket or fleet.sock)
+    #[arg(long, global = true, env = "FLEETCTL_ENDPOINT")]
+    pub endpoint: Option<String>,
+    /// Tunnel host of a configured broker cluster (host[:port]); selects that cluster
+    #[arg(long, global = true, env = "FLEETCTL_TUNNEL")]
+    pub tunnel: Option<String>,
+    /// Username for SSH sessions to machines
+    #[arg(long = "ssh-username", global = true, env = "FLEETCTL_SSH_USERNAME")]
+    pub ssh_username: Option<String>,
+    /// File used to store remote machine fingerprints (sessions use the broker's pins)
+    #[arg(
+        long = "known-hosts-file",
+        global = true,
+        env = "FLEETCTL_KNOWN_HOSTS_FILE"
+    )]
+    pub known_hosts_file: Option<String>,
+    /// Verify host keys presented by remote machines before initiating SSH connections
+    #[arg(
+        long = "strict-host-key-checking",
+        global = true,
+        env = "FLEETCTL_STRICT_HOST_KEY_CHECKING"
+    )]
+    pub strict_host_key_checking: Option<String>,
+    /// Seconds to wait when establishing an SSH connection
+    #[arg(long = "ssh-timeout", global = true, env = "FLEETCTL_SSH_TIMEOUT")]
+    pub ssh_timeout: Option<f64>,
+    /// Seconds to wait for each fleet API request
+    #[arg(
+        long = "request-timeout",
+        global = true,
+        env = "FLEETCTL_REQUEST_TIMEOUT"
+    )]
+    pub request_timeout: Option<f64>,
+    /// Print out more debug information to stderr
+    #[arg(long, global = true, action = ArgAction::SetTrue)]
+    pub debug: bool,
+    /// Print the version and exit
+    #[arg(short = 'v', long = "version", action = ArgAction::SetTrue)]
+    pub version: bool,
+    /// Ignored: fleetctl's etcd driver (the broker speaks the API only)
+    #[arg(long, global = true, env = "FLEETCTL_DRIVER", hide = true)]
+    pub driver: Option<String>,
+    #[arg(long = "ca-file", global = true, env = "FLEETCTL_CA_FILE", hide = true)]
+    pub ca_file: Option<String>,
+    #[arg(
+        long = "cert-file",
+        global = true,
+        env = "FLEETCTL_CERT_FILE",
+        hide = true
+    )]
+    pub cert_file: Option<String>,
+    #[arg(
+        long = "key-file",
+        global = true,
+        env = "FLEETCTL_KEY_FILE",
+        hide = true
+    )]
+    pub key_file: Option<String>,
+    #[arg(
+        long = "etcd-key-prefix",
+        global = true,
+        env = "FLEETCTL_ETCD_KEY_PREFIX",
+        hide = true
+    )]
+    pub etcd_key_prefix: Option<String>,
+    #[arg(
+        long = "experimental-api",
+        global = true,
+        env = "FLEETCTL_EXPERIMENTAL_API",
+        hide = true
+    )]
+    pub experimental_api: Option<String>,
+    #[arg(long = "etcd-keyfile", global = true, hide = true)]
+    pub etcd_keyfile: Option<String>,
+    #[arg(long = "etcd-certfile", global = true, hide = true)]
+    pub etcd_certfile: Option<String>,
+    #[arg(long = "etcd-cafile", global = true, hide = true)]
+    pub etcd_cafile: Option<String>,
+}
+
+impl GlobalFlags {
+    /// The etcd-only flags that were set, for a warning.
+    pub fn ignored(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        for (set, name) in [
+            (self.driver.is_some(), "--driver"),
+            (
+                self.ca_file.is_some() || self.etcd_cafile.is_some(),
+                "--ca-file",
+            ),
+            (
+                self.cert_file.is_some() || self.etcd_certfile.is_some(),
+                "--cert-file",
+            ),
+            (
+                self.key_file.is_some() || self.etcd_keyfile.is_some(),
+                "--key-file",
+            ),
+            (self.etcd_key_prefix.is_some(), "--etcd-key-prefix"),
+            (self.experimental_api.is_some(), "--experimental-api"),
+        ] {
+            if set {
+                out.push(name);
+            }
+        }
+        out
+    }
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ListFlags {
+    /// Columns to print, comma-separated
+    #[arg(long)]
+    pub fields: Option<String>,
+    /// Do not ellipsize fields on output
+    #[arg(long)]
+    pub full: bool,
+    /// Shorthand for --full
+    #[arg(long = "l", short = 'l')]
+    pub l: bool,
+    /// Do not print a legend (column headers)
+    #[arg(long = "no-legend")]
+    pub no_legend: bool,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ListUnitFilesFlags {
+    /// Columns to print, comma-separated
+    #[arg(long)]
+    pub fields: Option<String>,
+    /// Do not ellipsize fields on output
+    #[arg(long)]
+    pub full: bool,
+    /// Do not print a legend (column headers)
+    #[arg(long = "no-legend")]
+    pub no_legend: bool,
+}
+
+#[derive(Debug, Args, Clone, Default)]
+pub struct BlockFlags {
+    /// Do not wait until the units have reached the desired state
+    #[arg(long = "no-block")]
+    pub no_block: bool,
+    /// Wait until the units reach the desired state, trying N times (about 2 s each); 0 means no limit
+    #[arg(long = "block-attempts", default_value_t = 0, value_name = "N")]
+    pub block_attempts: u32,
+}
+
+impl BlockFlags {
+    /// fleetctl's `getBlockAttempts`: -1 with --no-block, else the attempts (0 = no limit).
+    pub fn attempts(&self) -> i64 {
+        if self.no_block {
+            -1
+        } else {
+            i64::from(self.block_attempts)
+        }
+    }
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct UnitArgs {
+    /// Unit files or names
+    pub units: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// List the current state of units in the cluster
+    #[command(name = "list-units")]
+    ListUnits(ListFlags),
+    /// List the units that exist in the cluster.
+    #[command(name = "list-unit-files")]
+    ListUnitFiles(ListUnitFilesFlags),
+    /// Enumerate the current hosts in the cluster
+    #[command(name = "list-machines")]
+    ListMachines(ListFlags),
+    /// Upload one or more units to the cluster without starting them
+    Submit {
+        /// Replace the already submitted units in the cluster with new versions
+        #[arg(long)]
+        replace: bool,
+        /// DEPRECATED - this option cannot be used
+        #[arg(long, hide = true)]
+        sign: bool,
+        #[command(flatten)]
+        units: UnitArgs,
+    },
+    /// Schedule one or more units in the cluster, first submitting them if necessary.
+    Load {
+        #[command(flatten)]
+        block: BlockFlags,
+        /// Replace the old scheduled units in the cluster with new versions.
+        #[arg(long)]
+        replace: bool,
+        #[arg(long, hide = true)]
+        sign: bool,
+        #[command(flatten)]
+        units: UnitArgs,
+    },
+    /// Instruct systemd to start one or more units in the cluster, first submitting and loading if necessary.
+    Start {
+        #[command(flatten)]
+        block: BlockFlags,
+        /// Replace the already started units in the cluster with new versions.
+        #[arg(long)]
+        replace: bool,
+        #[arg(long, hide = true)]
+        sign: bool,
+        #[command(flatten)]
+        units: UnitArgs,
+    },
+    /// Instruct systemd to stop one or more units in the cluster.
+    Stop {
+        #[command(flatten)]
+        block: BlockFlags,
+        #[command(flatten)]
+        units: UnitArgs,
+    },
+    /// Unschedule one or more units in the cluster.
+    Unload {
+        #[command(flatten)]
+        block: BlockFlags,
+        #[command(flatten)]
+        units: UnitArgs,
+    },
+    /// Destroy one or more units in the cluster
+    Destroy {
+        #[command(flatten)]
+        block: BlockFlags,
+        #[command(flatten)]
+        units: UnitArgs,
+    },
+    /// Output the contents of a submitted unit
+    Cat {
+        #[command(flatten)]
+        units: UnitArgs,
+    },
+    /// Print the version and exit
+    Version,
+    /// Help about any command
+    Help { command: Vec<String> },
+    /// DEPRECATED - No longer works
+    #[command(hide = true)]
+    Verify { units: Vec<String> },
+}

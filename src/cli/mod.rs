@@ -1,0 +1,151 @@
+//! Our `fleetctl`: the original's commands, flags, `FLEETCTL_*` variables, messages and
+//! output bytes, talking only to fleet-broker's sockets. Knows nothing of SSH.
+//!
+//! Exit codes: as the original for real outcomes (0 success, 1 failure, 2 `verify`); usage
+//! errors and unknown commands exit 2 (the original exits 0). See docs/compatibility.md.
+
+pub mod args;
+pub mod lists;
+pub mod table;
+pub mod target;
+pub mod units;
+
+use std::ffi::OsString;
+use std::time::Duration;
+
+use clap::{CommandFactory, FromArgMatches};
+
+use args::{Cli, Cmd};
+
+/// What `fleetctl version` reports: the fleet release whose behaviour we match.
+pub const FLEET_VERSION: &str = "1.0.0";
+/// fleetctl's default `--request-timeout`.
+const DEFAULT_REQUEST_TIMEOUT: f64 = 3.0;
+
+fn truthy(v: &str) -> bool {
+    matches!(
+        v.to_ascii_lowercase().as_str(),
+        "1" | "t" | "true" | "yes" | "on"
+    )
+}
+
+fn version_line() -> String {
+    format!(
+        "fleetctl version {FLEET_VERSION} (fleet-broker {})",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+/// Runs fleetctl with `argv` (including the program name); returns the exit code.
+pub async fn run(argv: Vec<OsString>) -> i32 {
+    if matches!(
+        argv.get(1).and_then(|a| a.to_str()),
+        Some("--version" | "-v")
+    ) {
+        println!("{}", version_line());
+        return 0;
+    }
+    let mut cmd = Cli::command();
+    let matches = match cmd.clone().try_get_matches_from(argv) {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return 2;
+        }
+    };
+    let g = &cli.global;
+    if g.version {
+        println!("{}", version_line());
+        return 0;
+    }
+    let Some(command) = cli.command else {
+        let _ = cmd.print_help();
+        return 0;
+    };
+    for flag in g.ignored() {
+        eprintln!(
+            "WARNING: {flag} is ignored: this fleetctl reaches fleet only through fleet-broker"
+        );
+    }
+    let debug = g.debug || std::env::var("FLEETCTL_DEBUG").is_ok_and(|v| truthy(&v));
+    match &command {
+        Cmd::Version => {
+            println!("{}", version_line());
+            return 0;
+        }
+        Cmd::Help { command } => {
+            let sub = command
+                .first()
+                .and_then(|name| cmd.find_subcommand_mut(name).cloned());
+            let _ = match sub {
+                Some(mut s) => s.print_help(),
+                None => cmd.print_help(),
+            };
+            return 0;
+        }
+        Cmd::Verify { .. } => {
+            eprintln!(
+                "WARNING: The signed/verified units feature is DEPRECATED and cannot be used."
+            );
+            return 2;
+        }
+        _ => {}
+    }
+    let sub_matches = matches.subcommand().map(|(_, m)| m).unwrap_or(&matches);
+    let target = match target::resolve(sub_matches, g).await {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("Unable to initialize client: {e}");
+            return 1;
+        }
+    };
+    let secs = g.request_timeout.unwrap_or(DEFAULT_REQUEST_TIMEOUT);
+    if !(secs.is_finite() && secs > 0.0) {
+        eprintln!(
+            "Unable to initialize client: --request-timeout must be a positive number of seconds"
+        );
+        return 1;
+    }
+    let mut api =
+        crate::fleet::client::FleetClient::new(&target.socket, Duration::from_secs_f64(secs));
+    api.debug = debug;
+    let ctx = units::Ctx::new(api.clone());
+    match command {
+        Cmd::ListUnits(f) => lists::list_units(&api, &f).await,
+        Cmd::ListUnitFiles(f) => lists::list_unit_files(&api, &f).await,
+        Cmd::ListMachines(f) => lists::list_machines(&api, &f).await,
+        Cmd::Submit { replace, units, .. } => {
+            units::run_create(&ctx, "submit", &units.units, replace, 0).await
+        }
+        Cmd::Load {
+            block,
+            replace,
+            units,
+            ..
+        } => units::run_create(&ctx, "load", &units.units, replace, block.attempts()).await,
+        Cmd::Start {
+            block,
+            replace,
+            units,
+            ..
+        } => units::run_create(&ctx, "start", &units.units, replace, block.attempts()).await,
+        Cmd::Stop { block, units } => {
+            units::run_stop_unload(&ctx, "stop", &units.units, block.attempts()).await
+        }
+        Cmd::Unload { block, units } => {
+            units::run_stop_unload(&ctx, "unload", &units.units, block.attempts()).await
+        }
+        Cmd::Destroy { block, units } => {
+            units::run_destroy(&ctx, &units.units, block.attempts()).await
+        }
+        Cmd::Cat { units } => units::run_cat(&ctx, &units.units).await,
+        Cmd::Version | Cmd::Help { .. } | Cmd::Verify { .. } => 0,
+    }
+}

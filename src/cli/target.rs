@@ -1,0 +1,195 @@
+//! Which fleet API socket a command talks to. There is no global "current" cluster: a
+//! `--cluster`, `--endpoint` (unix sockets only) or `--tunnel` choice, from the command line
+//! or `FLEETCTL_*`, or else the only configured cluster. The CLI never opens a network
+//! connection of its own.
+
+use std::path::PathBuf;
+
+use clap::parser::ValueSource;
+use clap::ArgMatches;
+
+use super::args::GlobalFlags;
+use crate::config::HostPort;
+use crate::control::client::{default_control_socket, list_clusters};
+
+/// The chosen socket and how to name it in messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub socket: PathBuf,
+    /// The broker cluster, when known.
+    pub cluster: Option<String>,
+}
+
+fn rank(m: &ArgMatches, id: &str) -> Option<u8> {
+    match m.value_source(id)? {
+        ValueSource::CommandLine => Some(0),
+        ValueSource::EnvVariable => Some(1),
+        _ => None,
+    }
+}
+
+/// Parses `--endpoint` as fleetctl does, accepting only unix sockets.
+pub fn parse_endpoint(raw: &str) -> Result<(PathBuf, Option<String>), String> {
+    let mut warning = None;
+    let first = match raw.split_once(',') {
+        Some((first, _)) => {
+            warning = Some(format!(
+                "multiple endpoints provided but only the first ({first}) is used"
+            ));
+            first
+        }
+        None => raw,
+    };
+    let Some((scheme, rest)) = first.split_once("://") else {
+        return Err("URL scheme undefined".into());
+    };
+    match scheme {
+        "unix" | "file" => {
+            let (host, path) = match rest.find('/') {
+                Some(i) => (&rest[..i], &rest[i..]),
+                None => (rest, ""),
+            };
+            if !host.is_empty() {
+                return Err(format!("unable to connect to host {host:?} with scheme {scheme:?}"));
+            }
+            if path.is_empty() {
+                return Err(format!("endpoint {first:?} has no socket path"));
+            }
+            Ok((PathBuf::from(path), warning))
+        }
+        "http" | "https" => Err(format!(
+            "{first}: this fleetctl talks only to fleet-broker's unix sockets and never opens network connections; add the cluster to fleet-broker's config and use --cluster NAME (or FLEETCTL_ENDPOINT=unix://…/clusters/NAME.sock)"
+        )),
+        other => Err(format!("unsupported URL scheme {other:?}")),
+    }
+}
+
+fn listing(names: &[String]) -> String {
+    if names.is_empty() {
+        "none are configured".into()
+    } else {
+        format!("configured: {}", names.join(", "))
+    }
+}
+
+/// Resolves the target; warnings go to stderr.
+pub async fn resolve(m: &ArgMatches, g: &GlobalFlags) -> Result<Target, String> {
+    let mut choices: Vec<(u8, u8, &str)> = Vec::new();
+    for (order, id) in [(0u8, "cluster"), (1, "endpoint"), (2, "tunnel")] {
+        if let Some(r) = rank(m, id) {
+            choices.push((r, order, id));
+        }
+    }
+    choices.sort();
+    let control = default_control_socket();
+    match choices.first().map(|c| c.2) {
+        Some("endpoint") => {
+            let raw = g.endpoint.as_deref().unwrap_or_default();
+            let (socket, warning) = parse_endpoint(raw)?;
+            if let Some(w) = warning {
+                eprintln!(
+                    "{} WARN fleetctl.go:317: {w}",
+                    crate::fleet::client::chrono_like_now()
+                );
+            }
+            let cluster = socket
+                .file_stem()
+                .filter(|_| {
+                    socket.parent().and_then(|p| p.file_name()) == Some("clusters".as_ref())
+                })
+                .map(|s| s.to_string_lossy().into_owned());
+            Ok(Target { socket, cluster })
+        }
+        Some("cluster") => {
+            let name = g.cluster.clone().unwrap_or_default();
+            let list = list_clusters(&control).await?;
+            let names: Vec<String> = list.clusters.iter().map(|c| c.name.clone()).collect();
+            match list.clusters.into_iter().find(|c| c.name == name) {
+                Some(c) => Ok(Target {
+                    socket: c.socket,
+                    cluster: Some(c.name),
+                }),
+                None => Err(format!(
+                    "no cluster named {name:?} in fleet-broker ({})",
+                    listing(&names)
+                )),
+            }
+        }
+        Some(_) => {
+            let raw = g.tunnel.clone().unwrap_or_default();
+            let want = HostPort::parse(&raw).map_err(|e| format!("--tunnel {e}"))?;
+            let list = list_clusters(&control).await?;
+            let names: Vec<String> = list
+                .clusters
+                .iter()
+                .map(|c| format!("{} ({})", c.name, c.tunnel))
+                .collect();
+            match list
+                .clusters
+                .into_iter()
+                .find(|c| HostPort::parse(&c.tunnel).is_ok_and(|t| t == want))
+            {
+                Some(c) => Ok(Target { socket: c.socket, cluster: Some(c.name) }),
+                None => Err(format!(
+                    "no fleet-broker cluster has tunnel {want} ({}); add one to the broker's config or use --cluster NAME",
+                    listing(&names)
+                )),
+            }
+        }
+        None => {
+            let list = list_clusters(&control).await?;
+            match list.clusters.len() {
+                1 => {
+                    let c = list.clusters.into_iter().next().ok_or("no clusters")?;
+                    Ok(Target {
+                        socket: c.socket,
+                        cluster: Some(c.name),
+                    })
+                }
+                _ => {
+                    let names: Vec<String> = list.clusters.iter().map(|c| c.name.clone()).collect();
+                    let example = names.first().cloned().unwrap_or_else(|| "NAME".into());
+                    Err(format!(
+                        "no cluster chosen and fleet-broker has {} ({}); pass --cluster NAME, or set it for this shell with: eval \"$(fleet-broker env {example})\"",
+                        if names.is_empty() { "none".to_string() } else { format!("{}", names.len()) },
+                        listing(&names)
+                    ))
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_parse_like_fleetctl() {
+        assert_eq!(
+            parse_endpoint("unix:///var/run/fleet.sock").unwrap().0,
+            PathBuf::from("/var/run/fleet.sock")
+        );
+        assert_eq!(
+            parse_endpoint("file:///x.sock").unwrap().0,
+            PathBuf::from("/x.sock")
+        );
+        assert_eq!(
+            parse_endpoint("/var/run/fleet.sock").unwrap_err(),
+            "URL scheme undefined"
+        );
+        assert_eq!(
+            parse_endpoint("unix://var/run/x").unwrap_err(),
+            "unable to connect to host \"var\" with scheme \"unix\""
+        );
+        let (p, w) = parse_endpoint("unix:///a.sock,unix:///b.sock").unwrap();
+        assert_eq!(p, PathBuf::from("/a.sock"));
+        assert_eq!(
+            w.unwrap(),
+            "multiple endpoints provided but only the first (unix:///a.sock) is used"
+        );
+        assert!(parse_endpoint("http://10.0.0.1:49153")
+            .unwrap_err()
+            .contains("never opens network connections"));
+    }
+}

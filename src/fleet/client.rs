@@ -1,0 +1,391 @@
+//! A fleet v1 API client over a unix socket (a broker cluster socket or fleetd's own), shaped
+//! like fleetctl's: `http://domain-sock/fleet/v1/…?alt=json`, all pages fetched, `@` sent as
+//! `%40`, errors worded as Go's googleapi and net/http word them. Every request is bounded by
+//! the caller's timeout. Knows nothing of SSH or of the broker.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyperlocal::UnixConnector;
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+
+use super::schema::{Machine, MachinePage, Unit, UnitPage, UnitState, UnitStatePage};
+
+/// Characters kept as they are in a unit name path segment (Go's path escaping).
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b':');
+/// Upper bound on pages followed, so a misbehaving server cannot loop us forever.
+const MAX_PAGES: usize = 100_000;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    /// The server answered with fleet's error body.
+    #[error("googleapi: Error {code}: {message}")]
+    Api { code: u16, message: String },
+    /// A status without fleet's error body.
+    #[error("googleapi: got HTTP response code {code} with body: {body}")]
+    Status { code: u16, body: String },
+    /// The request did not complete.
+    #[error("{method} \"{url}\": {reason}")]
+    Transport {
+        method: String,
+        url: String,
+        reason: String,
+    },
+    #[error("{method} \"{url}\": no response within {timeout:?} (raise --request-timeout)")]
+    Timeout {
+        method: String,
+        url: String,
+        timeout: Duration,
+    },
+    #[error("{method} \"{url}\": cannot decode response: {reason}")]
+    Decode {
+        method: String,
+        url: String,
+        reason: String,
+    },
+}
+
+impl ApiError {
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, ApiError::Api { code: 404, .. })
+    }
+}
+
+/// A fleet API client bound to one unix socket.
+#[derive(Clone)]
+pub struct FleetClient {
+    socket: PathBuf,
+    client: Client<UnixConnector, Full<Bytes>>,
+    timeout: Duration,
+    /// Log each request as fleetctl's debug mode does.
+    pub debug: bool,
+}
+
+fn go_method(m: &Method) -> String {
+    let s = m.as_str();
+    let mut out = s[..1].to_string();
+    out.push_str(&s[1..].to_ascii_lowercase());
+    out
+}
+
+fn io_reason(socket: &Path, e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            let what = match io.kind() {
+                std::io::ErrorKind::NotFound => "no such file or directory".to_string(),
+                std::io::ErrorKind::ConnectionRefused => "connection refused".to_string(),
+                std::io::ErrorKind::PermissionDenied => "permission denied".to_string(),
+                _ => io.to_string(),
+            };
+            return format!("dial unix {}: connect: {what}", socket.display());
+        }
+        cur = err.source();
+    }
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg = format!("{msg}: {s}");
+        src = s.source();
+    }
+    msg
+}
+
+/// `name` as a path segment (`web@1.service` → `web%401.service`).
+pub fn escape_name(name: &str) -> String {
+    utf8_percent_encode(name, SEGMENT).to_string()
+}
+
+impl FleetClient {
+    pub fn new(socket: &Path, timeout: Duration) -> FleetClient {
+        let client = Client::builder(hyper_util::rt::TokioExecutor::new()).build(UnixConnector);
+        FleetClient {
+            socket: socket.to_path_buf(),
+            client,
+            timeout,
+            debug: false,
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// One request; returns status and body. `path_query` starts with `/fleet/v1/`.
+    async fn request(
+        &self,
+        method: Method,
+        path_query: &str,
+        body: Option<String>,
+    ) -> Result<(StatusCode, Bytes), ApiError> {
+        let url = format!("http://domain-sock{path_query}");
+        if self.debug {
+            let now = chrono_like_now();
+            eprintln!("{now} DEBUG http.go:28: HTTP {method} {url}");
+        }
+        let uri: hyper::Uri = hyperlocal::Uri::new(&self.socket, path_query).into();
+        let mut b = Request::builder()
+            .method(method.clone())
+            .uri(uri)
+            .header("Host", "domain-sock")
+            .header("User-Agent", "google-api-go-client/0.5");
+        if body.is_some() {
+            b = b.header("Content-Type", "application/json");
+        }
+        let transport = |reason: String| ApiError::Transport {
+            method: go_method(&method),
+            url: url.clone(),
+            reason,
+        };
+        let req = b
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| transport(e.to_string()))?;
+        let exchange = async {
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| transport(io_reason(&self.socket, &e)))?;
+            let status = resp.status();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| transport(e.to_string()))?
+                .to_bytes();
+            Ok::<_, ApiError>((status, bytes))
+        };
+        match tokio::time::timeout(self.timeout, exchange).await {
+            Ok(r) => r,
+            Err(_) => Err(ApiError::Timeout {
+                method: go_method(&method),
+                url,
+                timeout: self.timeout,
+            }),
+        }
+    }
+
+    fn check(status: StatusCode, body: &Bytes) -> Result<(), ApiError> {
+        if status.is_success() {
+            return Ok(());
+        }
+        #[derive(serde::Deserialize)]
+        struct Inner {
+            code: u16,
+            message: String,
+        }
+        #[derive(serde::Deserialize)]
+        struct Outer {
+            error: Inner,
+        }
+        match serde_json::from_slice::<Outer>(body) {
+            Ok(o) if !o.error.message.is_empty() => Err(ApiError::Api {
+                code: o.error.code,
+                message: o.error.message,
+            }),
+            _ => Err(ApiError::Status {
+                code: status.as_u16(),
+                body: String::from_utf8_lossy(body).into_owned(),
+            }),
+        }
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        path_query: &str,
+    ) -> Result<T, ApiError> {
+        let (status, body) = self.request(Method::GET, path_query, None).await?;
+        Self::check(status, &body)?;
+        serde_json::from_slice(&body).map_err(|e| ApiError::Decode {
+            method: "Get".into(),
+            url: format!("http://domain-sock{path_query}"),
+            reason: e.to_string(),
+        })
+    }
+
+    async fn pages<P, T>(
+        &self,
+        base: &str,
+        extra: &[(&str, &str)],
+        take: impl Fn(P) -> (Vec<T>, String),
+    ) -> Result<Vec<T>, ApiError>
+    where
+        P: serde::de::DeserializeOwned,
+    {
+        let mut out = Vec::new();
+        let mut token = String::new();
+        for _ in 0..MAX_PAGES {
+            let mut params: Vec<(String, String)> = vec![("alt".into(), "json".into())];
+            for (k, v) in extra {
+                params.push((k.to_string(), v.to_string()));
+            }
+            if !token.is_empty() {
+                params.push(("nextPageToken".into(), token.clone()));
+            }
+            params.sort();
+            let q: Vec<String> = params
+                .iter()
+                .map(|(k, v)| format!("{k}={}", utf8_percent_encode(v, NON_ALPHANUMERIC)))
+                .collect();
+            let page: P = self.get_json(&format!("{base}?{}", q.join("&"))).await?;
+            let (items, next) = take(page);
+            out.extend(items);
+            if next.is_empty() {
+                return Ok(out);
+            }
+            token = next;
+        }
+        Ok(out)
+    }
+
+    /// `GET /units`, every page.
+    pub async fn units(&self) -> Result<Vec<Unit>, ApiError> {
+        self.pages("/fleet/v1/units", &[], |p: UnitPage| {
+            (p.units, p.next_page_token)
+        })
+        .await
+    }
+
+    /// `GET /units/NAME`; `None` on 404.
+    pub async fn unit(&self, name: &str) -> Result<Option<Unit>, ApiError> {
+        match self
+            .get_json::<Unit>(&format!("/fleet/v1/units/{}?alt=json", escape_name(name)))
+            .await
+        {
+            Ok(u) => Ok(Some(u)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `GET /state`, every page, optionally filtered.
+    pub async fn unit_states(
+        &self,
+        machine: Option<&str>,
+        unit: Option<&str>,
+    ) -> Result<Vec<UnitState>, ApiError> {
+        let mut extra = Vec::new();
+        if let Some(m) = machine {
+            extra.push(("machineID", m));
+        }
+        if let Some(u) = unit {
+            extra.push(("unitName", u));
+        }
+        self.pages("/fleet/v1/state", &extra, |p: UnitStatePage| {
+            (p.states, p.next_page_token)
+        })
+        .await
+    }
+
+    /// `GET /machines`, every page.
+    pub async fn machines(&self) -> Result<Vec<Machine>, ApiError> {
+        self.pages("/fleet/v1/machines", &[], |p: MachinePage| {
+            (p.machines, p.next_page_token)
+        })
+        .await
+    }
+
+    async fn put_unit(&self, name: &str, body: String) -> Result<(), ApiError> {
+        let (status, resp) = self
+            .request(
+                Method::PUT,
+                &format!("/fleet/v1/units/{}?alt=json", escape_name(name)),
+                Some(body),
+            )
+            .await?;
+        Self::check(status, &resp)
+    }
+
+    /// Creates (or replaces) a unit from its options, as fleetctl does: no desired state.
+    pub async fn create_unit(&self, unit: &Unit) -> Result<(), ApiError> {
+        let body = serde_json::json!({"name": unit.name, "options": unit.options});
+        self.put_unit(&unit.name, format!("{body}\n")).await
+    }
+
+    /// Sets a unit's desired state.
+    pub async fn set_unit_target_state(&self, name: &str, state: &str) -> Result<(), ApiError> {
+        let body = serde_json::json!({"desiredState": state, "name": name});
+        self.put_unit(name, format!("{body}\n")).await
+    }
+
+    /// `DELETE /units/NAME`.
+    pub async fn destroy_unit(&self, name: &str) -> Result<(), ApiError> {
+        let (status, body) = self
+            .request(
+                Method::DELETE,
+                &format!("/fleet/v1/units/{}?alt=json", escape_name(name)),
+                None,
+            )
+            .await?;
+        Self::check(status, &body)
+    }
+}
+
+/// `YYYY/MM/DD HH:MM:SS` in local time as Go's log package prints it (UTC here: the
+/// broker does not read time zone files).
+pub fn chrono_like_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}/{m:02}/{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_escaped_like_fleetctl() {
+        assert_eq!(escape_name("web@1.service"), "web%401.service");
+        assert_eq!(escape_name("a-b_c.d:e.service"), "a-b_c.d:e.service");
+    }
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(20_417), (2025, 11, 25));
+    }
+
+    #[test]
+    fn error_texts_match_googleapi() {
+        let e = ApiError::Api {
+            code: 503,
+            message: "fleet server unable to communicate with etcd".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "googleapi: Error 503: fleet server unable to communicate with etcd"
+        );
+    }
+}
