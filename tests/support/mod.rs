@@ -121,7 +121,10 @@ impl Agent {
             child,
             _dir: dir,
         };
-        wait_until("ssh-agent socket", DEADLINE, || agent.socket.exists());
+        // The socket file appears at bind(), before listen(): wait until it accepts.
+        wait_until("ssh-agent to accept", DEADLINE, || {
+            std::os::unix::net::UnixStream::connect(&agent.socket).is_ok()
+        });
         for k in keys {
             run(Command::new("ssh-add")
                 .arg("-q")
