@@ -714,3 +714,34 @@ impl World {
         Broker::start(&self.config(extra), Some(&self.agent.socket))
     }
 }
+
+/// What a CLI run printed.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs our `fleetctl` against a broker, in `cwd`, with only the given FLEETCTL_* variables.
+pub fn fleetctl(broker: &Broker, cwd: &Path, env: &[(&str, &str)], args: &[&str]) -> Run {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleetctl"));
+    cmd.args(args)
+        .current_dir(cwd)
+        .env("XDG_RUNTIME_DIR", broker.dir.path().join("xdg"))
+        .stdin(Stdio::null());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("FLEETCTL_") {
+            cmd.env_remove(k);
+        }
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("fleetctl");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
