@@ -96,6 +96,8 @@ pub struct Demo {
     pub daemon: Daemon,
     pub socket: PathBuf,
     pub fleet_socket: PathBuf,
+    /// Set when another daemon owns the default runtime dir and the demo lives elsewhere.
+    pub runtime_dir: Option<PathBuf>,
     stop_tx: watch::Sender<bool>,
     _dir: tempfile::TempDir,
 }
@@ -221,7 +223,16 @@ impl Demo {
             path: dir.path().join("config.toml"),
             clusters: [("demo".to_string(), cluster)].into_iter().collect(),
         };
-        let runtime_dir = dir.path().join("run");
+        // Serve where fleetctl looks by default, unless a daemon already lives there.
+        let default_dir = crate::local::default_runtime_dir();
+        let default_busy =
+            std::os::unix::net::UnixStream::connect(crate::local::control_socket(&default_dir))
+                .is_ok();
+        let runtime_dir = if default_busy {
+            dir.path().join("run")
+        } else {
+            default_dir
+        };
         let daemon = Daemon::start(
             &config,
             &DaemonOptions {
@@ -235,6 +246,11 @@ impl Demo {
             daemon,
             socket,
             fleet_socket,
+            runtime_dir: if default_busy {
+                Some(runtime_dir)
+            } else {
+                None
+            },
             stop_tx,
             _dir: dir,
         })
@@ -270,6 +286,14 @@ pub async fn run(once: bool) -> anyhow::Result<()> {
     let sock = demo.socket.display().to_string();
     println!("fleet-broker demo: cluster \"demo\" is served on {sock}");
     println!();
+    if let Some(dir) = &demo.runtime_dir {
+        println!(
+            "  (another fleet-broker owns the default runtime dir; the demo lives in {})",
+            dir.display()
+        );
+        println!("  export FLEET_BROKER_RUNTIME_DIR={}", dir.display());
+    }
+    println!("  fleetctl --cluster demo list-machines");
     println!("  export FLEETCTL_ENDPOINT=unix://{sock}");
     println!("  curl --unix-socket {sock} http://x/fleet/v1/machines");
     println!();
@@ -283,24 +307,19 @@ pub async fn run(once: bool) -> anyhow::Result<()> {
         (Ok(Ok((200, body))), Ok((200, want))) if body == want => {
             println!("GET /fleet/v1/machines through the broker:");
             println!("{}", String::from_utf8_lossy(&body));
-            let page: crate::fleet::schema::MachinePage = serde_json::from_slice(&body)?;
             println!();
-            println!("MACHINE\t\tIP\t\tMETADATA");
-            for m in &page.machines {
-                let meta: Vec<String> =
-                    m.metadata.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                let meta = if meta.is_empty() {
-                    "-".to_string()
-                } else {
-                    meta.join(",")
-                };
-                println!(
-                    "{}...\t{}\t{meta}",
-                    m.id.get(..8).unwrap_or(&m.id),
-                    m.primary_ip
-                );
+            println!("$ fleetctl --cluster demo list-machines");
+            let api = crate::fleet::client::FleetClient::new(&demo.socket, Duration::from_secs(20));
+            let flags = crate::cli::args::ListFlags {
+                fields: None,
+                full: false,
+                l: false,
+                no_legend: false,
+            };
+            match crate::cli::lists::list_machines(&api, &flags).await {
+                0 => Ok(()),
+                _ => Err(anyhow::anyhow!("list-machines through the broker failed")),
             }
-            Ok(())
         }
         (Ok(Ok((status, body))), _) => Err(anyhow::anyhow!(
             "the broker answered {status}: {}",

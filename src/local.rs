@@ -33,8 +33,12 @@ pub fn my_uid() -> u32 {
     nix::unistd::geteuid().as_raw()
 }
 
-/// `$XDG_RUNTIME_DIR/fleet-broker`, else `/tmp/fleet-broker-$UID`.
+/// `$FLEET_BROKER_RUNTIME_DIR`, else `$XDG_RUNTIME_DIR/fleet-broker`, else
+/// `/tmp/fleet-broker-$UID`.
 pub fn default_runtime_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("FLEET_BROKER_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
     match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
         Some(d) => PathBuf::from(d).join("fleet-broker"),
         None => PathBuf::from(format!("/tmp/fleet-broker-{}", my_uid())),

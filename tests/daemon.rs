@@ -262,8 +262,10 @@ fn read_only_cluster_refuses_writes() {
 
 #[test]
 fn demo_once_shows_the_machines_through_the_broker() {
+    let xdg = open_tempdir("fb-demo-once.");
     let out = Command::new(env!("CARGO_BIN_EXE_fleet-broker"))
         .args(["demo", "--once"])
+        .env("XDG_RUNTIME_DIR", xdg.path())
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .output()

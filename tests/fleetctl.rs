@@ -705,3 +705,67 @@ fn api_errors_are_reported_like_fleetctl() {
     );
     assert!(r.stderr.ends_with("Possible issues:\n  etcd is unhealthy and/or lost quorum\n  connection cannot be established to any etcd servers\n"));
 }
+
+#[test]
+fn fleetctl_cluster_demo_works_against_fleet_broker_demo() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let xdg = open_tempdir("fb-demo.");
+    let mut demo = Command::new(env!("CARGO_BIN_EXE_fleet-broker"))
+        .arg("demo")
+        .env("XDG_RUNTIME_DIR", xdg.path())
+        .env_remove("FLEET_BROKER_RUNTIME_DIR")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("demo");
+    let stdout = demo.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let end = std::time::Instant::now() + DEADLINE;
+    while !seen
+        .iter()
+        .any(|l: &String| l.starts_with("Serving until Ctrl-C"))
+    {
+        let left = end.saturating_duration_since(std::time::Instant::now());
+        seen.push(
+            rx.recv_timeout(left)
+                .unwrap_or_else(|_| panic!("demo did not come up: {seen:?}")),
+        );
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetctl"))
+        .args(["--cluster", "demo", "list-machines"])
+        .env("XDG_RUNTIME_DIR", xdg.path())
+        .env_remove("FLEETCTL_ENDPOINT")
+        .env_remove("FLEETCTL_CLUSTER")
+        .output()
+        .expect("fleetctl");
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(demo.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let status = demo.wait().expect("demo exit");
+    assert!(status.success(), "demo exits cleanly on SIGTERM");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "MACHINE\t\tIP\t\tMETADATA\n113f16a7...\t172.17.8.103\taz=us-west-1b,role=web\n85c0c595...\t172.17.8.102\t-\ne793afb9...\t172.17.8.101\t-\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !xdg.path().join("fleet-broker/clusters/demo.sock").exists(),
+        "sockets removed"
+    );
+}
