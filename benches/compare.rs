@@ -127,4 +127,78 @@ fn main() {
         ratio(stats[0].0, stats[3].0),
         ratio(stats[0].1, stats[3].1)
     );
+    whole_process(&w, &broker);
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// Whole-process wall time: our `fleetctl list-units` through the warm broker against a new
+/// `ssh host true` (what every original `fleetctl --tunnel` command pays at least once).
+fn whole_process(w: &World, broker: &Broker) {
+    let runs = 20;
+    let xdg = broker.dir.path().join("xdg");
+    let key = w.keys.path().join("id_ed25519");
+    let fleetctl = || {
+        let t = Instant::now();
+        let out = Command::new(env!("CARGO_BIN_EXE_fleetctl"))
+            .arg("list-units")
+            .env("XDG_RUNTIME_DIR", &xdg)
+            .env_remove("FLEETCTL_ENDPOINT")
+            .env_remove("FLEETCTL_CLUSTER")
+            .stdout(Stdio::null())
+            .status()
+            .expect("fleetctl");
+        assert!(out.success());
+        t.elapsed()
+    };
+    let ssh = || {
+        let t = Instant::now();
+        let out = Command::new("ssh")
+            .arg("-i")
+            .arg(&key)
+            .arg("-p")
+            .arg(w.sshd.port.to_string())
+            .arg("-o")
+            .arg(format!("UserKnownHostsFile={}", w.known_hosts.display()))
+            .args([
+                "-o",
+                "StrictHostKeyChecking=yes",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "IdentityAgent=none",
+            ])
+            .arg(format!("root@{}", w.sshd.ip))
+            .arg("true")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .status()
+            .expect("ssh");
+        assert!(out.success());
+        t.elapsed()
+    };
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    fleetctl();
+    ssh();
+    for _ in 0..runs {
+        a.push(fleetctl());
+        b.push(ssh());
+    }
+    let (ma, mb) = (median(a), median(b));
+    println!();
+    println!("whole process, median of {runs} runs, interleaved");
+    println!("{:<40} {:>10}", "command", "ms");
+    println!(
+        "{:<40} {:>10.2}",
+        "fleetctl list-units (warm broker)",
+        ms(ma)
+    );
+    println!("{:<40} {:>10.2}", "ssh -i KEY host true (OpenSSH)", ms(mb));
+    println!(
+        "ssh / fleetctl: {:.1}x",
+        mb.as_secs_f64() / ma.as_secs_f64()
+    );
 }
