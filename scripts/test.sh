@@ -19,4 +19,11 @@ if [ "${#need[@]}" -gt 0 ]; then
         || { apt-get update && apt-get install -y --no-install-recommends "${need[@]}"; }
 fi
 
-cargo test --locked
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --locked 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
