@@ -94,8 +94,18 @@ impl Daemon {
             tracing::info!(cluster = %name, socket = %path.display(), "serving cluster socket");
             tunnels.insert(name, (tunnel, path));
         }
+        let exec = tunnels
+            .iter()
+            .map(|(name, (t, path))| {
+                (
+                    name.clone(),
+                    crate::exec::Exec::new(t.clone(), path.clone(), opts.agent_socket.clone()),
+                )
+            })
+            .collect();
         let control = Arc::new(Control {
             tunnels: tunnels.clone(),
+            exec,
         });
         tasks.spawn(crate::http::serve(
             control_listener,

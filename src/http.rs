@@ -42,7 +42,8 @@ pub fn json_response(status: StatusCode, body: String) -> Response<Body> {
     r
 }
 
-/// Serves `listener` until `shutdown` turns true, then drains.
+/// Serves `listener` until `shutdown` turns true, then drains: connections finish their
+/// in-flight request (HTTP upgrades included) for up to [`DRAIN_TIMEOUT`].
 pub async fn serve<S, F>(
     listener: UnixListener,
     label: String,
@@ -52,7 +53,7 @@ pub async fn serve<S, F>(
     S: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut conns = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -73,23 +74,36 @@ pub async fn serve<S, F>(
                     let h = h.clone();
                     async move { Ok::<_, Infallible>(h(req).await) }
                 });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc);
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+                let mut stop = shutdown.clone();
+                conns.spawn(async move {
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .with_upgrades();
+                    tokio::pin!(conn);
+                    let result = tokio::select! {
+                        r = conn.as_mut() => r,
+                        _ = stop.changed() => {
+                            conn.as_mut().graceful_shutdown();
+                            conn.await
+                        }
+                    };
+                    if let Err(e) = result {
                         tracing::debug!(error = %e, "local connection ended with an error");
                     }
                 });
+                // Reap finished connection tasks as we go.
+                while conns.try_join_next().is_some() {}
             }
             _ = shutdown.changed() => break,
         }
     }
     drop(listener);
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
         tracing::warn!(socket = %label, "in-flight requests still running after {:?}; closing them", DRAIN_TIMEOUT);
+        conns.abort_all();
     }
 }

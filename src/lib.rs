@@ -10,6 +10,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod demo;
+pub mod exec;
 pub mod fleet;
 pub mod http;
 pub mod known_hosts;

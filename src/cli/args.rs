@@ -260,6 +260,52 @@ pub enum Cmd {
         #[command(flatten)]
         units: UnitArgs,
     },
+    /// Output the status of one or more units in the cluster
+    Status {
+        /// SSH port of the target machines
+        #[arg(long = "ssh-port", value_name = "N")]
+        ssh_port: Option<u16>,
+        #[command(flatten)]
+        units: UnitArgs,
+    },
+    /// Print the journal of a unit in the cluster to stdout
+    Journal {
+        /// Number of recent log lines to return
+        #[arg(long, default_value_t = 10)]
+        lines: u32,
+        /// Continuously print new entries as they are appended to the journal.
+        #[arg(long = "follow", visible_alias = "f", short = 'f')]
+        follow: bool,
+        /// Output mode: short, short-iso, short-precise, short-monotonic, verbose, export, json, json-pretty, json-sse, cat
+        #[arg(long, default_value = "short")]
+        output: String,
+        /// Execute journal command with sudo
+        #[arg(long)]
+        sudo: bool,
+        /// SSH port of the target machine
+        #[arg(long = "ssh-port", value_name = "N")]
+        ssh_port: Option<u16>,
+        #[command(flatten)]
+        units: UnitArgs,
+    },
+    /// Open interactive shell on a machine in the cluster
+    Ssh {
+        /// Forward local ssh-agent to target machine.
+        #[arg(long = "forward-agent", visible_alias = "A", short = 'A')]
+        forward_agent: bool,
+        /// Open SSH connection to machine identified by ID (or a unique prefix)
+        #[arg(long, short = 'm', value_name = "ID")]
+        machine: Option<String>,
+        /// Open SSH connection to the machine hosting this unit
+        #[arg(long, short = 'u', value_name = "NAME")]
+        unit: Option<String>,
+        /// SSH port of the target machine
+        #[arg(long = "ssh-port", value_name = "N")]
+        ssh_port: Option<u16>,
+        /// [TARGET] [--] [COMMAND…]
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Print the version and exit
     Version,
     /// Help about any command

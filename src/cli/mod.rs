@@ -6,6 +6,8 @@
 
 pub mod args;
 pub mod lists;
+pub mod remote;
+pub mod session;
 pub mod table;
 pub mod target;
 pub mod units;
@@ -117,7 +119,40 @@ pub async fn run(argv: Vec<OsString>) -> i32 {
         crate::fleet::client::FleetClient::new(&target.socket, Duration::from_secs_f64(secs));
     api.debug = debug;
     let ctx = units::Ctx::new(api.clone());
+    let sessions = remote::Sessions {
+        control: target.control.clone(),
+        cluster: target.cluster.clone(),
+        user: g.ssh_username.clone(),
+        timeout_secs: g.ssh_timeout,
+    };
     match command {
+        Cmd::Status { ssh_port, units } => {
+            remote::status(&api, &sessions, &units.units, ssh_port).await
+        }
+        Cmd::Journal {
+            lines,
+            follow,
+            output,
+            sudo,
+            ssh_port,
+            units,
+        } => {
+            let o = remote::JournalOpts {
+                lines,
+                follow,
+                output,
+                sudo,
+                ssh_port,
+            };
+            remote::journal(&api, &sessions, &units.units, &o).await
+        }
+        Cmd::Ssh {
+            forward_agent,
+            machine,
+            unit,
+            ssh_port,
+            args,
+        } => remote::ssh(&sessions, machine, unit, args, ssh_port, forward_agent).await,
         Cmd::ListUnits(f) => lists::list_units(&api, &f).await,
         Cmd::ListUnitFiles(f) => lists::list_unit_files(&api, &f).await,
         Cmd::ListMachines(f) => lists::list_machines(&api, &f).await,

@@ -18,6 +18,8 @@ pub struct Target {
     pub socket: PathBuf,
     /// The broker cluster, when known.
     pub cluster: Option<String>,
+    /// The control socket of the daemon serving it.
+    pub control: PathBuf,
 }
 
 fn rank(m: &ArgMatches, id: &str) -> Option<u8> {
@@ -92,13 +94,21 @@ pub async fn resolve(m: &ArgMatches, g: &GlobalFlags) -> Result<Target, String> 
                     crate::fleet::client::chrono_like_now()
                 );
             }
+            let clusters_dir = socket
+                .parent()
+                .filter(|p| p.file_name() == Some("clusters".as_ref()));
             let cluster = socket
                 .file_stem()
-                .filter(|_| {
-                    socket.parent().and_then(|p| p.file_name()) == Some("clusters".as_ref())
-                })
+                .filter(|_| clusters_dir.is_some())
                 .map(|s| s.to_string_lossy().into_owned());
-            Ok(Target { socket, cluster })
+            let control = clusters_dir
+                .and_then(|d| d.parent())
+                .map_or(control, crate::local::control_socket);
+            Ok(Target {
+                socket,
+                cluster,
+                control,
+            })
         }
         Some("cluster") => {
             let name = g.cluster.clone().unwrap_or_default();
@@ -108,6 +118,7 @@ pub async fn resolve(m: &ArgMatches, g: &GlobalFlags) -> Result<Target, String> 
                 Some(c) => Ok(Target {
                     socket: c.socket,
                     cluster: Some(c.name),
+                    control,
                 }),
                 None => Err(format!(
                     "no cluster named {name:?} in fleet-broker ({})",
@@ -129,7 +140,7 @@ pub async fn resolve(m: &ArgMatches, g: &GlobalFlags) -> Result<Target, String> 
                 .into_iter()
                 .find(|c| HostPort::parse(&c.tunnel).is_ok_and(|t| t == want))
             {
-                Some(c) => Ok(Target { socket: c.socket, cluster: Some(c.name) }),
+                Some(c) => Ok(Target { socket: c.socket, cluster: Some(c.name), control }),
                 None => Err(format!(
                     "no fleet-broker cluster has tunnel {want} ({}); add one to the broker's config or use --cluster NAME",
                     listing(&names)
@@ -144,6 +155,7 @@ pub async fn resolve(m: &ArgMatches, g: &GlobalFlags) -> Result<Target, String> 
                     Ok(Target {
                         socket: c.socket,
                         cluster: Some(c.name),
+                        control,
                     })
                 }
                 _ => {

@@ -1,9 +1,11 @@
 //! The control socket (`control.sock`, HTTP/1.1 + JSON): cluster health and counters, and
 //! operator commands. Routes:
 //! `GET /v1/clusters`, `GET /v1/clusters/NAME`, `POST /v1/clusters/NAME/connect`,
-//! `POST /v1/clusters/NAME/disconnect`.
+//! `POST /v1/clusters/NAME/disconnect`, `POST /v1/clusters/NAME/exec` (upgraded to the frame
+//! stream of [`frame`]).
 
 pub mod client;
+pub mod frame;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -44,6 +46,75 @@ pub struct ClusterList {
 /// What the control socket serves.
 pub struct Control {
     pub tunnels: BTreeMap<String, (Arc<Tunnel>, PathBuf)>,
+    /// Exec sessions per cluster.
+    pub exec: BTreeMap<String, Arc<crate::exec::Exec>>,
+}
+
+fn exec_error(e: &crate::exec::ExecError) -> Response<Body> {
+    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let body = serde_json::json!({
+        "error": {"code": status.as_u16(), "message": e.message},
+        "kind": e.kind,
+    });
+    json_response(status, body.to_string())
+}
+
+/// `POST /v1/clusters/NAME/exec`: starts the session, then upgrades to the frame stream.
+async fn exec(exec: Arc<crate::exec::Exec>, req: Request<Incoming>) -> Response<Body> {
+    use http_body_util::BodyExt;
+    let wants_upgrade = req
+        .headers()
+        .get(hyper::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(frame::UPGRADE));
+    if !wants_upgrade {
+        return exec_error(&crate::exec::ExecError::request(format!(
+            "exec needs `Connection: upgrade` and `Upgrade: {}`",
+            frame::UPGRADE
+        )));
+    }
+    let (mut parts, body) = req.into_parts();
+    let Some(on_upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
+        return exec_error(&crate::exec::ExecError::request(
+            "connection cannot be upgraded",
+        ));
+    };
+    let body = match http_body_util::Limited::new(body, 64 * 1024)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return exec_error(&crate::exec::ExecError::request(format!(
+                "reading exec request: {e}"
+            )))
+        }
+    };
+    let request = match crate::exec::parse_request(&body) {
+        Ok(r) => r,
+        Err(e) => return exec_error(&e),
+    };
+    let session = match exec.start(&request).await {
+        Ok(s) => s,
+        Err(e) => return exec_error(&e),
+    };
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => session.run(hyper_util::rt::TokioIo::new(upgraded)).await,
+            Err(e) => tracing::warn!(error = %e, "exec upgrade failed; ending the session"),
+        }
+    });
+    let mut resp = Response::new(crate::http::full(bytes::Bytes::new()));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    resp.headers_mut().insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("upgrade"),
+    );
+    resp.headers_mut().insert(
+        hyper::header::UPGRADE,
+        hyper::header::HeaderValue::from_static(frame::UPGRADE),
+    );
+    resp
 }
 
 fn info(t: &Tunnel, socket: &std::path::Path) -> ClusterInfo {
@@ -113,6 +184,10 @@ impl Control {
                         let _ = t.link().await;
                         to_json(&info(t, sock))
                     }
+                    (&Method::POST, ["exec"]) => match self.exec.get(*name) {
+                        Some(e) => exec(e.clone(), req).await,
+                        None => fleet_error(StatusCode::NOT_FOUND, "no exec for this cluster"),
+                    },
                     (&Method::POST, ["disconnect"]) => {
                         t.command(Command::Disconnect).await;
                         to_json(&info(t, sock))

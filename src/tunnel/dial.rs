@@ -32,6 +32,10 @@ pub struct DialSpec {
     pub policy: HostKeyPolicy,
     pub keepalive_interval: Option<Duration>,
     pub keepalive_max: usize,
+    /// What a user runs to pin this host's key once checked (shown in refusals).
+    pub trust_hint: String,
+    /// Serve `auth-agent@openssh.com` channels from the agent (agent forwarding).
+    pub forward_agent: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +80,9 @@ pub struct ClientHandler {
     /// When set, the presented key is only recorded here and the handshake stops
     /// (`fleet-broker trust`).
     capture: Option<Arc<Mutex<Option<russh::keys::PublicKey>>>>,
+    /// The agent socket to bridge `auth-agent@openssh.com` channels to, when forwarding.
+    agent_bridge: Option<PathBuf>,
+    trust_hint: String,
     /// Dropped with the handler, i.e. when the connection is gone.
     _closed: watch::Sender<()>,
 }
@@ -122,7 +129,7 @@ impl client::Handler for ClientHandler {
                 let pinned: Vec<String> = pins.iter().map(|p| p.to_string()).collect();
                 let first = &pins[0];
                 set_refusal(format!(
-                    "{label}: HOST KEY CHANGED for {addr}: it presents {alg} {fp} ({md5}), but known_hosts pins {pinned}. Someone may be intercepting the connection. If the host was really re-keyed, check the new fingerprint out of band, remove the old pin (`ssh-keygen -R '{name}' -f {file}`) and run `fleet-broker trust {cluster}`",
+                    "{label}: HOST KEY CHANGED for {addr}: it presents {alg} {fp} ({md5}), but known_hosts pins {pinned}. Someone may be intercepting the connection. If the host was really re-keyed, check the new fingerprint out of band, remove the old pin (`ssh-keygen -R '{name}' -f {file}`) and {hint}",
                     label = self.label,
                     addr = self.display_addr,
                     alg = public.algorithm(),
@@ -130,7 +137,7 @@ impl client::Handler for ClientHandler {
                     pinned = pinned.join(", "),
                     name = self.names[0],
                     file = first.file.display(),
-                    cluster = self.label.trim_start_matches("cluster ").trim_matches('"'),
+                    hint = self.trust_hint,
                 ));
                 false
             }
@@ -153,11 +160,11 @@ impl client::Handler for ClientHandler {
                     |f| f.display().to_string(),
                 );
                 set_refusal(format!(
-                    "{label}: host {addr} is not in known_hosts ({file}) and host_key_checking is strict; it presents {alg} {fp}. Check that fingerprint with the host's administrator, then pin it with `fleet-broker trust {cluster}`",
+                    "{label}: host {addr} is not in known_hosts ({file}) and host_key_checking is strict; it presents {alg} {fp}. Check that fingerprint with the host's administrator, then {hint}",
                     label = self.label,
                     addr = self.display_addr,
                     alg = public.algorithm(),
-                    cluster = self.label.trim_start_matches("cluster ").trim_matches('"'),
+                    hint = self.trust_hint,
                 ));
                 false
             }
@@ -169,6 +176,35 @@ impl client::Handler for ClientHandler {
         }
         Ok(ok)
     }
+
+    async fn server_channel_open_agent_forward(
+        &mut self,
+        channel: russh::Channel<client::Msg>,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        let Some(agent) = self.agent_bridge.clone() else {
+            tracing::warn!(host = %self.display_addr, "refused an agent channel: agent forwarding was not requested");
+            reply
+                .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        };
+        match tokio::net::UnixStream::connect(&agent).await {
+            Ok(mut local) => {
+                reply.accept().await;
+                tokio::spawn(async move {
+                    let mut remote = crate::proxy::DrainedChannel::new(channel);
+                    let _ = tokio::io::copy_bidirectional(&mut remote, &mut local).await;
+                });
+            }
+            Err(e) => {
+                tracing::warn!(agent = %agent.display(), error = %e, "cannot reach the agent for a forwarded request");
+                reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A live, authenticated connection.
@@ -177,7 +213,8 @@ pub struct Connection {
     /// Changes (closes) when the connection ends.
     pub closed: watch::Receiver<()>,
     pub host_key_fingerprint: String,
-    pub peer: std::net::SocketAddr,
+    /// The address as shown in messages.
+    pub peer: String,
 }
 
 fn preferred_keys(pinned: &[Algorithm]) -> Vec<Algorithm> {
@@ -252,6 +289,8 @@ pub async fn presented_key(spec: &DialSpec) -> Result<PresentedKey, DialError> {
         refusal: Arc::new(Mutex::new(None)),
         accepted: Arc::new(Mutex::new(None)),
         capture: Some(capture.clone()),
+        agent_bridge: None,
+        trust_hint: spec.trust_hint.clone(),
         _closed: closed_tx,
     };
     let result = client::connect_stream(Arc::new(config), tcp, handler).await;
@@ -293,16 +332,36 @@ async fn connect_tcp(spec: &DialSpec) -> Result<(TcpStream, Vec<String>), DialEr
 
 /// Dials, verifies and authenticates. The caller bounds it with a timeout.
 pub async fn dial(spec: &DialSpec) -> Result<Connection, DialError> {
-    let known = if spec.policy == HostKeyPolicy::Off {
-        KnownHosts::default()
-    } else {
-        KnownHosts::load(&spec.known_hosts)?
-    };
     let (tcp, names) = connect_tcp(spec).await?;
     let peer = tcp.peer_addr().map_err(|e| DialError::Connect {
         target: spec.target.to_string(),
         reason: e.to_string(),
     })?;
+    let display_addr = if spec.target.host == peer.ip().to_string() {
+        spec.target.to_string()
+    } else {
+        format!("{} ({peer})", spec.target)
+    };
+    handshake(spec, tcp, names, display_addr).await
+}
+
+/// SSH handshake, host key check and authentication over any byte stream (a TCP socket, or
+/// a channel of another connection for a nested hop). `names` are the known_hosts names the
+/// host is looked up by, the first one being where new pins are written.
+pub async fn handshake<S>(
+    spec: &DialSpec,
+    stream: S,
+    names: Vec<String>,
+    display_addr: String,
+) -> Result<Connection, DialError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let known = if spec.policy == HostKeyPolicy::Off {
+        KnownHosts::default()
+    } else {
+        KnownHosts::load(&spec.known_hosts)?
+    };
     let pinned = known.pinned_algorithms(&names);
     let mut config = client_config(spec, &pinned);
     if known.has_cert_authority(&names) {
@@ -311,25 +370,26 @@ pub async fn dial(spec: &DialSpec) -> Result<Connection, DialError> {
     let (closed_tx, closed_rx) = watch::channel(());
     let refusal = Arc::new(Mutex::new(None));
     let accepted = Arc::new(Mutex::new(None));
-    let display_addr = if spec.target.host == peer.ip().to_string() {
-        spec.target.to_string()
-    } else {
-        format!("{} ({peer})", spec.target)
-    };
     let handler = ClientHandler {
         label: spec.label.clone(),
         names,
-        display_addr,
+        display_addr: display_addr.clone(),
         policy: spec.policy,
         known,
         pin_file: spec.known_hosts.first().cloned(),
         refusal: refusal.clone(),
         accepted: accepted.clone(),
         capture: None,
+        agent_bridge: if spec.forward_agent {
+            spec.keys.agent.clone()
+        } else {
+            None
+        },
+        trust_hint: spec.trust_hint.clone(),
         _closed: closed_tx,
     };
     let target = spec.target.to_string();
-    let mut handle = match client::connect_stream(Arc::new(config), tcp, handler).await {
+    let mut handle = match client::connect_stream(Arc::new(config), stream, handler).await {
         Ok(h) => h,
         Err(e) => {
             if let Some(msg) = refusal.lock().ok().and_then(|mut r| r.take()) {
@@ -357,6 +417,6 @@ pub async fn dial(spec: &DialSpec) -> Result<Connection, DialError> {
         handle,
         closed: closed_rx,
         host_key_fingerprint,
-        peer,
+        peer: display_addr,
     })
 }

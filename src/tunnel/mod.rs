@@ -265,6 +265,8 @@ pub fn dial_spec(c: &ClusterConfig, agent: Option<PathBuf>) -> DialSpec {
             policy: c.host_key_checking,
             keepalive_interval: Some(c.keepalive_interval),
             keepalive_max: c.keepalive_max,
+            trust_hint: format!("pin it with `fleet-broker trust {}`", c.name),
+            forward_agent: false,
         }
     }
 }

@@ -232,6 +232,10 @@ pub struct Sshd {
     pub ip: String,
     pub port: u16,
     pub host_key: PathBuf,
+    /// Extra sshd_config lines.
+    extra: String,
+    /// Whether the address was chosen by the caller (then it is not re-picked on failure).
+    fixed: bool,
     child: Option<Child>,
 }
 
@@ -255,6 +259,16 @@ fn rand_u64() -> u64 {
 impl Sshd {
     /// Starts sshd authorising `keys` for each user in `users`.
     pub fn start(users: &[&str], keys: &[&Path]) -> Sshd {
+        Sshd::start_with(users, keys, None, "")
+    }
+
+    /// Like [`Sshd::start`], on a chosen address and with extra config lines.
+    pub fn start_with(
+        users: &[&str],
+        keys: &[&Path],
+        addr: Option<(String, u16)>,
+        extra: &str,
+    ) -> Sshd {
         std::fs::create_dir_all("/run/sshd").expect("privilege separation dir");
         let dir = open_tempdir("fb-sshd.");
         let host_key = keygen(dir.path(), "ssh_host_ed25519_key", "ed25519");
@@ -270,12 +284,15 @@ impl Sshd {
             std::fs::write(&f, &lines).expect("authorized_keys");
             std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).expect("chmod");
         }
-        let (ip, port) = pick_address();
+        let fixed = addr.is_some();
+        let (ip, port) = addr.unwrap_or_else(pick_address);
         let mut sshd = Sshd {
             dir,
             ip,
             port,
             host_key,
+            extra: extra.to_string(),
+            fixed,
             child: None,
         };
         sshd.launch();
@@ -285,11 +302,12 @@ impl Sshd {
     fn write_config(&self) -> PathBuf {
         let d = self.dir.path();
         let cfg = format!(
-            "ListenAddress {ip}:{port}\nHostKey {hk}\nPidFile {d}/sshd.pid\nAuthorizedKeysFile {d}/authorized_keys/%u\nStrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin yes\nAllowStreamLocalForwarding yes\nAllowTcpForwarding yes\nMaxStartups 200:30:400\nMaxSessions 100\nLogLevel VERBOSE\nUseDNS no\n",
+            "ListenAddress {ip}:{port}\nHostKey {hk}\nPidFile {d}/sshd.pid\nAuthorizedKeysFile {d}/authorized_keys/%u\nStrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin yes\nAllowStreamLocalForwarding yes\nAllowTcpForwarding yes\nMaxStartups 200:30:400\nLogLevel VERBOSE\nUseDNS no\n{extra}",
             ip = self.ip,
             port = self.port,
             hk = self.host_key.display(),
             d = d.display(),
+            extra = self.extra,
         );
         let path = d.join("sshd_config");
         std::fs::write(&path, cfg).expect("sshd_config");
@@ -342,7 +360,7 @@ impl Sshd {
                 return;
             }
             kill_child(&mut child);
-            if attempt < 4 && self.child.is_none() {
+            if attempt < 4 && self.child.is_none() && !self.fixed {
                 let (ip, port) = pick_address();
                 self.ip = ip;
                 self.port = port;
@@ -743,5 +761,169 @@ pub fn fleetctl(broker: &Broker, cwd: &Path, env: &[(&str, &str)], args: &[&str]
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Writes stub `systemctl`, `journalctl` and `sudo` into `dir`: each logs its argv to
+/// `dir/argv.log`; systemctl prints a status naming `machine` and exits with the code in
+/// `dir/exit.UNIT` (0 without one); journalctl serves `dir/journal` (lines `CURSOR<TAB>TEXT`)
+/// with `-n`, `--show-cursor` and `--after-cursor`.
+pub fn write_stubs(dir: &Path, machine: &str) {
+    let d = dir.display();
+    let systemctl = format!(
+        "#!/bin/sh\necho \"systemctl $*\" >> {d}/argv.log\nfor last in \"$@\"; do :; done\necho \"* $last - stub unit on {machine}\"\necho \"   Active: active (running)\"\ncode=0\n[ -f {d}/exit.$last ] && code=$(cat {d}/exit.$last)\nexit $code\n"
+    );
+    let journalctl = format!(
+        r#"#!/bin/sh
+echo "journalctl $*" >> {d}/argv.log
+n=""; after=""; show=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -n) n="$2"; shift 2;;
+    --after-cursor) after="$2"; shift 2;;
+    --show-cursor) show=1; shift;;
+    --unit|--output) shift 2;;
+    *) shift;;
+  esac
+done
+touch {d}/journal
+awk -F '\t' -v n="$n" -v after="$after" -v show="$show" '
+  {{ c[NR]=$1; t[NR]=$2 }}
+  END {{
+    start=1
+    if (after != "") {{ start=NR+1; for (i=1;i<=NR;i++) if (c[i]==after) start=i+1 }}
+    else if (n != "") {{ start=NR-n+1; if (start<1) start=1 }}
+    last=""
+    for (i=start;i<=NR;i++) {{ print t[i]; last=c[i] }}
+    if (show && last != "") print "-- cursor: " last
+  }}' {d}/journal
+"#
+    );
+    let sudo = format!("#!/bin/sh\necho \"sudo $*\" >> {d}/argv.log\nexec \"$@\"\n");
+    for (name, text) in [
+        ("systemctl", systemctl),
+        ("journalctl", journalctl),
+        ("sudo", sudo),
+    ] {
+        let p = dir.join(name);
+        std::fs::write(&p, text).expect("stub");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    std::fs::write(dir.join("journal"), "").expect("journal");
+}
+
+/// Appends journal entries `(cursor, text)` in one write.
+pub fn append_journal(dir: &Path, entries: &[(&str, &str)]) {
+    let text: String = entries.iter().map(|(c, t)| format!("{c}\t{t}\n")).collect();
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.join("journal"))
+        .expect("journal");
+    f.write_all(text.as_bytes()).expect("append");
+}
+
+/// A tunnel host and two machines, each a real sshd with stub systemd tools, the simulator
+/// listing the machines at their addresses, an agent and pins for all three.
+pub struct Machines {
+    pub keys: tempfile::TempDir,
+    pub agent: Agent,
+    pub sim: SimServer,
+    pub tunnel: Sshd,
+    pub m1: Sshd,
+    pub m2: Sshd,
+    pub stubs: Vec<tempfile::TempDir>,
+    pub known_hosts: PathBuf,
+}
+
+pub const M1: &str = "a1a1a1a1000000000000000000000001";
+pub const M2: &str = "b2b2b2b2000000000000000000000002";
+
+fn two_addresses() -> ((String, u16), (String, u16)) {
+    for _ in 0..50 {
+        let (ip1, port) = pick_address();
+        let (ip2, _) = pick_address();
+        if ip1 == ip2 {
+            continue;
+        }
+        if TcpListener::bind((ip2.as_str(), port)).is_ok() {
+            return ((ip1, port), (ip2, port));
+        }
+    }
+    panic!("no common free port on two loopback addresses");
+}
+
+impl Machines {
+    pub fn new() -> Machines {
+        let keys = open_tempdir("fb-keys.");
+        let key = keygen(keys.path(), "id_ed25519", "ed25519");
+        let agent = Agent::start(&[&key]);
+        let mut stubs = Vec::new();
+        for _ in 0..3 {
+            stubs.push(open_tempdir("fb-stubs."));
+        }
+        let path_line = |d: &tempfile::TempDir| {
+            format!(
+                "SetEnv PATH={}:/usr/local/bin:/usr/bin:/bin\n",
+                d.path().display()
+            )
+        };
+        write_stubs(stubs[0].path(), "tunnel");
+        write_stubs(stubs[1].path(), "m1");
+        write_stubs(stubs[2].path(), "m2");
+        let tunnel = Sshd::start_with(&["root"], &[&key], None, &path_line(&stubs[0]));
+        let (a1, a2) = two_addresses();
+        let m1 = Sshd::start_with(&["root"], &[&key], Some(a1), &path_line(&stubs[1]));
+        let m2 = Sshd::start_with(&["root"], &[&key], Some(a2), &path_line(&stubs[2]));
+        let machine = |id: &str, ip: &str| Machine {
+            id: id.into(),
+            primary_ip: ip.into(),
+            ..Default::default()
+        };
+        let sim = SimServer::with(vec![machine(M1, &m1.ip), machine(M2, &m2.ip)], false);
+        let known_hosts = keys.path().join("known_hosts");
+        std::fs::write(
+            &known_hosts,
+            format!(
+                "{}{}{}",
+                tunnel.known_hosts_line(),
+                m1.known_hosts_line(),
+                m2.known_hosts_line()
+            ),
+        )
+        .expect("known_hosts");
+        Machines {
+            keys,
+            agent,
+            sim,
+            tunnel,
+            m1,
+            m2,
+            stubs,
+            known_hosts,
+        }
+    }
+
+    pub fn config(&self, extra: &str) -> String {
+        cluster_toml(
+            "c1",
+            &self.tunnel,
+            &format!("unix://{}", self.sim.socket.display()),
+            "root",
+            &self.known_hosts,
+            &format!("machine_ssh_port = {}\n{extra}", self.m1.port),
+        )
+    }
+
+    pub fn broker(&self, extra: &str) -> Broker {
+        Broker::start(&self.config(extra), Some(&self.agent.socket))
+    }
+
+    /// The stub directory of machine 1 or 2 (0 is the tunnel host).
+    pub fn stub(&self, i: usize) -> &Path {
+        self.stubs[i].path()
+    }
+
+    pub fn argv_log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.stub(i).join("argv.log")).unwrap_or_default()
     }
 }

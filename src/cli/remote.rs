@@ -1,0 +1,458 @@
+//! status, journal and ssh: commands on the machine that hosts a unit, run by the daemon over
+//! the cluster's tunnel (reference B.7, C.4). `journal --follow` polls with journal cursors
+//! so that it resumes across a tunnel reconnect without losing or repeating lines.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::session::{
+    self, forward_resizes, forward_stdin, stdin_is_tty, terminal_size, Outcome, RawMode, StartError,
+};
+use super::units::unit_name_mangle;
+use crate::control::frame::Frame;
+use crate::exec::{ExecRequest, ExecTarget, PtyRequest};
+use crate::fleet::client::FleetClient;
+use crate::fleet::unit_file::is_global;
+
+/// How often `journal --follow` asks for new entries.
+pub const FOLLOW_POLL: Duration = Duration::from_millis(500);
+/// Pause before retrying when the cluster cannot be reached while following.
+const FOLLOW_RETRY: Duration = Duration::from_secs(1);
+const CURSOR_PREFIX: &str = "-- cursor: ";
+
+/// Where sessions go and with which overrides.
+#[derive(Debug, Clone)]
+pub struct Sessions {
+    pub control: PathBuf,
+    pub cluster: Option<String>,
+    pub user: Option<String>,
+    pub timeout_secs: Option<f64>,
+}
+
+/// Go's `%q` for the strings fleetctl quotes.
+pub fn go_quote(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                out.push_str(&format!("\\x{:02x}", c as u32))
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// `cmd "arg" "arg"…` as fleetctl builds remote command lines.
+pub fn command_line(cmd: &str, args: &[&str]) -> String {
+    let mut s = cmd.to_string();
+    for a in args {
+        s.push(' ');
+        s.push_str(&go_quote(a));
+    }
+    s
+}
+
+impl Sessions {
+    fn cluster(&self) -> Result<&str, StartError> {
+        self.cluster.as_deref().ok_or_else(|| {
+            StartError::Ssh(
+                "remote commands go through fleet-broker: choose a broker cluster (--cluster NAME or a …/clusters/NAME.sock endpoint)".into(),
+            )
+        })
+    }
+
+    fn request(
+        &self,
+        target: ExecTarget,
+        command: Option<String>,
+        ssh_port: Option<u16>,
+        forward_agent: bool,
+        pty: bool,
+    ) -> ExecRequest {
+        let pty = pty.then(|| {
+            let (cols, rows) = terminal_size().unwrap_or((80, 24));
+            PtyRequest {
+                term: std::env::var("TERM")
+                    .ok()
+                    .filter(|t| !t.is_empty())
+                    .unwrap_or_else(|| "xterm-256color".into()),
+                cols,
+                rows,
+            }
+        });
+        ExecRequest {
+            target,
+            command,
+            pty,
+            forward_agent,
+            user: self.user.clone(),
+            ssh_port,
+            timeout_secs: self.timeout_secs,
+        }
+    }
+
+    /// Runs a command with the local terminal attached (pty and raw mode when stdin is one).
+    pub async fn run_attached(
+        &self,
+        req: ExecRequest,
+        forward_input: bool,
+    ) -> Result<Outcome, StartError> {
+        let cluster = self.cluster()?.to_string();
+        let interactive = req.pty.is_some();
+        let stream = session::open(&self.control, &cluster, &req).await?;
+        let raw = if interactive { RawMode::enter() } else { None };
+        if interactive {
+            forward_resizes(stream.sender());
+        }
+        if forward_input {
+            forward_stdin(stream.sender());
+        } else {
+            stream.send(Frame::StdinEof).await;
+        }
+        let outcome = stream.finish().await;
+        drop(raw);
+        Ok(outcome)
+    }
+
+    /// Runs a command and collects its stdout (stderr passes through).
+    pub async fn run_captured(&self, req: ExecRequest) -> Result<(Outcome, Vec<u8>), StartError> {
+        let cluster = self.cluster()?.to_string();
+        let mut stream = session::open(&self.control, &cluster, &req).await?;
+        stream.send(Frame::StdinEof).await;
+        let mut out = Vec::new();
+        loop {
+            match stream.recv().await {
+                Some(Frame::Stdout(b)) => out.extend_from_slice(&b),
+                Some(Frame::Stderr(b)) => {
+                    use std::io::Write;
+                    let _ = std::io::stderr().write_all(&b);
+                }
+                Some(Frame::Exit(c)) => return Ok((Outcome::Exit(c), out)),
+                Some(Frame::ExitSignal(s)) => return Ok((Outcome::Signal(s), out)),
+                Some(Frame::Error(e)) => return Ok((Outcome::Failed(e), out)),
+                Some(_) => {}
+                None => {
+                    return Ok((
+                        Outcome::Failed("the session ended without an exit status".into()),
+                        out,
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// `fleetctl status UNIT…`.
+pub async fn status(
+    api: &FleetClient,
+    s: &Sessions,
+    args: &[String],
+    ssh_port: Option<u16>,
+) -> i32 {
+    let mut printed = false;
+    for arg in args {
+        let name = unit_name_mangle(arg);
+        let u = match api.unit(&name).await {
+            Ok(Some(u)) => u,
+            Ok(None) => {
+                eprintln!("Unit {name} does not exist.");
+                return 1;
+            }
+            Err(e) => {
+                eprintln!("Error retrieving Unit {name}: {e}");
+                return 1;
+            }
+        };
+        let machines: Vec<String> = if is_global(&u.options) {
+            match api.unit_states(None, Some(&name)).await {
+                Ok(states) => states.into_iter().map(|st| st.machine_id).collect(),
+                Err(e) => {
+                    eprintln!("Error retrieving state of Unit {name}: {e}");
+                    return 1;
+                }
+            }
+        } else if u.current_state == "inactive" {
+            eprintln!("Unit {name} does not appear to be loaded.");
+            return 1;
+        } else {
+            vec![u.machine_id.clone()]
+        };
+        for machine in machines {
+            if printed {
+                println!();
+            }
+            printed = true;
+            let cmd = command_line("systemctl", &["status", "-l", &name]);
+            let req = s.request(
+                ExecTarget::Machine(machine),
+                Some(cmd),
+                ssh_port,
+                false,
+                stdin_is_tty(),
+            );
+            match s.run_attached(req, false).await {
+                Ok(Outcome::Failed(e)) | Err(StartError::Ssh(e)) | Err(StartError::Resolve(e)) => {
+                    eprintln!("Unable to SSH to remote host: {e}");
+                    return 255;
+                }
+                Ok(o) => {
+                    let code = o.code();
+                    if code != 0 {
+                        return code;
+                    }
+                }
+            }
+        }
+    }
+    0
+}
+
+/// Options of `fleetctl journal`.
+#[derive(Debug, Clone)]
+pub struct JournalOpts {
+    pub lines: u32,
+    pub follow: bool,
+    pub output: String,
+    pub sudo: bool,
+    pub ssh_port: Option<u16>,
+}
+
+fn journal_command(
+    unit: &str,
+    o: &JournalOpts,
+    lines: bool,
+    cursor: Option<&str>,
+    show_cursor: bool,
+) -> String {
+    let n = o.lines.to_string();
+    let mut args: Vec<&str> = vec!["--unit", unit, "--no-pager"];
+    if lines {
+        args.extend(["-n", n.as_str()]);
+    }
+    args.extend(["--output", o.output.as_str()]);
+    if show_cursor {
+        args.push("--show-cursor");
+    }
+    if let Some(c) = cursor {
+        args.extend(["--after-cursor", c]);
+    }
+    let cmd = command_line("journalctl", &args);
+    if o.sudo {
+        format!("sudo {}", go_quote_program(&cmd))
+    } else {
+        cmd
+    }
+}
+
+/// `sudo "journalctl" "--unit" …`: the program name is quoted too under sudo.
+fn go_quote_program(cmd: &str) -> String {
+    match cmd.split_once(' ') {
+        Some((prog, rest)) => format!("{} {rest}", go_quote(prog)),
+        None => go_quote(cmd),
+    }
+}
+
+/// `fleetctl journal UNIT`.
+pub async fn journal(api: &FleetClient, s: &Sessions, args: &[String], o: &JournalOpts) -> i32 {
+    if args.len() != 1 {
+        eprintln!("One unit file must be provided.");
+        return 1;
+    }
+    let name = unit_name_mangle(&args[0]);
+    let u = match api.unit(&name).await {
+        Ok(Some(u)) => u,
+        Ok(None) => {
+            eprintln!("Unit {name} does not exist.");
+            return 1;
+        }
+        Err(e) => {
+            eprintln!("Error retrieving Unit {name}: {e}");
+            return 1;
+        }
+    };
+    if is_global(&u.options) {
+        eprintln!("Unable to retrieve journal of global unit {name}.");
+        return 1;
+    }
+    if u.current_state == "inactive" {
+        eprintln!("Unit {name} does not appear to be running.");
+        return 1;
+    }
+    let target = ExecTarget::Machine(u.machine_id.clone());
+    if !o.follow {
+        let req = s.request(
+            target,
+            Some(journal_command(&name, o, true, None, false)),
+            o.ssh_port,
+            false,
+            false,
+        );
+        return match s.run_attached(req, false).await {
+            Ok(Outcome::Failed(e)) | Err(StartError::Ssh(e)) | Err(StartError::Resolve(e)) => {
+                eprintln!("Unable to SSH to remote host: {e}");
+                255
+            }
+            Ok(outcome) => outcome.code(),
+        };
+    }
+    follow(s, target, &name, o).await
+}
+
+/// Splits journalctl output into the entries to print and the trailing cursor.
+fn split_cursor(out: &[u8]) -> (&[u8], Option<String>) {
+    let text = out.strip_suffix(b"\n").unwrap_or(out);
+    let start = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let last = &text[start..];
+    match std::str::from_utf8(last)
+        .ok()
+        .and_then(|l| l.strip_prefix(CURSOR_PREFIX))
+    {
+        Some(c) => (&out[..start], Some(c.trim().to_string())),
+        None => (out, None),
+    }
+}
+
+/// Follows the journal by asking for the entries after the last cursor seen, so that a
+/// reconnect of the tunnel neither loses nor repeats a line.
+async fn follow(s: &Sessions, target: ExecTarget, name: &str, o: &JournalOpts) -> i32 {
+    use std::io::Write;
+    let mut cursor: Option<String> = None;
+    let mut first = true;
+    let mut down_since: Option<std::time::Instant> = None;
+    loop {
+        let cmd = journal_command(name, o, first, cursor.as_deref(), true);
+        let req = s.request(target.clone(), Some(cmd), o.ssh_port, false, false);
+        match s.run_captured(req).await {
+            Ok((Outcome::Exit(0), out)) => {
+                if down_since.take().is_some() {
+                    eprintln!("fleetctl: connection to the cluster is back; resuming the journal");
+                }
+                let (entries, next) = split_cursor(&out);
+                let mut stdout = std::io::stdout().lock();
+                if stdout
+                    .write_all(entries)
+                    .and_then(|_| stdout.flush())
+                    .is_err()
+                {
+                    return 0;
+                }
+                if let Some(c) = next {
+                    cursor = Some(c);
+                    first = false;
+                }
+                tokio::time::sleep(FOLLOW_POLL).await;
+            }
+            Ok((Outcome::Exit(code), _)) => return code as i32,
+            Ok((Outcome::Signal(sig), _)) => return Outcome::Signal(sig).code(),
+            Err(StartError::Resolve(e)) => {
+                eprintln!("Unable to SSH to remote host: {e}");
+                return 255;
+            }
+            Ok((Outcome::Failed(e), _)) | Err(StartError::Ssh(e)) => {
+                if down_since.is_none() {
+                    eprintln!("fleetctl: lost the journal session ({e}); retrying");
+                    down_since = Some(std::time::Instant::now());
+                }
+                tokio::time::sleep(FOLLOW_RETRY).await;
+            }
+        }
+    }
+}
+
+/// `fleetctl ssh`.
+pub async fn ssh(
+    s: &Sessions,
+    machine: Option<String>,
+    unit: Option<String>,
+    args: Vec<String>,
+    ssh_port: Option<u16>,
+    forward_agent: bool,
+) -> i32 {
+    if machine.is_some() && unit.is_some() {
+        eprintln!("Both machine and unit flags provided, please specify only one.");
+        return 1;
+    }
+    let mut rest = args;
+    let target = match (machine, unit) {
+        (Some(m), None) => ExecTarget::Machine(m),
+        (None, Some(u)) => ExecTarget::Unit(unit_name_mangle(&u)),
+        _ => {
+            if rest.is_empty() {
+                eprintln!("Unable to proceed: one machine or unit must be provided");
+                return 1;
+            }
+            ExecTarget::Auto(rest.remove(0))
+        }
+    };
+    if let Some(i) = rest.iter().position(|a| a == "--") {
+        rest.drain(..=i);
+    }
+    let command = (!rest.is_empty()).then(|| rest.join(" "));
+    let shell = command.is_none();
+    let req = s.request(target, command, ssh_port, forward_agent, stdin_is_tty());
+    match s.run_attached(req, true).await {
+        Err(StartError::Resolve(e)) if e == "Could not determine address of machine." => {
+            eprintln!("{e}");
+            1
+        }
+        Err(StartError::Resolve(e)) => {
+            eprintln!("Unable to proceed: {e}");
+            1
+        }
+        Err(StartError::Ssh(e)) | Ok(Outcome::Failed(e)) if shell => {
+            eprintln!("Failed opening shell over SSH: {e}");
+            1
+        }
+        Err(StartError::Ssh(e)) | Ok(Outcome::Failed(e)) => {
+            eprintln!("Failed running command over SSH: {e}");
+            255
+        }
+        Ok(outcome) => outcome.code(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_lines_are_go_quoted() {
+        assert_eq!(
+            command_line("systemctl", &["status", "-l", "hello.service"]),
+            "systemctl \"status\" \"-l\" \"hello.service\""
+        );
+        let o = JournalOpts {
+            lines: 10,
+            follow: false,
+            output: "short".into(),
+            sudo: false,
+            ssh_port: None,
+        };
+        assert_eq!(
+            journal_command("hello.service", &o, true, None, false),
+            "journalctl \"--unit\" \"hello.service\" \"--no-pager\" \"-n\" \"10\" \"--output\" \"short\""
+        );
+        let o = JournalOpts { sudo: true, ..o };
+        assert!(journal_command("a.service", &o, true, None, false)
+            .starts_with("sudo \"journalctl\" \"--unit\" \"a.service\""));
+        assert_eq!(go_quote("a\"b\\c"), "\"a\\\"b\\\\c\"");
+    }
+
+    #[test]
+    fn cursor_line_is_split_off() {
+        let (e, c) = split_cursor(b"one\ntwo\n-- cursor: s=abc;i=1\n");
+        assert_eq!(e, b"one\ntwo\n");
+        assert_eq!(c.as_deref(), Some("s=abc;i=1"));
+        let (e, c) = split_cursor(b"");
+        assert_eq!((e, c), (&b""[..], None));
+        let (e, c) = split_cursor(b"-- cursor: x\n");
+        assert_eq!((e, c.as_deref()), (&b""[..], Some("x")));
+    }
+}

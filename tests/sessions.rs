@@ -1,0 +1,492 @@
+//! Remote sessions end to end: our fleetctl and the exec stream, through the daemon, a real
+//! sshd as tunnel host and two more sshds as cluster machines (on other 127.0.0.x addresses)
+//! whose PATH has stub systemctl/journalctl/sudo.
+
+mod support;
+
+use std::io::{BufRead, Write};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use fleet_broker::cli::session::{self, Outcome, StartError};
+use fleet_broker::control::frame::Frame;
+use fleet_broker::exec::{ExecRequest, ExecTarget, PtyRequest};
+use support::*;
+
+fn unit(machine: &str) -> Vec<fleet_broker::fleet::schema::UnitOption> {
+    vec![
+        opt("Service", "ExecStart", "/bin/sleep 1000"),
+        opt("X-Fleet", "MachineID", machine),
+    ]
+}
+
+struct Env {
+    m: Machines,
+    b: Broker,
+    cwd: tempfile::TempDir,
+}
+
+fn env() -> Env {
+    let m = Machines::new();
+    m.sim.put("hello.service", unit(M1), "launched");
+    m.sim.put("other.service", unit(M2), "launched");
+    m.sim.put("idle.service", unit(M1), "inactive");
+    m.sim.put(
+        "glob.service",
+        vec![
+            opt("Service", "ExecStart", "/bin/true"),
+            opt("X-Fleet", "Global", "true"),
+        ],
+        "launched",
+    );
+    let b = m.broker("");
+    let cwd = open_tempdir("fb-cwd.");
+    Env { m, b, cwd }
+}
+
+impl Env {
+    fn run(&self, args: &[&str]) -> Run {
+        fleetctl(&self.b, self.cwd.path(), &[], args)
+    }
+}
+
+fn req(target: ExecTarget, command: &str) -> ExecRequest {
+    ExecRequest {
+        target,
+        command: Some(command.into()),
+        pty: None,
+        forward_agent: false,
+        user: None,
+        ssh_port: None,
+        timeout_secs: None,
+    }
+}
+
+#[test]
+fn status_passes_exit_codes_and_separates_units() {
+    let e = env();
+    let r = e.run(&["status", "hello", "other"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(
+        r.stdout,
+        "* hello.service - stub unit on m1\n   Active: active (running)\n\n* other.service - stub unit on m2\n   Active: active (running)\n"
+    );
+    assert_eq!(e.m.argv_log(1), "systemctl status -l hello.service\n");
+    assert_eq!(e.m.argv_log(2), "systemctl status -l other.service\n");
+    // The first non-zero exit stops the run and is returned.
+    std::fs::write(e.m.stub(1).join("exit.hello.service"), "3").expect("write");
+    let r = e.run(&["status", "hello", "other"]);
+    assert_eq!(r.code, 3, "{r:?}");
+    assert_eq!(
+        r.stdout,
+        "* hello.service - stub unit on m1\n   Active: active (running)\n"
+    );
+    // Global units: one status per machine that runs them.
+    let r = e.run(&["status", "glob"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.stdout, "* glob.service - stub unit on m1\n   Active: active (running)\n\n* glob.service - stub unit on m2\n   Active: active (running)\n");
+    let r = e.run(&["status", "nothere"]);
+    assert_eq!(
+        (r.code, r.stderr.as_str()),
+        (1, "Unit nothere.service does not exist.\n")
+    );
+    let r = e.run(&["status", "idle"]);
+    assert_eq!(
+        (r.code, r.stderr.as_str()),
+        (1, "Unit idle.service does not appear to be loaded.\n")
+    );
+}
+
+#[test]
+fn journal_lines_sudo_and_output() {
+    let e = env();
+    append_journal(
+        e.m.stub(1),
+        &[("c1", "one"), ("c2", "two"), ("c3", "three")],
+    );
+    let r = e.run(&["journal", "hello"]);
+    assert_eq!(
+        (r.code, r.stdout.as_str()),
+        (0, "one\ntwo\nthree\n"),
+        "{r:?}"
+    );
+    assert_eq!(
+        e.m.argv_log(1),
+        "journalctl --unit hello.service --no-pager -n 10 --output short\n"
+    );
+    let r = e.run(&[
+        "journal", "--lines", "2", "--output", "cat", "--sudo", "hello",
+    ]);
+    assert_eq!((r.code, r.stdout.as_str()), (0, "two\nthree\n"), "{r:?}");
+    assert!(e.m.argv_log(1).ends_with(
+        "sudo journalctl --unit hello.service --no-pager -n 2 --output cat\njournalctl --unit hello.service --no-pager -n 2 --output cat\n"
+    ), "{}", e.m.argv_log(1));
+    let r = e.run(&["journal", "nothere"]);
+    assert_eq!(
+        (r.code, r.stderr.as_str()),
+        (1, "Unit nothere.service does not exist.\n")
+    );
+    let r = e.run(&["journal", "glob"]);
+    assert_eq!(
+        (r.code, r.stderr.as_str()),
+        (
+            1,
+            "Unable to retrieve journal of global unit glob.service.\n"
+        )
+    );
+    let r = e.run(&["journal", "idle"]);
+    assert_eq!(
+        (r.code, r.stderr.as_str()),
+        (1, "Unit idle.service does not appear to be running.\n")
+    );
+    let r = e.run(&["journal"]);
+    assert_eq!(
+        (r.code, r.stderr.as_str()),
+        (1, "One unit file must be provided.\n")
+    );
+}
+
+#[test]
+fn journal_follow_survives_a_tunnel_restart_without_loss_or_repeats() {
+    let mut e = env();
+    append_journal(
+        e.m.stub(1),
+        &[("c1", "line 1"), ("c2", "line 2"), ("c3", "line 3")],
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fleetctl"))
+        .args(["journal", "-f", "hello"])
+        .env("XDG_RUNTIME_DIR", e.b.dir.path().join("xdg"))
+        .env_remove("FLEETCTL_ENDPOINT")
+        .env_remove("FLEETCTL_CLUSTER")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("fleetctl journal -f");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen: Vec<String> = Vec::new();
+    let wait_for = |want: &str, seen: &mut Vec<String>| {
+        let end = Instant::now() + DEADLINE;
+        while !seen.iter().any(|l| l == want) {
+            let left = end.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(l) => seen.push(l),
+                Err(_) => panic!("no {want:?} within {DEADLINE:?}; saw {seen:?}"),
+            }
+        }
+    };
+    wait_for("line 3", &mut seen);
+    append_journal(e.m.stub(1), &[("c4", "line 4"), ("c5", "line 5")]);
+    wait_for("line 5", &mut seen);
+    e.m.tunnel.kill();
+    append_journal(e.m.stub(1), &[("c6", "line 6"), ("c7", "line 7")]);
+    e.m.tunnel.restart();
+    append_journal(e.m.stub(1), &[("c8", "line 8")]);
+    wait_for("line 8", &mut seen);
+    let _ = child.kill();
+    let _ = child.wait();
+    let want: Vec<String> = (1..=8).map(|i| format!("line {i}")).collect();
+    assert_eq!(seen, want);
+    assert!(
+        e.m.argv_log(1).contains("--after-cursor c5"),
+        "{}",
+        e.m.argv_log(1)
+    );
+}
+
+#[test]
+fn ssh_runs_commands_and_passes_the_exit_code() {
+    let e = env();
+    let r = e.run(&["ssh", M1, "echo", "hi;", "exit", "7"]);
+    assert_eq!((r.code, r.stdout.as_str()), (7, "hi\n"), "{r:?}");
+    let r = e.run(&[
+        "ssh",
+        "--unit",
+        "other",
+        "--",
+        "hostname",
+        ">/dev/null;",
+        "echo",
+        "$0",
+    ]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let r = e.run(&["ssh", "b2b2", "cat"]);
+    assert_eq!(r.code, 0, "stdin is forwarded and closed: {r:?}");
+    let r = e.run(&["ssh", "hello", "kill -TERM $$"]);
+    assert_eq!(r.code, 128 + 15, "a signal gives 128+N: {r:?}");
+    // The tunnel host itself is a target too.
+    let r = e.run(&["ssh", &e.m.tunnel.ip, "systemctl", "status", "x"]);
+    assert_eq!(
+        r.stdout, "* x - stub unit on tunnel\n   Active: active (running)\n",
+        "{r:?}"
+    );
+}
+
+#[test]
+fn ssh_target_errors_use_the_original_texts() {
+    let e = env();
+    let r = e.run(&["ssh", "zzzz", "true"]);
+    assert_eq!(
+        (r.code, r.stderr.as_str()),
+        (
+            1,
+            "Unable to proceed: could not find matching unit or machine\n"
+        )
+    );
+    let r = e.run(&["ssh", "--machine", "zzzz", "true"]);
+    assert_eq!(
+        (r.code, r.stderr.as_str()),
+        (1, "Unable to proceed: machine does not exist\n")
+    );
+    let r = e.run(&["ssh", "--unit", "nothere", "true"]);
+    assert_eq!(
+        (r.code, r.stderr.as_str()),
+        (1, "Unable to proceed: unit does not exist\n")
+    );
+    let r = e.run(&["ssh", "--machine", M1, "--unit", "hello", "true"]);
+    assert_eq!(
+        (r.code, r.stderr.as_str()),
+        (
+            1,
+            "Both machine and unit flags provided, please specify only one.\n"
+        )
+    );
+    let r = e.run(&["ssh"]);
+    assert_eq!(
+        (r.code, r.stderr.as_str()),
+        (
+            1,
+            "Unable to proceed: one machine or unit must be provided\n"
+        )
+    );
+    let r = e.run(&["ssh", "--unit", "glob", "true"]);
+    assert_eq!(
+        (r.code, r.stderr.as_str()),
+        (1, "Unable to proceed: global units unsupported\n")
+    );
+}
+
+#[test]
+fn changed_machine_host_key_is_refused_with_the_pinning_message() {
+    let m = Machines::new();
+    m.sim.put("hello.service", unit(M2), "launched");
+    let other = keygen(m.keys.path(), "impostor", "ed25519");
+    let text = std::fs::read_to_string(&m.known_hosts).expect("kh");
+    let m2_line = m.m2.known_hosts_line();
+    let wrong = format!("[{}]:{} {}\n", m.m2.ip, m.m2.port, public_line(&other));
+    std::fs::write(&m.known_hosts, text.replace(&m2_line, &wrong)).expect("kh");
+    let b = m.broker("");
+    let cwd = open_tempdir("fb-cwd.");
+    let r = fleetctl(&b, cwd.path(), &[], &["ssh", M2, "true"]);
+    assert_eq!(r.code, 255, "{r:?}");
+    assert!(
+        r.stderr.starts_with(
+            "Failed running command over SSH: cluster \"c1\" machine b2b2b2b2: HOST KEY CHANGED"
+        ),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains(&format!("{}:3", m.known_hosts.display())),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        !m.m2.log().contains("Accepted publickey"),
+        "no credentials offered to the impostor"
+    );
+    let r = fleetctl(&b, cwd.path(), &[], &["status", "hello"]);
+    assert_eq!(r.code, 255);
+    assert!(
+        r.stderr.starts_with(
+            "Unable to SSH to remote host: cluster \"c1\" machine b2b2b2b2: HOST KEY CHANGED"
+        ),
+        "{}",
+        r.stderr
+    );
+    // Machine 1 is unaffected.
+    assert_eq!(fleetctl(&b, cwd.path(), &[], &["ssh", M1, "true"]).code, 0);
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+async fn collect(stream: &mut session::ExecStream, until: &str, out: &mut String) -> Option<Frame> {
+    loop {
+        match tokio::time::timeout(DEADLINE, stream.recv())
+            .await
+            .expect("frame in time")
+        {
+            Some(Frame::Stdout(b)) | Some(Frame::Stderr(b)) => {
+                out.push_str(&String::from_utf8_lossy(&b));
+                if !until.is_empty() && out.contains(until) {
+                    return None;
+                }
+            }
+            other => return other,
+        }
+    }
+}
+
+#[test]
+fn pty_is_allocated_and_resizes_reach_it() {
+    let e = env();
+    let control = e.b.control_socket();
+    rt().block_on(async {
+        let mut r = req(
+            ExecTarget::Machine(M1.into()),
+            "tty; stty size; read x; stty size",
+        );
+        r.pty = Some(PtyRequest {
+            term: "xterm".into(),
+            cols: 80,
+            rows: 24,
+        });
+        let mut s = session::open(&control, "c1", &r).await.expect("session");
+        let mut out = String::new();
+        assert_eq!(collect(&mut s, "24 80", &mut out).await, None);
+        assert!(out.starts_with("/dev/pts/"), "tty prints a device: {out:?}");
+        assert!(
+            s.send(Frame::Resize {
+                cols: 100,
+                rows: 40
+            })
+            .await
+        );
+        assert!(s.send(Frame::Stdin("go\n".into())).await);
+        let mut out = String::new();
+        assert_eq!(collect(&mut s, "40 100", &mut out).await, None, "{out:?}");
+        assert_eq!(collect(&mut s, "", &mut out).await, Some(Frame::Exit(0)));
+    });
+}
+
+#[test]
+fn agent_is_forwarded_only_when_asked() {
+    let e = env();
+    let r = e.run(&["ssh", M1, "ssh-add", "-l"]);
+    assert_ne!(r.code, 0, "no agent without -A: {r:?}");
+    let r = e.run(&["ssh", "-A", M1, "ssh-add", "-l"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("id_ed25519 (ED25519)"), "{}", r.stdout);
+    let r = e.run(&["ssh", "--forward-agent", M1, "ssh-add", "-l"]);
+    assert_eq!(r.code, 0, "{r:?}");
+}
+
+#[test]
+fn twenty_concurrent_sessions_on_one_cluster() {
+    let e = env();
+    let control = e.b.control_socket();
+    rt().block_on(async {
+        let mut streams = Vec::new();
+        for i in 0..20 {
+            let target = if i % 2 == 0 { M1 } else { M2 };
+            let s = session::open(
+                &control,
+                "c1",
+                &req(ExecTarget::Machine(target.into()), "read x; echo done $x"),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("session {i}: {e:?}"));
+            streams.push(s);
+        }
+        // All twenty are open at once (sshd allows 10 per connection); now let them finish.
+        for (i, s) in streams.iter().enumerate() {
+            assert!(s.send(Frame::Stdin(format!("{i}\n").into())).await);
+        }
+        for (i, mut s) in streams.into_iter().enumerate() {
+            let mut out = String::new();
+            assert_eq!(collect(&mut s, "", &mut out).await, Some(Frame::Exit(0)));
+            assert_eq!(out, format!("done {i}\n"));
+        }
+    });
+}
+
+#[test]
+fn closing_the_client_ends_the_remote_command() {
+    // Like `journalctl -f`, the command writes continuously. When the client goes away the
+    // daemon sends TERM (sshd refuses signal requests for root logins, which run without
+    // privilege separation) and closes the channel, so the next write ends the command.
+    let e = env();
+    let control = e.b.control_socket();
+    let marker = e.m.stub(1).join("ticks");
+    let script = format!(
+        "while :; do echo tick; echo x >> {}; sleep 0.05; done",
+        marker.display()
+    );
+    rt().block_on(async {
+        let mut s = session::open(
+            &control,
+            "c1",
+            &req(ExecTarget::Machine(M1.into()), &script),
+        )
+        .await
+        .expect("session");
+        let mut out = String::new();
+        assert_eq!(collect(&mut s, "tick", &mut out).await, None);
+        drop(s);
+    });
+    let ticks = || {
+        std::fs::read_to_string(&marker)
+            .map(|t| t.len())
+            .unwrap_or(0)
+    };
+    // Ended means: its process is gone and the file no longer grows.
+    let mut last = ticks();
+    wait_until("the remote loop to end", DEADLINE, || {
+        let now = ticks();
+        let stopped = now == last
+            && !Command::new("pgrep")
+                .args(["-f", &format!("x >> {}", marker.display())])
+                .status()
+                .expect("pgrep")
+                .success();
+        last = now;
+        stopped
+    });
+}
+
+#[test]
+fn session_start_errors_are_typed() {
+    let e = env();
+    let control = e.b.control_socket();
+    rt().block_on(async {
+        let r = session::open(
+            &control,
+            "c1",
+            &req(ExecTarget::Unit("nothere.service".into()), "true"),
+        )
+        .await;
+        assert_eq!(
+            r.err(),
+            Some(StartError::Resolve("unit does not exist".into()))
+        );
+        let mut bad = req(ExecTarget::Machine(M1.into()), "true");
+        bad.ssh_port = Some(1);
+        match session::open(&control, "c1", &bad).await {
+            Err(StartError::Ssh(m)) => assert!(m.contains("could not connect"), "{m}"),
+            other => panic!("expected an SSH error, got {:?}", other.err()),
+        }
+        let s = session::open(&control, "c1", &req(ExecTarget::TunnelHost, "exit 4"))
+            .await
+            .expect("session");
+        s.send(Frame::StdinEof).await;
+        assert_eq!(s.finish().await, Outcome::Exit(4));
+    });
+    let _ = std::io::stdout().flush();
+}
