@@ -490,3 +490,65 @@ fn session_start_errors_are_typed() {
     });
     let _ = std::io::stdout().flush();
 }
+
+#[test]
+fn interactive_shell_uses_a_pty_and_restores_the_terminal() {
+    // `script` gives fleetctl a terminal: it must ask for a pty, put the terminal in raw mode
+    // for the session and restore it afterwards (checked with `stty -a` after it exits).
+    let e = env();
+    let fleetctl = env!("CARGO_BIN_EXE_fleetctl");
+    let inner = format!("stty -a > {d}/before; {fleetctl} ssh {M1}; echo \"exit=$?\" > {d}/code; stty -a > {d}/after", d = e.cwd.path().display());
+    let mut child = Command::new("script")
+        .args(["-qec", &inner, "/dev/null"])
+        .env("XDG_RUNTIME_DIR", e.b.dir.path().join("xdg"))
+        .env_remove("FLEETCTL_ENDPOINT")
+        .env_remove("FLEETCTL_CLUSTER")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("script (util-linux)");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = seen.clone();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = std::io::Read::read(&mut stdout, &mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock()
+                .expect("lock")
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    let text = || seen.lock().expect("lock").clone();
+    // Type only once the remote shell shows its prompt, as a person would.
+    wait_until("the remote prompt", DEADLINE, || {
+        let t = text();
+        t.trim_end().ends_with('#') || t.trim_end().ends_with('$')
+    });
+    stdin.write_all(b"tty; exit 3\n").expect("write");
+    let end = Instant::now() + DEADLINE;
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > end {
+            let _ = child.kill();
+            panic!("script did not finish: {}\n{}", text(), e.b.log());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    drop(stdin);
+    let _ = reader.join();
+    let text = text();
+    assert!(
+        text.contains("/dev/pts/"),
+        "the remote shell has a terminal: {text}"
+    );
+    let code = std::fs::read_to_string(e.cwd.path().join("code")).expect("code");
+    assert_eq!(code, "exit=3\n", "the shell's exit status passes through");
+    let before = std::fs::read_to_string(e.cwd.path().join("before")).expect("before");
+    let after = std::fs::read_to_string(e.cwd.path().join("after")).expect("after");
+    assert_eq!(before, after, "terminal modes restored");
+    assert!(after.contains(" icanon"), "{after}");
+}

@@ -12,5 +12,7 @@ fn main() -> std::process::ExitCode {
         }
     };
     let code = rt.block_on(fleet_broker::cli::run(std::env::args_os().collect()));
+    // A session may leave a blocking read of stdin behind; do not wait for it.
+    rt.shutdown_background();
     std::process::ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
