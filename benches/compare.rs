@@ -128,6 +128,92 @@ fn main() {
         ratio(stats[0].1, stats[3].1)
     );
     whole_process(&w, &broker);
+    drop(broker);
+    status_vs_jump();
+}
+
+/// `fleetctl status UNIT` through a warm broker against the same command through two fresh
+/// OpenSSH hops (`ssh -J tunnel machine`), medians of 20 whole-process runs.
+fn status_vs_jump() {
+    let runs = 20;
+    let m = Machines::new();
+    m.sim.put(
+        "hello.service",
+        vec![
+            opt("Service", "ExecStart", "/bin/sleep 1000"),
+            opt("X-Fleet", "MachineID", M1),
+        ],
+        "launched",
+    );
+    let broker = m.broker("");
+    let xdg = broker.dir.path().join("xdg");
+    let cfg = m.keys.path().join("ssh_config");
+    std::fs::write(
+        &cfg,
+        format!(
+            "Host *\n  UserKnownHostsFile {}\n  StrictHostKeyChecking yes\n  BatchMode yes\n  IdentityAgent {}\n  User root\n",
+            m.known_hosts.display(),
+            m.agent.socket.display()
+        ),
+    )
+    .expect("ssh_config");
+    let fleetctl = || {
+        let t = Instant::now();
+        let out = Command::new(env!("CARGO_BIN_EXE_fleetctl"))
+            .args(["status", "hello"])
+            .env("XDG_RUNTIME_DIR", &xdg)
+            .env_remove("FLEETCTL_ENDPOINT")
+            .env_remove("FLEETCTL_CLUSTER")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .status()
+            .expect("fleetctl");
+        assert!(out.success());
+        t.elapsed()
+    };
+    let jump = || {
+        let t = Instant::now();
+        let out = Command::new("ssh")
+            .arg("-F")
+            .arg(&cfg)
+            .arg("-J")
+            .arg(format!("root@{}:{}", m.tunnel.ip, m.tunnel.port))
+            .arg("-p")
+            .arg(m.m1.port.to_string())
+            .arg(&m.m1.ip)
+            .arg("systemctl \"status\" \"-l\" \"hello.service\"")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .status()
+            .expect("ssh -J");
+        assert!(out.success(), "ssh -J failed");
+        t.elapsed()
+    };
+    fleetctl();
+    jump();
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        a.push(fleetctl());
+        b.push(jump());
+    }
+    let (ma, mb) = (median(a), median(b));
+    println!();
+    println!("status on a machine, whole process, median of {runs} runs, interleaved");
+    println!("{:<40} {:>10}", "command", "ms");
+    println!(
+        "{:<40} {:>10.2}",
+        "fleetctl status UNIT (warm broker)",
+        ms(ma)
+    );
+    println!(
+        "{:<40} {:>10.2}",
+        "ssh -J tunnel machine systemctl status",
+        ms(mb)
+    );
+    println!(
+        "ssh -J / fleetctl: {:.1}x",
+        mb.as_secs_f64() / ma.as_secs_f64()
+    );
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
