@@ -211,6 +211,12 @@ pub async fn open_endpoint(
     }
 }
 
+/// A local request body, counted as it streams upstream.
+type UpBody = http_body_util::combinators::MapFrame<
+    Incoming,
+    Box<dyn Fn(hyper::body::Frame<Bytes>) -> hyper::body::Frame<Bytes> + Send + Sync>,
+>;
+
 /// hyper-util connector: each new upstream connection is a fresh channel.
 #[derive(Clone)]
 struct ChannelConnector {
@@ -246,7 +252,7 @@ impl tower_service::Service<Uri> for ChannelConnector {
 #[derive(Clone)]
 pub struct Proxy {
     tunnel: Arc<Tunnel>,
-    client: Client<ChannelConnector, Incoming>,
+    client: Client<ChannelConnector, UpBody>,
 }
 
 const HOP_BY_HOP: [&str; 8] = [
@@ -312,6 +318,18 @@ impl Proxy {
         }
         let method = req.method().clone();
         tracing::debug!(cluster = %self.tunnel.name(), %method, path = %pq, "request");
+        let (parts, body) = req.into_parts();
+        let counter = self.tunnel.clone();
+        let count: Box<
+            dyn Fn(hyper::body::Frame<Bytes>) -> hyper::body::Frame<Bytes> + Send + Sync,
+        > = Box::new(move |f| {
+            if let Some(d) = f.data_ref() {
+                counter.add_bytes(0, d.len() as u64);
+            }
+            f
+        });
+        let body = body.map_frame(count);
+        let req = Request::from_parts(parts, body);
         match self.client.request(req).await {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();

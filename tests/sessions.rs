@@ -85,6 +85,15 @@ fn status_passes_exit_codes_and_separates_units() {
     let r = e.run(&["status", "glob"]);
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(r.stdout, "* glob.service - stub unit on m1\n   Active: active (running)\n\n* glob.service - stub unit on m2\n   Active: active (running)\n");
+    // cobra-style unique prefix
+    let r = e.run(&["stat", "other"]);
+    assert_eq!(
+        (r.code, r.stdout.as_str()),
+        (
+            0,
+            "* other.service - stub unit on m2\n   Active: active (running)\n"
+        )
+    );
     let r = e.run(&["status", "nothere"]);
     assert_eq!(
         (r.code, r.stderr.as_str()),

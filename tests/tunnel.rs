@@ -88,6 +88,10 @@ fn machines_units_and_state_pass_through_byte_identical() {
     let info = b.cluster_info("c1");
     assert_eq!(info["state"], "ready");
     assert!(info["requests"].as_u64().unwrap_or(0) >= 10, "{info}");
+    assert!(
+        info["bytes_out"].as_u64().unwrap_or(0) >= 100,
+        "request bodies are counted: {info}"
+    );
     assert!(info["host_key_fingerprint"]
         .as_str()
         .unwrap_or("")

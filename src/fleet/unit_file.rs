@@ -441,6 +441,14 @@ mod parse_tests {
     }
 
     #[test]
+    fn hash_matches_the_reference_state_example() {
+        // fleet-reference.md A.5: the UnitState of this unit carries this hash.
+        let o =
+            parse("[Unit]\nDescription=Hello\n\n[Service]\nExecStart=/bin/sleep 1000\n").unwrap();
+        assert_eq!(hash(&o), "ea7c914e6663c9d50994eb2bdfb8c3ab190958ec");
+    }
+
+    #[test]
     fn parse_errors() {
         assert_eq!(
             parse("[Unit] x\n").unwrap_err(),
