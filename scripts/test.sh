@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what the integration tests need (OpenSSH server and client, curl) when missing,
+# Installs what the integration tests need (OpenSSH server and client, curl, procps) when missing,
 # then runs the whole test suite. Works on a fresh Debian 12 machine as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +9,8 @@ need=()
 command -v ssh-agent >/dev/null || need+=(openssh-client)
 command -v curl >/dev/null || need+=(curl)
 command -v setpriv >/dev/null || need+=(util-linux)
+command -v pgrep >/dev/null || need+=(procps)
+command -v script >/dev/null || need+=(bsdutils)
 if [ "${#need[@]}" -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "scripts/test.sh: please install: ${need[*]}" >&2
