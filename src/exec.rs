@@ -118,6 +118,48 @@ impl ExecError {
     }
 }
 
+/// A presented host key and its standing, as the control socket reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostKeyReport {
+    pub machine: String,
+    /// The known_hosts name the key is pinned under.
+    pub name: String,
+    /// `type base64`, as a known_hosts line carries it.
+    pub key: String,
+    pub fingerprint: String,
+    pub md5: String,
+    /// `trusted`, `unknown`, `changed` or `revoked`.
+    pub verdict: String,
+    /// Where the host is pinned now (`file:line type fingerprint`).
+    pub pins: Vec<String>,
+}
+
+impl HostKeyReport {
+    fn new(machine: String, seen: &dial::PresentedKey) -> HostKeyReport {
+        use crate::known_hosts::{fingerprint_md5, fingerprint_sha256, Verdict};
+        let (verdict, pins) = match &seen.verdict {
+            Verdict::Trusted(p) => ("trusted", vec![p.to_string()]),
+            Verdict::Revoked(p) => ("revoked", vec![p.to_string()]),
+            Verdict::Changed(ps) => ("changed", ps.iter().map(|p| p.to_string()).collect()),
+            Verdict::Unknown => ("unknown", vec![]),
+        };
+        let key = seen
+            .key
+            .to_openssh()
+            .map(|k| k.split_whitespace().take(2).collect::<Vec<_>>().join(" "))
+            .unwrap_or_default();
+        HostKeyReport {
+            machine,
+            name: seen.names.first().cloned().unwrap_or_default(),
+            key,
+            fingerprint: fingerprint_sha256(&seen.key),
+            md5: fingerprint_md5(&seen.key),
+            verdict: verdict.into(),
+            pins,
+        }
+    }
+}
+
 /// A resolved target.
 #[derive(Debug, Clone)]
 enum Place {
@@ -299,13 +341,63 @@ impl Exec {
             policy: c.host_key_checking,
             keepalive_interval: Some(c.keepalive_interval),
             keepalive_max: c.keepalive_max,
-            trust_hint: format!(
-                "pin the new key in {} (or set host_key_checking = \"accept-new\" for cluster {:?})",
-                c.known_hosts.first().map_or_else(|| "known_hosts".into(), |p| p.display().to_string()),
-                c.name
-            ),
+            trust_hint: format!("pin it with `fleet-broker trust {} --machine ID`", c.name),
             forward_agent,
         }
+    }
+
+    /// The host key a machine presents, and what the pins say of it (`fleet-broker trust
+    /// --machine`). No credentials are offered.
+    pub async fn machine_key(
+        &self,
+        prefix: &str,
+        ssh_port: Option<u16>,
+    ) -> Result<HostKeyReport, ExecError> {
+        let place = self
+            .resolve(&ExecTarget::Machine(prefix.to_string()))
+            .await?;
+        let Place::Machine { id, ip } = place else {
+            return Err(ExecError::resolve(
+                "that is the tunnel host; use `fleet-broker trust CLUSTER`",
+            ));
+        };
+        let port = ssh_port.unwrap_or(self.tunnel.config.machine_ssh_port);
+        let tunnel = self
+            .tunnel
+            .link()
+            .await
+            .map_err(|e| ExecError::ssh(format!("cluster {:?}: {e}", self.tunnel.name())))?;
+        let ch = tunnel
+            .channel_open_direct_tcpip(ip.as_str(), u32::from(port), "127.0.0.1", 0)
+            .await
+            .map_err(|e| {
+                ExecError::ssh(format!(
+                    "the tunnel host could not connect to {}: {e}",
+                    known_hosts_name(&ip, port)
+                ))
+            })?;
+        let target = HostPort {
+            host: ip.clone(),
+            port,
+        };
+        let spec = self.spec(
+            format!("machine {}", Self::short(&id)),
+            target.clone(),
+            self.tunnel.config.user.clone(),
+            false,
+        );
+        let seen = tokio::time::timeout(
+            self.tunnel.config.connect_timeout,
+            dial::presented_key_over(
+                &spec,
+                DrainedChannel::new(ch),
+                vec![target.known_hosts_name()],
+            ),
+        )
+        .await
+        .map_err(|_| ExecError::ssh("timed out waiting for the machine's host key"))?
+        .map_err(|e| ExecError::ssh(e.to_string()))?;
+        Ok(HostKeyReport::new(id, &seen))
     }
 
     /// Dials a machine through the tunnel: direct-tcpip to `ip:port`, then SSH end to end.

@@ -83,3 +83,84 @@ pub async fn trust(cluster: &ClusterConfig, assume_yes: bool) -> anyhow::Result<
         file.display()
     ))
 }
+
+/// `fleet-broker trust CLUSTER --machine ID`: asks the running daemon for the key the machine
+/// presents through the tunnel, then pins it like [`trust`].
+pub async fn trust_machine(
+    cluster: &ClusterConfig,
+    control: &std::path::Path,
+    machine: &str,
+    ssh_port: Option<u16>,
+    assume_yes: bool,
+) -> anyhow::Result<String> {
+    use crate::control::client::{error_text, request};
+    let mut path = format!("/v1/clusters/{}/host-key?machine={machine}", cluster.name);
+    if let Some(p) = ssh_port {
+        path.push_str(&format!("&ssh_port={p}"));
+    }
+    let (status, body) = request(control, "GET", &path)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    if status != 200 {
+        bail!("cluster {:?}: {}", cluster.name, error_text(&body));
+    }
+    let r: crate::exec::HostKeyReport = serde_json::from_slice(&body)?;
+    let short = r.machine.get(..8).unwrap_or(&r.machine).to_string();
+    match r.verdict.as_str() {
+        "trusted" => {
+            return Ok(format!(
+                "cluster {:?} machine {short}: {} is already pinned ({})",
+                cluster.name,
+                r.fingerprint,
+                r.pins.join(", ")
+            ))
+        }
+        "revoked" => bail!(
+            "cluster {:?} machine {short} presents {}, which is @revoked ({}); refusing to pin it",
+            cluster.name,
+            r.fingerprint,
+            r.pins.join(", ")
+        ),
+        "changed" => bail!(
+            "cluster {:?} machine {short} ({}) presents {}, but known_hosts pins {}. If you have checked that the machine was re-keyed, remove the old pin (`ssh-keygen -R '{}' -f FILE`) and run this again",
+            cluster.name,
+            r.name,
+            r.fingerprint,
+            r.pins.join(", "),
+            r.name
+        ),
+        _ => {}
+    }
+    let Some(file) = cluster.known_hosts.first() else {
+        bail!(
+            "cluster {:?} has no known_hosts file to pin into",
+            cluster.name
+        );
+    };
+    eprintln!(
+        "cluster {:?} machine {short} ({}) presents\n  {}\n  {}",
+        cluster.name, r.name, r.fingerprint, r.md5
+    );
+    if !assume_yes {
+        eprint!(
+            "Compare it with the machine's fingerprint. Pin it in {}? (yes/no) ",
+            file.display()
+        );
+        let _ = std::io::stderr().flush();
+        let mut answer = String::new();
+        std::io::stdin().lock().read_line(&mut answer)?;
+        if !matches!(answer.trim().to_ascii_lowercase().as_str(), "yes" | "y") {
+            bail!("not pinned");
+        }
+    }
+    let key = russh::keys::PublicKey::from_openssh(&r.key)
+        .map_err(|e| anyhow::anyhow!("the daemon sent an unreadable key: {e}"))?;
+    append_pin(file, &r.name, &key)?;
+    Ok(format!(
+        "cluster {:?} machine {short}: pinned {} for {} in {}",
+        cluster.name,
+        r.fingerprint,
+        r.name,
+        file.display()
+    ))
+}

@@ -561,3 +561,43 @@ fn interactive_shell_uses_a_pty_and_restores_the_terminal() {
     assert_eq!(before, after, "terminal modes restored");
     assert!(after.contains(" icanon"), "{after}");
 }
+
+#[test]
+fn unknown_machine_is_refused_under_strict_until_trusted() {
+    let m = Machines::new();
+    let text = std::fs::read_to_string(&m.known_hosts).expect("kh");
+    std::fs::write(&m.known_hosts, text.replace(&m.m2.known_hosts_line(), "")).expect("kh");
+    let b = m.broker("");
+    let cwd = open_tempdir("fb-cwd.");
+    let r = fleetctl(&b, cwd.path(), &[], &["ssh", M2, "true"]);
+    assert_eq!(r.code, 255, "{r:?}");
+    assert!(r.stderr.contains("is not in known_hosts"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("fleet-broker trust c1 --machine ID"),
+        "{}",
+        r.stderr
+    );
+    let out = b.cli(&["trust", "c1", "--machine", "b2b2", "--yes"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("cluster \"c1\" machine b2b2b2b2: pinned SHA256:"),
+        "{stdout}"
+    );
+    let pinned = std::fs::read_to_string(&m.known_hosts).expect("kh");
+    assert!(pinned.ends_with(&m.m2.known_hosts_line()), "{pinned}");
+    assert_eq!(fleetctl(&b, cwd.path(), &[], &["ssh", M2, "true"]).code, 0);
+    let out = b.cli(&["trust", "c1", "--machine", "b2b2", "--yes"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("already pinned"));
+    let out = b.cli(&["trust", "c1", "--machine", "zzzz", "--yes"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("machine does not exist"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

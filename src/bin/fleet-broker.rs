@@ -43,6 +43,12 @@ enum Cmd {
     /// Show a cluster's host key and pin it in its first known_hosts file
     Trust {
         cluster: String,
+        /// A machine of the cluster (ID or unique prefix), reached through the running daemon
+        #[arg(long, value_name = "ID")]
+        machine: Option<String>,
+        /// SSH port of the machine (default: the cluster's machine_ssh_port)
+        #[arg(long = "ssh-port", value_name = "N", requires = "machine")]
+        ssh_port: Option<u16>,
         /// Pin without asking (only after checking the fingerprint another way)
         #[arg(long)]
         yes: bool,
@@ -207,7 +213,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Trust { cluster, yes } => {
+        Cmd::Trust {
+            cluster,
+            machine: Some(machine),
+            ssh_port,
+            yes,
+        } => {
+            let config = load_config(cli.config)?;
+            let Some(c) = config.clusters.get(&cluster) else {
+                anyhow::bail!(
+                    "no cluster named {cluster:?} in {}; configured: {}",
+                    config.path.display(),
+                    config
+                        .clusters
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            };
+            let control = fleet_broker::control::client::default_control_socket();
+            println!(
+                "{}",
+                fleet_broker::trust::trust_machine(c, &control, &machine, ssh_port, yes).await?
+            );
+            Ok(())
+        }
+        Cmd::Trust { cluster, yes, .. } => {
             let config = load_config(cli.config)?;
             let Some(c) = config.clusters.get(&cluster) else {
                 anyhow::bail!(

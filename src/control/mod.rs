@@ -2,7 +2,7 @@
 //! operator commands. Routes:
 //! `GET /v1/clusters`, `GET /v1/clusters/NAME`, `POST /v1/clusters/NAME/connect`,
 //! `POST /v1/clusters/NAME/disconnect`, `POST /v1/clusters/NAME/exec` (upgraded to the frame
-//! stream of [`frame`]).
+//! stream of [`frame`]), `GET /v1/clusters/NAME/host-key?machine=ID` (what a machine presents).
 
 pub mod client;
 pub mod frame;
@@ -188,6 +188,28 @@ impl Control {
                         Some(e) => exec(e.clone(), req).await,
                         None => fleet_error(StatusCode::NOT_FOUND, "no exec for this cluster"),
                     },
+                    (&Method::GET, ["host-key"]) => {
+                        let query = req.uri().query().unwrap_or("");
+                        let param = |k: &str| {
+                            query
+                                .split('&')
+                                .find_map(|kv| kv.strip_prefix(k).and_then(|v| v.strip_prefix('=')))
+                        };
+                        let Some(machine) = param("machine").filter(|m| !m.is_empty()) else {
+                            return fleet_error(
+                                StatusCode::BAD_REQUEST,
+                                "host-key needs ?machine=ID",
+                            );
+                        };
+                        let port = param("ssh_port").and_then(|p| p.parse().ok());
+                        match self.exec.get(*name) {
+                            Some(e) => match e.machine_key(machine, port).await {
+                                Ok(r) => to_json(&r),
+                                Err(e) => exec_error(&e),
+                            },
+                            None => fleet_error(StatusCode::NOT_FOUND, "no exec for this cluster"),
+                        }
+                    }
                     (&Method::POST, ["disconnect"]) => {
                         t.command(Command::Disconnect).await;
                         to_json(&info(t, sock))

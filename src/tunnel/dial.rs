@@ -273,9 +273,22 @@ pub struct PresentedKey {
 
 /// Connects far enough to see the host key, then stops; no credentials are offered.
 pub async fn presented_key(spec: &DialSpec) -> Result<PresentedKey, DialError> {
+    let (tcp, names) = connect_tcp(spec).await?;
+    presented_key_over(spec, tcp, names).await
+}
+
+/// [`presented_key`] over any byte stream (a channel to a machine, for nested hops).
+pub async fn presented_key_over<S>(
+    spec: &DialSpec,
+    stream: S,
+    names: Vec<String>,
+) -> Result<PresentedKey, DialError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let known = KnownHosts::load(&spec.known_hosts)?;
     let capture = Arc::new(Mutex::new(None));
-    let (tcp, names) = connect_tcp(spec).await?;
+    let tcp = stream;
     let pinned = known.pinned_algorithms(&names);
     let config = client_config(spec, &pinned);
     let (closed_tx, _closed_rx) = watch::channel(());
