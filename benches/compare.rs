@@ -128,8 +128,64 @@ fn main() {
         ratio(stats[0].1, stats[3].1)
     );
     whole_process(&w, &broker);
+    load(&broker);
     drop(broker);
+    idle_rss(&w);
     status_vs_jump();
+}
+
+/// 256 concurrent clients × 100 requests each, new local connection per request.
+fn load(broker: &Broker) {
+    let (clients, per) = (256, 100);
+    let sock = broker.socket("c1");
+    let started = Instant::now();
+    let handles: Vec<_> = (0..clients)
+        .map(|_| {
+            let sock = sock.clone();
+            std::thread::spawn(move || {
+                let mut errors = 0;
+                for _ in 0..per {
+                    match try_http(&sock, "GET", "/fleet/v1/machines", None) {
+                        Ok((200, _)) => {}
+                        _ => errors += 1,
+                    }
+                }
+                errors
+            })
+        })
+        .collect();
+    let errors: usize = handles.into_iter().map(|h| h.join().unwrap_or(per)).sum();
+    let took = started.elapsed();
+    println!();
+    println!(
+        "load: {clients} clients x {per} requests: {errors} errors, {:.1} s, {:.0} requests/s",
+        took.as_secs_f64(),
+        (clients * per) as f64 / took.as_secs_f64()
+    );
+}
+
+/// Resident memory of an idle daemon with 100 lazy clusters.
+fn idle_rss(w: &World) {
+    let mut config = String::new();
+    for i in 0..100 {
+        config.push_str(&cluster_toml(
+            &format!("c{i}"),
+            &w.sshd,
+            &format!("unix://{}", w.sim.socket.display()),
+            "root",
+            &w.known_hosts,
+            "",
+        ));
+    }
+    let b = Broker::start(&config, Some(&w.agent.socket));
+    let pid = b.pid().expect("pid");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_default();
+    println!("idle daemon with 100 lazy clusters: VmRSS {rss}");
 }
 
 /// `fleetctl status UNIT` through a warm broker against the same command through two fresh
