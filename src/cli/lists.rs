@@ -14,10 +14,9 @@ pub fn machine_legend(id: &str, machine: Option<&Machine>, full: bool) -> String
     if id.is_empty() {
         return "-".into();
     }
-    let mut s = if full || id.len() <= 8 {
-        id.to_string()
-    } else {
-        format!("{}...", &id[..8])
+    let mut s = match id.get(..8) {
+        Some(short) if !full && id.len() > 8 => format!("{short}..."),
+        _ => id.to_string(),
     };
     if let Some(m) = machine {
         if !m.primary_ip.is_empty() {
@@ -104,10 +103,9 @@ pub async fn list_units(api: &FleetClient, f: &ListFlags) -> i32 {
             "sub" => dash(&s.sub_state),
             "load" => dash(&s.load_state),
             "hash" => {
-                if full || s.hash.len() < 7 {
-                    dash(&s.hash)
-                } else {
-                    s.hash[..7].to_string()
+                match s.hash.get(..7) {
+                    Some(short) if !full => short.to_string(),
+                    _ => dash(&s.hash),
                 }
             }
             _ => "-".into(),
@@ -160,10 +158,9 @@ pub async fn list_unit_files(api: &FleetClient, f: &ListUnitFilesFlags) -> i32 {
             "unit" => dash(&u.name),
             "hash" => {
                 let h = hash(&u.options);
-                if f.full {
-                    h
-                } else {
-                    h[..7].to_string()
+                match h.get(..7) {
+                    Some(short) if !f.full => short.to_string(),
+                    _ => h,
                 }
             }
             "dstate" => dash(&u.desired_state),
