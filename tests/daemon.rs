@@ -335,3 +335,83 @@ fn bad_config_names_file_line_and_column() {
     assert!(err.contains(&format!("{}:3:11:", cfg.display())), "{err}");
     assert!(err.contains("sometimes"), "{err}");
 }
+
+#[test]
+fn reload_keeps_unchanged_tunnels_and_rejects_bad_files_whole() {
+    let w = World::new();
+    let b = w.broker("");
+    assert_eq!(
+        http(&b.socket("c1"), "GET", "/fleet/v1/machines", None).0,
+        200
+    );
+    let since = b.cluster_info("c1")["connected_since"].clone();
+    assert!(since.is_string());
+    let cfg = b.dir.path().join("config.toml");
+    let second = cluster_toml(
+        "c2",
+        &w.sshd,
+        &format!("unix://{}", w.sim.socket.display()),
+        "root",
+        &w.known_hosts,
+        "",
+    );
+    std::fs::write(&cfg, format!("{}{second}", w.config(""))).expect("config");
+    let out = b.cli(&["reload"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "reloaded: 1 unchanged, 0 restarted, 1 added, 0 removed\n"
+    );
+    assert_eq!(
+        b.cluster_info("c1")["connected_since"],
+        since,
+        "c1 kept its connection"
+    );
+    assert_eq!(
+        http(&b.socket("c2"), "GET", "/fleet/v1/machines", None).0,
+        200
+    );
+
+    // A bad file changes nothing.
+    std::fs::write(&cfg, "[clusters.c1]\ntunnel = \"h\"\nbogus = 1\n").expect("config");
+    let out = b.cli(&["reload"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{}:3:1: unknown field `bogus`", cfg.display())),
+        "{err}"
+    );
+    assert_eq!(
+        http(&b.socket("c1"), "GET", "/fleet/v1/machines", None).0,
+        200
+    );
+    assert_eq!(
+        http(&b.socket("c2"), "GET", "/fleet/v1/machines", None).0,
+        200
+    );
+
+    // SIGHUP: c1 removed, c2 kept.
+    std::fs::write(&cfg, second).expect("config");
+    let pid = nix::unistd::Pid::from_raw(b.pid().expect("pid") as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    wait_until("c1 to be removed", DEADLINE, || !b.socket("c1").exists());
+    assert_eq!(
+        http(&b.socket("c2"), "GET", "/fleet/v1/machines", None).0,
+        200
+    );
+    let names: Vec<String> = {
+        let (_, body) = http(&b.control_socket(), "GET", "/v1/clusters", None);
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        v["clusters"]
+            .as_array()
+            .expect("list")
+            .iter()
+            .map(|c| c["name"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+    assert_eq!(names, vec!["c2".to_string()]);
+}

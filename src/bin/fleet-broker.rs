@@ -28,6 +28,8 @@ struct Cli {
 enum Cmd {
     /// Run the daemon in the foreground (logs to stderr; RUST_LOG sets the level)
     Serve,
+    /// Ask the running daemon to re-read its config (as SIGHUP does)
+    Reload,
     /// Validate the config and print the effective settings
     CheckConfig,
     /// Show each cluster's tunnel state
@@ -137,17 +139,14 @@ fn print_table(list: &ClusterList) {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Cmd::Serve => {
-            let config = load_config(cli.config)?;
-            let opts = DaemonOptions::from_env();
-            if opts.agent_socket.is_none() {
-                tracing::warn!("SSH_AUTH_SOCK is not set: only identity_files can authenticate");
+        Cmd::Serve => serve(cli.config.unwrap_or_else(default_config_path)).await,
+        Cmd::Reload => {
+            let (status, body) = control_request("POST", "/v1/reload").await?;
+            if status != 200 {
+                anyhow::bail!("config not reloaded: {}", error_text(&body));
             }
-            let daemon = Daemon::start(&config, &opts).await?;
-            tracing::info!(control = %daemon.control_socket.display(), clusters = config.clusters.len(), "fleet-broker ready");
-            fleet_broker::shutdown_signal().await;
-            tracing::info!("shutting down");
-            daemon.shutdown().await;
+            let v: serde_json::Value = serde_json::from_slice(&body)?;
+            println!("reloaded: {}", v["reloaded"].as_str().unwrap_or_default());
             Ok(())
         }
         Cmd::CheckConfig => {
@@ -310,6 +309,48 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Runs the daemon until SIGTERM/SIGINT; SIGHUP and `fleet-broker reload` re-read the config.
+async fn serve(path: PathBuf) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let config = Config::load(&path)?;
+    let opts = DaemonOptions::from_env();
+    if opts.agent_socket.is_none() {
+        tracing::warn!("SSH_AUTH_SOCK is not set: only identity_files can authenticate");
+    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut daemon = Daemon::start(&config, &opts).await?;
+    tracing::info!(control = %daemon.control_socket.display(), clusters = config.clusters.len(), "fleet-broker ready");
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                if let Err(e) = reload(&daemon, &path).await {
+                    tracing::error!(error = %e, "config not reloaded; the running config stays");
+                }
+            }
+            Some(reply) = daemon.reload_rx.recv() => {
+                let result = reload(&daemon, &path).await;
+                if let Err(e) = &result {
+                    tracing::error!(error = %e, "config not reloaded; the running config stays");
+                }
+                let _ = reply.send(result);
+            }
+        }
+    }
+    tracing::info!("shutting down");
+    daemon.shutdown().await;
+    Ok(())
+}
+
+/// Re-reads the config; a file that does not load leaves the running config alone.
+async fn reload(daemon: &Daemon, path: &std::path::Path) -> Result<String, String> {
+    let config = Config::load(path).map_err(|e| e.to_string())?;
+    daemon.reload(&config).await.map_err(|e| e.to_string())
 }
 
 /// `FLEET_BROKER_THREADS=1` runs everything on one thread (lower latency per request,

@@ -102,12 +102,10 @@ pub async fn list_units(api: &FleetClient, f: &ListFlags) -> i32 {
             "active" => dash(&s.active_state),
             "sub" => dash(&s.sub_state),
             "load" => dash(&s.load_state),
-            "hash" => {
-                match s.hash.get(..7) {
-                    Some(short) if !full => short.to_string(),
-                    _ => dash(&s.hash),
-                }
-            }
+            "hash" => match s.hash.get(..7) {
+                Some(short) if !full => short.to_string(),
+                _ => dash(&s.hash),
+            },
             _ => "-".into(),
         }
     };

@@ -1,13 +1,12 @@
 //! The control socket (`control.sock`, HTTP/1.1 + JSON): cluster health and counters, and
 //! operator commands. Routes:
-//! `GET /v1/clusters`, `GET /v1/clusters/NAME`, `POST /v1/clusters/NAME/connect`,
+//! `GET /v1/clusters`, `GET /v1/clusters/NAME`, `POST /v1/reload`, `POST /v1/clusters/NAME/connect`,
 //! `POST /v1/clusters/NAME/disconnect`, `POST /v1/clusters/NAME/exec` (upgraded to the frame
 //! stream of [`frame`]), `GET /v1/clusters/NAME/host-key?machine=ID` (what a machine presents).
 
 pub mod client;
 pub mod frame;
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -45,9 +44,9 @@ pub struct ClusterList {
 
 /// What the control socket serves.
 pub struct Control {
-    pub tunnels: BTreeMap<String, (Arc<Tunnel>, PathBuf)>,
-    /// Exec sessions per cluster.
-    pub exec: BTreeMap<String, Arc<crate::exec::Exec>>,
+    pub registry: Arc<crate::daemon::Registry>,
+    /// Asks the daemon's owner to reload the config.
+    pub reload_tx: tokio::sync::mpsc::Sender<crate::daemon::ReloadRequest>,
 }
 
 fn exec_error(e: &crate::exec::ExecError) -> Response<Body> {
@@ -165,18 +164,38 @@ impl Control {
         let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         match (req.method(), segs.as_slice()) {
             (&Method::GET, ["v1", "clusters"]) => to_json(&ClusterList {
-                clusters: self.tunnels.values().map(|(t, s)| info(t, s)).collect(),
+                clusters: self
+                    .registry
+                    .all()
+                    .iter()
+                    .map(|c| info(&c.tunnel, &c.socket))
+                    .collect(),
             }),
+            (&Method::POST, ["v1", "reload"]) => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                if self.reload_tx.send(tx).await.is_err() {
+                    return fleet_error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "this daemon cannot reload",
+                    );
+                }
+                match rx.await {
+                    Ok(Ok(summary)) => to_json(&serde_json::json!({ "reloaded": summary })),
+                    Ok(Err(e)) => fleet_error(StatusCode::BAD_REQUEST, &e),
+                    Err(_) => fleet_error(StatusCode::SERVICE_UNAVAILABLE, "reload was dropped"),
+                }
+            }
             (m, ["v1", "clusters", name, rest @ ..]) => {
-                let Some((t, sock)) = self.tunnels.get(*name) else {
+                let Some(rt) = self.registry.get(name) else {
                     return fleet_error(
                         StatusCode::NOT_FOUND,
                         &format!(
                             "no cluster named {name:?}; configured: {}",
-                            self.tunnels.keys().cloned().collect::<Vec<_>>().join(", ")
+                            self.registry.names().join(", ")
                         ),
                     );
                 };
+                let (t, sock) = (&rt.tunnel, &rt.socket);
                 match (m, rest) {
                     (&Method::GET, []) => to_json(&info(t, sock)),
                     (&Method::POST, ["connect"]) => {
@@ -184,10 +203,7 @@ impl Control {
                         let _ = t.link().await;
                         to_json(&info(t, sock))
                     }
-                    (&Method::POST, ["exec"]) => match self.exec.get(*name) {
-                        Some(e) => exec(e.clone(), req).await,
-                        None => fleet_error(StatusCode::NOT_FOUND, "no exec for this cluster"),
-                    },
+                    (&Method::POST, ["exec"]) => exec(rt.exec.clone(), req).await,
                     (&Method::GET, ["host-key"]) => {
                         let query = req.uri().query().unwrap_or("");
                         let param = |k: &str| {
@@ -202,12 +218,9 @@ impl Control {
                             );
                         };
                         let port = param("ssh_port").and_then(|p| p.parse().ok());
-                        match self.exec.get(*name) {
-                            Some(e) => match e.machine_key(machine, port).await {
-                                Ok(r) => to_json(&r),
-                                Err(e) => exec_error(&e),
-                            },
-                            None => fleet_error(StatusCode::NOT_FOUND, "no exec for this cluster"),
+                        match rt.exec.machine_key(machine, port).await {
+                            Ok(r) => to_json(&r),
+                            Err(e) => exec_error(&e),
                         }
                     }
                     (&Method::POST, ["disconnect"]) => {
