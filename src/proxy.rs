@@ -238,11 +238,13 @@ impl tower_service::Service<Uri> for ChannelConnector {
         let tunnel = self.tunnel.clone();
         Box::pin(async move {
             let handle = tunnel.link().await.map_err(|e| -> BoxError { e.into() })?;
-            let ch = open_endpoint(&handle, &tunnel.config.endpoint)
+            let endpoint = &tunnel.config.endpoint;
+            let ch = tokio::time::timeout(tunnel.config.connect_timeout, open_endpoint(&handle, endpoint))
                 .await
-                .map_err(|e| -> BoxError {
-                    format!("cannot open a channel to {}: {e}", tunnel.config.endpoint).into()
-                })?;
+                .map_err(|_| -> BoxError {
+                    format!("the tunnel host did not open a channel to {endpoint} within {} (is the connection alive?)", humantime::format_duration(tunnel.config.connect_timeout)).into()
+                })?
+                .map_err(|e| -> BoxError { format!("cannot open a channel to {endpoint}: {e}").into() })?;
             Ok(TokioIo::new(DrainedChannel::new(ch)))
         })
     }

@@ -24,6 +24,12 @@ use crate::config::{ClusterConfig, ConnectMode};
 
 pub const BACKOFF_MIN: Duration = Duration::from_millis(250);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How often a Ready tunnel compares the wall clock with the monotonic one.
+const CLOCK_CHECK: Duration = Duration::from_secs(5);
+/// A wall-clock jump this much larger than the monotonic clock's means a suspend.
+const SUSPEND_JUMP: Duration = Duration::from_secs(10);
+/// How long a probe after a suspend may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Latency samples kept per cluster for p50/p99.
 const LATENCY_SAMPLES: usize = 1024;
 
@@ -410,6 +416,9 @@ impl Supervisor {
         let handle: SshHandle = Arc::new(conn.handle);
         t.link_tx.send_replace(Link::Up(handle.clone()));
         let mut closed = conn.closed;
+        let mut clock = tokio::time::interval(CLOCK_CHECK);
+        clock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (mut wall, mut mono) = (SystemTime::now(), Instant::now());
         let next = loop {
             tokio::select! {
                 _ = closed.changed() => {
@@ -418,6 +427,21 @@ impl Supervisor {
                         s.connected_since = None;
                     });
                     break Step::Backoff;
+                }
+                _ = clock.tick() => {
+                    // The monotonic clock stops during suspend, the wall clock does not: a
+                    // jump means the machine slept and the connection is probably dead.
+                    let walled = SystemTime::now().duration_since(wall).unwrap_or_default();
+                    let slept = walled.saturating_sub(mono.elapsed()) > SUSPEND_JUMP;
+                    (wall, mono) = (SystemTime::now(), Instant::now());
+                    if slept && tokio::time::timeout(PROBE_TIMEOUT, handle.send_ping()).await.is_err() {
+                        tracing::warn!(cluster = %t.config.name, "no answer after a clock jump (suspend?); reconnecting");
+                        t.with_stats(|s| {
+                            s.last_error = Some(format!("connection to {} did not survive a suspend", t.config.tunnel));
+                            s.connected_since = None;
+                        });
+                        break Step::Backoff;
+                    }
                 }
                 c = self.cmd_rx.recv() => match c {
                     Some(Command::Connect) => continue,
@@ -428,7 +452,7 @@ impl Supervisor {
             }
         };
         t.link_tx.send_replace(Link::Down);
-        if !matches!(next, Step::Backoff) {
+        if !matches!(next, Step::Backoff) || !handle.is_closed() {
             let _ = handle
                 .disconnect(
                     russh::Disconnect::ByApplication,
