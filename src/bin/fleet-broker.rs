@@ -116,25 +116,23 @@ fn print_table(list: &ClusterList) {
     for c in &list.clusters {
         let ClusterInfo {
             name,
-            state,
             tunnel,
             user,
-            requests,
-            reconnects,
-            latency_p50_ms,
-            last_error,
+            status,
             ..
         } = c;
         println!(
             "{:<16} {:<11} {:<24} {:<10} {:>8} {:>10} {:>9}  {}",
             name,
-            state,
+            status.state.to_string(),
             tunnel,
             user,
-            requests,
-            reconnects,
-            latency_p50_ms.map_or("-".into(), |v| format!("{v:.2}")),
-            last_error.as_deref().unwrap_or("-")
+            status.requests,
+            status.reconnects,
+            status
+                .latency_p50_ms
+                .map_or("-".into(), |v| format!("{v:.2}")),
+            status.last_error.as_deref().unwrap_or("-")
         );
     }
 }
@@ -189,18 +187,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Demo { once } => fleet_broker::demo::run(once).await,
         Cmd::Env { cluster, shell } => {
             let config = load_config(cli.config)?;
-            if !config.clusters.contains_key(&cluster) {
-                anyhow::bail!(
-                    "no cluster named {cluster:?} in {}; configured: {}",
-                    config.path.display(),
-                    config
-                        .clusters
-                        .keys()
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
-            }
+            find_cluster(&config, &cluster)?;
             let socket = fleet_broker::local::cluster_socket(
                 &fleet_broker::local::default_runtime_dir(),
                 &cluster,
@@ -221,18 +208,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             yes,
         } => {
             let config = load_config(cli.config)?;
-            let Some(c) = config.clusters.get(&cluster) else {
-                anyhow::bail!(
-                    "no cluster named {cluster:?} in {}; configured: {}",
-                    config.path.display(),
-                    config
-                        .clusters
-                        .keys()
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
-            };
+            let c = find_cluster(&config, &cluster)?;
             let control = fleet_broker::control::client::default_control_socket();
             println!(
                 "{}",
@@ -242,18 +218,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Trust { cluster, yes, .. } => {
             let config = load_config(cli.config)?;
-            let Some(c) = config.clusters.get(&cluster) else {
-                anyhow::bail!(
-                    "no cluster named {cluster:?} in {}; configured: {}",
-                    config.path.display(),
-                    config
-                        .clusters
-                        .keys()
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
-            };
+            let c = find_cluster(&config, &cluster)?;
             println!("{}", fleet_broker::trust::trust(c, yes).await?);
             // A running daemon retries at once (a failed tunnel waits for this).
             if control_request("POST", &format!("/v1/clusters/{cluster}/connect"))
@@ -284,8 +249,9 @@ async fn control_cmd(cluster: &str, what: &str) -> anyhow::Result<()> {
     println!(
         "{}: {}{}",
         info.name,
-        info.state,
-        info.last_error
+        info.status.state,
+        info.status
+            .last_error
             .map(|e| format!(" ({e})"))
             .unwrap_or_default()
     );
@@ -347,6 +313,25 @@ async fn serve(path: PathBuf) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     daemon.shutdown().await;
     Ok(())
+}
+
+/// A configured cluster, or an error listing the configured ones.
+fn find_cluster<'a>(
+    config: &'a Config,
+    name: &str,
+) -> anyhow::Result<&'a fleet_broker::config::ClusterConfig> {
+    config.clusters.get(name).ok_or_else(|| {
+        anyhow::anyhow!(
+            "no cluster named {name:?} in {}; configured: {}",
+            config.path.display(),
+            config
+                .clusters
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })
 }
 
 /// Re-reads the config; a file that does not load leaves the running config alone.

@@ -48,6 +48,18 @@ fn parse_fields(fields: &str, allowed: &[&str]) -> Result<Vec<String>, String> {
     Ok(keys)
 }
 
+/// [`parse_fields`], printing the error.
+fn fields_or_report(fields: &str, allowed: &[&str]) -> Result<Vec<String>, ()> {
+    parse_fields(fields, allowed).map_err(|e| eprintln!("{e}"))
+}
+
+/// Every machine (for legends), printing fleetctl's error.
+async fn machines_or_report(api: &FleetClient) -> Result<Vec<Machine>, ()> {
+    api.machines()
+        .await
+        .map_err(|e| eprintln!("Error retrieving list of active machines: {e}"))
+}
+
 fn table(keys: &[String], rows: Vec<Vec<String>>, no_legend: bool) -> String {
     let mut all = Vec::with_capacity(rows.len() + 1);
     if !no_legend {
@@ -66,15 +78,11 @@ fn print(s: &str) {
 
 pub async fn list_units(api: &FleetClient, f: &ListFlags) -> i32 {
     let full = f.full || f.l;
-    let keys = match parse_fields(
+    let Ok(keys) = fields_or_report(
         f.fields.as_deref().unwrap_or("unit,machine,active,sub"),
         &["active", "hash", "load", "machine", "sub", "unit"],
-    ) {
-        Ok(k) => k,
-        Err(e) => {
-            eprintln!("{e}");
-            return 1;
-        }
+    ) else {
+        return 1;
     };
     let states = match api.unit_states(None, None).await {
         Ok(s) => s,
@@ -83,12 +91,8 @@ pub async fn list_units(api: &FleetClient, f: &ListFlags) -> i32 {
             return 1;
         }
     };
-    let machines = match api.machines().await {
-        Ok(m) => m,
-        Err(e) => {
-            eprintln!("Error retrieving list of active machines: {e}");
-            return 1;
-        }
+    let Ok(machines) = machines_or_report(api).await else {
+        return 1;
     };
     let by_id: BTreeMap<&str, &Machine> = machines.iter().map(|m| (m.id.as_str(), m)).collect();
     let cell = |s: &UnitState, k: &str| -> String {
@@ -118,19 +122,15 @@ pub async fn list_units(api: &FleetClient, f: &ListFlags) -> i32 {
 }
 
 pub async fn list_unit_files(api: &FleetClient, f: &ListUnitFilesFlags) -> i32 {
-    let keys = match parse_fields(
+    let Ok(keys) = fields_or_report(
         f.fields
             .as_deref()
             .unwrap_or("unit,hash,dstate,state,target"),
         &[
             "desc", "dstate", "global", "hash", "state", "target", "tmachine", "unit",
         ],
-    ) {
-        Ok(k) => k,
-        Err(e) => {
-            eprintln!("{e}");
-            return 1;
-        }
+    ) else {
+        return 1;
     };
     if keys.iter().any(|k| k == "tmachine") {
         eprintln!("WARNING: The \"tmachine\" field is deprecated. Use \"target\" instead");
@@ -142,12 +142,8 @@ pub async fn list_unit_files(api: &FleetClient, f: &ListUnitFilesFlags) -> i32 {
             return 1;
         }
     };
-    let machines = match api.machines().await {
-        Ok(m) => m,
-        Err(e) => {
-            eprintln!("Error retrieving list of active machines: {e}");
-            return 1;
-        }
+    let Ok(machines) = machines_or_report(api).await else {
+        return 1;
     };
     let by_id: BTreeMap<&str, &Machine> = machines.iter().map(|m| (m.id.as_str(), m)).collect();
     let cell = |u: &Unit, k: &str| -> String {
@@ -197,15 +193,11 @@ pub async fn list_unit_files(api: &FleetClient, f: &ListUnitFilesFlags) -> i32 {
 
 pub async fn list_machines(api: &FleetClient, f: &ListFlags) -> i32 {
     let full = f.full || f.l;
-    let keys = match parse_fields(
+    let Ok(keys) = fields_or_report(
         f.fields.as_deref().unwrap_or("machine,ip,metadata"),
         &["machine", "ip", "metadata"],
-    ) {
-        Ok(k) => k,
-        Err(e) => {
-            eprintln!("{e}");
-            return 1;
-        }
+    ) else {
+        return 1;
     };
     let machines = match api.machines().await {
         Ok(m) => m,

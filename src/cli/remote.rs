@@ -149,6 +149,21 @@ impl Sessions {
     }
 }
 
+/// The unit, or fleetctl's message when it does not exist or cannot be read.
+async fn unit_or_report(api: &FleetClient, name: &str) -> Result<crate::fleet::schema::Unit, ()> {
+    match api.unit(name).await {
+        Ok(Some(u)) => Ok(u),
+        Ok(None) => {
+            eprintln!("Unit {name} does not exist.");
+            Err(())
+        }
+        Err(e) => {
+            eprintln!("Error retrieving Unit {name}: {e}");
+            Err(())
+        }
+    }
+}
+
 /// `fleetctl status UNIT…`.
 pub async fn status(
     api: &FleetClient,
@@ -159,16 +174,8 @@ pub async fn status(
     let mut printed = false;
     for arg in args {
         let name = unit_name_mangle(arg);
-        let u = match api.unit(&name).await {
-            Ok(Some(u)) => u,
-            Ok(None) => {
-                eprintln!("Unit {name} does not exist.");
-                return 1;
-            }
-            Err(e) => {
-                eprintln!("Error retrieving Unit {name}: {e}");
-                return 1;
-            }
+        let Ok(u) = unit_or_report(api, &name).await else {
+            return 1;
         };
         let machines: Vec<String> = if is_global(&u.options) {
             match api.unit_states(None, Some(&name)).await {
@@ -266,16 +273,8 @@ pub async fn journal(api: &FleetClient, s: &Sessions, args: &[String], o: &Journ
         return 1;
     }
     let name = unit_name_mangle(&args[0]);
-    let u = match api.unit(&name).await {
-        Ok(Some(u)) => u,
-        Ok(None) => {
-            eprintln!("Unit {name} does not exist.");
-            return 1;
-        }
-        Err(e) => {
-            eprintln!("Error retrieving Unit {name}: {e}");
-            return 1;
-        }
+    let Ok(u) = unit_or_report(api, &name).await else {
+        return 1;
     };
     if is_global(&u.options) {
         eprintln!("Unable to retrieve journal of global unit {name}.");

@@ -25,16 +25,8 @@ pub struct ClusterInfo {
     pub user: String,
     pub endpoint: String,
     pub socket: PathBuf,
-    pub state: String,
-    pub host_key_fingerprint: Option<String>,
-    pub connected_since: Option<String>,
-    pub last_error: Option<String>,
-    pub reconnects: u64,
-    pub requests: u64,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    pub latency_p50_ms: Option<f64>,
-    pub latency_p99_ms: Option<f64>,
+    #[serde(flatten)]
+    pub status: Status,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -117,37 +109,13 @@ async fn exec(exec: Arc<crate::exec::Exec>, req: Request<Incoming>) -> Response<
 }
 
 fn info(t: &Tunnel, socket: &std::path::Path) -> ClusterInfo {
-    let Status {
-        state,
-        host_key_fingerprint,
-        connected_since,
-        last_error,
-        reconnects,
-        requests,
-        bytes_in,
-        bytes_out,
-        latency_p50_ms,
-        latency_p99_ms,
-    } = t.status();
     ClusterInfo {
         name: t.config.name.clone(),
         tunnel: t.config.tunnel.to_string(),
         user: t.config.user.clone(),
         endpoint: t.config.endpoint.to_string(),
         socket: socket.to_path_buf(),
-        state: serde_json::to_value(state)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default(),
-        host_key_fingerprint,
-        connected_since,
-        last_error,
-        reconnects,
-        requests,
-        bytes_in,
-        bytes_out,
-        latency_p50_ms,
-        latency_p99_ms,
+        status: t.status(),
     }
 }
 

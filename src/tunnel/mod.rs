@@ -36,7 +36,7 @@ const LATENCY_SAMPLES: usize = 1024;
 /// The shared, live SSH connection.
 pub type SshHandle = Arc<Handle<ClientHandler>>;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum State {
     Idle,
@@ -62,7 +62,7 @@ pub enum Command {
 }
 
 /// Counters and the current status, read by the control socket.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Status {
     pub state: State,
     pub host_key_fingerprint: Option<String>,
@@ -108,6 +108,18 @@ fn percentile(sorted: &[u64], p: f64) -> Option<f64> {
     }
     let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     Some(sorted[idx.min(sorted.len() - 1)] as f64 / 1000.0)
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            State::Idle => "idle",
+            State::Connecting => "connecting",
+            State::Ready => "ready",
+            State::Backoff => "backoff",
+            State::Failed => "failed",
+        })
+    }
 }
 
 impl Tunnel {
