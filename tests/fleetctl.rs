@@ -708,7 +708,6 @@ fn api_errors_are_reported_like_fleetctl() {
 
 #[test]
 fn fleetctl_cluster_demo_works_against_fleet_broker_demo() {
-    use std::io::BufRead;
     use std::process::{Command, Stdio};
     let xdg = open_tempdir("fb-demo.");
     let mut demo = Command::new(env!("CARGO_BIN_EXE_fleet-broker"))
@@ -722,17 +721,7 @@ fn fleetctl_cluster_demo_works_against_fleet_broker_demo() {
         .spawn()
         .expect("demo");
     let stdout = demo.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = line_reader(stdout);
     let mut seen = Vec::new();
     let end = std::time::Instant::now() + DEADLINE;
     while !seen

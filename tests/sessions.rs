@@ -4,7 +4,7 @@
 
 mod support;
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
@@ -173,17 +173,7 @@ fn journal_follow_survives_a_tunnel_restart_without_loss_or_repeats() {
         .spawn()
         .expect("fleetctl journal -f");
     let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = line_reader(stdout);
     let mut seen: Vec<String> = Vec::new();
     let wait_for = |want: &str, seen: &mut Vec<String>| {
         let end = Instant::now() + DEADLINE;

@@ -325,24 +325,29 @@ impl Sshd {
         ok
     }
 
+    /// Writes the config and starts sshd in the foreground, logging to `sshd.log`.
+    fn spawn(&self) -> Child {
+        let cfg = self.write_config();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("sshd.log"))
+            .expect("log");
+        Command::new("/usr/sbin/sshd")
+            .arg("-D")
+            .arg("-e")
+            .arg("-f")
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("sshd (install openssh-server)")
+    }
+
     fn launch(&mut self) {
         for attempt in 0..5 {
-            let cfg = self.write_config();
-            let log = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(self.dir.path().join("sshd.log"))
-                .expect("log");
-            let mut child = Command::new("/usr/sbin/sshd")
-                .arg("-D")
-                .arg("-e")
-                .arg("-f")
-                .arg(&cfg)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("sshd (install openssh-server)");
+            let mut child = self.spawn();
             let end = Instant::now() + DEADLINE;
             let mut up = false;
             while Instant::now() < end {
@@ -389,22 +394,7 @@ impl Sshd {
     /// Starts sshd again on the same address with the same keys.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "restart after kill");
-        let cfg = self.write_config();
-        let log = std::fs::OpenOptions::new()
-            .append(true)
-            .open(self.dir.path().join("sshd.log"))
-            .expect("log");
-        let child = Command::new("/usr/sbin/sshd")
-            .arg("-D")
-            .arg("-e")
-            .arg("-f")
-            .arg(&cfg)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("sshd");
-        self.child = Some(child);
+        self.child = Some(self.spawn());
         wait_until("sshd to listen again", DEADLINE, || self.banner_ready());
     }
 
@@ -926,4 +916,18 @@ impl Machines {
     pub fn argv_log(&self, i: usize) -> String {
         std::fs::read_to_string(self.stub(i).join("argv.log")).unwrap_or_default()
     }
+}
+
+/// Lines read from a child's output, as they come.
+pub fn line_reader<R: Read + Send + 'static>(out: R) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
