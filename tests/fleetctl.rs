@@ -704,6 +704,21 @@ fn api_errors_are_reported_like_fleetctl() {
         r.stderr
     );
     assert!(r.stderr.ends_with("Possible issues:\n  etcd is unhealthy and/or lost quorum\n  connection cannot be established to any etcd servers\n"));
+    // A socket that accepts but never answers: --request-timeout bounds the wait.
+    let silent = e.cwd.path().join("silent.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&silent).expect("bind");
+    let ep = format!("unix://{}", silent.display());
+    let r = fleetctl(
+        &e.b,
+        e.cwd.path(),
+        &[("FLEETCTL_ENDPOINT", &ep)],
+        &["--request-timeout", "0.5", "list-unit-files"],
+    );
+    assert_eq!(r.code, 1);
+    assert_eq!(
+        r.stderr,
+        "Error retrieving list of units from repository: Get \"http://domain-sock/fleet/v1/units?alt=json\": no response within 500ms (raise --request-timeout)\n"
+    );
 }
 
 #[test]
