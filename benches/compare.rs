@@ -131,6 +131,7 @@ fn main() {
     load(&broker);
     drop(broker);
     idle_rss(&w);
+    bulk(&w);
     status_vs_jump();
 }
 
@@ -162,6 +163,131 @@ fn load(broker: &Broker) {
         took.as_secs_f64(),
         (clients * per) as f64 / took.as_secs_f64()
     );
+}
+
+/// A TCP server answering every request with `size` bytes, for the bulk comparison.
+fn bulk_server(size: u64) -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for conn in l.incoming().take(64) {
+            let Ok(mut c) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 65536 {
+                    if c.read(&mut b).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(b[0]);
+                }
+                let chunk = vec![b'x'; 1 << 20];
+                let _ = write!(
+                    c,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n"
+                );
+                let mut left = size;
+                while left > 0 {
+                    let n = left.min(chunk.len() as u64) as usize;
+                    if c.write_all(&chunk[..n]).is_err() {
+                        return;
+                    }
+                    left -= n as u64;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Seconds to fetch one bulk response through `socket`, reading as fast as possible.
+fn fetch_bulk(socket: &Path, size: u64) -> Duration {
+    use std::io::{Read, Write};
+    let t = Instant::now();
+    let mut s = std::os::unix::net::UnixStream::connect(socket).expect("connect");
+    s.write_all(b"GET /bulk HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("write");
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => total += n as u64,
+            Err(e) => panic!("bulk read: {e}"),
+        }
+    }
+    assert!(total >= size, "short bulk response: {total} of {size}");
+    t.elapsed()
+}
+
+/// Throughput of one large response: broker (direct-tcpip endpoint) against OpenSSH
+/// `ssh -N -L sock:host:port`, same cipher (aes256-gcm, which the broker prefers on CPUs with
+/// AES instructions).
+fn bulk(w: &World) {
+    let mb: u64 = std::env::var("BULK_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256);
+    let size = mb << 20;
+    let addr = bulk_server(size);
+    let b = Broker::start(
+        &cluster_toml(
+            "bulk",
+            &w.sshd,
+            &format!("http://{addr}"),
+            "root",
+            &w.known_hosts,
+            "",
+        ),
+        Some(&w.agent.socket),
+    );
+    let dir = open_tempdir("fb-bulk.");
+    let local = dir.path().join("bulk.sock");
+    let mut cmd = Command::new("ssh");
+    cmd.arg("-p")
+        .arg(w.sshd.port.to_string())
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", w.known_hosts.display()))
+        .args([
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "BatchMode=yes",
+            "-c",
+            "aes256-gcm@openssh.com",
+        ])
+        .arg("-o")
+        .arg(format!("IdentityAgent={}", w.agent.socket.display()))
+        .arg("-N")
+        .arg("-L")
+        .arg(format!("{}:{addr}", local.display()))
+        .arg(format!("root@{}", w.sshd.ip))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let _ssh = Ssh(cmd.spawn().expect("ssh"));
+    wait_until("ssh -L bulk socket", DEADLINE, || local.exists());
+    let (mut a, mut o) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        a.push(fetch_bulk(&b.socket("bulk"), size));
+        o.push(fetch_bulk(&local, size));
+    }
+    let (ta, to) = (median(a), median(o));
+    let rate = |t: Duration| mb as f64 / t.as_secs_f64();
+    println!();
+    println!("bulk: one {mb} MiB response, median of 3, interleaved");
+    println!(
+        "{:<40} {:>10.1} MiB/s",
+        "fleet-broker (direct-tcpip)",
+        rate(ta)
+    );
+    println!(
+        "{:<40} {:>10.1} MiB/s",
+        "OpenSSH ssh -N -L (aes256-gcm)",
+        rate(to)
+    );
+    println!("broker / OpenSSH throughput: {:.3}x", rate(ta) / rate(to));
 }
 
 /// Resident memory of an idle daemon with 100 lazy clusters.

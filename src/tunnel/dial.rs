@@ -227,10 +227,29 @@ fn preferred_keys(pinned: &[Algorithm]) -> Vec<Algorithm> {
     out
 }
 
+/// AES-GCM first where the CPU has AES instructions (it is then the fastest AEAD), else
+/// russh's default order (ChaCha20-Poly1305 first).
+fn preferred_ciphers() -> Vec<russh::cipher::Name> {
+    let mut order: Vec<russh::cipher::Name> = russh::Preferred::DEFAULT.cipher.to_vec();
+    #[cfg(target_arch = "x86_64")]
+    let aes = std::arch::is_x86_feature_detected!("aes")
+        && std::arch::is_x86_feature_detected!("pclmulqdq");
+    #[cfg(target_arch = "aarch64")]
+    let aes = std::arch::is_aarch64_feature_detected!("aes");
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    let aes = false;
+    if aes {
+        order.retain(|c| *c != russh::cipher::AES_256_GCM);
+        order.insert(0, russh::cipher::AES_256_GCM);
+    }
+    order
+}
+
 /// The client config for a spec (shared by the tunnel and nested hops).
 pub fn client_config(spec: &DialSpec, pinned: &[Algorithm]) -> client::Config {
     let preferred = russh::Preferred {
         key: preferred_keys(pinned).into(),
+        cipher: preferred_ciphers().into(),
         ..Default::default()
     };
     client::Config {
