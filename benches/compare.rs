@@ -201,8 +201,9 @@ fn bulk_server(size: u64) -> std::net::SocketAddr {
     addr
 }
 
-/// Seconds to fetch one bulk response through `socket`, reading as fast as possible.
-fn fetch_bulk(socket: &Path, size: u64) -> Duration {
+/// Time to fetch one bulk response through `socket`, reading as fast as possible; `None`
+/// when the response was cut short.
+fn fetch_bulk(socket: &Path, size: u64) -> Option<Duration> {
     use std::io::{Read, Write};
     let t = Instant::now();
     let mut s = std::os::unix::net::UnixStream::connect(socket).expect("connect");
@@ -214,11 +215,10 @@ fn fetch_bulk(socket: &Path, size: u64) -> Duration {
         match s.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => total += n as u64,
-            Err(e) => panic!("bulk read: {e}"),
+            Err(_) => break,
         }
     }
-    assert!(total >= size, "short bulk response: {total} of {size}");
-    t.elapsed()
+    (total >= size).then(|| t.elapsed())
 }
 
 /// Throughput of one large response: broker (direct-tcpip endpoint) against OpenSSH
@@ -268,10 +268,18 @@ fn bulk(w: &World) {
         .stderr(Stdio::null());
     let _ssh = Ssh(cmd.spawn().expect("ssh"));
     wait_until("ssh -L bulk socket", DEADLINE, || local.exists());
-    let (mut a, mut o) = (Vec::new(), Vec::new());
+    let (mut a, mut o, mut cut) = (Vec::new(), Vec::new(), 0);
     for _ in 0..3 {
-        a.push(fetch_bulk(&b.socket("bulk"), size));
-        o.push(fetch_bulk(&local, size));
+        match fetch_bulk(&b.socket("bulk"), size) {
+            Some(t) => a.push(t),
+            None => cut += 1,
+        }
+        o.extend(fetch_bulk(&local, size));
+    }
+    if a.is_empty() || o.is_empty() {
+        println!();
+        println!("bulk: no complete transfer (broker cut the reader off {cut} times)");
+        return;
     }
     let (ta, to) = (median(a), median(o));
     let rate = |t: Duration| mb as f64 / t.as_secs_f64();
@@ -288,6 +296,9 @@ fn bulk(w: &World) {
         rate(to)
     );
     println!("broker / OpenSSH throughput: {:.3}x", rate(ta) / rate(to));
+    if cut > 0 {
+        println!("({cut} of 3 broker transfers were cut off: the reader fell more than the buffer limit behind)");
+    }
 }
 
 /// Resident memory of an idle daemon with 100 lazy clusters.

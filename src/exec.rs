@@ -343,6 +343,7 @@ impl Exec {
             keepalive_max: c.keepalive_max,
             trust_hint: format!("pin it with `fleet-broker trust {} --machine ID`", c.name),
             forward_agent,
+            window_size: dial::NESTED_WINDOW_SIZE,
         }
     }
 

@@ -591,3 +591,50 @@ fn unknown_machine_is_refused_under_strict_until_trusted() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn unread_bulk_session_output_neither_stalls_the_tunnel_nor_is_cut_off() {
+    let e = env();
+    let control = e.b.control_socket();
+    let api = e.b.socket("c1");
+    rt().block_on(async {
+        let size = 48 * 1024 * 1024;
+        let mut s = session::open(
+            &control,
+            "c1",
+            &req(
+                ExecTarget::Machine(M1.into()),
+                &format!("head -c {size} /dev/zero"),
+            ),
+        )
+        .await
+        .expect("session");
+        // The session's output is not read yet; the API on the same tunnel keeps answering.
+        let api2 = api.clone();
+        let answers = tokio::task::spawn_blocking(move || {
+            (0..20)
+                .map(|_| http(&api2, "GET", "/fleet/v1/machines", None).0)
+                .collect::<Vec<_>>()
+        })
+        .await
+        .expect("requests");
+        assert!(answers.iter().all(|&c| c == 200), "{answers:?}");
+        // Now the reader catches up and gets every byte.
+        let mut got = 0usize;
+        loop {
+            match tokio::time::timeout(DEADLINE, s.recv())
+                .await
+                .expect("frame in time")
+            {
+                Some(Frame::Stdout(b)) => got += b.len(),
+                Some(Frame::Exit(code)) => {
+                    assert_eq!(code, 0);
+                    break;
+                }
+                other => panic!("unexpected {other:?} after {got} bytes"),
+            }
+        }
+        assert_eq!(got, size);
+    });
+    assert!(!e.b.log().contains("stopped reading"), "{}", e.b.log());
+}

@@ -17,6 +17,9 @@ use crate::known_hosts::{self, fingerprint_md5, fingerprint_sha256, KnownHosts, 
 
 /// Window per channel: large enough for bulk transfers to keep pace with OpenSSH.
 pub const WINDOW_SIZE: u32 = 16 * 1024 * 1024;
+/// Window per channel of a nested connection: sessions on one nested connection together
+/// stay well under the tunnel channel's buffer limit (`proxy::MAX_BUFFERED`).
+pub const NESTED_WINDOW_SIZE: u32 = 2 * 1024 * 1024;
 /// Largest packet we accept (OpenSSH's default maximum).
 pub const MAX_PACKET: u32 = 32 * 1024;
 
@@ -36,6 +39,10 @@ pub struct DialSpec {
     pub trust_hint: String,
     /// Serve `auth-agent@openssh.com` channels from the agent (agent forwarding).
     pub forward_agent: bool,
+    /// The receive window per channel. A nested connection uses a small one: its bytes
+    /// arrive through a drained channel of the tunnel, and only the window (adjusted as the
+    /// nested session consumes) keeps a slow session reader from filling that buffer.
+    pub window_size: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -257,7 +264,7 @@ pub fn client_config(spec: &DialSpec, pinned: &[Algorithm]) -> client::Config {
         nodelay: true,
         keepalive_interval: spec.keepalive_interval,
         keepalive_max: spec.keepalive_max,
-        window_size: WINDOW_SIZE,
+        window_size: spec.window_size,
         maximum_packet_size: MAX_PACKET,
         ..Default::default()
     }

@@ -285,6 +285,7 @@ pub fn dial_spec(c: &ClusterConfig, agent: Option<PathBuf>) -> DialSpec {
             keepalive_max: c.keepalive_max,
             trust_hint: format!("pin it with `fleet-broker trust {}`", c.name),
             forward_agent: false,
+            window_size: dial::WINDOW_SIZE,
         }
     }
 }
