@@ -342,8 +342,8 @@ async fn reload(daemon: &Daemon, path: &std::path::Path) -> Result<String, Strin
 
 /// The daemon runs on one thread by default: its work is moving bytes between sockets and
 /// SSH channels, and measured on two cores one thread beats a work-stealing pool (no
-/// cross-thread wake-ups): bulk 1.06x OpenSSH instead of 0.71x, 23k instead of 15k small
-/// requests/s. `FLEET_BROKER_THREADS=N` (N > 1) uses N worker threads, for many busy clusters.
+/// cross-thread wake-ups): bulk 0.8-1.06x OpenSSH instead of 0.71x, 19-23k instead of 15k
+/// small requests/s. `FLEET_BROKER_THREADS=N` (N > 1) uses N worker threads, for many busy clusters.
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     match std::env::var("FLEET_BROKER_THREADS")
         .ok()
