@@ -23,6 +23,8 @@ use args::{Cli, Cmd};
 pub const FLEET_VERSION: &str = "1.0.0";
 /// fleetctl's default `--request-timeout`.
 const DEFAULT_REQUEST_TIMEOUT: f64 = 3.0;
+/// Added to a broker cluster's `connect_timeout` for the default request timeout.
+const BROKER_SLACK_SECS: f64 = 2.0;
 
 fn truthy(v: &str) -> bool {
     matches!(
@@ -108,7 +110,15 @@ pub async fn run(argv: Vec<OsString>) -> i32 {
             return 1;
         }
     };
-    let secs = g.request_timeout.unwrap_or(DEFAULT_REQUEST_TIMEOUT);
+    // Without --request-timeout, give the broker time to answer 503 with the cause when a
+    // tunnel is down, rather than time out first and say less.
+    let secs = g.request_timeout.unwrap_or_else(|| {
+        target
+            .connect_timeout_secs
+            .map_or(DEFAULT_REQUEST_TIMEOUT, |c| {
+                (c + BROKER_SLACK_SECS).max(DEFAULT_REQUEST_TIMEOUT)
+            })
+    });
     if !(secs.is_finite() && secs > 0.0) {
         eprintln!(
             "Unable to initialize client: --request-timeout must be a positive number of seconds"

@@ -13,13 +13,15 @@ use crate::config::HostPort;
 use crate::control::client::{default_control_socket, list_clusters};
 
 /// The chosen socket and how to name it in messages.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Target {
     pub socket: PathBuf,
     /// The broker cluster, when known.
     pub cluster: Option<String>,
     /// The control socket of the daemon serving it.
     pub control: PathBuf,
+    /// How long the broker may wait for the cluster's tunnel (when known).
+    pub connect_timeout_secs: Option<f64>,
 }
 
 fn rank(m: &ArgMatches, id: &str) -> Option<u8> {
@@ -108,6 +110,7 @@ pub async fn resolve(m: &ArgMatches, g: &GlobalFlags) -> Result<Target, String> 
                 socket,
                 cluster,
                 control,
+                connect_timeout_secs: None,
             })
         }
         Some("cluster") => {
@@ -119,6 +122,7 @@ pub async fn resolve(m: &ArgMatches, g: &GlobalFlags) -> Result<Target, String> 
                     socket: c.socket,
                     cluster: Some(c.name),
                     control,
+                    connect_timeout_secs: Some(c.connect_timeout_secs),
                 }),
                 None => Err(format!(
                     "no cluster named {name:?} in fleet-broker ({})",
@@ -140,7 +144,12 @@ pub async fn resolve(m: &ArgMatches, g: &GlobalFlags) -> Result<Target, String> 
                 .into_iter()
                 .find(|c| HostPort::parse(&c.tunnel).is_ok_and(|t| t == want))
             {
-                Some(c) => Ok(Target { socket: c.socket, cluster: Some(c.name), control }),
+                Some(c) => Ok(Target {
+                    socket: c.socket,
+                    cluster: Some(c.name),
+                    control,
+                    connect_timeout_secs: Some(c.connect_timeout_secs),
+                }),
                 None => Err(format!(
                     "no fleet-broker cluster has tunnel {want} ({}); add one to the broker's config or use --cluster NAME",
                     listing(&names)
@@ -156,6 +165,7 @@ pub async fn resolve(m: &ArgMatches, g: &GlobalFlags) -> Result<Target, String> 
                         socket: c.socket,
                         cluster: Some(c.name),
                         control,
+                        connect_timeout_secs: Some(c.connect_timeout_secs),
                     })
                 }
                 _ => {

@@ -25,6 +25,8 @@ pub struct ClusterInfo {
     pub user: String,
     pub endpoint: String,
     pub socket: PathBuf,
+    /// How long the broker waits for a tunnel before answering 503.
+    pub connect_timeout_secs: f64,
     #[serde(flatten)]
     pub status: Status,
 }
@@ -115,6 +117,7 @@ fn info(t: &Tunnel, socket: &std::path::Path) -> ClusterInfo {
         user: t.config.user.clone(),
         endpoint: t.config.endpoint.to_string(),
         socket: socket.to_path_buf(),
+        connect_timeout_secs: t.config.connect_timeout.as_secs_f64(),
         status: t.status(),
     }
 }
