@@ -458,7 +458,9 @@ impl Broker {
                 nix::unistd::chown(&xdg, Some(nix::unistd::Uid::from_raw(uid)), None)
                     .expect("chown");
                 let copy = dir.path().join("fleet-broker");
-                std::fs::copy(&bin, &copy).expect("copy binary");
+                // Copied by another process: a write descriptor opened here could be inherited
+                // by a child another test thread forks, and exec would fail with ETXTBSY.
+                run(Command::new("cp").arg(&bin).arg(&copy));
                 bin = copy;
                 let mut c = Command::new("setpriv");
                 c.arg(format!("--reuid={uid}"))
