@@ -117,6 +117,16 @@ fn stop_cluster(c: &ClusterRuntime) -> Option<JoinHandle<()>> {
     }
 }
 
+/// Undoes a start that failed part-way: no half-served state is left behind.
+fn abandon(registry: &Registry, sockets: &[PathBuf]) {
+    for rt in registry.all() {
+        stop_cluster(&rt);
+    }
+    for s in sockets {
+        let _ = std::fs::remove_file(s);
+    }
+}
+
 impl Daemon {
     /// Binds every socket and starts the supervisors.
     pub async fn start(config: &Config, opts: &DaemonOptions) -> Result<Daemon, LocalError> {
@@ -125,7 +135,6 @@ impl Daemon {
         local::ensure_private_dir(&runtime_dir.join("clusters"))?;
         let control_socket = local::control_socket(runtime_dir);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
-        let control_listener = local::bind_socket(&control_socket).await?;
         let registry = Arc::new(Registry::default());
         let mut started = Vec::new();
         for c in config.clusters.values() {
@@ -135,16 +144,19 @@ impl Daemon {
                     registry.set(c.name.clone(), Some(rt));
                 }
                 Err(e) => {
-                    for rt in registry.all() {
-                        stop_cluster(&rt);
-                    }
-                    for s in started.iter().chain([&control_socket]) {
-                        let _ = std::fs::remove_file(s);
-                    }
+                    abandon(&registry, &started);
                     return Err(e);
                 }
             }
         }
+        // Bound last: once the control socket answers, every cluster socket is listening.
+        let control_listener = match local::bind_socket(&control_socket).await {
+            Ok(l) => l,
+            Err(e) => {
+                abandon(&registry, &started);
+                return Err(e);
+            }
+        };
         let (reload_tx, reload_rx) = mpsc::channel(4);
         let control = Arc::new(Control {
             registry: registry.clone(),
