@@ -191,11 +191,44 @@ impl fmt::Display for Endpoint {
     }
 }
 
+/// A ProxyJump hop: `[user@]host[:port]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JumpHop {
+    /// The hop's user; the cluster's `user` when absent.
+    pub user: Option<String>,
+    pub target: HostPort,
+}
+
+impl JumpHop {
+    pub fn parse(s: &str) -> Result<JumpHop, String> {
+        let (user, rest) = match s.rsplit_once('@') {
+            Some((u, r)) if !u.is_empty() => (Some(u.to_string()), r),
+            Some(_) => return Err(format!("{s:?}: empty user before '@'")),
+            None => (None, s),
+        };
+        Ok(JumpHop {
+            user,
+            target: HostPort::parse(rest)?,
+        })
+    }
+}
+
+impl fmt::Display for JumpHop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.user {
+            Some(u) => write!(f, "{u}@{}", self.target),
+            None => write!(f, "{}", self.target),
+        }
+    }
+}
+
 /// One named cluster, with defaults applied.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClusterConfig {
     pub name: String,
     pub tunnel: HostPort,
+    /// ProxyJump hops to go through before the tunnel host, in order.
+    pub jump: Vec<JumpHop>,
     pub endpoint: Endpoint,
     pub user: String,
     /// Tried after the agent; their agent twins are offered first.
@@ -236,6 +269,8 @@ struct RawFile {
 struct RawSettings {
     #[serde(default, deserialize_with = "de_hostport")]
     tunnel: Option<HostPort>,
+    #[serde(default, deserialize_with = "de_jump")]
+    jump: Option<Vec<JumpHop>>,
     user: Option<String>,
     identity_files: Option<Vec<String>>,
     known_hosts: Option<Vec<String>>,
@@ -270,6 +305,15 @@ fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::E
 fn de_hostport<'de, D: Deserializer<'de>>(d: D) -> Result<Option<HostPort>, D::Error> {
     let s = String::deserialize(d)?;
     HostPort::parse(&s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+fn de_jump<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<JumpHop>>, D::Error> {
+    let v = Vec::<String>::deserialize(d)?;
+    v.iter()
+        .map(|h| JumpHop::parse(h))
+        .collect::<Result<Vec<_>, _>>()
         .map(Some)
         .map_err(serde::de::Error::custom)
 }
@@ -423,6 +467,7 @@ fn merge(name: &str, tunnel: HostPort, s: RawSettings, d: &RawSettings) -> Clust
     ClusterConfig {
         name: name.to_string(),
         tunnel,
+        jump: s.jump.or_else(|| d.jump.clone()).unwrap_or_default(),
         endpoint: s
             .endpoint
             .or_else(|| d.endpoint.clone())
@@ -459,6 +504,11 @@ fn merge(name: &str, tunnel: HostPort, s: RawSettings, d: &RawSettings) -> Clust
 impl ClusterConfig {
     /// The effective settings as TOML, for `check-config`.
     pub fn to_toml(&self) -> String {
+        let hops: Vec<String> = self
+            .jump
+            .iter()
+            .map(|h| format!("{:?}", h.to_string()))
+            .collect();
         let list = |v: &[PathBuf]| {
             let items: Vec<String> = v
                 .iter()
@@ -467,9 +517,10 @@ impl ClusterConfig {
             format!("[{}]", items.join(", "))
         };
         format!(
-            "[clusters.{name}]\ntunnel = \"{tunnel}\"\nendpoint = \"{endpoint}\"\nuser = {user:?}\nidentity_files = {ids}\nknown_hosts = {kh}\nhost_key_checking = \"{hkc}\"\nkeepalive_interval = \"{ka}\"\nkeepalive_max = {kam}\nconnect_timeout = \"{ct}\"\nconnect = \"{conn}\"\nmachine_ssh_port = {msp}\nread_only = {ro}\n",
+            "[clusters.{name}]\ntunnel = \"{tunnel}\"\njump = [{hops}]\nendpoint = \"{endpoint}\"\nuser = {user:?}\nidentity_files = {ids}\nknown_hosts = {kh}\nhost_key_checking = \"{hkc}\"\nkeepalive_interval = \"{ka}\"\nkeepalive_max = {kam}\nconnect_timeout = \"{ct}\"\nconnect = \"{conn}\"\nmachine_ssh_port = {msp}\nread_only = {ro}\n",
             name = self.name,
             tunnel = self.tunnel,
+            hops = hops.join(", "),
             endpoint = self.endpoint,
             user = self.user,
             ids = list(&self.identity_files),
@@ -579,5 +630,16 @@ mod tests {
         );
         assert!(HostPort::parse("h:0").is_err());
         assert!(HostPort::parse("").is_err());
+        let j = JumpHop::parse("ops@jump.example:2200").unwrap();
+        assert_eq!(j.user.as_deref(), Some("ops"));
+        assert_eq!(
+            j.target,
+            HostPort {
+                host: "jump.example".into(),
+                port: 2200
+            }
+        );
+        assert_eq!(JumpHop::parse("j").unwrap().to_string(), "j:22");
+        assert!(JumpHop::parse("@j").is_err());
     }
 }

@@ -207,6 +207,7 @@ impl Demo {
         let cluster = ClusterConfig {
             name: "demo".into(),
             tunnel,
+            jump: vec![],
             endpoint: Endpoint::Unix(fleet_socket.display().to_string()),
             user: "core".into(),
             identity_files: vec![],

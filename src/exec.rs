@@ -332,6 +332,7 @@ impl Exec {
         DialSpec {
             label,
             target,
+            jump: Vec::new(),
             user,
             keys: crate::auth::KeySource {
                 agent: self.agent.clone(),
@@ -472,7 +473,9 @@ impl Exec {
             }
             Place::Tunnel => {
                 let label = format!("cluster {:?} tunnel host", self.tunnel.name());
-                let spec = self.spec(label, cfg.tunnel.clone(), user.to_string(), forward_agent);
+                let mut spec =
+                    self.spec(label, cfg.tunnel.clone(), user.to_string(), forward_agent);
+                spec.jump = cfg.jump.clone();
                 let conn = dial::dial(&spec)
                     .await
                     .map_err(|e| ExecError::ssh(e.to_string()))?;

@@ -521,3 +521,68 @@ fn http_endpoint_is_reached_by_direct_tcpip() {
         http(&sim.socket, "GET", "/fleet/v1/machines", None)
     );
 }
+
+#[test]
+fn jump_hosts_are_crossed_with_pinned_keys() {
+    let keys = open_tempdir("fb-keys.");
+    let key = keygen(keys.path(), "id_ed25519", "ed25519");
+    let jump = Sshd::start(&["root"], &[&key]);
+    let tunnel = Sshd::start(&["root"], &[&key]);
+    let agent = Agent::start(&[&key]);
+    let sim = SimServer::start();
+    let kh = keys.path().join("known_hosts");
+    std::fs::write(
+        &kh,
+        format!("{}{}", jump.known_hosts_line(), tunnel.known_hosts_line()),
+    )
+    .expect("kh");
+    let endpoint = format!("unix://{}", sim.socket.display());
+    let config = cluster_toml(
+        "c1",
+        &tunnel,
+        &endpoint,
+        "root",
+        &kh,
+        &format!("jump = [\"root@{}\"]", jump.tunnel()),
+    );
+    let b = Broker::start(&config, Some(&agent.socket));
+    let through = http(&b.socket("c1"), "GET", "/fleet/v1/machines", None);
+    assert_eq!(through.0, 200, "{}", b.log());
+    assert_eq!(
+        through,
+        http(&sim.socket, "GET", "/fleet/v1/machines", None)
+    );
+    assert!(
+        jump.log().contains("Accepted publickey for root"),
+        "{}",
+        jump.log()
+    );
+    assert!(
+        tunnel.log().contains("Accepted publickey for root"),
+        "{}",
+        tunnel.log()
+    );
+    drop(b);
+
+    // A changed key on the jump host is refused like any other.
+    let other = keygen(keys.path(), "impostor", "ed25519");
+    std::fs::write(
+        &kh,
+        format!(
+            "[{}]:{} {}\n{}",
+            jump.ip,
+            jump.port,
+            public_line(&other),
+            tunnel.known_hosts_line()
+        ),
+    )
+    .expect("kh");
+    let b = Broker::start(&config, Some(&agent.socket));
+    let (status, body) = http(&b.socket("c1"), "GET", "/fleet/v1/machines", None);
+    assert_eq!(status, 503);
+    let body = String::from_utf8_lossy(&body);
+    assert!(
+        body.contains("cluster \\\"c1\\\" jump host 1: HOST KEY CHANGED"),
+        "{body}"
+    );
+}

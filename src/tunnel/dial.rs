@@ -29,6 +29,8 @@ pub struct DialSpec {
     /// Shown in every error (`cluster "prod"`).
     pub label: String,
     pub target: HostPort,
+    /// Hops to go through first (`[user@]host[:port]`), each verified and authenticated.
+    pub jump: Vec<crate::config::JumpHop>,
     pub user: String,
     pub keys: KeySource,
     pub known_hosts: Vec<PathBuf>,
@@ -222,6 +224,8 @@ pub struct Connection {
     pub host_key_fingerprint: String,
     /// The address as shown in messages.
     pub peer: String,
+    /// The jump hosts' connections, kept open as long as this one.
+    pub hops: Vec<Handle<ClientHandler>>,
 }
 
 fn preferred_keys(pinned: &[Algorithm]) -> Vec<Algorithm> {
@@ -369,8 +373,61 @@ async fn connect_tcp(spec: &DialSpec) -> Result<(TcpStream, Vec<String>), DialEr
     Ok((tcp, names))
 }
 
-/// Dials, verifies and authenticates. The caller bounds it with a timeout.
+/// Dials, verifies and authenticates, through the jump hosts if any. The caller bounds it
+/// with a timeout.
 pub async fn dial(spec: &DialSpec) -> Result<Connection, DialError> {
+    if spec.jump.is_empty() {
+        return dial_direct(spec).await;
+    }
+    let hop_spec = |hop: &crate::config::JumpHop, i: usize| DialSpec {
+        label: format!("{} jump host {}", spec.label, i + 1),
+        target: hop.target.clone(),
+        jump: Vec::new(),
+        user: hop.user.clone().unwrap_or_else(|| spec.user.clone()),
+        forward_agent: false,
+        ..spec.clone()
+    };
+    let mut hops = Vec::new();
+    let mut conn = dial_direct(&hop_spec(&spec.jump[0], 0)).await?;
+    let last = DialSpec {
+        jump: Vec::new(),
+        ..spec.clone()
+    };
+    for i in 1..=spec.jump.len() {
+        let next = match spec.jump.get(i) {
+            Some(hop) => hop_spec(hop, i),
+            None => last.clone(),
+        };
+        let ch = conn
+            .handle
+            .channel_open_direct_tcpip(
+                next.target.host.clone(),
+                u32::from(next.target.port),
+                "127.0.0.1",
+                0,
+            )
+            .await
+            .map_err(|e| DialError::Connect {
+                target: next.target.to_string(),
+                reason: format!("jump host {} could not connect: {e}", conn.peer),
+            })?;
+        let via = conn.peer.clone();
+        hops.push(conn.handle);
+        hops.extend(conn.hops);
+        let names = vec![next.target.known_hosts_name()];
+        conn = handshake(
+            &next,
+            crate::proxy::DrainedChannel::new(ch),
+            names,
+            format!("{} via {via}", next.target),
+        )
+        .await?;
+    }
+    conn.hops = hops;
+    Ok(conn)
+}
+
+async fn dial_direct(spec: &DialSpec) -> Result<Connection, DialError> {
     let (tcp, names) = connect_tcp(spec).await?;
     let peer = tcp.peer_addr().map_err(|e| DialError::Connect {
         target: spec.target.to_string(),
@@ -457,5 +514,6 @@ where
         closed: closed_rx,
         host_key_fingerprint,
         peer: display_addr,
+        hops: Vec::new(),
     })
 }

@@ -274,6 +274,7 @@ pub fn dial_spec(c: &ClusterConfig, agent: Option<PathBuf>) -> DialSpec {
         DialSpec {
             label: format!("cluster {:?}", c.name),
             target: c.tunnel.clone(),
+            jump: c.jump.clone(),
             user: c.user.clone(),
             keys: crate::auth::KeySource {
                 agent,
@@ -427,6 +428,7 @@ impl Supervisor {
         let t = self.tunnel.clone();
         t.set_state(State::Ready);
         let handle: SshHandle = Arc::new(conn.handle);
+        let hops = conn.hops;
         t.link_tx.send_replace(Link::Up(handle.clone()));
         let mut closed = conn.closed;
         let mut clock = tokio::time::interval(CLOCK_CHECK);
@@ -474,6 +476,15 @@ impl Supervisor {
                 )
                 .await;
             t.with_stats(|s| s.connected_since = None);
+        }
+        for hop in hops {
+            let _ = hop
+                .disconnect(
+                    russh::Disconnect::ByApplication,
+                    "fleet-broker closing",
+                    "en",
+                )
+                .await;
         }
         next
     }
