@@ -212,6 +212,15 @@ fn status_prints_a_table_and_json() {
         .unwrap_or("")
         .ends_with("clusters/c1.sock"));
 
+    let (status, body) = http(&b.control_socket(), "GET", "/metrics", None);
+    assert_eq!(status, 200);
+    let metrics = String::from_utf8_lossy(&body);
+    assert!(metrics.contains("# TYPE fleet_broker_requests_total counter\nfleet_broker_requests_total{cluster=\"c1\"} 1\n"), "{metrics}");
+    assert!(
+        metrics.contains("fleet_broker_tunnel_up{cluster=\"c1\"} 1\n"),
+        "{metrics}"
+    );
+
     // disconnect and connect through the control socket.
     let out = b.cli(&["disconnect", "c1"]);
     assert!(out.status.success());

@@ -1,6 +1,6 @@
 //! The control socket (`control.sock`, HTTP/1.1 + JSON): cluster health and counters, and
 //! operator commands. Routes:
-//! `GET /v1/clusters`, `GET /v1/clusters/NAME`, `POST /v1/reload`, `POST /v1/clusters/NAME/connect`,
+//! `GET /metrics` (Prometheus text), `GET /v1/clusters`, `GET /v1/clusters/NAME`, `POST /v1/reload`, `POST /v1/clusters/NAME/connect`,
 //! `POST /v1/clusters/NAME/disconnect`, `POST /v1/clusters/NAME/exec` (upgraded to the frame
 //! stream of [`frame`]), `GET /v1/clusters/NAME/host-key?machine=ID` (what a machine presents).
 
@@ -130,6 +130,88 @@ fn to_json<T: Serialize>(v: &T) -> Response<Body> {
 }
 
 impl Control {
+    /// Prometheus text exposition of every cluster's counters.
+    fn metrics(&self) -> Response<Body> {
+        use std::fmt::Write;
+        let clusters = self.registry.all();
+        let mut out = String::new();
+        let mut family =
+            |name: &str, kind: &str, help: &str, value: &dyn Fn(&Status) -> Option<f64>| {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+                for c in &clusters {
+                    if let Some(v) = value(&c.tunnel.status()) {
+                        let _ = writeln!(out, "{name}{{cluster=\"{}\"}} {v}", c.tunnel.name());
+                    }
+                }
+            };
+        family(
+            "fleet_broker_tunnel_up",
+            "gauge",
+            "1 when the cluster's tunnel is ready.",
+            &|s| {
+                Some(if s.state == crate::tunnel::State::Ready {
+                    1.0
+                } else {
+                    0.0
+                })
+            },
+        );
+        family(
+            "fleet_broker_tunnel_failed",
+            "gauge",
+            "1 when the tunnel waits for an operator.",
+            &|s| {
+                Some(if s.state == crate::tunnel::State::Failed {
+                    1.0
+                } else {
+                    0.0
+                })
+            },
+        );
+        family(
+            "fleet_broker_reconnects_total",
+            "counter",
+            "Tunnel connections lost and re-established.",
+            &|s| Some(s.reconnects as f64),
+        );
+        family(
+            "fleet_broker_requests_total",
+            "counter",
+            "Requests forwarded to the fleet API.",
+            &|s| Some(s.requests as f64),
+        );
+        family(
+            "fleet_broker_response_bytes_total",
+            "counter",
+            "Response bytes from the fleet API.",
+            &|s| Some(s.bytes_in as f64),
+        );
+        family(
+            "fleet_broker_request_bytes_total",
+            "counter",
+            "Request body bytes to the fleet API.",
+            &|s| Some(s.bytes_out as f64),
+        );
+        family(
+            "fleet_broker_latency_p50_seconds",
+            "gauge",
+            "Median time to response headers, recent requests.",
+            &|s| s.latency_p50_ms.map(|v| v / 1000.0),
+        );
+        family(
+            "fleet_broker_latency_p99_seconds",
+            "gauge",
+            "99th percentile time to response headers, recent requests.",
+            &|s| s.latency_p99_ms.map(|v| v / 1000.0),
+        );
+        let mut r = Response::new(crate::http::full(out));
+        r.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+        );
+        r
+    }
+
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let path = req.uri().path().to_string();
         let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
@@ -142,6 +224,7 @@ impl Control {
                     .map(|c| info(&c.tunnel, &c.socket))
                     .collect(),
             }),
+            (&Method::GET, ["metrics"]) => self.metrics(),
             (&Method::POST, ["v1", "reload"]) => {
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 if self.reload_tx.send(tx).await.is_err() {
