@@ -10,23 +10,89 @@ use anyhow::{bail, Context as _};
 
 use crate::config::ClusterConfig;
 use crate::known_hosts::{append_pin, fingerprint_md5, fingerprint_sha256, Verdict};
-use crate::tunnel::dial::presented_key;
+use crate::tunnel::dial::{
+    dial, presented_key, presented_key_over, DialError, DialSpec, PresentedKey,
+};
 
-/// Runs the trust flow; `assume_yes` skips the prompt. Returns a line to print.
+/// Runs the trust flow for the tunnel host and, first, each jump host on the way to it
+/// (reached through the hops before it, which must be trusted by then); `assume_yes` skips
+/// the prompts. Returns the lines to print.
 pub async fn trust(cluster: &ClusterConfig, assume_yes: bool) -> anyhow::Result<String> {
-    let spec = crate::tunnel::dial_spec(cluster, None);
-    let seen = tokio::time::timeout(
-        cluster.connect_timeout.max(Duration::from_secs(1)),
-        presented_key(&spec),
-    )
-    .await
-    .with_context(|| format!("connecting to {} timed out", cluster.tunnel))??;
+    let full = crate::tunnel::dial_spec(cluster, crate::auth::KeySource::from_env(&[]).agent);
+    let limit = cluster.connect_timeout.max(Duration::from_secs(1));
+    let mut lines = Vec::new();
+    for i in 0..=cluster.jump.len() {
+        let (target, user) = match cluster.jump.get(i) {
+            Some(hop) => (
+                hop.target.clone(),
+                hop.user.clone().unwrap_or_else(|| cluster.user.clone()),
+            ),
+            None => (cluster.tunnel.clone(), cluster.user.clone()),
+        };
+        let spec = DialSpec {
+            target: target.clone(),
+            user,
+            jump: Vec::new(),
+            ..full.clone()
+        };
+        let seen = tokio::time::timeout(limit, async {
+            if i == 0 {
+                return presented_key(&spec).await;
+            }
+            // Through the hops before this one: dial the previous hop via the ones before it.
+            let prev = &cluster.jump[i - 1];
+            let via = DialSpec {
+                target: prev.target.clone(),
+                user: prev.user.clone().unwrap_or_else(|| cluster.user.clone()),
+                jump: cluster.jump[..i - 1].to_vec(),
+                ..full.clone()
+            };
+            let conn = dial(&via).await?;
+            let ch = conn
+                .handle
+                .channel_open_direct_tcpip(
+                    target.host.clone(),
+                    u32::from(target.port),
+                    "127.0.0.1",
+                    0,
+                )
+                .await
+                .map_err(|e| DialError::Connect {
+                    target: target.to_string(),
+                    reason: format!("jump host could not connect: {e}"),
+                })?;
+            presented_key_over(
+                &spec,
+                crate::proxy::DrainedChannel::new(ch),
+                vec![target.known_hosts_name()],
+            )
+            .await
+        })
+        .await
+        .with_context(|| format!("connecting to {target} timed out"))??;
+        let what = if i < cluster.jump.len() {
+            format!("jump host {target}")
+        } else {
+            target.to_string()
+        };
+        lines.push(judge(cluster, &what, seen, assume_yes)?);
+    }
+    Ok(lines.join("\n"))
+}
+
+/// Pins a presented key after confirmation, or says why not.
+fn judge(
+    cluster: &ClusterConfig,
+    what: &str,
+    seen: PresentedKey,
+    assume_yes: bool,
+) -> anyhow::Result<String> {
     let fp = fingerprint_sha256(&seen.key);
     let alg = seen.key.algorithm();
     match seen.verdict {
         Verdict::Trusted(pin) => {
             return Ok(format!(
-                "cluster {:?}: {} {fp} is already pinned at {}:{}",
+                "cluster {:?}: {what}: {} {fp} is already pinned at {}:{}",
                 cluster.name,
                 alg,
                 pin.file.display(),
@@ -34,18 +100,16 @@ pub async fn trust(cluster: &ClusterConfig, assume_yes: bool) -> anyhow::Result<
             ))
         }
         Verdict::Revoked(pin) => bail!(
-            "cluster {:?}: {} presents {alg} {fp}, which is @revoked at {}:{}; refusing to pin it",
+            "cluster {:?}: {what} presents {alg} {fp}, which is @revoked at {}:{}; refusing to pin it",
             cluster.name,
-            cluster.tunnel,
             pin.file.display(),
             pin.line
         ),
         Verdict::Changed(pins) => {
             let list: Vec<String> = pins.iter().map(|p| p.to_string()).collect();
             bail!(
-                "cluster {:?}: {} presents {alg} {fp}, but known_hosts pins {}. If you have checked that the host was re-keyed, remove the old pin (`ssh-keygen -R '{}' -f {}`) and run this again",
+                "cluster {:?}: {what} presents {alg} {fp}, but known_hosts pins {}. If you have checked that the host was re-keyed, remove the old pin (`ssh-keygen -R '{}' -f {}`) and run this again",
                 cluster.name,
-                cluster.tunnel,
                 list.join(", "),
                 seen.names[0],
                 pins[0].file.display()
@@ -60,9 +124,8 @@ pub async fn trust(cluster: &ClusterConfig, assume_yes: bool) -> anyhow::Result<
         );
     };
     eprintln!(
-        "cluster {:?}: {} ({}) presents\n  {alg} {fp}\n  {}",
+        "cluster {:?}: {what} ({}) presents\n  {alg} {fp}\n  {}",
         cluster.name,
-        cluster.tunnel,
         seen.names.join(", "),
         fingerprint_md5(&seen.key)
     );

@@ -585,4 +585,38 @@ fn jump_hosts_are_crossed_with_pinned_keys() {
         body.contains("cluster \\\"c1\\\" jump host 1: HOST KEY CHANGED"),
         "{body}"
     );
+    drop(b);
+
+    // `fleet-broker trust` pins the jump host, then the tunnel host reached through it.
+    std::fs::write(&kh, "").expect("kh");
+    let b = Broker::start(&config, Some(&agent.socket));
+    let out = Command::new(env!("CARGO_BIN_EXE_fleet-broker"))
+        .args(["trust", "c1", "--yes"])
+        .env("FLEET_BROKER_CONFIG", b.dir.path().join("config.toml"))
+        .env("XDG_RUNTIME_DIR", b.dir.path().join("xdg"))
+        .env("SSH_AUTH_SOCK", &agent.socket)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("trust");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout.matches("pinned ssh-ed25519 SHA256:").count(),
+        2,
+        "{stdout}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&kh).expect("kh"),
+        format!("{}{}", jump.known_hosts_line(), tunnel.known_hosts_line())
+    );
+    assert_eq!(
+        http(&b.socket("c1"), "GET", "/fleet/v1/machines", None).0,
+        200,
+        "{}",
+        b.log()
+    );
 }

@@ -270,24 +270,22 @@ impl Tunnel {
 
 /// The dial parameters of a cluster.
 pub fn dial_spec(c: &ClusterConfig, agent: Option<PathBuf>) -> DialSpec {
-    {
-        DialSpec {
-            label: format!("cluster {:?}", c.name),
-            target: c.tunnel.clone(),
-            jump: c.jump.clone(),
-            user: c.user.clone(),
-            keys: crate::auth::KeySource {
-                agent,
-                identity_files: c.identity_files.clone(),
-            },
-            known_hosts: c.known_hosts.clone(),
-            policy: c.host_key_checking,
-            keepalive_interval: Some(c.keepalive_interval),
-            keepalive_max: c.keepalive_max,
-            trust_hint: format!("pin it with `fleet-broker trust {}`", c.name),
-            forward_agent: false,
-            window_size: dial::WINDOW_SIZE,
-        }
+    DialSpec {
+        label: format!("cluster {:?}", c.name),
+        target: c.tunnel.clone(),
+        jump: c.jump.clone(),
+        user: c.user.clone(),
+        keys: crate::auth::KeySource {
+            agent,
+            identity_files: c.identity_files.clone(),
+        },
+        known_hosts: c.known_hosts.clone(),
+        policy: c.host_key_checking,
+        keepalive_interval: Some(c.keepalive_interval),
+        keepalive_max: c.keepalive_max,
+        trust_hint: format!("pin it with `fleet-broker trust {}`", c.name),
+        forward_agent: false,
+        window_size: dial::WINDOW_SIZE,
     }
 }
 
