@@ -640,3 +640,31 @@ fn unread_bulk_session_output_neither_stalls_the_tunnel_nor_is_cut_off() {
     });
     assert!(!e.b.log().contains("stopped reading"), "{}", e.b.log());
 }
+
+#[test]
+fn ssh_username_and_ssh_timeout_apply_to_the_session() {
+    let e = env();
+    // The machines authorise root only: another user is refused, which shows it was used.
+    let r = e.run(&["--ssh-username", "nobody", "ssh", M1, "true"]);
+    assert_eq!(r.code, 255, "{r:?}");
+    assert!(
+        r.stderr.contains("refused every key for user \"nobody\""),
+        "{}",
+        r.stderr
+    );
+    let r = e.run(&["--ssh-timeout", "0.000001", "ssh", M2, "true"]);
+    assert_eq!(r.code, 255, "{r:?}");
+    assert!(
+        r.stderr
+            .contains("timed out while initiating SSH connection"),
+        "{}",
+        r.stderr
+    );
+    let r = fleetctl(
+        &e.b,
+        e.cwd.path(),
+        &[("FLEETCTL_SSH_USERNAME", "root")],
+        &["ssh", M1, "true"],
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+}
