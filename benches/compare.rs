@@ -22,22 +22,22 @@ impl Drop for Ssh {
     }
 }
 
-fn openssh_forward(w: &World, local: &Path, tuned: bool) -> Ssh {
+/// `ssh` to the world's sshd, pinned, with its agent, never prompting.
+fn openssh(w: &World) -> Command {
     let mut cmd = Command::new("ssh");
     cmd.arg("-p")
         .arg(w.sshd.port.to_string())
         .arg("-o")
         .arg(format!("UserKnownHostsFile={}", w.known_hosts.display()))
-        .args([
-            "-o",
-            "StrictHostKeyChecking=yes",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StreamLocalBindUnlink=yes",
-        ])
+        .args(["-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes"])
         .arg("-o")
-        .arg(format!("IdentityAgent={}", w.agent.socket.display()))
+        .arg(format!("IdentityAgent={}", w.agent.socket.display()));
+    cmd
+}
+
+fn openssh_forward(w: &World, local: &Path, tuned: bool) -> Ssh {
+    let mut cmd = openssh(w);
+    cmd.args(["-o", "StreamLocalBindUnlink=yes"])
         .arg("-L")
         .arg(format!("{}:{}", local.display(), w.sim.socket.display()))
         .stdin(Stdio::null())
@@ -244,21 +244,8 @@ fn bulk(w: &World) {
     );
     let dir = open_tempdir("fb-bulk.");
     let local = dir.path().join("bulk.sock");
-    let mut cmd = Command::new("ssh");
-    cmd.arg("-p")
-        .arg(w.sshd.port.to_string())
-        .arg("-o")
-        .arg(format!("UserKnownHostsFile={}", w.known_hosts.display()))
-        .args([
-            "-o",
-            "StrictHostKeyChecking=yes",
-            "-o",
-            "BatchMode=yes",
-            "-c",
-            "aes256-gcm@openssh.com",
-        ])
-        .arg("-o")
-        .arg(format!("IdentityAgent={}", w.agent.socket.display()))
+    let mut cmd = openssh(w);
+    cmd.args(["-c", "aes256-gcm@openssh.com"])
         .arg("-N")
         .arg("-L")
         .arg(format!("{}:{addr}", local.display()))

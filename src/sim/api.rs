@@ -143,33 +143,39 @@ fn query_param(query: Option<&str>, key: &str) -> Option<String> {
 }
 
 /// Serves the simulator on a unix socket until `shutdown` turns true.
-pub async fn serve(
-    listener: UnixListener,
-    sim: Arc<Mutex<Sim>>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                if let Ok((stream, _)) = accepted {
-                    spawn_conn(stream, sim.clone());
-                }
-            }
-            _ = shutdown.changed() => break,
-        }
-    }
+pub async fn serve(listener: UnixListener, sim: Arc<Mutex<Sim>>, shutdown: watch::Receiver<bool>) {
+    accept_loop(
+        || async { listener.accept().await.map(|(s, _)| s) },
+        sim,
+        shutdown,
+    )
+    .await
 }
 
 /// Serves the simulator on TCP (fleetd's optional `ListenStream`) until `shutdown`.
 pub async fn serve_tcp(
     listener: TcpListener,
     sim: Arc<Mutex<Sim>>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
+    accept_loop(
+        || async { listener.accept().await.map(|(s, _)| s) },
+        sim,
+        shutdown,
+    )
+    .await
+}
+
+async fn accept_loop<A, F, S>(accept: A, sim: Arc<Mutex<Sim>>, mut shutdown: watch::Receiver<bool>)
+where
+    A: Fn() -> F,
+    F: std::future::Future<Output = std::io::Result<S>>,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                if let Ok((stream, _)) = accepted {
+            accepted = accept() => {
+                if let Ok(stream) = accepted {
                     spawn_conn(stream, sim.clone());
                 }
             }
