@@ -516,9 +516,9 @@ pub async fn run_create(
     0
 }
 
-/// The registry's units named by `args`, in argument order.
-async fn find_units(ctx: &Ctx, args: &[String]) -> Result<Vec<Unit>, String> {
-    let units = ctx.api.units().await.map_err(|e| e.to_string())?;
+/// The registry's units named by `args`, in argument order; a failed fetch is printed.
+async fn find_units(ctx: &Ctx, args: &[String]) -> Result<Vec<Unit>, ()> {
+    let units = ctx.api.units().await.map_err(|e| eprintln!("{e}"))?;
     Ok(args
         .iter()
         .filter_map(|a| {
@@ -534,12 +534,8 @@ pub async fn run_stop_unload(ctx: &Arc<Ctx>, command: &str, args: &[String], att
         eprintln!("No units given");
         return 0;
     }
-    let units = match find_units(ctx, args).await {
-        Ok(u) => u,
-        Err(e) => {
-            eprintln!("{e}");
-            return 1;
-        }
+    let Ok(units) = find_units(ctx, args).await else {
+        return 1;
     };
     if units.is_empty() {
         eprintln!("Units not found in registry");
@@ -583,12 +579,8 @@ pub async fn run_destroy(ctx: &Arc<Ctx>, args: &[String], attempts: i64) -> i32 
         eprintln!("No units given");
         return 0;
     }
-    let units = match find_units(ctx, args).await {
-        Ok(u) => u,
-        Err(e) => {
-            eprintln!("{e}");
-            return 1;
-        }
+    let Ok(units) = find_units(ctx, args).await else {
+        return 1;
     };
     let mut exit = 0;
     for u in units {

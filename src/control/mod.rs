@@ -133,14 +133,20 @@ impl Control {
     /// Prometheus text exposition of every cluster's counters.
     fn metrics(&self) -> Response<Body> {
         use std::fmt::Write;
-        let clusters = self.registry.all();
+        // One snapshot per cluster: a status sorts its latency samples.
+        let clusters: Vec<(String, Status)> = self
+            .registry
+            .all()
+            .iter()
+            .map(|c| (c.tunnel.name().to_string(), c.tunnel.status()))
+            .collect();
         let mut out = String::new();
         let mut family =
             |name: &str, kind: &str, help: &str, value: &dyn Fn(&Status) -> Option<f64>| {
                 let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-                for c in &clusters {
-                    if let Some(v) = value(&c.tunnel.status()) {
-                        let _ = writeln!(out, "{name}{{cluster=\"{}\"}} {v}", c.tunnel.name());
+                for (cluster, status) in &clusters {
+                    if let Some(v) = value(status) {
+                        let _ = writeln!(out, "{name}{{cluster=\"{cluster}\"}} {v}");
                     }
                 }
             };
