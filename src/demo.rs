@@ -203,6 +203,7 @@ impl Demo {
             &known_hosts,
             &tunnel.known_hosts_name(),
             host_key.public_key(),
+            false,
         )?;
         let cluster = ClusterConfig {
             name: "demo".into(),

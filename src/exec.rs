@@ -150,7 +150,7 @@ impl HostKeyReport {
             .unwrap_or_default();
         HostKeyReport {
             machine,
-            name: seen.names.first().cloned().unwrap_or_default(),
+            name: seen.host.lookup.clone(),
             key,
             fingerprint: fingerprint_sha256(&seen.key),
             md5: fingerprint_md5(&seen.key),
@@ -165,6 +165,22 @@ impl HostKeyReport {
 enum Place {
     Tunnel,
     Machine { id: String, ip: String },
+}
+
+/// A machine as a place to dial. Its `primaryIP` comes from the fleet API, which anyone who
+/// can write to the cluster's etcd controls: it must be an IP address, never a name or a
+/// pattern that a known_hosts entry or the tunnel host's resolver would read differently.
+fn machine_place(m: &crate::fleet::schema::Machine) -> Result<Place, ExecError> {
+    match m.primary_ip.parse::<std::net::IpAddr>() {
+        Ok(ip) => Ok(Place::Machine {
+            id: m.id.clone(),
+            ip: ip.to_string(),
+        }),
+        Err(_) => Err(ExecError::resolve(format!(
+            "machine {} reports primaryIP {:?}, which is not an IP address; refusing to connect",
+            m.id, m.primary_ip
+        ))),
+    }
 }
 
 type SshHandle = Arc<Handle<ClientHandler>>;
@@ -269,10 +285,7 @@ impl Exec {
             if found.next().is_some() {
                 return Err(ExecError::resolve("found more than one machine"));
             }
-            Ok(Some(Place::Machine {
-                id: m.id.clone(),
-                ip: m.primary_ip.clone(),
-            }))
+            machine_place(m).map(Some)
         };
         let by_unit = |u: &Option<crate::fleet::schema::Unit>| -> Result<Option<Place>, ExecError> {
             let Some(u) = u else { return Ok(None) };
@@ -280,10 +293,7 @@ impl Exec {
                 return Err(ExecError::resolve("global units unsupported"));
             }
             let m = machines.iter().find(|m| m.id == u.machine_id);
-            Ok(m.map(|m| Place::Machine {
-                id: m.id.clone(),
-                ip: m.primary_ip.clone(),
-            }))
+            m.map(machine_place).transpose()
         };
         let place = match target {
             ExecTarget::Machine(prefix) => {
@@ -390,11 +400,7 @@ impl Exec {
         );
         let seen = tokio::time::timeout(
             self.tunnel.config.connect_timeout,
-            dial::presented_key_over(
-                &spec,
-                DrainedChannel::new(ch),
-                vec![target.known_hosts_name()],
-            ),
+            dial::presented_key_over(&spec, DrainedChannel::new(ch)),
         )
         .await
         .map_err(|_| ExecError::ssh("timed out waiting for the machine's host key"))?
@@ -435,8 +441,7 @@ impl Exec {
             port,
         };
         let spec = self.spec(label, target.clone(), user.to_string(), forward_agent);
-        let names = vec![target.known_hosts_name()];
-        let conn = dial::handshake(&spec, DrainedChannel::new(ch), names, target.to_string())
+        let conn = dial::handshake(&spec, DrainedChannel::new(ch), None, target.to_string())
             .await
             .map_err(|e| ExecError::ssh(e.to_string()))?;
         Ok(Arc::new(conn.handle))

@@ -1,11 +1,15 @@
-//! Host key pinning with OpenSSH known_hosts semantics: plain names, `[host]:port`, comma
-//! lists, `*`/`?` wildcards, `!` negation, hashed `|1|` names, `@revoked` (always refuses)
-//! and `@cert-authority`. A host is looked up under every name it is known by (the
-//! configured name and the address connected to), because fleetctl wrote IP-keyed entries.
-//! This module knows files and keys, nothing of connections or fleet.
+//! Host key pinning that decides exactly as OpenSSH's `ssh` does (hostfile.c, sshconnect.c):
+//! a host is looked up by the one name the config gives it (`host`, or `[host]:port` when the
+//! port is not 22), never by the address it resolved to. Comma lists, `*`/`?` wildcards, `!`
+//! negation, hashed `|1|` names, `@revoked` (always refuses) and `@cert-authority` (host
+//! certificates whose principals name the host) follow OpenSSH's rules; a line OpenSSH would
+//! skip (unknown key type, bad marker, bad hash) is skipped here too, with a warning naming
+//! file and line. This module knows files and keys, nothing of connections or fleet.
 
+use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use base64::Engine;
 use hmac::{Hmac, Mac};
@@ -13,12 +17,6 @@ use russh::keys::{Algorithm, HashAlg, PublicKey};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KnownHostsError {
-    #[error("{file}:{line}: {message}")]
-    Malformed {
-        file: PathBuf,
-        line: usize,
-        message: String,
-    },
     #[error("{file}: cannot read known_hosts: {source}")]
     Read {
         file: PathBuf,
@@ -31,6 +29,37 @@ pub enum KnownHostsError {
     },
 }
 
+/// A host as known_hosts files name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostId {
+    /// What entries are matched against: `host`, or `[host]:port` when the port is not 22;
+    /// lower-case, as `ssh` looks it up.
+    pub lookup: String,
+    /// The bare host name a host certificate must list as a principal.
+    pub principal: String,
+}
+
+impl HostId {
+    pub fn new(host: &str, port: u16) -> HostId {
+        let host = host.to_ascii_lowercase();
+        let lookup = if port == 22 {
+            host.clone()
+        } else {
+            format!("[{host}]:{port}")
+        };
+        HostId {
+            lookup,
+            principal: host,
+        }
+    }
+}
+
+impl std::fmt::Display for HostId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.lookup)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Marker {
     None,
@@ -40,50 +69,79 @@ enum Marker {
 
 #[derive(Debug, Clone)]
 enum HostMatcher {
-    /// `(negated, pattern)` pairs from a comma list.
-    Patterns(Vec<(bool, String)>),
-    /// `|1|salt|hash`: HMAC-SHA1 of the name keyed by the salt.
-    Hashed { salt: Vec<u8>, hash: Vec<u8> },
+    /// A comma list of patterns, as written.
+    Patterns(String),
+    /// `|1|salt|hash`: matches when HMAC-SHA1(salt, name) encodes to exactly this field.
+    Hashed { salt: Vec<u8>, field: String },
+}
+
+type HmacSha1 = Hmac<sha1::Sha1>;
+
+fn hashed_field(salt: &[u8], name: &str) -> Option<String> {
+    let mut mac = HmacSha1::new_from_slice(salt).ok()?;
+    mac.update(name.as_bytes());
+    let b64 = base64::engine::general_purpose::STANDARD;
+    Some(format!(
+        "|1|{}|{}",
+        b64.encode(salt),
+        b64.encode(mac.finalize().into_bytes())
+    ))
+}
+
+/// `name` hashed as `ssh-keygen -H` and `HashKnownHosts yes` write it, with a fresh salt.
+pub fn hash_name(name: &str) -> String {
+    use rand::RngCore;
+    let mut salt = [0u8; 20];
+    rand::thread_rng().fill_bytes(&mut salt);
+    hashed_field(&salt, &name.to_ascii_lowercase()).unwrap_or_default()
 }
 
 impl HostMatcher {
     fn matches(&self, name: &str) -> bool {
         match self {
-            HostMatcher::Patterns(pats) => {
-                let name = name.to_ascii_lowercase();
-                let mut hit = false;
-                for (neg, pat) in pats {
-                    if wildcard_match(&pat.to_ascii_lowercase(), &name) {
-                        if *neg {
-                            return false;
-                        }
-                        hit = true;
-                    }
-                }
-                hit
-            }
-            HostMatcher::Hashed { salt, hash } => {
-                let Ok(mut mac) = Hmac::<sha1::Sha1>::new_from_slice(salt) else {
-                    return false;
-                };
-                mac.update(name.as_bytes());
-                mac.verify_slice(hash).is_ok()
+            HostMatcher::Patterns(list) => match_pattern_list(name, list) == Some(true),
+            HostMatcher::Hashed { salt, field } => {
+                hashed_field(salt, name).is_some_and(|f| &f == field)
             }
         }
     }
 }
 
-/// `*` matches any run, `?` one character (OpenSSH `match_pattern`).
+/// OpenSSH's `match_pattern_list` with lower-casing: `Some(true)` for a positive match,
+/// `Some(false)` when a negated pattern matches (the whole list then fails), `None` when
+/// nothing matches. A subpattern of 1023 bytes or more makes the list fail, as there.
+pub fn match_pattern_list(name: &str, list: &str) -> Option<bool> {
+    let name = name.to_ascii_lowercase();
+    let mut positive = false;
+    for sub in list.split(',') {
+        let (negated, pat) = match sub.strip_prefix('!') {
+            Some(p) => (true, p),
+            None => (false, sub),
+        };
+        if pat.len() >= 1023 {
+            return None;
+        }
+        if wildcard_match(&pat.to_ascii_lowercase(), &name) {
+            if negated {
+                return Some(false);
+            }
+            positive = true;
+        }
+    }
+    positive.then_some(true)
+}
+
+/// `*` matches any run, `?` one byte (OpenSSH `match_pattern`).
 pub fn wildcard_match(pattern: &str, text: &str) -> bool {
-    let p: Vec<char> = pattern.chars().collect();
-    let t: Vec<char> = text.chars().collect();
+    let p = pattern.as_bytes();
+    let t = text.as_bytes();
     let (mut pi, mut ti) = (0, 0);
     let (mut star, mut mark) = (None, 0);
     while ti < t.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+        if pi < p.len() && (p[pi] == b'?' || p[pi] == t[ti]) {
             pi += 1;
             ti += 1;
-        } else if pi < p.len() && p[pi] == '*' {
+        } else if pi < p.len() && p[pi] == b'*' {
             star = Some(pi);
             pi += 1;
             mark = ti;
@@ -95,13 +153,13 @@ pub fn wildcard_match(pattern: &str, text: &str) -> bool {
             return false;
         }
     }
-    while pi < p.len() && p[pi] == '*' {
+    while pi < p.len() && p[pi] == b'*' {
         pi += 1;
     }
     pi == p.len()
 }
 
-/// One line of a known_hosts file.
+/// One usable line of a known_hosts file.
 #[derive(Debug, Clone)]
 struct Entry {
     file: PathBuf,
@@ -109,6 +167,26 @@ struct Entry {
     marker: Marker,
     hosts: HostMatcher,
     key: PublicKey,
+}
+
+/// A line OpenSSH would skip, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    pub file: PathBuf,
+    pub line: usize,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Skipped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}:{}: {}; line ignored",
+            self.file.display(),
+            self.line,
+            self.reason
+        )
+    }
 }
 
 /// Where a key is pinned, for messages.
@@ -150,6 +228,7 @@ pub enum Verdict {
 #[derive(Debug, Clone, Default)]
 pub struct KnownHosts {
     entries: Vec<Entry>,
+    skipped: Vec<Skipped>,
 }
 
 /// `SHA256:…` as OpenSSH prints it.
@@ -179,12 +258,26 @@ fn same_key(a: &PublicKey, b: &PublicKey) -> bool {
     a.key_data() == b.key_data()
 }
 
+/// Each skipped line is warned about once per process, not on every reconnect.
+fn warn_once(s: &Skipped) {
+    static WARNED: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+    let text = s.to_string();
+    let fresh = WARNED
+        .lock()
+        .map(|mut w| w.get_or_insert_with(HashSet::new).insert(text.clone()))
+        .unwrap_or(true);
+    if fresh {
+        tracing::warn!("{text}");
+    }
+}
+
 impl KnownHosts {
-    /// Reads every file; a missing file counts as empty, a malformed line is an error.
+    /// Reads every file; a missing file counts as empty. Lines OpenSSH would skip are
+    /// skipped with a warning; only an unreadable file is an error.
     pub fn load(files: &[PathBuf]) -> Result<KnownHosts, KnownHostsError> {
         let mut kh = KnownHosts::default();
         for file in files {
-            let text = match std::fs::read_to_string(file) {
+            let bytes = match std::fs::read(file) {
                 Ok(t) => t,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(source) => {
@@ -194,44 +287,50 @@ impl KnownHosts {
                     })
                 }
             };
-            kh.add_text(file, &text)?;
+            kh.add_text(file, &String::from_utf8_lossy(&bytes));
+        }
+        for s in &kh.skipped {
+            warn_once(s);
         }
         Ok(kh)
     }
 
     /// Parses known_hosts text as if read from `file`.
-    pub fn add_text(&mut self, file: &Path, text: &str) -> Result<(), KnownHostsError> {
-        for (i, raw) in text.lines().enumerate() {
-            let line = raw.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
+    pub fn add_text(&mut self, file: &Path, text: &str) {
+        for (i, raw) in text.split('\n').enumerate() {
+            match parse_line(raw) {
+                Ok(None) => {}
+                Ok(Some((marker, hosts, key))) => self.entries.push(Entry {
+                    file: file.to_path_buf(),
+                    line: i + 1,
+                    marker,
+                    hosts,
+                    key,
+                }),
+                Err(reason) => self.skipped.push(Skipped {
+                    file: file.to_path_buf(),
+                    line: i + 1,
+                    reason,
+                }),
             }
-            let entry = parse_line(line).map_err(|message| KnownHostsError::Malformed {
-                file: file.to_path_buf(),
-                line: i + 1,
-                message,
-            })?;
-            let (marker, hosts, key) = entry;
-            self.entries.push(Entry {
-                file: file.to_path_buf(),
-                line: i + 1,
-                marker,
-                hosts,
-                key,
-            });
         }
-        Ok(())
     }
 
-    fn for_host<'a>(&'a self, names: &'a [String]) -> impl Iterator<Item = &'a Entry> + 'a {
-        self.entries
-            .iter()
-            .filter(move |e| names.iter().any(|n| e.hosts.matches(n)))
+    /// Lines that were skipped, in file order.
+    pub fn skipped(&self) -> &[Skipped] {
+        &self.skipped
     }
 
-    /// Checks a plain host key presented under any of `names`.
-    pub fn check(&self, names: &[String], key: &PublicKey) -> Verdict {
-        let matching: Vec<&Entry> = self.for_host(names).collect();
+    fn for_host<'a>(&'a self, host: &'a str) -> impl Iterator<Item = &'a Entry> + 'a {
+        let host = host.to_ascii_lowercase();
+        self.entries.iter().filter(move |e| e.hosts.matches(&host))
+    }
+
+    /// A plain key judged against the entries for one name (hostfile.c
+    /// `check_key_in_hostkeys`): a revoked key is refused whatever else is pinned; a pinned
+    /// key is trusted; any other pin for the name, of whichever type, makes it changed.
+    fn plain_at(&self, lookup: &str, key: &PublicKey) -> Verdict {
+        let matching: Vec<&Entry> = self.for_host(lookup).collect();
         if let Some(e) = matching
             .iter()
             .find(|e| e.marker == Marker::Revoked && same_key(&e.key, key))
@@ -246,7 +345,7 @@ impl KnownHosts {
         }
         let pins: Vec<Pin> = matching
             .iter()
-            .filter(|e| e.marker != Marker::Revoked)
+            .filter(|e| e.marker == Marker::None)
             .map(|e| pin_of(e))
             .collect();
         if pins.is_empty() {
@@ -256,126 +355,210 @@ impl KnownHosts {
         }
     }
 
-    /// Checks a host certificate: trusted if an `@cert-authority` entry for the host holds
-    /// its signing key, the signature verifies and the certificate names the host.
-    pub fn check_certificate(&self, names: &[String], cert: &russh::keys::Certificate) -> Verdict {
+    /// A certificate judged against the `@cert-authority` entries for one name.
+    fn cert_at(&self, lookup: &str, principal: &str, cert: &russh::keys::Certificate) -> CertAt {
         let ca = PublicKey::from(cert.signature_key().clone());
-        let matching: Vec<&Entry> = self.for_host(names).collect();
         let host_key = PublicKey::from(cert.public_key().clone());
+        let matching: Vec<&Entry> = self.for_host(lookup).collect();
         if let Some(e) = matching.iter().find(|e| {
             e.marker == Marker::Revoked && (same_key(&e.key, &ca) || same_key(&e.key, &host_key))
         }) {
-            return Verdict::Revoked(pin_of(e));
+            return CertAt::Revoked(pin_of(e));
         }
-        let principal_ok = cert.valid_principals().is_empty()
-            || names.iter().any(|n| {
-                let bare = n
-                    .strip_prefix('[')
-                    .and_then(|r| r.split_once(']'))
-                    .map_or(n.as_str(), |(h, _)| h);
-                cert.valid_principals().iter().any(|p| p == bare)
-            });
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let fingerprints = [ca.fingerprint(HashAlg::Sha256)];
-        let valid = principal_ok && cert.validate_at(now, &fingerprints).is_ok();
-        if let Some(e) = matching
+        match matching
             .iter()
             .find(|e| e.marker == Marker::CertAuthority && same_key(&e.key, &ca))
         {
-            if valid && cert.cert_type().is_host() {
-                return Verdict::Trusted(pin_of(e));
-            }
+            Some(e) if certificate_valid_for(cert, &ca, principal) => CertAt::Trusted(pin_of(e)),
+            Some(_) => CertAt::Invalid,
+            None => CertAt::NoAuthority,
         }
-        // A certificate that is not trusted is judged by its bare key.
-        self.check(names, &host_key)
     }
 
-    /// Key algorithms pinned for the host, most recently listed last; used to prefer
-    /// pinned types in host key negotiation.
-    pub fn pinned_algorithms(&self, names: &[String]) -> Vec<Algorithm> {
-        let mut algs = Vec::new();
-        for e in self.for_host(names) {
-            if e.marker == Marker::None {
-                let mut alg = e.key.algorithm();
-                if matches!(alg, Algorithm::Rsa { .. }) {
-                    for h in [Some(HashAlg::Sha512), Some(HashAlg::Sha256)] {
-                        let a = Algorithm::Rsa { hash: h };
-                        if !algs.contains(&a) {
-                            algs.push(a);
+    /// Checks a plain host key presented by `host`, as `ssh` does: by the host's name (with
+    /// its port), and — only when nothing at all is pinned under that name and the port is
+    /// not 22 — by the bare name, where only a match counts (sshconnect.c "checking without
+    /// port identifier").
+    pub fn check(&self, host: &HostId, key: &PublicKey) -> Verdict {
+        let verdict = self.plain_at(&host.lookup, key);
+        if verdict == Verdict::Unknown && host.lookup != host.principal {
+            if let trusted @ Verdict::Trusted(_) = self.plain_at(&host.principal, key) {
+                return trusted;
+            }
+        }
+        verdict
+    }
+
+    /// Checks a host certificate as `ssh` does: refused when the certificate's key or its CA
+    /// is `@revoked` for the host; trusted when an `@cert-authority` entry for the host holds
+    /// the signing key and the certificate is a valid host certificate for the host's bare
+    /// name (signature, validity window, principals empty or listing the name, no critical
+    /// options). With no authority for `[name]:port`, the bare name is tried the same way,
+    /// down to its plain pins. Otherwise the certificate's plain key is judged by
+    /// [`KnownHosts::check`].
+    pub fn check_certificate(&self, host: &HostId, cert: &russh::keys::Certificate) -> Verdict {
+        let host_key = PublicKey::from(cert.public_key().clone());
+        match self.cert_at(&host.lookup, &host.principal, cert) {
+            CertAt::Revoked(pin) => return Verdict::Revoked(pin),
+            CertAt::Trusted(pin) => return Verdict::Trusted(pin),
+            CertAt::Invalid => {}
+            CertAt::NoAuthority if host.lookup != host.principal => {
+                match self.cert_at(&host.principal, &host.principal, cert) {
+                    CertAt::Trusted(pin) => return Verdict::Trusted(pin),
+                    CertAt::Revoked(_) => {}
+                    CertAt::Invalid | CertAt::NoAuthority => {
+                        if let trusted @ Verdict::Trusted(_) =
+                            self.plain_at(&host.principal, &host_key)
+                        {
+                            return trusted;
                         }
                     }
-                    alg = Algorithm::Rsa { hash: None };
-                }
-                if !algs.contains(&alg) {
-                    algs.push(alg);
                 }
             }
+            CertAt::NoAuthority => {}
         }
-        algs
+        self.check(host, &host_key)
     }
 
-    /// Whether an `@cert-authority` entry covers the host.
-    pub fn has_cert_authority(&self, names: &[String]) -> bool {
-        self.for_host(names)
-            .any(|e| e.marker == Marker::CertAuthority)
+    /// Host key algorithms in the order `ssh` asks for them (sshconnect2.c
+    /// `order_hostkeyalgs`): the default order, with the types pinned for the host's name
+    /// moved to the front (`@revoked` and `@cert-authority` entries do not count).
+    pub fn pinned_algorithms(&self, host: &HostId) -> Vec<Algorithm> {
+        let pinned: Vec<Algorithm> = self
+            .for_host(&host.lookup)
+            .filter(|e| e.marker == Marker::None)
+            .map(|e| e.key.algorithm())
+            .collect();
+        let same_type = |a: &Algorithm, b: &Algorithm| match (a, b) {
+            (Algorithm::Rsa { .. }, Algorithm::Rsa { .. }) => true,
+            _ => a == b,
+        };
+        russh::Preferred::DEFAULT
+            .key
+            .iter()
+            .filter(|a| pinned.iter().any(|p| same_type(p, a)))
+            .cloned()
+            .collect()
+    }
+
+    /// OpenSSH's CheckHostIP: pins under the connected address (`ip_name`, e.g.
+    /// `[10.0.0.1]:2222`) that contradict the key the host presented. Only ever a warning: the
+    /// address is never a reason to trust a host.
+    pub fn address_contradicts(&self, ip_name: &str, key: &PublicKey) -> Vec<Pin> {
+        match self.check(
+            &HostId {
+                lookup: ip_name.to_string(),
+                principal: String::new(),
+            },
+            key,
+        ) {
+            Verdict::Changed(pins) => pins,
+            Verdict::Revoked(pin) => vec![pin],
+            _ => Vec::new(),
+        }
     }
 }
 
-fn parse_line(line: &str) -> Result<(Marker, HostMatcher, PublicKey), String> {
-    let mut fields = line.split_whitespace();
-    let mut first = fields.next().ok_or("empty line")?;
-    let marker = match first {
-        "@revoked" => Marker::Revoked,
-        "@cert-authority" => Marker::CertAuthority,
-        m if m.starts_with('@') => return Err(format!("unknown marker {m:?}")),
-        _ => Marker::None,
-    };
-    if marker != Marker::None {
-        first = fields.next().ok_or("missing host patterns after marker")?;
+/// How a certificate fares against the `@cert-authority` entries for one name.
+enum CertAt {
+    Revoked(Pin),
+    Trusted(Pin),
+    /// An entry holds its CA, but the certificate is not valid for the host now.
+    Invalid,
+    NoAuthority,
+}
+
+fn certificate_valid_for(cert: &russh::keys::Certificate, ca: &PublicKey, principal: &str) -> bool {
+    if !cert.cert_type().is_host() || !cert.critical_options().is_empty() {
+        return false;
     }
-    let hosts = parse_hosts(first)?;
-    let algo = fields.next().ok_or("missing key type")?;
-    let b64 = fields.next().ok_or("missing base64 key")?;
+    let principals = cert.valid_principals();
+    if !principals.is_empty() && !principals.iter().any(|p| p == principal) {
+        return false;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    cert.validate_at(now, &[ca.fingerprint(HashAlg::Sha256)])
+        .is_ok()
+}
+
+/// The fields of a line after any marker: OpenSSH separates them by spaces and tabs only.
+fn fields(s: &str) -> impl Iterator<Item = &str> {
+    s.split([' ', '\t']).filter(|f| !f.is_empty())
+}
+
+/// One line: `Ok(None)` for blanks and comments, `Err` for a line OpenSSH skips.
+fn parse_line(raw: &str) -> Result<Option<(Marker, HostMatcher, PublicKey)>, String> {
+    let mut rest = raw.trim_start_matches([' ', '\t']);
+    if rest.is_empty() || rest.starts_with('#') || rest == "\r" {
+        return Ok(None);
+    }
+    let mut marker = Marker::None;
+    while rest.starts_with('@') {
+        if marker != Marker::None {
+            return Err("more than one marker".into());
+        }
+        let end = rest
+            .find([' ', '\t'])
+            .ok_or("marker without host patterns")?;
+        marker = match &rest[..end] {
+            "@revoked" => Marker::Revoked,
+            "@cert-authority" => Marker::CertAuthority,
+            m => return Err(format!("unknown marker {m:?}")),
+        };
+        rest = rest[end..].trim_start_matches([' ', '\t']);
+    }
+    let mut it = fields(rest);
+    let hosts = parse_hosts(it.next().ok_or("missing host patterns")?)?;
+    let algo = it.next().ok_or("missing key type")?;
+    let b64 = it
+        .next()
+        .map(|b| b.trim_end_matches(|c: char| c.is_ascii_whitespace()))
+        .filter(|b| !b.is_empty() && !b.starts_with('#'))
+        .ok_or("missing base64 key")?;
     let key = PublicKey::from_openssh(&format!("{algo} {b64}"))
         .map_err(|e| format!("invalid {algo} key: {e}"))?;
-    Ok((marker, hosts, key))
+    if matches!(key.algorithm(), Algorithm::Other(_)) {
+        return Err(format!("unknown key type {algo:?}"));
+    }
+    Ok(Some((marker, hosts, key)))
 }
 
 fn parse_hosts(field: &str) -> Result<HostMatcher, String> {
-    if let Some(rest) = field.strip_prefix("|1|") {
-        let (salt, hash) = rest
-            .split_once('|')
-            .ok_or("hashed host lacks '|' separator")?;
-        let b64 = base64::engine::general_purpose::STANDARD;
-        let salt = b64
-            .decode(salt)
-            .map_err(|e| format!("bad hashed host salt: {e}"))?;
-        let hash = b64
-            .decode(hash)
-            .map_err(|e| format!("bad hashed host hash: {e}"))?;
-        return Ok(HostMatcher::Hashed { salt, hash });
+    if !field.starts_with('|') {
+        return Ok(HostMatcher::Patterns(field.to_string()));
     }
-    if field.starts_with('|') {
-        return Err("unsupported hashed host format (only |1| exists)".into());
+    // hostfile.c extract_salt: `|1|`, a base64 salt of exactly 20 bytes, `|`.
+    let rest = field
+        .strip_prefix("|1|")
+        .ok_or("unsupported hashed host format (only |1| exists)")?;
+    let (salt, _) = rest
+        .split_once('|')
+        .ok_or("hashed host lacks '|' separator")?;
+    let salt = base64::engine::general_purpose::STANDARD
+        .decode(salt)
+        .map_err(|e| format!("bad hashed host salt: {e}"))?;
+    if salt.len() != 20 {
+        return Err(format!(
+            "bad hashed host salt: {} bytes, not 20",
+            salt.len()
+        ));
     }
-    let pats = field
-        .split(',')
-        .filter(|p| !p.is_empty())
-        .map(|p| match p.strip_prefix('!') {
-            Some(rest) => (true, rest.to_string()),
-            None => (false, p.to_string()),
-        })
-        .collect::<Vec<_>>();
-    if pats.is_empty() {
-        return Err("no host patterns".into());
-    }
-    Ok(HostMatcher::Patterns(pats))
+    Ok(HostMatcher::Hashed {
+        salt,
+        field: field.to_string(),
+    })
 }
 
-/// Appends a pin for `name` to `file`, creating the directory (0700) and file (0600).
-pub fn append_pin(file: &Path, name: &str, key: &PublicKey) -> Result<(), KnownHostsError> {
+/// Appends a pin for `name` (hashed when `hashed`) to `file`, creating the directory (0700)
+/// and file (0600).
+pub fn append_pin(
+    file: &Path,
+    name: &str,
+    key: &PublicKey,
+    hashed: bool,
+) -> Result<(), KnownHostsError> {
     let werr = |source| KnownHostsError::Write {
         file: file.to_path_buf(),
         source,
@@ -392,12 +575,17 @@ pub fn append_pin(file: &Path, name: &str, key: &PublicKey) -> Result<(), KnownH
     let openssh = key
         .to_openssh()
         .map_err(|e| werr(std::io::Error::other(e.to_string())))?;
-    let mut body = openssh
+    let body = openssh
         .split_whitespace()
         .take(2)
         .collect::<Vec<_>>()
         .join(" ");
-    body = format!("{name} {body}\n");
+    let name = if hashed {
+        hash_name(name)
+    } else {
+        name.to_ascii_lowercase()
+    };
+    let body = format!("{name} {body}\n");
     let needs_newline = std::fs::read(file)
         .map(|b| !b.is_empty() && !b.ends_with(b"\n"))
         .unwrap_or(false);
@@ -431,47 +619,79 @@ mod tests {
 
     fn kh(text: &str) -> KnownHosts {
         let mut k = KnownHosts::default();
-        k.add_text(Path::new("/kh"), text).expect("parses");
+        k.add_text(Path::new("/kh"), text);
         k
     }
 
-    fn names(n: &[&str]) -> Vec<String> {
-        n.iter().map(|s| s.to_string()).collect()
+    fn host(h: &str, port: u16) -> HostId {
+        HostId::new(h, port)
+    }
+
+    #[test]
+    fn host_ids_are_bracketed_off_port_22_and_lower_case() {
+        assert_eq!(host("H.example", 22).lookup, "h.example");
+        assert_eq!(host("h", 2222).lookup, "[h]:2222");
+        assert_eq!(host("h", 2222).principal, "h");
     }
 
     #[test]
     fn plain_bracketed_and_lists_match() {
         let k = kh(&format!("a.example,[10.0.0.1]:2222 {ED}\n"));
         assert!(matches!(
-            k.check(&names(&["a.example"]), &key(ED)),
+            k.check(&host("a.example", 22), &key(ED)),
             Verdict::Trusted(_)
         ));
         assert!(matches!(
-            k.check(&names(&["x", "[10.0.0.1]:2222"]), &key(ED)),
+            k.check(&host("10.0.0.1", 2222), &key(ED)),
             Verdict::Trusted(_)
         ));
-        assert_eq!(k.check(&names(&["10.0.0.1"]), &key(ED)), Verdict::Unknown);
+        assert_eq!(k.check(&host("10.0.0.1", 22), &key(ED)), Verdict::Unknown);
     }
 
     #[test]
-    fn wildcards_and_negation() {
+    fn wildcards_and_negation_in_any_position() {
         let k = kh(&format!("*.example,!bad.example {ED}\n"));
         assert!(matches!(
-            k.check(&names(&["web.example"]), &key(ED)),
+            k.check(&host("web.example", 22), &key(ED)),
             Verdict::Trusted(_)
         ));
         assert_eq!(
-            k.check(&names(&["bad.example"]), &key(ED)),
+            k.check(&host("bad.example", 22), &key(ED)),
+            Verdict::Unknown
+        );
+        let k = kh(&format!("!bad.example,*.example {ED}\n"));
+        assert_eq!(
+            k.check(&host("bad.example", 22), &key(ED)),
             Verdict::Unknown
         );
         assert!(wildcard_match("h?st", "host"));
         assert!(!wildcard_match("h?st", "hoost"));
+        assert_eq!(match_pattern_list("a", "b,!a,a"), Some(false));
+        assert_eq!(match_pattern_list("A", "a"), Some(true));
+        assert_eq!(match_pattern_list("a", "b"), None);
+    }
+
+    #[test]
+    fn the_address_never_stands_in_for_the_name() {
+        // `[name]:P` pinned to one key, the connected address to another: the name decides.
+        let k = kh(&format!("[localhost]:2200 {ED2}\n[127.0.0.1]:2200 {ED}\n"));
+        assert!(matches!(
+            k.check(&host("localhost", 2200), &key(ED)),
+            Verdict::Changed(_)
+        ));
+        assert_eq!(
+            k.address_contradicts("[127.0.0.1]:2200", &key(ED2)).len(),
+            1
+        );
+        assert!(k
+            .address_contradicts("[127.0.0.1]:2200", &key(ED))
+            .is_empty());
     }
 
     #[test]
     fn changed_key_lists_pins_with_place() {
         let k = kh(&format!("# c\n\nh {ED}\n"));
-        match k.check(&names(&["h"]), &key(ED2)) {
+        match k.check(&host("h", 22), &key(ED2)) {
             Verdict::Changed(p) => {
                 assert_eq!(p.len(), 1);
                 assert_eq!(p[0].line, 3);
@@ -485,60 +705,68 @@ mod tests {
     fn revoked_always_wins() {
         let k = kh(&format!("h {ED}\n@revoked * {ED}\n"));
         assert!(matches!(
-            k.check(&names(&["h"]), &key(ED)),
+            k.check(&host("h", 22), &key(ED)),
             Verdict::Revoked(_)
         ));
     }
 
     #[test]
-    fn hashed_entries_match() {
-        // The `|1|salt|hash` form `ssh-keygen -H` writes: HMAC-SHA1 of the name keyed by the salt.
-        let salt = [7u8; 20];
-        let mut mac = Hmac::<sha1::Sha1>::new_from_slice(&salt).expect("hmac");
-        mac.update(b"[127.0.0.1]:2200");
-        let hash = mac.finalize().into_bytes();
-        let b64 = base64::engine::general_purpose::STANDARD;
-        let line = format!("|1|{}|{} {ED}\n", b64.encode(salt), b64.encode(hash));
+    fn hashed_entries_match_only_their_name() {
+        let line = format!("{} {ED}\n", hash_name("[127.0.0.1]:2200"));
         let k = kh(&line);
         assert!(matches!(
-            k.check(&names(&["[127.0.0.1]:2200"]), &key(ED)),
+            k.check(&host("127.0.0.1", 2200), &key(ED)),
             Verdict::Trusted(_)
         ));
-        assert_eq!(k.check(&names(&["127.0.0.1"]), &key(ED)), Verdict::Unknown);
+        assert_eq!(k.check(&host("127.0.0.1", 22), &key(ED)), Verdict::Unknown);
     }
 
     #[test]
-    fn malformed_lines_name_file_and_line() {
-        let mut k = KnownHosts::default();
-        let e = k.add_text(Path::new("/kh"), "h ssh-ed25519\n").unwrap_err();
-        assert_eq!(e.to_string(), "/kh:1: missing base64 key");
-        let e = k
-            .add_text(Path::new("/kh"), "\nh ssh-ed25519 !!!\n")
-            .unwrap_err();
-        assert!(
-            e.to_string().starts_with("/kh:2: invalid ssh-ed25519 key"),
-            "{e}"
+    fn lines_openssh_skips_are_skipped_with_their_place() {
+        let text =
+            format!("h ssh-ed25519\nh ssh-foo AAAA\n@bogus h {ED}\n|1|AAAA|BBBB {ED}\nh {ED}\r\n");
+        let k = kh(&text);
+        let lines: Vec<usize> = k.skipped().iter().map(|s| s.line).collect();
+        assert_eq!(lines, vec![1, 2, 3, 4]);
+        assert_eq!(
+            k.skipped()[0].to_string(),
+            "/kh:1: missing base64 key; line ignored"
         );
+        assert!(matches!(
+            k.check(&host("h", 22), &key(ED)),
+            Verdict::Trusted(_)
+        ));
     }
 
     #[test]
     fn pinned_algorithms_prefer_recorded_types() {
         let k = kh(&format!("h {ED}\n"));
         assert_eq!(
-            k.pinned_algorithms(&names(&["h"])),
+            k.pinned_algorithms(&host("h", 22)),
             vec![Algorithm::Ed25519]
         );
-        assert!(k.pinned_algorithms(&names(&["other"])).is_empty());
+        assert!(k.pinned_algorithms(&host("other", 22)).is_empty());
     }
 
     #[test]
     fn append_pin_creates_private_file_that_matches() {
         let dir = tempfile::tempdir().expect("tempdir");
         let f = dir.path().join("sub/known_hosts");
-        append_pin(&f, "[127.0.0.1]:2200", &key(ED)).expect("pin");
+        append_pin(&f, "[127.0.0.1]:2200", &key(ED), false).expect("pin");
+        append_pin(&f, "[127.0.0.2]:2200", &key(ED2), true).expect("pin");
+        let text = std::fs::read_to_string(&f).expect("read");
+        assert!(text.starts_with("[127.0.0.1]:2200 ssh-ed25519 "), "{text}");
+        assert!(
+            text.lines().nth(1).is_some_and(|l| l.starts_with("|1|")),
+            "{text}"
+        );
         let k = KnownHosts::load(std::slice::from_ref(&f)).expect("load");
         assert!(matches!(
-            k.check(&names(&["[127.0.0.1]:2200"]), &key(ED)),
+            k.check(&host("127.0.0.1", 2200), &key(ED)),
+            Verdict::Trusted(_)
+        ));
+        assert!(matches!(
+            k.check(&host("127.0.0.2", 2200), &key(ED2)),
             Verdict::Trusted(_)
         ));
     }

@@ -148,3 +148,22 @@ pub fn peer_allowed(stream: &UnixStream) -> Result<(), String> {
         Err(e) => Err(format!("cannot read peer credentials: {e}")),
     }
 }
+
+/// Whether the user's ssh_config asks for hashed known_hosts names for `host`
+/// (`HashKnownHosts yes`, Debian's default), as OpenSSH itself resolves it (`ssh -G`). No
+/// `ssh` on the machine, or no answer, means plain names.
+pub fn hash_known_hosts(host: &str) -> bool {
+    let out = std::process::Command::new("ssh")
+        .arg("-G")
+        .arg("--")
+        .arg(host)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output();
+    match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .any(|l| l.trim().eq_ignore_ascii_case("hashknownhosts yes")),
+        _ => false,
+    }
+}

@@ -2,6 +2,10 @@
 //! once the user confirms it, pins it in the first known_hosts file of that cluster. A key
 //! that contradicts an existing pin is never replaced here: the old pin must be removed by
 //! hand first, after the change was checked.
+//!
+//! Everything shown is computed here from the key's bytes (never taken from a server's or
+//! the daemon's words), the answer comes from the controlling terminal (never stdin, which a
+//! pipe can fill), and scripts name the fingerprint they checked instead of saying yes.
 
 use std::io::{BufRead, Write};
 use std::time::Duration;
@@ -9,15 +13,15 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 
 use crate::config::ClusterConfig;
-use crate::known_hosts::{append_pin, fingerprint_md5, fingerprint_sha256, Verdict};
-use crate::tunnel::dial::{
-    dial, presented_key, presented_key_over, DialError, DialSpec, PresentedKey,
+use crate::known_hosts::{
+    append_pin, fingerprint_md5, fingerprint_sha256, HostId, KnownHosts, Verdict,
 };
+use crate::tunnel::dial::{dial, presented_key, presented_key_over, DialError, DialSpec};
 
 /// Runs the trust flow for the tunnel host and, first, each jump host on the way to it
-/// (reached through the hops before it, which must be trusted by then); `assume_yes` skips
-/// the prompts. Returns the lines to print.
-pub async fn trust(cluster: &ClusterConfig, assume_yes: bool) -> anyhow::Result<String> {
+/// (reached through the hops before it, which must be trusted by then). Returns the lines to
+/// print.
+pub async fn trust(cluster: &ClusterConfig, confirm: &Confirm) -> anyhow::Result<String> {
     let full = crate::tunnel::dial_spec(cluster, crate::auth::KeySource::from_env(&[]).agent);
     let limit = cluster.connect_timeout.max(Duration::from_secs(1));
     let mut lines = Vec::new();
@@ -61,12 +65,7 @@ pub async fn trust(cluster: &ClusterConfig, assume_yes: bool) -> anyhow::Result<
                     target: target.to_string(),
                     reason: format!("jump host could not connect: {e}"),
                 })?;
-            presented_key_over(
-                &spec,
-                crate::proxy::DrainedChannel::new(ch),
-                vec![target.known_hosts_name()],
-            )
-            .await
+            presented_key_over(&spec, crate::proxy::DrainedChannel::new(ch)).await
         })
         .await
         .with_context(|| format!("connecting to {target} timed out"))??;
@@ -75,21 +74,75 @@ pub async fn trust(cluster: &ClusterConfig, assume_yes: bool) -> anyhow::Result<
         } else {
             target.to_string()
         };
-        lines.push(judge(cluster, &what, seen, assume_yes)?);
+        lines.push(judge(
+            cluster,
+            &what,
+            &seen.host,
+            &seen.key,
+            seen.verdict,
+            confirm,
+        )?);
     }
     Ok(lines.join("\n"))
+}
+
+/// How the user agrees to a pin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Confirm {
+    /// Ask on the controlling terminal.
+    Ask,
+    /// `--yes`: the user at the terminal has checked the fingerprint already.
+    Yes,
+    /// `--fingerprint`: pin only keys with one of these fingerprints (`SHA256:…` or `MD5:…`).
+    Fingerprints(Vec<String>),
+}
+
+impl Confirm {
+    /// Refuses `--yes` without a terminal before anything is dialled: a script must say
+    /// which key it checked.
+    pub fn check_usable(&self) -> anyhow::Result<()> {
+        if *self == Confirm::Yes && open_tty().is_err() {
+            bail!("--yes needs a terminal (it stands for a person who checked the fingerprint); scripts pass --fingerprint SHA256:… with the fingerprint they checked");
+        }
+        Ok(())
+    }
+}
+
+fn open_tty() -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/tty")
+}
+
+/// Asks `question` on the controlling terminal; true for yes.
+fn ask_tty(question: &str) -> anyhow::Result<bool> {
+    let mut tty = open_tty().map_err(|e| {
+        anyhow::anyhow!("no terminal to confirm on ({e}); pass --fingerprint SHA256:… with the fingerprint you checked")
+    })?;
+    tty.write_all(question.as_bytes())?;
+    tty.flush()?;
+    let mut answer = String::new();
+    std::io::BufReader::new(tty).read_line(&mut answer)?;
+    Ok(matches!(
+        answer.trim().to_ascii_lowercase().as_str(),
+        "yes" | "y"
+    ))
 }
 
 /// Pins a presented key after confirmation, or says why not.
 fn judge(
     cluster: &ClusterConfig,
     what: &str,
-    seen: PresentedKey,
-    assume_yes: bool,
+    host: &HostId,
+    key: &russh::keys::PublicKey,
+    verdict: Verdict,
+    confirm: &Confirm,
 ) -> anyhow::Result<String> {
-    let fp = fingerprint_sha256(&seen.key);
-    let alg = seen.key.algorithm();
-    match seen.verdict {
+    let fp = fingerprint_sha256(key);
+    let md5 = fingerprint_md5(key);
+    let alg = key.algorithm();
+    match verdict {
         Verdict::Trusted(pin) => {
             return Ok(format!(
                 "cluster {:?}: {what}: {} {fp} is already pinned at {}:{}",
@@ -108,10 +161,9 @@ fn judge(
         Verdict::Changed(pins) => {
             let list: Vec<String> = pins.iter().map(|p| p.to_string()).collect();
             bail!(
-                "cluster {:?}: {what} presents {alg} {fp}, but known_hosts pins {}. If you have checked that the host was re-keyed, remove the old pin (`ssh-keygen -R '{}' -f {}`) and run this again",
+                "cluster {:?}: {what} presents {alg} {fp}, but known_hosts pins {}. If you have checked that the host was re-keyed, remove the old pin (`ssh-keygen -R '{host}' -f {}`) and run this again",
                 cluster.name,
                 list.join(", "),
-                seen.names[0],
                 pins[0].file.display()
             )
         }
@@ -124,37 +176,67 @@ fn judge(
         );
     };
     eprintln!(
-        "cluster {:?}: {what} ({}) presents\n  {alg} {fp}\n  {}",
-        cluster.name,
-        seen.names.join(", "),
-        fingerprint_md5(&seen.key)
+        "cluster {:?}: {what} ({host}) presents\n  {alg} {fp}\n  {md5}",
+        cluster.name
     );
-    if !assume_yes {
-        eprint!("Compare it with the fingerprint from the host's administrator. Pin it in {}? (yes/no) ", file.display());
-        let _ = std::io::stderr().flush();
-        let mut answer = String::new();
-        std::io::stdin().lock().read_line(&mut answer)?;
-        if !matches!(answer.trim().to_ascii_lowercase().as_str(), "yes" | "y") {
-            bail!("not pinned");
+    match confirm {
+        Confirm::Fingerprints(wanted) => {
+            if !wanted
+                .iter()
+                .any(|w| *w == fp || w.eq_ignore_ascii_case(&md5))
+            {
+                bail!(
+                    "cluster {:?}: {what} presents {fp}, which is not a fingerprint given with --fingerprint ({}); not pinned",
+                    cluster.name,
+                    wanted.join(", ")
+                );
+            }
+        }
+        Confirm::Yes => Confirm::Yes.check_usable()?,
+        Confirm::Ask => {
+            let q = format!(
+                "Compare it with the fingerprint from the host's administrator. Pin it in {}? (yes/no) ",
+                file.display()
+            );
+            if !ask_tty(&q)? {
+                bail!("not pinned");
+            }
         }
     }
-    append_pin(file, &seen.names[0], &seen.key)?;
+    let hashed = crate::local::hash_known_hosts(&host.principal);
+    append_pin(file, &host.lookup, key, hashed)?;
     Ok(format!(
-        "cluster {:?}: pinned {alg} {fp} for {} in {}",
+        "cluster {:?}: {what}: pinned {alg} {fp} as {host}{} in {}",
         cluster.name,
-        seen.names[0],
+        if hashed {
+            " (hashed, as HashKnownHosts asks)"
+        } else {
+            ""
+        },
         file.display()
     ))
 }
 
+/// `[ip]:port` or `ip` as a machine's known_hosts name; anything else is refused.
+fn machine_host_id(name: &str) -> Option<HostId> {
+    if let Ok(ip) = name.parse::<std::net::IpAddr>() {
+        return Some(HostId::new(&ip.to_string(), 22));
+    }
+    let (ip, port) = name.strip_prefix('[')?.split_once("]:")?;
+    let ip: std::net::IpAddr = ip.parse().ok()?;
+    let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
+    Some(HostId::new(&ip.to_string(), port))
+}
+
 /// `fleet-broker trust CLUSTER --machine ID`: asks the running daemon for the key the machine
-/// presents through the tunnel, then pins it like [`trust`].
+/// presents through the tunnel, then judges and pins it here like [`trust`]: the verdict and
+/// fingerprints are computed from this cluster's known_hosts files and the key's bytes.
 pub async fn trust_machine(
     cluster: &ClusterConfig,
     control: &std::path::Path,
     machine: &str,
     ssh_port: Option<u16>,
-    assume_yes: bool,
+    confirm: &Confirm,
 ) -> anyhow::Result<String> {
     use crate::control::client::{error_text, request};
     let mut path = format!("/v1/clusters/{}/host-key?machine={machine}", cluster.name);
@@ -168,62 +250,51 @@ pub async fn trust_machine(
         bail!("cluster {:?}: {}", cluster.name, error_text(&body));
     }
     let r: crate::exec::HostKeyReport = serde_json::from_slice(&body)?;
-    let short = r.machine.get(..8).unwrap_or(&r.machine).to_string();
-    match r.verdict.as_str() {
-        "trusted" => {
-            return Ok(format!(
-                "cluster {:?} machine {short}: {} is already pinned ({})",
-                cluster.name,
-                r.fingerprint,
-                r.pins.join(", ")
-            ))
-        }
-        "revoked" => bail!(
-            "cluster {:?} machine {short} presents {}, which is @revoked ({}); refusing to pin it",
-            cluster.name,
-            r.fingerprint,
-            r.pins.join(", ")
-        ),
-        "changed" => bail!(
-            "cluster {:?} machine {short} ({}) presents {}, but known_hosts pins {}. If you have checked that the machine was re-keyed, remove the old pin (`ssh-keygen -R '{}' -f FILE`) and run this again",
-            cluster.name,
-            r.name,
-            r.fingerprint,
-            r.pins.join(", "),
-            r.name
-        ),
-        _ => {}
-    }
-    let Some(file) = cluster.known_hosts.first() else {
+    let Some(host) = machine_host_id(&r.name) else {
         bail!(
-            "cluster {:?} has no known_hosts file to pin into",
-            cluster.name
+            "cluster {:?}: the daemon named the machine {:?}, which is not an IP address or [IP]:port; refusing to pin",
+            cluster.name,
+            r.name
         );
     };
-    eprintln!(
-        "cluster {:?} machine {short} ({}) presents\n  {}\n  {}",
-        cluster.name, r.name, r.fingerprint, r.md5
-    );
-    if !assume_yes {
-        eprint!(
-            "Compare it with the machine's fingerprint. Pin it in {}? (yes/no) ",
-            file.display()
-        );
-        let _ = std::io::stderr().flush();
-        let mut answer = String::new();
-        std::io::stdin().lock().read_line(&mut answer)?;
-        if !matches!(answer.trim().to_ascii_lowercase().as_str(), "yes" | "y") {
-            bail!("not pinned");
-        }
-    }
     let key = russh::keys::PublicKey::from_openssh(&r.key)
         .map_err(|e| anyhow::anyhow!("the daemon sent an unreadable key: {e}"))?;
-    append_pin(file, &r.name, &key)?;
-    Ok(format!(
-        "cluster {:?} machine {short}: pinned {} for {} in {}",
-        cluster.name,
-        r.fingerprint,
-        r.name,
-        file.display()
-    ))
+    let short = r.machine.get(..8).unwrap_or(&r.machine);
+    let known = KnownHosts::load(&cluster.known_hosts)?;
+    let verdict = known.check(&host, &key);
+    judge(
+        cluster,
+        &format!("machine {short}"),
+        &host,
+        &key,
+        verdict,
+        confirm,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn machine_names_are_addresses_only() {
+        assert_eq!(
+            machine_host_id("10.0.0.1").map(|h| h.lookup),
+            Some("10.0.0.1".into())
+        );
+        assert_eq!(
+            machine_host_id("[10.0.0.1]:2222").map(|h| h.lookup),
+            Some("[10.0.0.1]:2222".into())
+        );
+        for bad in [
+            "*",
+            "[*]:22",
+            "host.example",
+            "[10.0.0.1]:0",
+            "10.0.0.1,*",
+            "",
+        ] {
+            assert!(machine_host_id(bad).is_none(), "{bad}");
+        }
+    }
 }

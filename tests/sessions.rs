@@ -569,7 +569,14 @@ fn unknown_machine_is_refused_under_strict_until_trusted() {
         "{}",
         r.stderr
     );
-    let out = b.cli(&["trust", "c1", "--machine", "b2b2", "--yes"]);
+    let out = b.cli(&[
+        "trust",
+        "c1",
+        "--machine",
+        "b2b2",
+        "--fingerprint",
+        &m.m2.fingerprint(),
+    ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -577,15 +584,28 @@ fn unknown_machine_is_refused_under_strict_until_trusted() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        stdout.contains("cluster \"c1\" machine b2b2b2b2: pinned SHA256:"),
+        stdout.contains("cluster \"c1\": machine b2b2b2b2: pinned ssh-ed25519 SHA256:"),
         "{stdout}"
     );
-    let pinned = std::fs::read_to_string(&m.known_hosts).expect("kh");
-    assert!(pinned.ends_with(&m.m2.known_hosts_line()), "{pinned}");
+    assert!(m.m2.is_pinned_in(&m.known_hosts));
     assert_eq!(fleetctl(&b, cwd.path(), &[], &["ssh", M2, "true"]).code, 0);
-    let out = b.cli(&["trust", "c1", "--machine", "b2b2", "--yes"]);
+    let out = b.cli(&[
+        "trust",
+        "c1",
+        "--machine",
+        "b2b2",
+        "--fingerprint",
+        &m.m2.fingerprint(),
+    ]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("already pinned"));
-    let out = b.cli(&["trust", "c1", "--machine", "zzzz", "--yes"]);
+    let out = b.cli(&[
+        "trust",
+        "c1",
+        "--machine",
+        "zzzz",
+        "--fingerprint",
+        &m.m2.fingerprint(),
+    ]);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("machine does not exist"),

@@ -179,18 +179,7 @@ fn changed_host_key_is_refused_with_both_fingerprints() {
     let v: serde_json::Value = serde_json::from_slice(&body).expect("fleet error json");
     assert_eq!(v["error"]["code"], 503);
     let msg = v["error"]["message"].as_str().expect("message").to_string();
-    let fp = |k: &std::path::Path| {
-        let out = Command::new("ssh-keygen")
-            .arg("-lf")
-            .arg(format!("{}.pub", k.display()))
-            .output()
-            .expect("ssh-keygen -l");
-        String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .nth(1)
-            .expect("fingerprint")
-            .to_string()
-    };
+    let fp = |k: &std::path::Path| fingerprint(k);
     assert!(msg.starts_with("cluster \"c1\": "), "{msg}");
     assert!(msg.contains("HOST KEY CHANGED"), "{msg}");
     assert!(
@@ -208,7 +197,7 @@ fn changed_host_key_is_refused_with_both_fingerprints() {
     assert!(msg.contains("fleet-broker trust c1"), "{msg}");
     assert_eq!(b.cluster_info("c1")["state"], "failed");
     // trust never replaces a contradicting pin.
-    let out = b.cli(&["trust", "c1", "--yes"]);
+    let out = b.cli(&["trust", "c1", "--fingerprint", &w.sshd.fingerprint()]);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("ssh-keygen -R"),
@@ -233,8 +222,30 @@ fn unknown_host_is_refused_under_strict_and_pinned_under_accept_new() {
     assert!(body.contains("fleet-broker trust c1"), "{body}");
     assert_eq!(b.cluster_info("c1")["state"], "failed");
 
-    // `fleet-broker trust` pins the presented key and the failed tunnel comes up.
+    // Without a terminal, a yes is refused: scripts name the fingerprint they checked.
     let out = b.cli(&["trust", "c1", "--yes"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--yes needs a terminal"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = b.cli(&[
+        "trust",
+        "c1",
+        "--fingerprint",
+        "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not a fingerprint given with --fingerprint"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&w.known_hosts).expect("read"), "");
+
+    // `fleet-broker trust` pins the presented key and the failed tunnel comes up.
+    let out = b.cli(&["trust", "c1", "--fingerprint", &w.sshd.fingerprint()]);
     assert!(
         out.status.success(),
         "{}",
@@ -246,17 +257,14 @@ fn unknown_host_is_refused_under_strict_and_pinned_under_accept_new() {
         stdout.contains("asked the running daemon to reconnect c1"),
         "{stdout}"
     );
-    assert_eq!(
-        std::fs::read_to_string(&w.known_hosts).expect("read"),
-        w.sshd.known_hosts_line()
-    );
+    assert!(w.sshd.is_pinned_in(&w.known_hosts));
     assert_eq!(
         http(&b.socket("c1"), "GET", "/fleet/v1/machines", None).0,
         200,
         "{}",
         b.log()
     );
-    let out = b.cli(&["trust", "c1", "--yes"]);
+    let out = b.cli(&["trust", "c1", "--fingerprint", &w.sshd.fingerprint()]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("already pinned"));
     drop(b);
     std::fs::write(&w.known_hosts, "").expect("empty");
@@ -264,8 +272,7 @@ fn unknown_host_is_refused_under_strict_and_pinned_under_accept_new() {
     let b = w.broker("host_key_checking = \"accept-new\"");
     let (status, _) = http(&b.socket("c1"), "GET", "/fleet/v1/machines", None);
     assert_eq!(status, 200, "{}", b.log());
-    let pinned = std::fs::read_to_string(&w.known_hosts).expect("known_hosts");
-    assert_eq!(pinned, w.sshd.known_hosts_line());
+    assert!(w.sshd.is_pinned_in(&w.known_hosts));
     assert!(
         b.log().contains("pinned previously unknown host key"),
         "{}",
@@ -591,7 +598,8 @@ fn jump_hosts_are_crossed_with_pinned_keys() {
     std::fs::write(&kh, "").expect("kh");
     let b = Broker::start(&config, Some(&agent.socket));
     let out = Command::new(env!("CARGO_BIN_EXE_fleet-broker"))
-        .args(["trust", "c1", "--yes"])
+        .args(["trust", "c1", "--fingerprint", &jump.fingerprint()])
+        .args(["--fingerprint", &tunnel.fingerprint()])
         .env("FLEET_BROKER_CONFIG", b.dir.path().join("config.toml"))
         .env("XDG_RUNTIME_DIR", b.dir.path().join("xdg"))
         .env("SSH_AUTH_SOCK", &agent.socket)
@@ -609,10 +617,7 @@ fn jump_hosts_are_crossed_with_pinned_keys() {
         2,
         "{stdout}"
     );
-    assert_eq!(
-        std::fs::read_to_string(&kh).expect("kh"),
-        format!("{}{}", jump.known_hosts_line(), tunnel.known_hosts_line())
-    );
+    assert!(jump.is_pinned_in(&kh) && tunnel.is_pinned_in(&kh));
     assert_eq!(
         http(&b.socket("c1"), "GET", "/fleet/v1/machines", None).0,
         200,

@@ -51,9 +51,13 @@ enum Cmd {
         /// SSH port of the machine (default: the cluster's machine_ssh_port)
         #[arg(long = "ssh-port", value_name = "N", requires = "machine")]
         ssh_port: Option<u16>,
-        /// Pin without asking (only after checking the fingerprint another way)
-        #[arg(long)]
+        /// Pin without asking, at a terminal, after checking the fingerprint another way
+        #[arg(long, conflicts_with = "fingerprint")]
         yes: bool,
+        /// Pin only a key with this fingerprint (SHA256:… or MD5:…; repeat for jump hosts).
+        /// For scripts: confirmation otherwise comes from the terminal, never stdin
+        #[arg(long, value_name = "FP")]
+        fingerprint: Vec<String>,
     },
     /// Print shell commands that point fleetctl at a cluster: eval "$(fleet-broker env NAME)"
     Env {
@@ -206,20 +210,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             machine: Some(machine),
             ssh_port,
             yes,
+            fingerprint,
         } => {
+            let confirm = confirm_mode(yes, fingerprint)?;
             let config = load_config(cli.config)?;
             let c = find_cluster(&config, &cluster)?;
             let control = fleet_broker::control::client::default_control_socket();
             println!(
                 "{}",
-                fleet_broker::trust::trust_machine(c, &control, &machine, ssh_port, yes).await?
+                fleet_broker::trust::trust_machine(c, &control, &machine, ssh_port, &confirm)
+                    .await?
             );
             Ok(())
         }
-        Cmd::Trust { cluster, yes, .. } => {
+        Cmd::Trust {
+            cluster,
+            yes,
+            fingerprint,
+            ..
+        } => {
+            let confirm = confirm_mode(yes, fingerprint)?;
             let config = load_config(cli.config)?;
             let c = find_cluster(&config, &cluster)?;
-            println!("{}", fleet_broker::trust::trust(c, yes).await?);
+            println!("{}", fleet_broker::trust::trust(c, &confirm).await?);
             // A running daemon retries at once (a failed tunnel waits for this).
             if control_request("POST", &format!("/v1/clusters/{cluster}/connect"))
                 .await
@@ -357,4 +370,22 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
             .enable_all()
             .build(),
     }
+}
+
+/// `--yes` / `--fingerprint` as a confirmation mode; `--yes` without a terminal is refused
+/// before anything is dialled.
+fn confirm_mode(
+    yes: bool,
+    fingerprint: Vec<String>,
+) -> anyhow::Result<fleet_broker::trust::Confirm> {
+    use fleet_broker::trust::Confirm;
+    let confirm = if !fingerprint.is_empty() {
+        Confirm::Fingerprints(fingerprint)
+    } else if yes {
+        Confirm::Yes
+    } else {
+        Confirm::Ask
+    };
+    confirm.check_usable()?;
+    Ok(confirm)
 }

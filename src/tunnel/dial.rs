@@ -13,7 +13,7 @@ use tokio::sync::watch;
 
 use crate::auth::{self, AuthError, KeySource};
 use crate::config::{known_hosts_name, HostKeyPolicy, HostPort};
-use crate::known_hosts::{self, fingerprint_md5, fingerprint_sha256, KnownHosts, Verdict};
+use crate::known_hosts::{self, fingerprint_md5, fingerprint_sha256, HostId, KnownHosts, Verdict};
 
 /// Window per channel: large enough for bulk transfers to keep pace with OpenSSH.
 pub const WINDOW_SIZE: u32 = 16 * 1024 * 1024;
@@ -47,6 +47,13 @@ pub struct DialSpec {
     pub window_size: u32,
 }
 
+impl DialSpec {
+    /// The target as known_hosts names it.
+    pub fn host_id(&self) -> HostId {
+        HostId::new(&self.target.host, self.target.port)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {
     #[error("cannot connect to {target}: {reason}")]
@@ -77,7 +84,10 @@ impl DialError {
 /// The client side of one SSH connection. Signals `closed` when the session ends.
 pub struct ClientHandler {
     label: String,
-    names: Vec<String>,
+    /// The host as the config names it: the only name its key is looked up by.
+    host: HostId,
+    /// The connected address (`[ip]:port`), consulted only for OpenSSH's CheckHostIP warning.
+    address: Option<String>,
     display_addr: String,
     policy: HostKeyPolicy,
     known: KnownHosts,
@@ -96,6 +106,24 @@ pub struct ClientHandler {
     _closed: watch::Sender<()>,
 }
 
+impl ClientHandler {
+    /// OpenSSH's CheckHostIP: a pin under the connected address that contradicts the
+    /// trusted key is reported, and changes nothing.
+    fn warn_address_contradiction(&self, key: &russh::keys::PublicKey) {
+        let Some(address) = &self.address else {
+            return;
+        };
+        for pin in self.known.address_contradicts(address, key) {
+            tracing::warn!(
+                host = %self.host,
+                address = %address,
+                pinned = %pin,
+                "the host key is trusted under the host's name, but a different key is pinned for its address; the address entry is ignored"
+            );
+        }
+    }
+}
+
 impl client::Handler for ClientHandler {
     type Error = russh::Error;
 
@@ -105,10 +133,10 @@ impl client::Handler for ClientHandler {
     ) -> Result<bool, Self::Error> {
         let (verdict, public) = match key {
             PublicKeyOrCertificate::PublicKey { key, .. } => {
-                (self.known.check(&self.names, key), key.clone())
+                (self.known.check(&self.host, key), key.clone())
             }
             PublicKeyOrCertificate::Certificate(cert) => (
-                self.known.check_certificate(&self.names, cert),
+                self.known.check_certificate(&self.host, cert),
                 russh::keys::PublicKey::from(cert.public_key().clone()),
             ),
         };
@@ -126,7 +154,10 @@ impl client::Handler for ClientHandler {
         };
         let ok = match (verdict, self.policy) {
             (_, HostKeyPolicy::Off) => true,
-            (Verdict::Trusted(_), _) => true,
+            (Verdict::Trusted(_), _) => {
+                self.warn_address_contradiction(&public);
+                true
+            }
             (Verdict::Revoked(pin), _) => {
                 set_refusal(format!(
                     "{}: host key {} {fp} of {} is marked @revoked at {}:{}; it is never accepted. Ask the host's administrator for its new key",
@@ -144,14 +175,19 @@ impl client::Handler for ClientHandler {
                     alg = public.algorithm(),
                     md5 = fingerprint_md5(&public),
                     pinned = pinned.join(", "),
-                    name = self.names[0],
+                    name = self.host.lookup,
                     file = first.file.display(),
                     hint = self.trust_hint,
                 ));
                 false
             }
             (Verdict::Unknown, HostKeyPolicy::AcceptNew) => match &self.pin_file {
-                Some(file) => match known_hosts::append_pin(file, &self.names[0], &public) {
+                Some(file) => match known_hosts::append_pin(
+                    file,
+                    &self.host.lookup,
+                    &public,
+                    crate::local::hash_known_hosts(&self.host.principal),
+                ) {
                     Ok(()) => {
                         tracing::warn!(target_host = %self.display_addr, fingerprint = %fp, file = %file.display(), "pinned previously unknown host key (accept-new)");
                         true
@@ -258,8 +294,11 @@ fn preferred_ciphers() -> Vec<russh::cipher::Name> {
 
 /// The client config for a spec (shared by the tunnel and nested hops).
 pub fn client_config(spec: &DialSpec, pinned: &[Algorithm]) -> client::Config {
+    // Certificates are asked for first, as `ssh` does by default; one that no
+    // `@cert-authority` entry vouches for is judged by its plain key.
     let preferred = russh::Preferred {
         key: preferred_keys(pinned).into(),
+        host_key_certificates: preferred_keys(pinned).into(),
         cipher: preferred_ciphers().into(),
         ..Default::default()
     };
@@ -296,35 +335,33 @@ async fn tcp_connect(target: &HostPort) -> Result<TcpStream, DialError> {
 /// What `fleet-broker trust` learns about a host before pinning it.
 pub struct PresentedKey {
     pub key: russh::keys::PublicKey,
-    /// The names the host is looked up by (configured name first).
-    pub names: Vec<String>,
+    /// The name the host is looked up and pinned by.
+    pub host: HostId,
     pub verdict: Verdict,
 }
 
 /// Connects far enough to see the host key, then stops; no credentials are offered.
 pub async fn presented_key(spec: &DialSpec) -> Result<PresentedKey, DialError> {
-    let (tcp, names) = connect_tcp(spec).await?;
-    presented_key_over(spec, tcp, names).await
+    let (tcp, _address) = connect_tcp(spec).await?;
+    presented_key_over(spec, tcp).await
 }
 
 /// [`presented_key`] over any byte stream (a channel to a machine, for nested hops).
-pub async fn presented_key_over<S>(
-    spec: &DialSpec,
-    stream: S,
-    names: Vec<String>,
-) -> Result<PresentedKey, DialError>
+pub async fn presented_key_over<S>(spec: &DialSpec, stream: S) -> Result<PresentedKey, DialError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let known = KnownHosts::load(&spec.known_hosts)?;
     let capture = Arc::new(Mutex::new(None));
     let tcp = stream;
-    let pinned = known.pinned_algorithms(&names);
+    let host = spec.host_id();
+    let pinned = known.pinned_algorithms(&host);
     let config = client_config(spec, &pinned);
     let (closed_tx, _closed_rx) = watch::channel(());
     let handler = ClientHandler {
         label: spec.label.clone(),
-        names: names.clone(),
+        host: host.clone(),
+        address: None,
         display_addr: spec.target.to_string(),
         policy: spec.policy,
         known: known.clone(),
@@ -340,12 +377,8 @@ where
     let key = capture.lock().ok().and_then(|mut c| c.take());
     match (key, result) {
         (Some(key), _) => {
-            let verdict = known.check(&names, &key);
-            Ok(PresentedKey {
-                key,
-                names,
-                verdict,
-            })
+            let verdict = known.check(&host, &key);
+            Ok(PresentedKey { key, host, verdict })
         }
         (None, Err(e)) => Err(DialError::Ssh {
             target: spec.target.to_string(),
@@ -358,19 +391,16 @@ where
     }
 }
 
-async fn connect_tcp(spec: &DialSpec) -> Result<(TcpStream, Vec<String>), DialError> {
+/// Connects to the spec's target; returns the stream and the connected address as
+/// known_hosts spells it (`[ip]:port`).
+async fn connect_tcp(spec: &DialSpec) -> Result<(TcpStream, String), DialError> {
     let tcp = tcp_connect(&spec.target).await?;
     let _ = tcp.set_nodelay(true);
     let peer = tcp.peer_addr().map_err(|e| DialError::Connect {
         target: spec.target.to_string(),
         reason: e.to_string(),
     })?;
-    let mut names = vec![spec.target.known_hosts_name()];
-    let ip_name = known_hosts_name(&peer.ip().to_string(), peer.port());
-    if !names.contains(&ip_name) {
-        names.push(ip_name);
-    }
-    Ok((tcp, names))
+    Ok((tcp, known_hosts_name(&peer.ip().to_string(), peer.port())))
 }
 
 /// Dials, verifies and authenticates, through the jump hosts if any. The caller bounds it
@@ -414,11 +444,10 @@ pub async fn dial(spec: &DialSpec) -> Result<Connection, DialError> {
         let via = conn.peer.clone();
         hops.push(conn.handle);
         hops.extend(conn.hops);
-        let names = vec![next.target.known_hosts_name()];
         conn = handshake(
             &next,
             crate::proxy::DrainedChannel::new(ch),
-            names,
+            None,
             format!("{} via {via}", next.target),
         )
         .await?;
@@ -428,7 +457,7 @@ pub async fn dial(spec: &DialSpec) -> Result<Connection, DialError> {
 }
 
 async fn dial_direct(spec: &DialSpec) -> Result<Connection, DialError> {
-    let (tcp, names) = connect_tcp(spec).await?;
+    let (tcp, address) = connect_tcp(spec).await?;
     let peer = tcp.peer_addr().map_err(|e| DialError::Connect {
         target: spec.target.to_string(),
         reason: e.to_string(),
@@ -438,16 +467,16 @@ async fn dial_direct(spec: &DialSpec) -> Result<Connection, DialError> {
     } else {
         format!("{} ({peer})", spec.target)
     };
-    handshake(spec, tcp, names, display_addr).await
+    handshake(spec, tcp, Some(address), display_addr).await
 }
 
 /// SSH handshake, host key check and authentication over any byte stream (a TCP socket, or
-/// a channel of another connection for a nested hop). `names` are the known_hosts names the
-/// host is looked up by, the first one being where new pins are written.
+/// a channel of another connection for a nested hop). The host key is looked up by the
+/// spec's target alone; `address` is the connected address, consulted only for a warning.
 pub async fn handshake<S>(
     spec: &DialSpec,
     stream: S,
-    names: Vec<String>,
+    address: Option<String>,
     display_addr: String,
 ) -> Result<Connection, DialError>
 where
@@ -458,17 +487,16 @@ where
     } else {
         KnownHosts::load(&spec.known_hosts)?
     };
-    let pinned = known.pinned_algorithms(&names);
-    let mut config = client_config(spec, &pinned);
-    if known.has_cert_authority(&names) {
-        config.preferred.host_key_certificates = preferred_keys(&pinned).into();
-    }
+    let host = spec.host_id();
+    let pinned = known.pinned_algorithms(&host);
+    let config = client_config(spec, &pinned);
     let (closed_tx, closed_rx) = watch::channel(());
     let refusal = Arc::new(Mutex::new(None));
     let accepted = Arc::new(Mutex::new(None));
     let handler = ClientHandler {
         label: spec.label.clone(),
-        names,
+        host,
+        address: address.filter(|a| *a != spec.target.known_hosts_name()),
         display_addr: display_addr.clone(),
         policy: spec.policy,
         known,

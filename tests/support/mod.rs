@@ -69,6 +69,20 @@ pub fn keygen(dir: &Path, name: &str, kind: &str) -> PathBuf {
     path
 }
 
+/// `SHA256:…` of a key pair's public half, as `ssh-keygen -l` prints it.
+pub fn fingerprint(private: &Path) -> String {
+    let out = Command::new("ssh-keygen")
+        .arg("-lf")
+        .arg(format!("{}.pub", private.display()))
+        .output()
+        .expect("ssh-keygen -l");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .nth(1)
+        .expect("fingerprint")
+        .to_string()
+}
+
 /// The `type base64` part of a public key file.
 pub fn public_line(private: &Path) -> String {
     let text = std::fs::read_to_string(private.with_extension("pub"))
@@ -269,9 +283,24 @@ impl Sshd {
         addr: Option<(String, u16)>,
         extra: &str,
     ) -> Sshd {
+        Sshd::start_with_host_key(users, keys, addr, extra, None)
+    }
+
+    /// Like [`Sshd::start_with`]; `host_key` replaces the generated ed25519 host key (its
+    /// certificate, if any, goes into `extra` as `HostCertificate`).
+    pub fn start_with_host_key(
+        users: &[&str],
+        keys: &[&Path],
+        addr: Option<(String, u16)>,
+        extra: &str,
+        host_key: Option<&Path>,
+    ) -> Sshd {
         std::fs::create_dir_all("/run/sshd").expect("privilege separation dir");
         let dir = open_tempdir("fb-sshd.");
-        let host_key = keygen(dir.path(), "ssh_host_ed25519_key", "ed25519");
+        let host_key = match host_key {
+            Some(k) => k.to_path_buf(),
+            None => keygen(dir.path(), "ssh_host_ed25519_key", "ed25519"),
+        };
         let ak = dir.path().join("authorized_keys");
         std::fs::create_dir(&ak).expect("mkdir");
         std::fs::set_permissions(&ak, std::fs::Permissions::from_mode(0o755)).expect("chmod");
@@ -410,6 +439,28 @@ impl Sshd {
 
     pub fn tunnel(&self) -> String {
         format!("{}:{}", self.ip, self.port)
+    }
+
+    /// `SHA256:…` of this server's host key, as `ssh-keygen -l` prints it.
+    pub fn fingerprint(&self) -> String {
+        fingerprint(&self.host_key)
+    }
+
+    /// Whether `file` pins this server's key under its `[ip]:port` name, as OpenSSH's own
+    /// `ssh-keygen -F` reads the file (plain or hashed).
+    pub fn is_pinned_in(&self, file: &Path) -> bool {
+        let out = Command::new("ssh-keygen")
+            .arg("-F")
+            .arg(format!("[{}]:{}", self.ip, self.port))
+            .arg("-f")
+            .arg(file)
+            .output()
+            .expect("ssh-keygen -F");
+        let key = public_line(&self.host_key);
+        let b64 = key.split_whitespace().nth(1).expect("key");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| !l.starts_with('#') && l.contains(b64))
     }
 
     pub fn log(&self) -> String {
