@@ -71,8 +71,8 @@ fn status_passes_exit_codes_and_separates_units() {
         r.stdout,
         "* hello.service - stub unit on m1\n   Active: active (running)\n\n* other.service - stub unit on m2\n   Active: active (running)\n"
     );
-    assert_eq!(e.m.argv_log(1), "systemctl status -l hello.service\n");
-    assert_eq!(e.m.argv_log(2), "systemctl status -l other.service\n");
+    assert_eq!(e.m.argv_log(1), "systemctl status -l -- hello.service\n");
+    assert_eq!(e.m.argv_log(2), "systemctl status -l -- other.service\n");
     // The first non-zero exit stops the run and is returned.
     std::fs::write(e.m.stub(1).join("exit.hello.service"), "3").expect("write");
     let r = e.run(&["status", "hello", "other"]);
@@ -121,14 +121,14 @@ fn journal_lines_sudo_and_output() {
     );
     assert_eq!(
         e.m.argv_log(1),
-        "journalctl --unit hello.service --no-pager -n 10 --output short\n"
+        "journalctl --unit=hello.service --no-pager -n 10 --output short\n"
     );
     let r = e.run(&[
         "journal", "--lines", "2", "--output", "cat", "--sudo", "hello",
     ]);
     assert_eq!((r.code, r.stdout.as_str()), (0, "two\nthree\n"), "{r:?}");
     assert!(e.m.argv_log(1).ends_with(
-        "sudo journalctl --unit hello.service --no-pager -n 2 --output cat\njournalctl --unit hello.service --no-pager -n 2 --output cat\n"
+        "sudo -- journalctl --unit=hello.service --no-pager -n 2 --output cat\njournalctl --unit=hello.service --no-pager -n 2 --output cat\n"
     ), "{}", e.m.argv_log(1));
     let r = e.run(&["journal", "nothere"]);
     assert_eq!(
@@ -687,4 +687,37 @@ fn ssh_username_and_ssh_timeout_apply_to_the_session() {
         &["ssh", M1, "true"],
     );
     assert_eq!(r.code, 0, "{r:?}");
+}
+
+#[test]
+fn hostile_unit_names_reach_systemctl_and_journalctl_as_one_literal_argument() {
+    let m = Machines::new();
+    let names = [
+        "a$(touch pwned)$(id>&2).service",
+        "b`touch pwned`.service",
+        "c\"q'uo\\te.service",
+        "d;touch pwned;.service",
+        "e\ntouch pwned\n.service",
+        "--version.service",
+        "f' 'g.service",
+    ];
+    for n in names {
+        m.sim.put(n, unit(M1), "launched");
+    }
+    let b = m.broker("");
+    let cwd = open_tempdir("fb-cwd.");
+    for n in names {
+        let words = std::fs::read(m.stub(1).join("words.log")).unwrap_or_default();
+        let seen = words.len();
+        let r = fleetctl(&b, cwd.path(), &[], &["status", "--", n]);
+        assert_eq!(r.code, 0, "status {n:?}: {r:?}");
+        let r = fleetctl(&b, cwd.path(), &[], &["journal", "--sudo", "--", n]);
+        assert_eq!(r.code, 0, "journal {n:?}: {r:?}");
+        let words = std::fs::read(m.stub(1).join("words.log")).expect("words.log");
+        let calls = String::from_utf8_lossy(&words[seen..]).into_owned();
+        let expected = format!(
+            "<systemctl><status><-l><--><{n}>\n<sudo><--><journalctl><--unit={n}><--no-pager><-n><10><--output><short>\n<journalctl><--unit={n}><--no-pager><-n><10><--output><short>\n"
+        );
+        assert_eq!(calls, expected, "{n:?}");
+    }
 }

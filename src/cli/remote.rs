@@ -29,32 +29,19 @@ pub struct Sessions {
     pub timeout_secs: Option<f64>,
 }
 
-/// Go's `%q` for the strings fleetctl quotes.
-pub fn go_quote(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\t' => out.push_str("\\t"),
-            '\r' => out.push_str("\\r"),
-            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
-                out.push_str(&format!("\\x{:02x}", c as u32))
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+/// One word for a POSIX shell: single-quoted, with each `'` written as `'\''`. Nothing
+/// inside single quotes is special to `sh` (no `$`, backticks, `\\`, or line ends), so the
+/// word reaches the program exactly as given, whatever a unit name holds.
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
 }
 
-/// `cmd "arg" "arg"…` as fleetctl builds remote command lines.
+/// `cmd 'arg' 'arg'…`: a remote command line whose every argument is one literal word.
 pub fn command_line(cmd: &str, args: &[&str]) -> String {
     let mut s = cmd.to_string();
     for a in args {
         s.push(' ');
-        s.push_str(&go_quote(a));
+        s.push_str(&shell_quote(a));
     }
     s
 }
@@ -196,7 +183,8 @@ pub async fn status(
                 println!();
             }
             printed = true;
-            let cmd = command_line("systemctl", &["status", "-l", &name]);
+            // `--` ends systemctl's options: a unit named `--version.service` stays a unit name.
+            let cmd = command_line("systemctl", &["status", "-l", "--", &name]);
             let req = s.request(
                 ExecTarget::Machine(machine),
                 Some(cmd),
@@ -239,7 +227,9 @@ fn journal_command(
     show_cursor: bool,
 ) -> String {
     let n = o.lines.to_string();
-    let mut args: Vec<&str> = vec!["--unit", unit, "--no-pager"];
+    // `--unit=NAME` as one word: the name can never be read as an option of its own.
+    let unit_arg = format!("--unit={unit}");
+    let mut args: Vec<&str> = vec![unit_arg.as_str(), "--no-pager"];
     if lines {
         args.extend(["-n", n.as_str()]);
     }
@@ -252,17 +242,9 @@ fn journal_command(
     }
     let cmd = command_line("journalctl", &args);
     if o.sudo {
-        format!("sudo {}", go_quote_program(&cmd))
+        format!("sudo -- {cmd}")
     } else {
         cmd
-    }
-}
-
-/// `sudo "journalctl" "--unit" …`: the program name is quoted too under sudo.
-fn go_quote_program(cmd: &str) -> String {
-    match cmd.split_once(' ') {
-        Some((prog, rest)) => format!("{} {rest}", go_quote(prog)),
-        None => go_quote(cmd),
     }
 }
 
@@ -422,10 +404,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn command_lines_are_go_quoted() {
+    fn command_lines_quote_every_word_for_sh() {
         assert_eq!(
-            command_line("systemctl", &["status", "-l", "hello.service"]),
-            "systemctl \"status\" \"-l\" \"hello.service\""
+            command_line("systemctl", &["status", "-l", "--", "hello.service"]),
+            "systemctl 'status' '-l' '--' 'hello.service'"
         );
         let o = JournalOpts {
             lines: 10,
@@ -436,12 +418,13 @@ mod tests {
         };
         assert_eq!(
             journal_command("hello.service", &o, true, None, false),
-            "journalctl \"--unit\" \"hello.service\" \"--no-pager\" \"-n\" \"10\" \"--output\" \"short\""
+            "journalctl '--unit=hello.service' '--no-pager' '-n' '10' '--output' 'short'"
         );
         let o = JournalOpts { sudo: true, ..o };
         assert!(journal_command("a.service", &o, true, None, false)
-            .starts_with("sudo \"journalctl\" \"--unit\" \"a.service\""));
-        assert_eq!(go_quote("a\"b\\c"), "\"a\\\"b\\\\c\"");
+            .starts_with("sudo -- journalctl '--unit=a.service'"));
+        assert_eq!(shell_quote("a'b"), r"'a'\''b'");
+        assert_eq!(shell_quote(r"$(id)`x`\"), r"'$(id)`x`\'");
     }
 
     #[test]

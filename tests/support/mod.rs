@@ -813,12 +813,17 @@ pub fn fleetctl(broker: &Broker, cwd: &Path, env: &[(&str, &str)], args: &[&str]
 /// with `-n`, `--show-cursor` and `--after-cursor`.
 pub fn write_stubs(dir: &Path, machine: &str) {
     let d = dir.display();
+    // Each call as `<prog><arg1><arg2>…` on words.log: argument boundaries stay visible.
+    let words =
+        |prog: &str| format!("printf '<%s>' {prog} \"$@\" >> {d}/words.log; echo >> {d}/words.log");
     let systemctl = format!(
-        "#!/bin/sh\necho \"systemctl $*\" >> {d}/argv.log\nfor last in \"$@\"; do :; done\necho \"* $last - stub unit on {machine}\"\necho \"   Active: active (running)\"\ncode=0\n[ -f {d}/exit.$last ] && code=$(cat {d}/exit.$last)\nexit $code\n"
+        "#!/bin/sh\necho \"systemctl $*\" >> {d}/argv.log\n{words}\nfor last in \"$@\"; do :; done\necho \"* $last - stub unit on {machine}\"\necho \"   Active: active (running)\"\ncode=0\n[ -f {d}/exit.$last ] && code=$(cat {d}/exit.$last)\nexit $code\n",
+        words = words("systemctl")
     );
     let journalctl = format!(
         r#"#!/bin/sh
 echo "journalctl $*" >> {d}/argv.log
+{words}
 n=""; after=""; show=0
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -840,9 +845,10 @@ awk -F '\t' -v n="$n" -v after="$after" -v show="$show" '
     for (i=start;i<=NR;i++) {{ print t[i]; last=c[i] }}
     if (show && last != "") print "-- cursor: " last
   }}' {d}/journal
-"#
+"#,
+        words = words("journalctl")
     );
-    let sudo = format!("#!/bin/sh\necho \"sudo $*\" >> {d}/argv.log\nexec \"$@\"\n");
+    let sudo = format!("#!/bin/sh\necho \"sudo $*\" >> {d}/argv.log\n{words}\n[ \"$1\" = -- ] && shift\nexec \"$@\"\n", words = words("sudo"));
     for (name, text) in [
         ("systemctl", systemctl),
         ("journalctl", journalctl),
