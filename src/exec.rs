@@ -63,9 +63,12 @@ pub struct PtyRequest {
 #[serde(deny_unknown_fields)]
 pub struct ExecRequest {
     pub target: ExecTarget,
-    /// The remote command line; `None` starts a login shell.
+    /// The remote command line; `None` (and no `action`) starts a login shell.
     #[serde(default)]
     pub command: Option<String>,
+    /// A command the daemon builds (`status`, `journal`); excludes `command`.
+    #[serde(default)]
+    pub action: Option<crate::remote_command::RemoteAction>,
     #[serde(default)]
     pub pty: Option<PtyRequest>,
     #[serde(default)]
@@ -109,10 +112,17 @@ impl ExecError {
             message: m.into(),
         }
     }
+    fn forbidden(m: impl Into<String>) -> ExecError {
+        ExecError {
+            kind: "forbidden".into(),
+            message: m.into(),
+        }
+    }
     pub fn status(&self) -> u16 {
         match self.kind.as_str() {
             "resolve" => 404,
             "request" => 400,
+            "forbidden" => 403,
             _ => 502,
         }
     }
@@ -552,8 +562,26 @@ impl Exec {
         }
     }
 
+    /// The command line a request runs (`None`: a shell). A read-only cluster runs only
+    /// the commands the daemon builds itself (`status`, `journal`).
+    fn command_line(&self, req: &ExecRequest) -> Result<Option<String>, ExecError> {
+        match (&req.action, &req.command) {
+            (Some(_), Some(_)) => Err(ExecError::request(
+                "an exec request has either an action or a command, not both",
+            )),
+            (Some(action), None) => Ok(Some(action.command_line())),
+            (None, command) if self.tunnel.config.read_only => Err(ExecError::forbidden(format!(
+                "cluster {:?} is read-only in the broker's config: {} on its machines is refused (status and journal work)",
+                self.tunnel.name(),
+                if command.is_some() { "running a command" } else { "a shell" }
+            ))),
+            (None, command) => Ok(command.clone()),
+        }
+    }
+
     /// Resolves the target, connects and starts the remote command (or shell).
     pub async fn start(&self, req: &ExecRequest) -> Result<Session, ExecError> {
+        let command = self.command_line(req)?;
         let setup = async {
             let place = self.resolve(&req.target).await?;
             let cfg = &self.tunnel.config;
@@ -579,7 +607,7 @@ impl Exec {
                     .await
                     .map_err(|e| fail("pty request", e))?;
             }
-            match &req.command {
+            match &command {
                 Some(cmd) => channel
                     .exec(true, cmd.as_bytes())
                     .await

@@ -16,6 +16,7 @@ pub mod http;
 pub mod known_hosts;
 pub mod local;
 pub mod proxy;
+pub mod remote_command;
 pub mod sim;
 pub mod trust;
 pub mod tunnel;

@@ -268,6 +268,29 @@ const HOP_BY_HOP: [&str; 8] = [
     "upgrade",
 ];
 
+/// Whether a method only reads: `GET` or `HEAD`, in any case. A read-only cluster forwards
+/// nothing else.
+fn is_read(method: &hyper::Method) -> bool {
+    let m = method.as_str();
+    m.eq_ignore_ascii_case("GET") || m.eq_ignore_ascii_case("HEAD")
+}
+
+/// Removes the hop-by-hop headers (RFC 9110 7.6.1): the fixed ones and every header that
+/// `Connection` names.
+fn strip_hop_by_hop(headers: &mut hyper::HeaderMap) {
+    let named: Vec<String> = headers
+        .get_all(hyper::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect();
+    for h in named.iter().map(String::as_str).chain(HOP_BY_HOP) {
+        headers.remove(h);
+    }
+}
+
 impl Proxy {
     pub fn new(tunnel: Arc<Tunnel>) -> Proxy {
         let client = Client::builder(TokioExecutor::new())
@@ -289,9 +312,18 @@ impl Proxy {
     /// Handles one local request.
     pub async fn handle(&self, mut req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
-        if self.tunnel.config.read_only
-            && matches!(req.method().as_str(), "PUT" | "DELETE" | "PATCH" | "POST")
-        {
+        if req.method() == hyper::Method::CONNECT {
+            let mut resp = fleet_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "CONNECT is not forwarded: this socket serves the fleet API only",
+            );
+            resp.headers_mut().insert(
+                hyper::header::ALLOW,
+                hyper::header::HeaderValue::from_static("GET, HEAD, PUT, DELETE"),
+            );
+            return resp;
+        }
+        if self.tunnel.config.read_only && !is_read(req.method()) {
             return fleet_error(
                 StatusCode::FORBIDDEN,
                 &format!(
@@ -315,9 +347,7 @@ impl Proxy {
             }
         };
         *req.uri_mut() = uri;
-        for h in HOP_BY_HOP {
-            req.headers_mut().remove(h);
-        }
+        strip_hop_by_hop(req.headers_mut());
         let method = req.method().clone();
         tracing::debug!(cluster = %self.tunnel.name(), %method, path = %pq, "request");
         let (parts, body) = req.into_parts();
@@ -335,9 +365,7 @@ impl Proxy {
         match self.client.request(req).await {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
-                for h in HOP_BY_HOP {
-                    parts.headers.remove(h);
-                }
+                strip_hop_by_hop(&mut parts.headers);
                 let tunnel = self.tunnel.clone();
                 tunnel.record_request(started.elapsed(), 0, 0);
                 let body = body
@@ -361,6 +389,42 @@ impl Proxy {
                 tracing::warn!(cluster = %self.tunnel.name(), error = %cause, "upstream request failed");
                 self.unavailable(&cause)
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_named_in_connection_are_removed() {
+        let mut h = hyper::HeaderMap::new();
+        h.insert("connection", "X-Secret, keep-alive".parse().expect("value"));
+        h.append("connection", "x-other".parse().expect("value"));
+        h.insert("x-secret", "1".parse().expect("value"));
+        h.insert("x-other", "1".parse().expect("value"));
+        h.insert("x-kept", "1".parse().expect("value"));
+        h.insert("te", "trailers".parse().expect("value"));
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, vec!["x-kept"]);
+    }
+
+    #[test]
+    fn only_get_and_head_read() {
+        for (m, read) in [
+            ("GET", true),
+            ("get", true),
+            ("HEAD", true),
+            ("PUT", false),
+            ("put", false),
+            ("DELETE", false),
+            ("OPTIONS", false),
+            ("PROPFIND", false),
+        ] {
+            let method = hyper::Method::from_bytes(m.as_bytes()).expect("method");
+            assert_eq!(is_read(&method), read, "{m}");
         }
     }
 }

@@ -266,7 +266,32 @@ fn read_only_cluster_refuses_writes() {
     let (status, body) = http(&b.socket("c1"), "DELETE", "/fleet/v1/units/x.service", None);
     assert_eq!(status, 403);
     assert!(error_message(&body).contains("read-only"));
+    // Methods are case-sensitive on the wire; any spelling that is not GET/HEAD stays out.
+    for method in ["put", "Delete", "PROPFIND", "OPTIONS"] {
+        let (status, _) = http(
+            &b.socket("c1"),
+            method,
+            "/fleet/v1/units/x.service",
+            Some("{}"),
+        );
+        assert_eq!(status, 403, "{method}");
+    }
     assert_eq!(http(&b.socket("c1"), "GET", "/fleet/v1/units", None).0, 200);
+    assert_eq!(
+        b.cluster_info("c1")["requests"],
+        1,
+        "only the GET went upstream"
+    );
+}
+
+#[test]
+fn connect_is_answered_405_and_never_forwarded() {
+    let w = World::new();
+    let b = w.broker("");
+    let (status, body) = http(&b.socket("c1"), "CONNECT", "fleet:80", None);
+    assert_eq!(status, 405);
+    assert!(error_message(&body).contains("CONNECT"), "{body:?}");
+    assert_eq!(b.cluster_info("c1")["requests"], 0);
 }
 
 #[test]

@@ -54,6 +54,7 @@ fn req(target: ExecTarget, command: &str) -> ExecRequest {
     ExecRequest {
         target,
         command: Some(command.into()),
+        action: None,
         pty: None,
         forward_agent: false,
         user: None,
@@ -720,4 +721,34 @@ fn hostile_unit_names_reach_systemctl_and_journalctl_as_one_literal_argument() {
         );
         assert_eq!(calls, expected, "{n:?}");
     }
+}
+
+#[test]
+fn read_only_cluster_runs_status_and_journal_but_no_shell_or_command() {
+    let m = Machines::new();
+    m.sim.put("hello.service", unit(M1), "launched");
+    append_journal(m.stub(1), &[("c1", "one")]);
+    let b = m.broker("read_only = true");
+    let cwd = open_tempdir("fb-cwd.");
+    let r = fleetctl(&b, cwd.path(), &[], &["status", "hello"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let r = fleetctl(&b, cwd.path(), &[], &["journal", "hello"]);
+    assert_eq!((r.code, r.stdout.as_str()), (0, "one\n"), "{r:?}");
+    let r = fleetctl(&b, cwd.path(), &[], &["ssh", M1, "touch", "ran"]);
+    assert_eq!(r.code, 255, "{r:?}");
+    assert!(
+        r.stderr.contains("is read-only in the broker's config"),
+        "{r:?}"
+    );
+    let r = fleetctl(&b, cwd.path(), &[], &["ssh", M1]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stderr.contains("a shell on its machines is refused"),
+        "{r:?}"
+    );
+    assert!(!m.argv_log(1).contains("touch"));
+    assert_eq!(
+        m.argv_log(1),
+        "systemctl status -l -- hello.service\njournalctl --unit=hello.service --no-pager -n 10 --output short\n"
+    );
 }

@@ -13,6 +13,7 @@ use crate::control::frame::Frame;
 use crate::exec::{ExecRequest, ExecTarget, PtyRequest};
 use crate::fleet::client::FleetClient;
 use crate::fleet::unit_file::is_global;
+use crate::remote_command::RemoteAction;
 
 /// How often `journal --follow` asks for new entries.
 pub const FOLLOW_POLL: Duration = Duration::from_millis(500);
@@ -29,21 +30,10 @@ pub struct Sessions {
     pub timeout_secs: Option<f64>,
 }
 
-/// One word for a POSIX shell: single-quoted, with each `'` written as `'\''`. Nothing
-/// inside single quotes is special to `sh` (no `$`, backticks, `\\`, or line ends), so the
-/// word reaches the program exactly as given, whatever a unit name holds.
-pub fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "'\\''"))
-}
-
-/// `cmd 'arg' 'arg'…`: a remote command line whose every argument is one literal word.
-pub fn command_line(cmd: &str, args: &[&str]) -> String {
-    let mut s = cmd.to_string();
-    for a in args {
-        s.push(' ');
-        s.push_str(&shell_quote(a));
-    }
-    s
+/// What a session runs: a command the daemon builds, or the user's own (`None`: a shell).
+enum Run {
+    Action(RemoteAction),
+    Command(Option<String>),
 }
 
 impl Sessions {
@@ -58,7 +48,7 @@ impl Sessions {
     fn request(
         &self,
         target: ExecTarget,
-        command: Option<String>,
+        run: Run,
         ssh_port: Option<u16>,
         forward_agent: bool,
         pty: bool,
@@ -74,9 +64,14 @@ impl Sessions {
                 rows,
             }
         });
+        let (action, command) = match run {
+            Run::Action(a) => (Some(a), None),
+            Run::Command(c) => (None, c),
+        };
         ExecRequest {
             target,
             command,
+            action,
             pty,
             forward_agent,
             user: self.user.clone(),
@@ -183,11 +178,9 @@ pub async fn status(
                 println!();
             }
             printed = true;
-            // `--` ends systemctl's options: a unit named `--version.service` stays a unit name.
-            let cmd = command_line("systemctl", &["status", "-l", "--", &name]);
             let req = s.request(
                 ExecTarget::Machine(machine),
-                Some(cmd),
+                Run::Action(RemoteAction::Status { unit: name.clone() }),
                 ssh_port,
                 false,
                 stdin_is_tty(),
@@ -219,32 +212,20 @@ pub struct JournalOpts {
     pub ssh_port: Option<u16>,
 }
 
-fn journal_command(
+fn journal_action(
     unit: &str,
     o: &JournalOpts,
     lines: bool,
     cursor: Option<&str>,
     show_cursor: bool,
-) -> String {
-    let n = o.lines.to_string();
-    // `--unit=NAME` as one word: the name can never be read as an option of its own.
-    let unit_arg = format!("--unit={unit}");
-    let mut args: Vec<&str> = vec![unit_arg.as_str(), "--no-pager"];
-    if lines {
-        args.extend(["-n", n.as_str()]);
-    }
-    args.extend(["--output", o.output.as_str()]);
-    if show_cursor {
-        args.push("--show-cursor");
-    }
-    if let Some(c) = cursor {
-        args.extend(["--after-cursor", c]);
-    }
-    let cmd = command_line("journalctl", &args);
-    if o.sudo {
-        format!("sudo -- {cmd}")
-    } else {
-        cmd
+) -> RemoteAction {
+    RemoteAction::Journal {
+        unit: unit.to_string(),
+        lines: lines.then_some(o.lines),
+        output: o.output.clone(),
+        sudo: o.sudo,
+        show_cursor,
+        after_cursor: cursor.map(str::to_string),
     }
 }
 
@@ -270,7 +251,7 @@ pub async fn journal(api: &FleetClient, s: &Sessions, args: &[String], o: &Journ
     if !o.follow {
         let req = s.request(
             target,
-            Some(journal_command(&name, o, true, None, false)),
+            Run::Action(journal_action(&name, o, true, None, false)),
             o.ssh_port,
             false,
             false,
@@ -308,8 +289,14 @@ async fn follow(s: &Sessions, target: ExecTarget, name: &str, o: &JournalOpts) -
     let mut first = true;
     let mut down_since: Option<std::time::Instant> = None;
     loop {
-        let cmd = journal_command(name, o, first, cursor.as_deref(), true);
-        let req = s.request(target.clone(), Some(cmd), o.ssh_port, false, false);
+        let action = journal_action(name, o, first, cursor.as_deref(), true);
+        let req = s.request(
+            target.clone(),
+            Run::Action(action),
+            o.ssh_port,
+            false,
+            false,
+        );
         match s.run_captured(req).await {
             Ok((Outcome::Exit(0), out)) => {
                 if down_since.take().is_some() {
@@ -377,7 +364,13 @@ pub async fn ssh(
     }
     let command = (!rest.is_empty()).then(|| rest.join(" "));
     let shell = command.is_none();
-    let req = s.request(target, command, ssh_port, forward_agent, stdin_is_tty());
+    let req = s.request(
+        target,
+        Run::Command(command),
+        ssh_port,
+        forward_agent,
+        stdin_is_tty(),
+    );
     match s.run_attached(req, true).await {
         Err(StartError::Resolve(e)) if e == "Could not determine address of machine." => {
             eprintln!("{e}");
@@ -402,30 +395,6 @@ pub async fn ssh(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn command_lines_quote_every_word_for_sh() {
-        assert_eq!(
-            command_line("systemctl", &["status", "-l", "--", "hello.service"]),
-            "systemctl 'status' '-l' '--' 'hello.service'"
-        );
-        let o = JournalOpts {
-            lines: 10,
-            follow: false,
-            output: "short".into(),
-            sudo: false,
-            ssh_port: None,
-        };
-        assert_eq!(
-            journal_command("hello.service", &o, true, None, false),
-            "journalctl '--unit=hello.service' '--no-pager' '-n' '10' '--output' 'short'"
-        );
-        let o = JournalOpts { sudo: true, ..o };
-        assert!(journal_command("a.service", &o, true, None, false)
-            .starts_with("sudo -- journalctl '--unit=a.service'"));
-        assert_eq!(shell_quote("a'b"), r"'a'\''b'");
-        assert_eq!(shell_quote(r"$(id)`x`\"), r"'$(id)`x`\'");
-    }
 
     #[test]
     fn cursor_line_is_split_off() {
