@@ -76,10 +76,49 @@ fn public_of_file(path: &Path) -> Option<PublicKey> {
     russh::keys::load_public_key(PathBuf::from(pub_path)).ok()
 }
 
-fn load_file_key(path: &Path) -> Result<Option<PrivateKey>, AuthError> {
+/// Why an identity file is not used, as a user would fix it.
+#[derive(Debug)]
+enum Unusable {
+    /// Readable by others: OpenSSH's `UNPROTECTED PRIVATE KEY FILE`.
+    Unprotected(u32),
+    Encrypted,
+}
+
+impl Unusable {
+    fn reason(&self, path: &Path) -> String {
+        match self {
+            Unusable::Unprotected(mode) => format!(
+                "UNPROTECTED PRIVATE KEY FILE: permissions {mode:04o} are too open, so the key is ignored (as OpenSSH does); run `chmod 600 {}`",
+                path.display()
+            ),
+            Unusable::Encrypted => {
+                "is encrypted and its key is not in the agent; add it with `ssh-add`".into()
+            }
+        }
+    }
+}
+
+/// OpenSSH's `sshkey_perm_ok`: a key file we own must not be accessible to group or others.
+fn check_permissions(path: &Path) -> Result<Option<Unusable>, AuthError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(|e| AuthError::IdentityFile {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let mode = meta.mode() & 0o7777;
+    if meta.uid() == nix::unistd::getuid().as_raw() && mode & 0o077 != 0 {
+        return Ok(Some(Unusable::Unprotected(mode)));
+    }
+    Ok(None)
+}
+
+fn load_file_key(path: &Path) -> Result<Result<PrivateKey, Unusable>, AuthError> {
+    if let Some(u) = check_permissions(path)? {
+        return Ok(Err(u));
+    }
     match russh::keys::load_secret_key(path, None) {
-        Ok(k) => Ok(Some(k)),
-        Err(russh::keys::Error::KeyIsEncrypted) => Ok(None),
+        Ok(k) => Ok(Ok(k)),
+        Err(russh::keys::Error::KeyIsEncrypted) => Ok(Err(Unusable::Encrypted)),
         Err(e) => Err(AuthError::IdentityFile {
             path: path.to_path_buf(),
             reason: e.to_string(),
@@ -123,6 +162,7 @@ async fn candidates(
     };
     let mut wanted: Vec<PublicKey> = Vec::new();
     let mut files: Vec<Candidate> = Vec::new();
+    let mut skipped: Option<(PathBuf, String)> = None;
     for path in &source.identity_files {
         let pubkey = public_of_file(path);
         let in_agent = pubkey
@@ -135,7 +175,7 @@ async fn candidates(
             continue;
         }
         match load_file_key(path)? {
-            Some(k) => {
+            Ok(k) => {
                 if !agent_pubs
                     .iter()
                     .any(|a| a.key_data() == k.public_key().key_data())
@@ -144,10 +184,11 @@ async fn candidates(
                     files.push(Candidate::File(Arc::new(k)));
                 }
             }
-            None => tracing::warn!(
-                file = %path.display(),
-                "identity file is encrypted and its key is not in the agent; skipping it (add it with ssh-add)"
-            ),
+            Err(why) => {
+                let reason = why.reason(path);
+                tracing::warn!(file = %path.display(), "identity file skipped: {reason}");
+                skipped.get_or_insert((path.clone(), reason));
+            }
         }
     }
     let (first, rest): (Vec<PublicKey>, Vec<PublicKey>) = agent_pubs
@@ -157,9 +198,10 @@ async fn candidates(
     out.extend(rest.into_iter().map(Candidate::Agent));
     out.extend(files);
     if out.is_empty() {
-        return Err(match &source.agent {
-            None => AuthError::NoAgent,
-            Some(p) => AuthError::EmptyAgent(p.clone()),
+        return Err(match (skipped, &source.agent) {
+            (Some((path, reason)), _) => AuthError::IdentityFile { path, reason },
+            (None, None) => AuthError::NoAgent,
+            (None, Some(p)) => AuthError::EmptyAgent(p.clone()),
         });
     }
     Ok((agent, out))

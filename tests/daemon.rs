@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 
 use support::*;
@@ -53,6 +54,20 @@ fn refused_key_names_user_and_keys_tried() {
 fn identity_file_authenticates_without_an_agent() {
     let w = World::new();
     let key = w.keys.path().join("id_ed25519");
+    // Readable by others: refused as OpenSSH refuses it, and nothing is offered.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let b = Broker::start(
+        &w.config(&format!("identity_files = [\"{}\"]", key.display())),
+        None,
+    );
+    let (status, body) = http(&b.socket("c1"), "GET", "/fleet/v1/machines", None);
+    assert_eq!(status, 503);
+    let msg = error_message(&body);
+    assert!(msg.contains("UNPROTECTED PRIVATE KEY FILE"), "{msg}");
+    assert!(msg.contains("chmod 600"), "{msg}");
+    assert!(!w.sshd.log().contains("Accepted publickey"));
+    drop(b);
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     let b = Broker::start(
         &w.config(&format!("identity_files = [\"{}\"]", key.display())),
         None,
