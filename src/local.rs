@@ -1,7 +1,8 @@
 //! Local socket rules: the runtime directory (0700, ours, not a symlink), sockets (0600, a
 //! stale one replaced only after a connect shows nobody serves it) and the peer uid check on
-//! every accepted connection. The fleet API is root-equivalent, so nothing here ever listens
-//! on TCP.
+//! every accepted connection — and, for clients, the same checks before they send a byte
+//! ([`connect`]): a directory or socket another local user could have planted never speaks
+//! for the broker. The fleet API is root-equivalent, so nothing here ever listens on TCP.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -55,50 +56,188 @@ pub fn control_socket(runtime_dir: &Path) -> PathBuf {
     runtime_dir.join("control.sock")
 }
 
-/// Creates (or checks) a private directory: not a symlink, owned by us, mode 0700.
+/// Creates (or checks) a private directory: not a symlink, owned by us, mode 0700. Missing
+/// parents are created 0700 too. Race-free: the last component is created with `mkdir` (which
+/// never follows a symlink), then opened with `O_NOFOLLOW | O_DIRECTORY` and checked and
+/// fixed through that descriptor, so a directory swapped in between is never chmod-ed.
 pub fn ensure_private_dir(dir: &Path) -> Result<(), LocalError> {
-    match std::fs::symlink_metadata(dir) {
-        Ok(meta) => {
-            if meta.file_type().is_symlink() {
-                return Err(LocalError::Unsafe {
-                    path: dir.to_path_buf(),
-                    message: "is a symlink; refusing to put sockets there (remove it or set XDG_RUNTIME_DIR)".into(),
-                });
-            }
-            if !meta.is_dir() {
-                return Err(LocalError::Unsafe {
-                    path: dir.to_path_buf(),
-                    message: "is not a directory".into(),
-                });
-            }
-            if meta.uid() != my_uid() {
-                return Err(LocalError::Unsafe {
-                    path: dir.to_path_buf(),
-                    message: format!(
-                        "is owned by uid {}, not by us (uid {}); refusing to put sockets there",
-                        meta.uid(),
-                        my_uid()
-                    ),
-                });
-            }
-            if meta.mode() & 0o777 != 0o700 {
-                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-                    .map_err(io_err(dir))?;
-            }
-            Ok(())
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+    use nix::fcntl::OFlag;
+    use nix::sys::stat::Mode;
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.exists() {
             use std::os::unix::fs::DirBuilderExt;
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
-                .create(dir)
-                .map_err(io_err(dir))?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-                .map_err(io_err(dir))
+                .create(parent)
+                .map_err(io_err(parent))?;
         }
-        Err(e) => Err(io_err(dir)(e)),
     }
+    match nix::unistd::mkdir(dir, Mode::from_bits_truncate(0o700)) {
+        Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+        Err(e) => return Err(io_err(dir)(e.into())),
+    }
+    let unsafe_dir = |message: String| LocalError::Unsafe {
+        path: dir.to_path_buf(),
+        message,
+    };
+    let fd = match nix::fcntl::open(
+        dir,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        // Linux says ENOTDIR for a symlink under O_DIRECTORY | O_NOFOLLOW, ELOOP elsewhere.
+        Err(nix::errno::Errno::ELOOP | nix::errno::Errno::ENOTDIR) => {
+            let link = std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink());
+            return Err(unsafe_dir(if link {
+                "is a symlink; refusing to put sockets there (remove it or set XDG_RUNTIME_DIR)"
+                    .into()
+            } else {
+                "is not a directory".into()
+            }));
+        }
+        Err(e) => return Err(io_err(dir)(e.into())),
+    };
+    let fd = unsafe_fd(fd);
+    let st = nix::sys::stat::fstat(fd.as_raw()).map_err(|e| io_err(dir)(e.into()))?;
+    if st.st_uid != my_uid() {
+        return Err(unsafe_dir(format!(
+            "is owned by uid {}, not by us (uid {}); someone else may have created it to catch our sockets. Refusing to use it: remove it, or set XDG_RUNTIME_DIR or FLEET_BROKER_RUNTIME_DIR to a directory of your own",
+            st.st_uid,
+            my_uid()
+        )));
+    }
+    if st.st_mode & 0o777 != 0o700 {
+        nix::sys::stat::fchmod(fd.as_raw(), Mode::from_bits_truncate(0o700))
+            .map_err(|e| io_err(dir)(e.into()))?;
+    }
+    Ok(())
+}
+
+/// An owned descriptor from `nix::fcntl::open`, closed on drop.
+struct OwnedRawFd(std::os::fd::OwnedFd);
+
+impl OwnedRawFd {
+    fn as_raw(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.0.as_raw_fd()
+    }
+}
+
+fn unsafe_fd(fd: std::os::fd::RawFd) -> OwnedRawFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: `fd` was just returned by a successful open() and is owned by nobody else.
+    OwnedRawFd(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// A directory a client may trust to hold one of the broker's sockets: not a symlink, ours,
+/// no access for group or others.
+fn check_private_dir(dir: &Path) -> Result<(), LocalError> {
+    let unsafe_dir = |message: String| LocalError::Unsafe {
+        path: dir.to_path_buf(),
+        message,
+    };
+    let meta = std::fs::symlink_metadata(dir).map_err(io_err(dir))?;
+    if meta.file_type().is_symlink() {
+        return Err(unsafe_dir(
+            "is a symlink, not the broker's private directory; refusing to talk to sockets in it"
+                .into(),
+        ));
+    }
+    if !meta.is_dir() {
+        return Err(unsafe_dir("is not a directory".into()));
+    }
+    if meta.uid() != my_uid() {
+        return Err(unsafe_dir(format!(
+            "is owned by uid {}, not by us (uid {}); another user may have planted it to impersonate fleet-broker. Refusing to talk to sockets in it: remove it, or set XDG_RUNTIME_DIR or FLEET_BROKER_RUNTIME_DIR to a directory of your own",
+            meta.uid(),
+            my_uid()
+        )));
+    }
+    if meta.mode() & 0o077 != 0 {
+        return Err(unsafe_dir(format!(
+            "has mode {:04o}; the broker keeps its sockets in a 0700 directory. Refusing to talk to sockets in it (`chmod 700` it if it is yours)",
+            meta.mode() & 0o7777
+        )));
+    }
+    Ok(())
+}
+
+/// A directory holding a socket outside the broker's runtime dir (a `FLEETCTL_ENDPOINT`):
+/// not a symlink, owned by us or root, and nobody else can create or replace entries in it
+/// (not writable by group or others, unless root-owned and sticky, like /tmp).
+fn check_endpoint_dir(dir: &Path) -> Result<(), LocalError> {
+    let unsafe_dir = |message: String| LocalError::Unsafe {
+        path: dir.to_path_buf(),
+        message,
+    };
+    let meta = std::fs::symlink_metadata(dir).map_err(io_err(dir))?;
+    let meta = if meta.file_type().is_symlink() {
+        if meta.uid() != my_uid() && meta.uid() != 0 {
+            return Err(unsafe_dir(format!(
+                "is a symlink owned by uid {}; refusing to follow it",
+                meta.uid()
+            )));
+        }
+        std::fs::metadata(dir).map_err(io_err(dir))?
+    } else {
+        meta
+    };
+    if meta.uid() != my_uid() && meta.uid() != 0 {
+        return Err(unsafe_dir(format!(
+            "is owned by uid {}; a socket in it could be anyone's. Refusing to talk to it",
+            meta.uid()
+        )));
+    }
+    let sticky_root = meta.uid() == 0 && meta.mode() & 0o1000 != 0;
+    if meta.mode() & 0o022 != 0 && !sticky_root {
+        return Err(unsafe_dir(format!(
+            "is writable by others (mode {:04o}); a socket in it could be anyone's. Refusing to talk to it",
+            meta.mode() & 0o7777
+        )));
+    }
+    Ok(())
+}
+
+/// Connects to a socket of the broker's (or of fleetd's), checking before a byte is sent that
+/// nobody else could have planted it or be answering on it. A socket in the broker's runtime
+/// dir needs every directory from there down to be ours and private, and its server to run
+/// as our uid (SO_PEERCRED). Any other socket needs a directory only we or root can write to
+/// and a server running as us or root.
+pub async fn connect(path: &Path) -> Result<UnixStream, LocalError> {
+    let runtime = default_runtime_dir();
+    let in_runtime = path.starts_with(&runtime);
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    if in_runtime {
+        for dir in parent.ancestors() {
+            check_private_dir(dir)?;
+            if dir == runtime {
+                break;
+            }
+        }
+        // Whoever can write to the runtime dir's parent could swap the runtime dir itself.
+        if let Some(above) = runtime.parent().filter(|p| !p.as_os_str().is_empty()) {
+            check_endpoint_dir(above)?;
+        }
+    } else {
+        check_endpoint_dir(parent)?;
+    }
+    let stream = UnixStream::connect(path).await.map_err(io_err(path))?;
+    let cred = stream.peer_cred().map_err(io_err(path))?;
+    let ok = cred.uid() == my_uid() || (!in_runtime && cred.uid() == 0);
+    if !ok {
+        return Err(LocalError::Unsafe {
+            path: path.to_path_buf(),
+            message: format!(
+                "is served by uid {} (pid {}), not by us (uid {}); another user may be impersonating fleet-broker. Refusing to talk to it",
+                cred.uid(),
+                cred.pid().map_or_else(|| "?".into(), |p| p.to_string()),
+                my_uid()
+            ),
+        });
+    }
+    Ok(stream)
 }
 
 /// Binds a 0600 unix socket at `path`, replacing a stale socket file only when a connect
@@ -126,11 +265,9 @@ pub async fn bind_socket(path: &Path) -> Result<UnixListener, LocalError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err(path)(e)),
     }
-    // Bind under a restrictive umask so the socket is never briefly wider than 0600.
-    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
-    let listener = UnixListener::bind(path);
-    nix::sys::stat::umask(old);
-    let listener = listener.map_err(io_err(path))?;
+    // No process-wide umask change (other threads create files too): the socket lives in a
+    // 0700 directory, so nobody else can reach it in the moment before the chmod.
+    let listener = UnixListener::bind(path).map_err(io_err(path))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io_err(path))?;
     Ok(listener)
 }

@@ -191,6 +191,36 @@ fn symlinked_runtime_dir_is_refused() {
 }
 
 #[test]
+fn runtime_dir_owned_by_another_user_is_refused_not_taken_over() {
+    let w = World::new();
+    let dir = open_tempdir("fb-foreign.");
+    let xdg = dir.path().join("xdg");
+    std::fs::create_dir(&xdg).expect("mkdir");
+    let planted = xdg.join("fleet-broker");
+    std::fs::create_dir(&planted).expect("mkdir");
+    std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    nix::unistd::chown(&planted, Some(nix::unistd::Uid::from_raw(65534)), None).expect("chown");
+    let cfg = dir.path().join("config.toml");
+    std::fs::write(&cfg, w.config("")).expect("config");
+    let out = Command::new(env!("CARGO_BIN_EXE_fleet-broker"))
+        .arg("serve")
+        .env("FLEET_BROKER_CONFIG", &cfg)
+        .env("XDG_RUNTIME_DIR", &xdg)
+        .stdin(Stdio::null())
+        .output()
+        .expect("daemon");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is owned by uid 65534"), "{err}");
+    let meta = std::fs::metadata(&planted).expect("stat");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o777, "not chmod-ed");
+    assert!(
+        std::fs::read_dir(&planted).expect("read").next().is_none(),
+        "nothing was created in it"
+    );
+}
+
+#[test]
 fn status_prints_a_table_and_json() {
     let w = World::new();
     let b = w.broker("");

@@ -450,6 +450,51 @@ fn runtime_dir_and_sockets_are_private() {
 }
 
 #[test]
+fn clients_refuse_a_runtime_dir_or_a_socket_another_user_controls() {
+    let w = World::new();
+    // Another user's daemon owns the runtime dir and answers on its sockets.
+    let b = Broker::start_as(&w.config(""), None, Some(65534));
+    let cwd = open_tempdir("fb-cwd.");
+    let fleetctl_says = || {
+        let r = fleetctl(&b, cwd.path(), &[], &["--cluster", "c1", "list-machines"]);
+        assert_ne!(r.code, 0, "{r:?}");
+        r.stderr
+    };
+    let status_says = || {
+        let out = b.cli(&["status"]);
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let endpoint = format!("unix://{}", b.socket("c1").display());
+    let endpoint_says = || {
+        let r = fleetctl(
+            &b,
+            cwd.path(),
+            &[("FLEETCTL_ENDPOINT", endpoint.as_str())],
+            &["list-machines"],
+        );
+        assert_ne!(r.code, 0, "{r:?}");
+        r.stderr
+    };
+    for said in [fleetctl_says(), status_says(), endpoint_says()] {
+        assert!(said.contains("is owned by uid 65534"), "{said}");
+    }
+    // The directories become ours; the other user still answers on the sockets.
+    let runtime = b.dir.path().join("xdg/fleet-broker");
+    for d in [
+        b.dir.path().join("xdg"),
+        runtime.clone(),
+        runtime.join("clusters"),
+    ] {
+        nix::unistd::chown(&d, Some(nix::unistd::getuid()), None).expect("chown");
+    }
+    for said in [fleetctl_says(), status_says(), endpoint_says()] {
+        assert!(said.contains("is served by uid 65534"), "{said}");
+        assert!(said.contains("impersonating"), "{said}");
+    }
+}
+
+#[test]
 fn connection_from_another_uid_is_refused() {
     let w = World::new();
     // The broker runs as nobody; this test (root) passes the file permissions but not the

@@ -91,25 +91,10 @@ fn load_config(path: Option<PathBuf>) -> anyhow::Result<Config> {
 }
 
 async fn control_request(method: &str, path: &str) -> anyhow::Result<(u16, bytes::Bytes)> {
-    use http_body_util::{BodyExt, Empty};
-    let sock = fleet_broker::local::control_socket(&fleet_broker::local::default_runtime_dir());
-    let stream = tokio::net::UnixStream::connect(&sock).await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot reach the fleet-broker daemon at {}: {e}; start it with `fleet-broker serve`",
-            sock.display()
-        )
-    })?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    let req = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("Host", "fleet-broker")
-        .body(Empty::<bytes::Bytes>::new())?;
-    let resp = sender.send_request(req).await?;
-    let status = resp.status().as_u16();
-    Ok((status, resp.into_body().collect().await?.to_bytes()))
+    let sock = fleet_broker::control::client::default_control_socket();
+    fleet_broker::control::client::request(&sock, method, path)
+        .await
+        .map_err(anyhow::Error::msg)
 }
 
 fn print_table(list: &ClusterList) {

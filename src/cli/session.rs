@@ -62,9 +62,9 @@ pub async fn open(
             control.display()
         ))
     };
-    let stream = tokio::net::UnixStream::connect(control)
+    let stream = crate::control::client::connect(control)
         .await
-        .map_err(|e| down(e.to_string()))?;
+        .map_err(StartError::Ssh)?;
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await

@@ -11,6 +11,18 @@ use super::ClusterList;
 /// How long a control request may take.
 pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Connects to the control socket after the checks of [`crate::local::connect`]; the error
+/// says what to do next.
+pub async fn connect(control: &Path) -> Result<tokio::net::UnixStream, String> {
+    match crate::local::connect(control).await {
+        Ok(s) => Ok(s),
+        Err(e @ crate::local::LocalError::Unsafe { .. }) => Err(e.to_string()),
+        Err(e) => Err(format!(
+            "cannot reach the fleet-broker daemon: {e}; start it with `fleet-broker serve`"
+        )),
+    }
+}
+
 /// `METHOD path` on the control socket; returns status and body.
 pub async fn request(control: &Path, method: &str, path: &str) -> Result<(u16, Bytes), String> {
     let unreachable = |e: String| {
@@ -19,9 +31,7 @@ pub async fn request(control: &Path, method: &str, path: &str) -> Result<(u16, B
             control.display()
         )
     };
-    let stream = tokio::net::UnixStream::connect(control)
-        .await
-        .map_err(|e| unreachable(e.to_string()))?;
+    let stream = connect(control).await?;
     let exchange = async {
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))

@@ -9,8 +9,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
-use hyperlocal::UnixConnector;
+use hyper_util::rt::TokioIo;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
 use super::schema::{Machine, MachinePage, Unit, UnitPage, UnitState, UnitStatePage};
@@ -60,11 +61,85 @@ impl ApiError {
     }
 }
 
+/// Connects each upstream connection with [`crate::local::connect`]: the socket's directory
+/// and the uid answering on it are checked before a request is written.
+#[derive(Clone)]
+struct CheckedUnix {
+    socket: std::sync::Arc<PathBuf>,
+}
+
+/// A connection made by [`CheckedUnix`].
+struct CheckedStream(TokioIo<tokio::net::UnixStream>);
+
+impl hyper::rt::Read for CheckedStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for CheckedStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+impl Connection for CheckedStream {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl tower_service::Service<hyper::Uri> for CheckedUnix {
+    type Response = CheckedStream;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<CheckedStream, std::io::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: hyper::Uri) -> Self::Future {
+        let socket = self.socket.clone();
+        Box::pin(async move {
+            match crate::local::connect(&socket).await {
+                Ok(s) => Ok(CheckedStream(TokioIo::new(s))),
+                Err(crate::local::LocalError::Io { source, .. }) => Err(source),
+                Err(e) => Err(std::io::Error::other(e.to_string())),
+            }
+        })
+    }
+}
+
 /// A fleet API client bound to one unix socket.
 #[derive(Clone)]
 pub struct FleetClient {
     socket: PathBuf,
-    client: Client<UnixConnector, Full<Bytes>>,
+    client: Client<CheckedUnix, Full<Bytes>>,
     timeout: Duration,
     /// Log each request as fleetctl's debug mode does.
     pub debug: bool,
@@ -107,7 +182,9 @@ pub fn escape_name(name: &str) -> String {
 
 impl FleetClient {
     pub fn new(socket: &Path, timeout: Duration) -> FleetClient {
-        let client = Client::builder(hyper_util::rt::TokioExecutor::new()).build(UnixConnector);
+        let client = Client::builder(hyper_util::rt::TokioExecutor::new()).build(CheckedUnix {
+            socket: std::sync::Arc::new(socket.to_path_buf()),
+        });
         FleetClient {
             socket: socket.to_path_buf(),
             client,
