@@ -222,14 +222,7 @@ fn unknown_host_is_refused_under_strict_and_pinned_under_accept_new() {
     assert!(body.contains("fleet-broker trust c1"), "{body}");
     assert_eq!(b.cluster_info("c1")["state"], "failed");
 
-    // Without a terminal, a yes is refused: scripts name the fingerprint they checked.
-    let out = b.cli(&["trust", "c1", "--yes"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("--yes needs a terminal"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // A key without the fingerprint given is not pinned.
     let out = b.cli(&[
         "trust",
         "c1",
@@ -669,4 +662,25 @@ fn jump_hosts_are_crossed_with_pinned_keys() {
         "{}",
         b.log()
     );
+}
+
+#[test]
+fn a_line_openssh_skips_is_skipped_with_its_place_not_fatal() {
+    let w = World::new();
+    let good = std::fs::read_to_string(&w.known_hosts).expect("read");
+    std::fs::write(
+        &w.known_hosts,
+        format!("other.example ssh-foo AAAAB3NzaC1yc2E\nbroken\n{good}"),
+    )
+    .expect("write");
+    let b = w.broker("");
+    assert_eq!(
+        http(&b.socket("c1"), "GET", "/fleet/v1/machines", None).0,
+        200,
+        "{}",
+        b.log()
+    );
+    let place = format!("{}:1:", w.known_hosts.display());
+    assert!(b.log().contains(&place), "{}", b.log());
+    assert!(b.log().contains("line ignored"), "{}", b.log());
 }
