@@ -251,6 +251,17 @@ fn unknown_host_is_refused_under_strict_and_pinned_under_accept_new() {
         "{stdout}"
     );
     assert!(w.sshd.is_pinned_in(&w.known_hosts));
+    // Hashed exactly when OpenSSH's own resolution of the user's ssh_config asks for it.
+    let ssh_g = Command::new("ssh")
+        .args(["-G", &w.sshd.ip])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("ssh -G");
+    let hashes = String::from_utf8_lossy(&ssh_g.stdout)
+        .lines()
+        .any(|l| l == "hashknownhosts yes");
+    let written = std::fs::read_to_string(&w.known_hosts).expect("read");
+    assert_eq!(written.starts_with("|1|"), hashes, "{written}");
     assert_eq!(
         http(&b.socket("c1"), "GET", "/fleet/v1/machines", None).0,
         200,

@@ -81,6 +81,9 @@ impl DialError {
     }
 }
 
+/// Where `fleet-broker trust` receives the presented key and its verdict.
+type Captured = Arc<Mutex<Option<(russh::keys::PublicKey, Verdict)>>>;
+
 /// The client side of one SSH connection. Signals `closed` when the session ends.
 pub struct ClientHandler {
     label: String,
@@ -98,7 +101,7 @@ pub struct ClientHandler {
     accepted: Arc<Mutex<Option<String>>>,
     /// When set, the presented key is only recorded here and the handshake stops
     /// (`fleet-broker trust`).
-    capture: Option<Arc<Mutex<Option<russh::keys::PublicKey>>>>,
+    capture: Option<Captured>,
     /// The agent socket to bridge `auth-agent@openssh.com` channels to, when forwarding.
     agent_bridge: Option<PathBuf>,
     trust_hint: String,
@@ -142,7 +145,7 @@ impl client::Handler for ClientHandler {
         };
         if let Some(c) = &self.capture {
             if let Ok(mut c) = c.lock() {
-                *c = Some(public);
+                *c = Some((public, verdict));
             }
             return Ok(false);
         }
@@ -364,7 +367,7 @@ where
         address: None,
         display_addr: spec.target.to_string(),
         policy: spec.policy,
-        known: known.clone(),
+        known,
         pin_file: None,
         refusal: Arc::new(Mutex::new(None)),
         accepted: Arc::new(Mutex::new(None)),
@@ -374,12 +377,9 @@ where
         _closed: closed_tx,
     };
     let result = client::connect_stream(Arc::new(config), tcp, handler).await;
-    let key = capture.lock().ok().and_then(|mut c| c.take());
-    match (key, result) {
-        (Some(key), _) => {
-            let verdict = known.check(&host, &key);
-            Ok(PresentedKey { key, host, verdict })
-        }
+    let seen = capture.lock().ok().and_then(|mut c| c.take());
+    match (seen, result) {
+        (Some((key, verdict)), _) => Ok(PresentedKey { key, host, verdict }),
         (None, Err(e)) => Err(DialError::Ssh {
             target: spec.target.to_string(),
             reason: e.to_string(),
