@@ -163,6 +163,21 @@ fn stale_socket_is_replaced_but_a_live_daemon_is_not_displaced() {
     let _ = child.wait();
 }
 
+/// `fleet-broker serve` with `XDG_RUNTIME_DIR=xdg`, which must fail; returns its stderr.
+fn serve_must_fail(w: &World, dir: &std::path::Path, xdg: &std::path::Path) -> String {
+    let cfg = dir.join("config.toml");
+    std::fs::write(&cfg, w.config("")).expect("config");
+    let out = Command::new(env!("CARGO_BIN_EXE_fleet-broker"))
+        .arg("serve")
+        .env("FLEET_BROKER_CONFIG", &cfg)
+        .env("XDG_RUNTIME_DIR", xdg)
+        .stdin(Stdio::null())
+        .output()
+        .expect("daemon");
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn symlinked_runtime_dir_is_refused() {
     let w = World::new();
@@ -172,17 +187,7 @@ fn symlinked_runtime_dir_is_refused() {
     let xdg = dir.path().join("xdg");
     std::fs::create_dir(&xdg).expect("mkdir");
     std::os::unix::fs::symlink(&real, xdg.join("fleet-broker")).expect("symlink");
-    let cfg = dir.path().join("config.toml");
-    std::fs::write(&cfg, w.config("")).expect("config");
-    let out = Command::new(env!("CARGO_BIN_EXE_fleet-broker"))
-        .arg("serve")
-        .env("FLEET_BROKER_CONFIG", &cfg)
-        .env("XDG_RUNTIME_DIR", &xdg)
-        .stdin(Stdio::null())
-        .output()
-        .expect("daemon");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = serve_must_fail(&w, dir.path(), &xdg);
     assert!(err.contains("is a symlink"), "{err}");
     assert!(
         std::fs::read_dir(&real).expect("read").next().is_none(),
@@ -200,17 +205,7 @@ fn runtime_dir_owned_by_another_user_is_refused_not_taken_over() {
     std::fs::create_dir(&planted).expect("mkdir");
     std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o777)).expect("chmod");
     nix::unistd::chown(&planted, Some(nix::unistd::Uid::from_raw(65534)), None).expect("chown");
-    let cfg = dir.path().join("config.toml");
-    std::fs::write(&cfg, w.config("")).expect("config");
-    let out = Command::new(env!("CARGO_BIN_EXE_fleet-broker"))
-        .arg("serve")
-        .env("FLEET_BROKER_CONFIG", &cfg)
-        .env("XDG_RUNTIME_DIR", &xdg)
-        .stdin(Stdio::null())
-        .output()
-        .expect("daemon");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = serve_must_fail(&w, dir.path(), &xdg);
     assert!(err.contains("is owned by uid 65534"), "{err}");
     let meta = std::fs::metadata(&planted).expect("stat");
     assert_eq!(meta.permissions().mode() & 0o777, 0o777, "not chmod-ed");

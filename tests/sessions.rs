@@ -570,14 +570,17 @@ fn unknown_machine_is_refused_under_strict_until_trusted() {
         "{}",
         r.stderr
     );
-    let out = b.cli(&[
-        "trust",
-        "c1",
-        "--machine",
-        "b2b2",
-        "--fingerprint",
-        &m.m2.fingerprint(),
-    ]);
+    let trust_b2 = || {
+        b.cli(&[
+            "trust",
+            "c1",
+            "--machine",
+            "b2b2",
+            "--fingerprint",
+            &m.m2.fingerprint(),
+        ])
+    };
+    let out = trust_b2();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -590,14 +593,7 @@ fn unknown_machine_is_refused_under_strict_until_trusted() {
     );
     assert!(m.m2.is_pinned_in(&m.known_hosts));
     assert_eq!(fleetctl(&b, cwd.path(), &[], &["ssh", M2, "true"]).code, 0);
-    let out = b.cli(&[
-        "trust",
-        "c1",
-        "--machine",
-        "b2b2",
-        "--fingerprint",
-        &m.m2.fingerprint(),
-    ]);
+    let out = trust_b2();
     assert!(String::from_utf8_lossy(&out.stdout).contains("already pinned"));
     let out = b.cli(&[
         "trust",
