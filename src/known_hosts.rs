@@ -445,13 +445,7 @@ impl KnownHosts {
     /// `[10.0.0.1]:2222`) that contradict the key the host presented. Only ever a warning: the
     /// address is never a reason to trust a host.
     pub fn address_contradicts(&self, ip_name: &str, key: &PublicKey) -> Vec<Pin> {
-        match self.check(
-            &HostId {
-                lookup: ip_name.to_string(),
-                principal: String::new(),
-            },
-            key,
-        ) {
+        match self.plain_at(ip_name, key) {
             Verdict::Changed(pins) => pins,
             Verdict::Revoked(pin) => vec![pin],
             _ => Vec::new(),
