@@ -3,9 +3,11 @@
 //! The state machine lives in [`Supervisor::run`]: `Idle → Connecting → Ready → Lost →
 //! Backoff → Connecting …`, plus `Failed` for errors retrying cannot fix (host key refused,
 //! authentication refused), which wait for an operator action (`connect`, reload). Backoff
-//! doubles from 250 ms to 30 s with full jitter; a request arriving during backoff triggers an
-//! immediate attempt. Users of the tunnel call [`Tunnel::link`] and get the live connection or,
-//! within the connect timeout, the reason there is none.
+//! doubles from 250 ms to 30 s with full jitter. A request arriving when the tunnel is idle
+//! starts an attempt; one arriving during backoff waits for the next scheduled attempt (never
+//! shortening the wait, however many requests wait), and `connect` asks for one attempt now.
+//! Users of the tunnel call [`Tunnel::link`] and get the live connection or, within the
+//! connect timeout, the reason there is none.
 
 pub mod dial;
 
@@ -154,6 +156,8 @@ impl Tunnel {
             tunnel: tunnel.clone(),
             cmd_rx,
             shutdown,
+            last_failure: None,
+            repeats: 0,
         };
         tokio::spawn(sup.run());
         tunnel
@@ -302,6 +306,10 @@ struct Supervisor {
     tunnel: Arc<Tunnel>,
     cmd_rx: mpsc::Receiver<Command>,
     shutdown: watch::Receiver<bool>,
+    /// The last connect failure logged, and how often it recurred since: a failure that
+    /// repeats is logged once, with its count when something changes.
+    last_failure: Option<String>,
+    repeats: u64,
 }
 
 impl Supervisor {
@@ -311,6 +319,9 @@ impl Supervisor {
             ConnectMode::Lazy => Step::Idle,
         };
         let mut attempt: u32 = 0;
+        // Whether the attempt in progress (or the failure being waited out) was asked for by
+        // `connect` rather than scheduled by the backoff.
+        let mut forced = false;
         let name = self.tunnel.config.name.clone();
         loop {
             step = match step {
@@ -328,7 +339,13 @@ impl Supervisor {
                         _ = self.shutdown.changed() => Step::Stop,
                     }
                 }
-                Step::Connecting => self.connect(&mut attempt).await,
+                Step::Connecting => {
+                    let next = self.connect(&mut attempt).await;
+                    if !matches!(next, Step::Backoff) {
+                        forced = false;
+                    }
+                    next
+                }
                 Step::Ready(conn) => {
                     let s = self.ready(conn).await;
                     if matches!(s, Step::Backoff) {
@@ -339,20 +356,38 @@ impl Supervisor {
                 }
                 Step::Backoff => {
                     self.tunnel.set_state(State::Backoff);
-                    self.tunnel.link_tx.send_replace(Link::Down);
+                    self.tunnel.link_tx.send_if_modified(|l| {
+                        let up = matches!(l, Link::Up(_));
+                        if up {
+                            *l = Link::Down;
+                        }
+                        up
+                    });
                     let cap = BACKOFF_MIN
                         .saturating_mul(1u32 << attempt.min(8))
                         .min(BACKOFF_MAX);
                     let delay = rand::thread_rng().gen_range(Duration::ZERO..=cap);
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => Step::Connecting,
-                        _ = self.tunnel.wake.notified() => Step::Connecting,
-                        c = self.cmd_rx.recv() => match c {
-                            Some(Command::Connect) => Step::Connecting,
-                            Some(Command::Disconnect) => Step::Idle,
-                            None => Step::Stop,
-                        },
-                        _ = self.shutdown.changed() => Step::Stop,
+                    let until = tokio::time::Instant::now() + delay;
+                    // Waiting requests do not shorten the wait: the next attempt comes when the
+                    // backoff says, however many wait. `connect` asks for one attempt now, and
+                    // only when the failure being waited out was not itself such an attempt.
+                    loop {
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(until) => {
+                                forced = false;
+                                break Step::Connecting;
+                            }
+                            c = self.cmd_rx.recv() => match c {
+                                Some(Command::Connect) if !forced => {
+                                    forced = true;
+                                    break Step::Connecting;
+                                }
+                                Some(Command::Connect) => continue,
+                                Some(Command::Disconnect) => break Step::Idle,
+                                None => break Step::Stop,
+                            },
+                            _ = self.shutdown.changed() => break Step::Stop,
+                        }
                     }
                 }
                 Step::Failed(msg) => {
@@ -373,7 +408,7 @@ impl Supervisor {
     }
 
     async fn connect(&mut self, attempt: &mut u32) -> Step {
-        let t = &self.tunnel;
+        let t = self.tunnel.clone();
         t.set_state(State::Connecting);
         // Requests arriving now wait for this attempt instead of seeing an old failure.
         if matches!(*t.link_tx.borrow(), Link::Failed(_)) {
@@ -388,6 +423,10 @@ impl Supervisor {
         match result {
             Ok(Ok(conn)) => {
                 *attempt = 0;
+                if self.last_failure.take().is_some() && self.repeats > 0 {
+                    tracing::info!(cluster = %t.config.name, "the last connect failure repeated {} more times before this success", self.repeats);
+                }
+                self.repeats = 0;
                 tracing::info!(cluster = %t.config.name, peer = %conn.peer, ms = started.elapsed().as_millis() as u64, "tunnel connected");
                 t.with_stats(|s| {
                     s.fingerprint = Some(conn.host_key_fingerprint.clone());
@@ -400,10 +439,12 @@ impl Supervisor {
                 let msg = e.to_string();
                 t.with_stats(|s| s.last_error = Some(msg.clone()));
                 if e.is_fatal() {
+                    self.last_failure = None;
+                    self.repeats = 0;
                     tracing::error!(cluster = %t.config.name, error = %msg, "tunnel failed; waiting for an operator");
                     Step::Failed(msg)
                 } else {
-                    tracing::warn!(cluster = %t.config.name, error = %msg, "tunnel connect failed");
+                    self.log_failure(&msg, *attempt);
                     *attempt = attempt.saturating_add(1);
                     Step::Backoff
                 }
@@ -414,12 +455,29 @@ impl Supervisor {
                     t.config.tunnel,
                     humantime::format_duration(t.config.connect_timeout)
                 );
-                tracing::warn!(cluster = %t.config.name, error = %msg, "tunnel connect failed");
+                self.log_failure(&msg, *attempt);
                 t.with_stats(|s| s.last_error = Some(msg));
                 *attempt = attempt.saturating_add(1);
                 Step::Backoff
             }
         }
+    }
+
+    /// Logs a retryable connect failure at warn the first time it is seen; a repeat only at
+    /// debug, counted, and the count is logged when the failure changes or ends.
+    fn log_failure(&mut self, msg: &str, attempt: u32) {
+        let name = &self.tunnel.config.name;
+        if self.last_failure.as_deref() == Some(msg) {
+            self.repeats += 1;
+            tracing::debug!(cluster = %name, error = %msg, attempt, "tunnel connect failed again");
+            return;
+        }
+        if self.last_failure.is_some() && self.repeats > 0 {
+            tracing::warn!(cluster = %name, "the previous connect failure repeated {} more times", self.repeats);
+        }
+        tracing::warn!(cluster = %name, error = %msg, "tunnel connect failed; retrying with backoff");
+        self.last_failure = Some(msg.to_string());
+        self.repeats = 0;
     }
 
     async fn ready(&mut self, conn: dial::Connection) -> Step {
