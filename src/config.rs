@@ -275,10 +275,11 @@ struct RawSettings {
     identity_files: Option<Vec<String>>,
     known_hosts: Option<Vec<String>>,
     host_key_checking: Option<HostKeyPolicy>,
-    #[serde(default, deserialize_with = "de_duration")]
+    #[serde(default, deserialize_with = "de_keepalive_interval")]
     keepalive_interval: Option<Duration>,
+    #[serde(default, deserialize_with = "de_keepalive_max")]
     keepalive_max: Option<usize>,
-    #[serde(default, deserialize_with = "de_duration")]
+    #[serde(default, deserialize_with = "de_connect_timeout")]
     connect_timeout: Option<Duration>,
     connect: Option<ConnectMode>,
     machine_ssh_port: Option<u16>,
@@ -287,17 +288,51 @@ struct RawSettings {
     endpoint: Option<Endpoint>,
 }
 
-fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+/// Allowed range of `keepalive_interval`.
+pub const KEEPALIVE_INTERVAL_RANGE: (Duration, Duration) =
+    (Duration::from_secs(1), Duration::from_secs(3600));
+/// Allowed range of `connect_timeout`.
+pub const CONNECT_TIMEOUT_RANGE: (Duration, Duration) =
+    (Duration::from_millis(100), Duration::from_secs(600));
+/// Allowed range of `keepalive_max`.
+pub const KEEPALIVE_MAX_RANGE: (usize, usize) = (1, 100);
+
+fn de_duration_in<'de, D: Deserializer<'de>>(
+    d: D,
+    field: &str,
+    (min, max): (Duration, Duration),
+) -> Result<Option<Duration>, D::Error> {
     let s = String::deserialize(d)?;
     let v = humantime::parse_duration(&s).map_err(|e| {
         serde::de::Error::custom(format!(
             "invalid duration {s:?}: {e} (write e.g. \"15s\" or \"500ms\")"
         ))
     })?;
-    if v.is_zero() {
-        return Err(serde::de::Error::custom(
-            "duration must be greater than zero",
-        ));
+    if v < min || v > max {
+        return Err(serde::de::Error::custom(format!(
+            "{field} {s:?} is out of range: allowed from {} to {}",
+            humantime::format_duration(min),
+            humantime::format_duration(max)
+        )));
+    }
+    Ok(Some(v))
+}
+
+fn de_keepalive_interval<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    de_duration_in(d, "keepalive_interval", KEEPALIVE_INTERVAL_RANGE)
+}
+
+fn de_connect_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    de_duration_in(d, "connect_timeout", CONNECT_TIMEOUT_RANGE)
+}
+
+fn de_keepalive_max<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    let v = usize::deserialize(d)?;
+    let (min, max) = KEEPALIVE_MAX_RANGE;
+    if !(min..=max).contains(&v) {
+        return Err(serde::de::Error::custom(format!(
+            "keepalive_max {v} is out of range: allowed from {min} to {max}"
+        )));
     }
     Ok(Some(v))
 }
@@ -600,6 +635,28 @@ mod tests {
         assert!(e.to_string().contains("endpoint must start with"), "{e}");
         let e = parse("[clusters.a]\n").unwrap_err();
         assert!(e.to_string().contains("missing field `tunnel`"), "{e}");
+    }
+
+    #[test]
+    fn durations_and_counts_are_range_checked() {
+        for (line, field) in [
+            ("connect_timeout = \"500000000000y\"", "connect_timeout"),
+            ("connect_timeout = \"1ms\"", "connect_timeout"),
+            ("keepalive_interval = \"0s\"", "keepalive_interval"),
+            ("keepalive_interval = \"2days\"", "keepalive_interval"),
+            ("keepalive_max = 0", "keepalive_max"),
+            ("keepalive_max = 100000", "keepalive_max"),
+        ] {
+            let e = parse(&format!("[clusters.a]\ntunnel = \"h\"\n{line}\n")).unwrap_err();
+            let msg = e.to_string();
+            assert!(msg.starts_with("/etc/fb.toml:3:"), "{msg}");
+            assert!(msg.contains("out of range: allowed from"), "{msg}");
+            assert!(msg.contains(field), "{msg}");
+        }
+        let c =
+            parse("[clusters.a]\ntunnel = \"h\"\nconnect_timeout = \"10m\"\nkeepalive_max = 100\n")
+                .expect("limits are allowed");
+        assert_eq!(c.clusters["a"].connect_timeout, Duration::from_secs(600));
     }
 
     #[test]

@@ -170,6 +170,9 @@ impl HostKeyReport {
     }
 }
 
+/// The longest session setup a request may ask for (`--ssh-timeout`).
+const MAX_SETUP_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// A resolved target.
 #[derive(Debug, Clone)]
 enum Place {
@@ -623,10 +626,12 @@ impl Exec {
                 _slot: slot,
             })
         };
+        // Any number a client sends is bounded here; none can overflow a deadline.
         let limit = req
             .timeout_secs
-            .filter(|s| s.is_finite() && *s > 0.0)
-            .map(Duration::from_secs_f64)
+            .filter(|s| *s > 0.0)
+            .and_then(|s| Duration::try_from_secs_f64(s).ok())
+            .map(|d| d.min(MAX_SETUP_TIMEOUT))
             .unwrap_or(self.tunnel.config.connect_timeout * 2);
         match tokio::time::timeout(limit, setup).await {
             Ok(r) => r,

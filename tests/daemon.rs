@@ -264,7 +264,17 @@ fn status_prints_a_table_and_json() {
     // disconnect and connect through the control socket.
     let out = b.cli(&["disconnect", "c1"]);
     assert!(out.status.success());
-    wait_until("idle", DEADLINE, || b.cluster_info("c1")["state"] == "idle");
+    // The answer tells the state after the disconnect, not before.
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "c1: idle\n");
+    assert_eq!(b.cluster_info("c1")["state"], "idle");
+    // --config cannot change what the running daemon uses: refused, not ignored.
+    let out = b.cli(&["--config", "/nonexistent.toml", "status"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not apply to `fleet-broker status`"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = b.cli(&["connect", "c1"]);
     assert!(out.status.success());
     assert!(

@@ -34,10 +34,16 @@ fn waiting_requests_and_repeated_connects_do_not_shorten_the_backoff() {
             answers
         }));
     }
-    // An impatient user: `connect` over and over.
+    // An impatient user: `connect` over and over; each says it failed.
     let mut connects = 0;
     while started.elapsed() < window && connects < 30 {
-        let _ = b.cli(&["connect", "c1"]);
+        let out = b.cli(&["connect", "c1"]);
+        assert_eq!(out.status.code(), Some(1), "connect reports the failure");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("c1: backoff (") || err.contains("c1: connecting"),
+            "{err}"
+        );
         connects += 1;
     }
     let mut statuses = Vec::new();

@@ -127,6 +127,19 @@ fn print_table(list: &ClusterList) {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let asks_daemon = match &cli.command {
+        Cmd::Reload => Some("reload"),
+        Cmd::Status { .. } => Some("status"),
+        Cmd::Connect { .. } => Some("connect"),
+        Cmd::Disconnect { .. } => Some("disconnect"),
+        _ => None,
+    };
+    if let (Some(cmd), Some(path)) = (asks_daemon, &cli.config) {
+        anyhow::bail!(
+            "--config {} does not apply to `fleet-broker {cmd}`: it asks the running daemon, which uses the config file it was started with (`fleet-broker reload` re-reads that file; `fleet-broker --config FILE check-config` checks another)",
+            path.display()
+        );
+    }
     match cli.command {
         Cmd::Serve => serve(cli.config.unwrap_or_else(default_config_path)).await,
         Cmd::Reload => {
@@ -244,7 +257,7 @@ async fn control_cmd(cluster: &str, what: &str) -> anyhow::Result<()> {
         anyhow::bail!("{}", error_text(&body));
     }
     let info: ClusterInfo = serde_json::from_slice(&body)?;
-    println!(
+    let line = format!(
         "{}: {}{}",
         info.name,
         info.status.state,
@@ -253,6 +266,11 @@ async fn control_cmd(cluster: &str, what: &str) -> anyhow::Result<()> {
             .map(|e| format!(" ({e})"))
             .unwrap_or_default()
     );
+    // `connect` succeeds only when the tunnel is up; its line says why not.
+    if what == "connect" && info.status.state != fleet_broker::tunnel::State::Ready {
+        anyhow::bail!("{line}");
+    }
+    println!("{line}");
     Ok(())
 }
 

@@ -15,7 +15,10 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 
 use crate::http::{fleet_error, json_response, Body};
-use crate::tunnel::{Command, Status, Tunnel};
+use crate::tunnel::{Command, State, Status, Tunnel};
+
+/// How long `disconnect` waits for the tunnel to be closed before it answers.
+const DISCONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// One cluster as the control socket reports it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -285,6 +288,7 @@ impl Control {
                     }
                     (&Method::POST, ["disconnect"]) => {
                         t.command(Command::Disconnect).await;
+                        t.wait_for_state(State::Idle, DISCONNECT_WAIT).await;
                         to_json(&info(t, sock))
                     }
                     _ => fleet_error(StatusCode::NOT_FOUND, &format!("no route {m} {path}")),

@@ -195,6 +195,21 @@ impl Tunnel {
         }
     }
 
+    /// Waits (at most `limit`) until the supervisor reports `state`; true if it did.
+    pub async fn wait_for_state(&self, state: State, limit: Duration) -> bool {
+        let mut rx = self.link_tx.subscribe();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if self.with_stats(|s| s.state) == state {
+                return true;
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return self.with_stats(|s| s.state) == state,
+            }
+        }
+    }
+
     /// Sends an operator command to the supervisor.
     pub async fn command(&self, cmd: Command) {
         if matches!(cmd, Command::Connect) {
