@@ -1,6 +1,9 @@
 //! The accept loop shared by the cluster sockets and the control socket: peer uid check on
 //! every connection, one task per connection serving HTTP/1.1, and graceful shutdown (stop
-//! accepting, let in-flight requests finish for up to [`DRAIN_TIMEOUT`]).
+//! accepting, let in-flight requests finish for up to [`DRAIN_TIMEOUT`]). Bounded: at most
+//! [`MAX_CONNECTIONS`] connections per socket (more wait in the kernel's backlog), request
+//! headers must arrive within [`HEADER_READ_TIMEOUT`], and accept errors (EMFILE) back off
+//! instead of spinning, logged at most once a second.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -18,6 +21,13 @@ use crate::local::peer_allowed;
 
 /// How long in-flight requests may run after shutdown begins.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Local connections served at once per socket.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// How long a client may take to send a request's headers (also closes idle keep-alive
+/// connections after this long).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest pause after a failed accept.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -54,13 +64,48 @@ pub async fn serve<S, F>(
     F: Future<Output = Response<Body>> + Send + 'static,
 {
     let mut conns = tokio::task::JoinSet::new();
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut pause = Duration::ZERO;
+    let mut last_warn: Option<tokio::time::Instant> = None;
+    let mut suppressed = 0u64;
     loop {
+        // At the cap, stop accepting until a connection ends.
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                tracing::warn!(socket = %label, "{MAX_CONNECTIONS} local connections open; new ones wait");
+                tokio::select! {
+                    p = slots.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                    _ = shutdown.changed() => break,
+                }
+            }
+        };
         tokio::select! {
             accepted = listener.accept() => {
                 let stream = match accepted {
-                    Ok((s, _)) => s,
+                    Ok((s, _)) => {
+                        pause = Duration::ZERO;
+                        s
+                    }
                     Err(e) => {
-                        tracing::warn!(socket = %label, error = %e, "accept failed");
+                        // EMFILE and friends: back off (5 ms doubling to 1 s) rather than
+                        // spin, and say so at most once a second.
+                        pause = (pause * 2).clamp(Duration::from_millis(5), ACCEPT_BACKOFF_MAX);
+                        let now = tokio::time::Instant::now();
+                        if last_warn.is_none_or(|t| now - t >= Duration::from_secs(1)) {
+                            tracing::warn!(socket = %label, error = %e, suppressed, "accept failed; pausing {pause:?}");
+                            last_warn = Some(now);
+                            suppressed = 0;
+                        } else {
+                            suppressed += 1;
+                        }
+                        tokio::select! {
+                            _ = tokio::time::sleep(pause) => {}
+                            _ = shutdown.changed() => break,
+                        }
                         continue;
                     }
                 };
@@ -76,7 +121,10 @@ pub async fn serve<S, F>(
                 });
                 let mut stop = shutdown.clone();
                 conns.spawn(async move {
+                    let _slot = slot;
                     let conn = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(HEADER_READ_TIMEOUT)
                         .serve_connection(TokioIo::new(stream), svc)
                         .with_upgrades();
                     tokio::pin!(conn);

@@ -70,3 +70,95 @@ fn waiting_requests_and_repeated_connects_do_not_shorten_the_backoff() {
         b.log()
     );
 }
+
+#[test]
+fn a_client_that_sends_half_a_header_is_cut_off() {
+    use std::io::{Read, Write};
+    let w = World::new();
+    let b = w.broker("");
+    let mut s = std::os::unix::net::UnixStream::connect(b.socket("c1")).expect("connect");
+    s.write_all(b"GET /fleet/v1/machines HTTP/1.1\r\nHost: x\r\n")
+        .expect("write");
+    // The broker closes it after its header timeout (10 s); 60 s means it never would.
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    let started = Instant::now();
+    let mut buf = [0u8; 256];
+    let n = s.read(&mut buf);
+    assert!(
+        n.is_ok(),
+        "the connection was closed, not left open: {n:?} after {:?}",
+        started.elapsed()
+    );
+    // Other clients were served all along.
+    assert_eq!(
+        http(&b.socket("c1"), "GET", "/fleet/v1/machines", None).0,
+        200
+    );
+}
+
+#[test]
+fn running_out_of_file_descriptors_neither_spins_nor_floods_the_log() {
+    let w = World::new();
+    let b = w.broker("");
+    assert_eq!(
+        http(&b.socket("c1"), "GET", "/fleet/v1/machines", None).0,
+        200
+    );
+    let pid = b.pid().expect("pid");
+    let out = std::process::Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg("--nofile=48:48")
+        .output()
+        .expect("prlimit (util-linux)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // More clients than the daemon has descriptors left: accept fails with EMFILE.
+    let mut clients = Vec::new();
+    for _ in 0..64 {
+        if let Ok(c) = std::os::unix::net::UnixStream::connect(b.socket("c1")) {
+            clients.push(c);
+        }
+    }
+    wait_until("EMFILE to be logged", DEADLINE, || {
+        b.log().contains("accept failed")
+    });
+    let cpu = |pid: u32| -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r.split_whitespace().collect())
+            .unwrap_or_default();
+        // utime + stime, in clock ticks (fields 14 and 15 of stat; 12 and 13 after the name).
+        fields
+            .get(11)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            + fields
+                .get(12)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+    };
+    let lines_before = b.log().lines().count();
+    let cpu_before = cpu(pid);
+    let window = Instant::now();
+    // Observe for 3 s (a fixed window: this test measures a rate, nothing is awaited).
+    while window.elapsed() < Duration::from_secs(3) {
+        std::thread::park_timeout(Duration::from_millis(100));
+    }
+    let lines = b.log().lines().count() - lines_before;
+    let ticks = cpu(pid) - cpu_before;
+    assert!(lines <= 10, "{lines} log lines in 3 s:\n{}", b.log());
+    // 3 s is 300 ticks of one core; a spinning loop would use most of them.
+    assert!(ticks < 100, "{ticks} CPU ticks in 3 s");
+    drop(clients);
+    wait_until("requests to be served again", DEADLINE, || {
+        matches!(
+            try_http(&b.socket("c1"), "GET", "/fleet/v1/machines", None),
+            Ok((200, _))
+        )
+    });
+}
