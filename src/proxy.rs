@@ -309,6 +309,47 @@ impl Proxy {
         )
     }
 
+    /// Why the tunnel is not up, if it is not.
+    fn tunnel_down_reason(&self) -> Option<String> {
+        let status = self.tunnel.status();
+        (status.state != crate::tunnel::State::Ready)
+            .then_some(status.last_error)
+            .flatten()
+    }
+
+    /// Sends the request and waits for its response headers until `connect_timeout` after
+    /// the request arrived (at least half of it from now). A request still waiting halfway
+    /// asks the supervisor to probe the connection, which reconnects when the tunnel host no
+    /// longer answers; so a silent tunnel costs one `connect_timeout`, not TCP's minutes.
+    async fn response_within(
+        &self,
+        req: Request<UpBody>,
+        started: Instant,
+    ) -> Result<Result<Response<Incoming>, hyper_util::client::legacy::Error>, String> {
+        let limit = self.tunnel.config.connect_timeout;
+        let now = tokio::time::Instant::now();
+        let deadline = (tokio::time::Instant::from_std(started) + limit).max(now + limit / 2);
+        let stall = now + (deadline - now) / 2;
+        let fut = self.client.request(req);
+        tokio::pin!(fut);
+        if let Ok(r) = tokio::time::timeout_at(stall, &mut fut).await {
+            return Ok(r);
+        }
+        self.tunnel.ask_probe();
+        match tokio::time::timeout_at(deadline, &mut fut).await {
+            Ok(r) => Ok(r),
+            Err(_) => {
+                let cause = self
+                    .tunnel_down_reason()
+                    .unwrap_or_else(|| "the fleet API did not answer".into());
+                Err(format!(
+                    "no response within {}: {cause}",
+                    humantime::format_duration(limit)
+                ))
+            }
+        }
+    }
+
     /// Handles one local request.
     pub async fn handle(&self, mut req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
@@ -362,7 +403,14 @@ impl Proxy {
         });
         let body = body.map_frame(count);
         let req = Request::from_parts(parts, body);
-        match self.client.request(req).await {
+        let response = match self.response_within(req, started).await {
+            Ok(r) => r,
+            Err(cause) => {
+                tracing::warn!(cluster = %self.tunnel.name(), error = %cause, "upstream request stalled");
+                return self.unavailable(&cause);
+            }
+        };
+        match response {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
@@ -385,6 +433,10 @@ impl Proxy {
                 while let Some(s) = src {
                     cause = s.to_string();
                     src = s.source();
+                }
+                // When the tunnel went down under the request, its reason is the cause.
+                if let Some(why) = self.tunnel_down_reason() {
+                    cause = format!("{cause}: {why}");
                 }
                 tracing::warn!(cluster = %self.tunnel.name(), error = %cause, "upstream request failed");
                 self.unavailable(&cause)

@@ -162,3 +162,67 @@ fn running_out_of_file_descriptors_neither_spins_nor_floods_the_log() {
         )
     });
 }
+
+/// Stopped processes, continued again when the test ends however it ends.
+struct Stopped(Vec<u32>);
+
+impl Stopped {
+    fn stop(pids: Vec<u32>) -> Stopped {
+        for p in &pids {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*p as i32),
+                nix::sys::signal::Signal::SIGSTOP,
+            );
+        }
+        Stopped(pids)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*p as i32),
+                nix::sys::signal::Signal::SIGCONT,
+            );
+        }
+    }
+}
+
+#[test]
+fn a_silent_tunnel_costs_one_connect_timeout_and_is_replaced() {
+    let w = World::new();
+    let b = w.broker("connect_timeout = \"2s\"");
+    assert_eq!(
+        http(&b.socket("c1"), "GET", "/fleet/v1/machines", None).0,
+        200
+    );
+    // The tunnel's sshd session goes silent (the listener still accepts new connections).
+    let sessions = w.sshd.session_pids();
+    assert!(!sessions.is_empty(), "no sshd session found");
+    let _stopped = Stopped::stop(sessions);
+    let started = Instant::now();
+    let (status, body) = try_http(&b.socket("c1"), "GET", "/fleet/v1/machines", None)
+        .expect("an answer, not a hang");
+    let took = started.elapsed();
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("stopped answering"),
+        "the cause is named: {body}"
+    );
+    // connect_timeout (2 s) plus slack for a loaded machine; before, ~60 s.
+    assert!(took < Duration::from_secs(6), "503 after {took:?}");
+    // The supervisor probed, found the host silent and dialled a new session.
+    wait_until("a new tunnel", DEADLINE, || {
+        matches!(
+            try_http(&b.socket("c1"), "GET", "/fleet/v1/machines", None),
+            Ok((200, _))
+        )
+    });
+    assert!(
+        b.log().contains("did not answer a keepalive"),
+        "{}",
+        b.log()
+    );
+}

@@ -56,11 +56,14 @@ enum Link {
     Failed(String),
 }
 
-/// Operator commands for the supervisor.
+/// Commands for the supervisor.
 #[derive(Debug, Clone, Copy)]
 pub enum Command {
     Connect,
     Disconnect,
+    /// A request stalled on the live connection: probe it now (a keepalive that must be
+    /// answered within [`Tunnel::probe_timeout`]) and reconnect if it is not.
+    Probe,
 }
 
 /// Counters and the current status, read by the control socket.
@@ -210,6 +213,18 @@ impl Tunnel {
         }
     }
 
+    /// How long a probe of a stalled connection may take: a quarter of `connect_timeout`, so
+    /// that a request stalled for half of it gets its answer within it.
+    pub fn probe_timeout(&self) -> Duration {
+        self.config.connect_timeout / 4
+    }
+
+    /// Asks the supervisor to probe the live connection, without waiting (a probe already
+    /// asked for is enough).
+    pub fn ask_probe(&self) {
+        let _ = self.cmd_tx.try_send(Command::Probe);
+    }
+
     /// Sends an operator command to the supervisor.
     pub async fn command(&self, cmd: Command) {
         if matches!(cmd, Command::Connect) {
@@ -348,7 +363,7 @@ impl Supervisor {
                         _ = self.tunnel.wake.notified() => Step::Connecting,
                         c = self.cmd_rx.recv() => match c {
                             Some(Command::Connect) => Step::Connecting,
-                            Some(Command::Disconnect) => Step::Idle,
+                            Some(Command::Disconnect | Command::Probe) => Step::Idle,
                             None => Step::Stop,
                         },
                         _ = self.shutdown.changed() => Step::Stop,
@@ -397,7 +412,7 @@ impl Supervisor {
                                     forced = true;
                                     break Step::Connecting;
                                 }
-                                Some(Command::Connect) => continue,
+                                Some(Command::Connect | Command::Probe) => continue,
                                 Some(Command::Disconnect) => break Step::Idle,
                                 None => break Step::Stop,
                             },
@@ -408,13 +423,16 @@ impl Supervisor {
                 Step::Failed(msg) => {
                     self.tunnel.set_state(State::Failed);
                     self.tunnel.link_tx.send_replace(Link::Failed(msg));
-                    tokio::select! {
-                        c = self.cmd_rx.recv() => match c {
-                            Some(Command::Connect) => { attempt = 0; Step::Connecting }
-                            Some(Command::Disconnect) => Step::Idle,
-                            None => Step::Stop,
-                        },
-                        _ = self.shutdown.changed() => Step::Stop,
+                    loop {
+                        tokio::select! {
+                            c = self.cmd_rx.recv() => match c {
+                                Some(Command::Connect) => { attempt = 0; break Step::Connecting }
+                                Some(Command::Disconnect) => break Step::Idle,
+                                Some(Command::Probe) => continue,
+                                None => break Step::Stop,
+                            },
+                            _ = self.shutdown.changed() => break Step::Stop,
+                        }
                     }
                 }
             };
@@ -531,6 +549,27 @@ impl Supervisor {
                 }
                 c = self.cmd_rx.recv() => match c {
                     Some(Command::Connect) => continue,
+                    Some(Command::Probe) => {
+                        // Asked for by a stalled request; a probe that finds the connection
+                        // alive (a stale ask, or a slow fleet API) changes nothing.
+                        let limit = t.probe_timeout();
+                        if matches!(tokio::time::timeout(limit, handle.send_ping()).await, Ok(Ok(()))) {
+                            continue;
+                        }
+                        tracing::warn!(cluster = %t.config.name, "a request stalled and the tunnel host did not answer a keepalive within {limit:?}; reconnecting");
+                        t.with_stats(|s| {
+                            s.last_error = Some(format!(
+                                "the tunnel host {} stopped answering (no reply to a keepalive within {})",
+                                t.config.tunnel,
+                                humantime::format_duration(limit)
+                            ));
+                            s.connected_since = None;
+                            // Before the connection is closed: requests failing with it read
+                            // this state and name the cause.
+                            s.state = State::Backoff;
+                        });
+                        break Step::Backoff;
+                    }
                     Some(Command::Disconnect) => break Step::Idle,
                     None => break Step::Stop,
                 },

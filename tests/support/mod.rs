@@ -441,6 +441,28 @@ impl Sshd {
         format!("{}:{}", self.ip, self.port)
     }
 
+    /// The processes serving this sshd's connections (its listener's descendants).
+    pub fn session_pids(&self) -> Vec<u32> {
+        let Some(root) = self.child.as_ref().map(|c| c.id()) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let mut todo = vec![root];
+        while let Some(p) = todo.pop() {
+            let kids = Command::new("pgrep")
+                .arg("-P")
+                .arg(p.to_string())
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            for k in kids.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+                out.push(k);
+                todo.push(k);
+            }
+        }
+        out
+    }
+
     /// `SHA256:…` of this server's host key, as `ssh-keygen -l` prints it.
     pub fn fingerprint(&self) -> String {
         fingerprint(&self.host_key)
