@@ -613,6 +613,17 @@ fn unknown_machine_is_refused_under_strict_until_trusted() {
 
 #[test]
 fn unread_bulk_session_output_neither_stalls_the_tunnel_nor_is_cut_off() {
+    unread_bulk_output(ExecTarget::Machine(M1.into()));
+}
+
+#[test]
+fn unread_bulk_output_of_a_session_on_the_tunnel_host_does_not_stall_the_api() {
+    unread_bulk_output(ExecTarget::TunnelHost);
+}
+
+/// A session whose output nobody reads for a while: the API on the same tunnel keeps
+/// answering, and the reader, once it reads, gets every byte.
+fn unread_bulk_output(target: ExecTarget) {
     let e = env();
     let control = e.b.control_socket();
     let api = e.b.socket("c1");
@@ -621,10 +632,7 @@ fn unread_bulk_session_output_neither_stalls_the_tunnel_nor_is_cut_off() {
         let mut s = session::open(
             &control,
             "c1",
-            &req(
-                ExecTarget::Machine(M1.into()),
-                &format!("head -c {size} /dev/zero"),
-            ),
+            &req(target, &format!("head -c {size} /dev/zero")),
         )
         .await
         .expect("session");
@@ -632,12 +640,20 @@ fn unread_bulk_session_output_neither_stalls_the_tunnel_nor_is_cut_off() {
         let api2 = api.clone();
         let answers = tokio::task::spawn_blocking(move || {
             (0..20)
-                .map(|_| http(&api2, "GET", "/fleet/v1/machines", None).0)
+                .map(|_| {
+                    let started = Instant::now();
+                    let status = http(&api2, "GET", "/fleet/v1/machines", None).0;
+                    // Bounded, not timed: a stalled tunnel takes a keepalive timeout or more.
+                    (
+                        status,
+                        started.elapsed() < std::time::Duration::from_secs(5),
+                    )
+                })
                 .collect::<Vec<_>>()
         })
         .await
         .expect("requests");
-        assert!(answers.iter().all(|&c| c == 200), "{answers:?}");
+        assert!(answers.iter().all(|&a| a == (200, true)), "{answers:?}");
         // Now the reader catches up and gets every byte.
         let mut got = 0usize;
         loop {
