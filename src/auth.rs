@@ -21,7 +21,7 @@ pub enum AuthError {
     NoAgent,
     #[error("cannot reach the ssh-agent at {path}: {reason}; is ssh-agent still running? (check SSH_AUTH_SOCK)")]
     AgentUnreachable { path: PathBuf, reason: String },
-    #[error("the ssh-agent at {0} holds no keys and no identity_files are configured; add your key with `ssh-add`")]
+    #[error("the ssh-agent at {0} offers no keys: it is locked (`ssh-add -X` unlocks it) or holds none (add your key with `ssh-add`); no identity_files are configured. Retrying by itself")]
     EmptyAgent(PathBuf),
     #[error("identity file {path}: {reason}")]
     IdentityFile { path: PathBuf, reason: String },

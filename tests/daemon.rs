@@ -29,11 +29,12 @@ fn missing_agent_is_a_clear_error() {
 fn empty_agent_is_a_clear_error() {
     let w = World::new();
     let empty = Agent::start(&[]);
-    let b = Broker::start(&w.config(""), Some(&empty.socket));
+    let b = Broker::start(&w.config("connect_timeout = \"2s\""), Some(&empty.socket));
     let (status, body) = http(&b.socket("c1"), "GET", "/fleet/v1/machines", None);
     assert_eq!(status, 503);
     let msg = error_message(&body);
-    assert!(msg.contains("holds no keys"), "{msg}");
+    assert!(msg.contains("offers no keys"), "{msg}");
+    assert!(msg.contains("add your key with `ssh-add`"), "{msg}");
 }
 
 #[test]

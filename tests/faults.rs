@@ -226,3 +226,51 @@ fn a_silent_tunnel_costs_one_connect_timeout_and_is_replaced() {
         b.log()
     );
 }
+
+#[test]
+fn a_locked_agent_is_named_and_unlocking_it_is_enough() {
+    let w = World::new();
+    let b = w.broker("connect_timeout = \"2s\"");
+    w.agent.set_locked(true);
+    let (status, body) = http(&b.socket("c1"), "GET", "/fleet/v1/machines", None);
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("locked (`ssh-add -X` unlocks it)"), "{body}");
+    assert_ne!(
+        b.cluster_info("c1")["state"],
+        "failed",
+        "retried, not failed"
+    );
+    w.agent.set_locked(false);
+    // No `fleet-broker connect`: the backoff's next attempt finds the keys.
+    wait_until("the tunnel to come up by itself", DEADLINE, || {
+        matches!(
+            try_http(&b.socket("c1"), "GET", "/fleet/v1/machines", None),
+            Ok((200, _))
+        )
+    });
+}
+
+#[test]
+fn an_encrypted_identity_without_its_key_in_an_agent_is_named() {
+    let w = World::new();
+    let key = w.keys.path().join("id_locked");
+    let out = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "a passphrase", "-f"])
+        .arg(&key)
+        .output()
+        .expect("ssh-keygen");
+    assert!(out.status.success());
+    let b = Broker::start(
+        &w.config(&format!("identity_files = [\"{}\"]", key.display())),
+        None,
+    );
+    let (status, body) = http(&b.socket("c1"), "GET", "/fleet/v1/machines", None);
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains(&format!("identity file {}", key.display())),
+        "{body}"
+    );
+    assert!(body.contains("is encrypted"), "{body}");
+}

@@ -74,6 +74,8 @@ impl DialError {
         match self {
             DialError::HostKey(_) | DialError::KnownHosts(_) => true,
             DialError::Auth(AuthError::AgentUnreachable { .. }) => false,
+            // A locked agent offers no keys, and unlocking it is a fix the daemon can see.
+            DialError::Auth(AuthError::EmptyAgent(_)) => false,
             DialError::Auth(AuthError::Transport { .. }) => false,
             DialError::Auth(_) => true,
             _ => false,

@@ -148,6 +148,21 @@ impl Agent {
         let _ = &mut agent;
         agent
     }
+
+    /// `ssh-add -x` (lock) or `-X` (unlock) with a password given through SSH_ASKPASS.
+    pub fn set_locked(&self, locked: bool) {
+        let dir = self.socket.parent().expect("agent dir");
+        let askpass = dir.join("askpass.sh");
+        std::fs::write(&askpass, "#!/bin/sh\necho fleet-broker-test\n").expect("askpass");
+        std::fs::set_permissions(&askpass, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        run(Command::new("ssh-add")
+            .arg(if locked { "-x" } else { "-X" })
+            .env("SSH_AUTH_SOCK", &self.socket)
+            .env("SSH_ASKPASS", &askpass)
+            .env("SSH_ASKPASS_REQUIRE", "force")
+            .env("DISPLAY", ":0")
+            .stdin(Stdio::null()));
+    }
 }
 
 impl Drop for Agent {
