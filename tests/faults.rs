@@ -274,3 +274,63 @@ fn an_encrypted_identity_without_its_key_in_an_agent_is_named() {
     );
     assert!(body.contains("is encrypted"), "{body}");
 }
+
+/// `fleet_broker_buffered_bytes` from the daemon's metrics.
+fn buffered_bytes(b: &Broker) -> u64 {
+    let (_, body) = http(&b.control_socket(), "GET", "/metrics", None);
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find_map(|l| l.strip_prefix("fleet_broker_buffered_bytes "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("fleet_broker_buffered_bytes")
+}
+
+#[test]
+fn slow_local_readers_together_hold_a_bounded_amount() {
+    use std::io::{Read, Write};
+    let w = World::new();
+    {
+        // A listing of ~24 MB: under one reader's limit (32 MiB), over the total's (64 MiB)
+        // four times over.
+        let mut sim = w.sim.sim.lock().expect("sim");
+        sim.token_limit = 20000;
+        let big = "y".repeat(4000);
+        sim.put_many(
+            (0..6000)
+                .map(|i| {
+                    (
+                        format!("s{i:05}.service"),
+                        vec![opt("Service", "ExecStart", &format!("/bin/echo {big}"))],
+                        "inactive".to_string(),
+                    )
+                })
+                .collect(),
+        );
+    }
+    let b = w.broker("");
+    let sock = b.socket("c1");
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).expect("connect");
+        s.write_all(b"GET /fleet/v1/units HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("write");
+        let mut first = [0u8; 12];
+        s.read_exact(&mut first).expect("first bytes");
+        assert_eq!(&first, b"HTTP/1.1 200");
+        stalled.push(s);
+    }
+    wait_until("a reader furthest behind to be cut off", DEADLINE, || {
+        b.log().contains("cutting off the one furthest behind")
+    });
+    assert!(
+        buffered_bytes(&b) <= 64 * 1024 * 1024,
+        "{} bytes held",
+        buffered_bytes(&b)
+    );
+    // Other clients are served; readers that go away release what was held for them.
+    assert_eq!(http(&sock, "GET", "/fleet/v1/machines", None).0, 200);
+    drop(stalled);
+    wait_until("the buffers to be released", DEADLINE, || {
+        buffered_bytes(&b) == 0
+    });
+}

@@ -213,6 +213,12 @@ impl Control {
             "99th percentile time to response headers, recent requests.",
             &|s| s.latency_p99_ms.map(|v| v / 1000.0),
         );
+        let _ = writeln!(
+            out,
+            "# HELP fleet_broker_buffered_bytes Bytes held for local readers that are behind, all clusters (limit {}).\n# TYPE fleet_broker_buffered_bytes gauge\nfleet_broker_buffered_bytes {}",
+            crate::proxy::MAX_BUFFERED_TOTAL,
+            crate::proxy::buffered_total()
+        );
         let mut r = Response::new(crate::http::full(out));
         r.headers_mut().insert(
             hyper::header::CONTENT_TYPE,
