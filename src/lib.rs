@@ -12,6 +12,8 @@ pub mod daemon;
 pub mod demo;
 pub mod exec;
 pub mod fleet;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod known_hosts;
 pub mod local;

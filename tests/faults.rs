@@ -334,3 +334,104 @@ fn slow_local_readers_together_hold_a_bounded_amount() {
         buffered_bytes(&b) == 0
     });
 }
+
+#[test]
+fn a_host_rekeyed_behind_our_back_is_refused_once_not_retried_in_a_storm() {
+    let mut w = World::new();
+    let b = w.broker("connect_timeout = \"2s\"");
+    assert_eq!(
+        http(&b.socket("c1"), "GET", "/fleet/v1/machines", None).0,
+        200
+    );
+    let old = fingerprint(&w.sshd.host_key);
+    w.sshd.kill();
+    let key = w.sshd.host_key.clone();
+    std::fs::remove_file(&key).expect("rm key");
+    std::fs::remove_file(format!("{}.pub", key.display())).expect("rm pub");
+    let dir = key.parent().expect("dir").to_path_buf();
+    keygen(&dir, "ssh_host_ed25519_key", "ed25519");
+    let new = fingerprint(&key);
+    assert_ne!(old, new);
+    w.sshd.restart();
+    let before = sshd_connections(&w.sshd);
+    let started = Instant::now();
+    let mut bodies = Vec::new();
+    // Requests keep coming for 4 s (bounded: each is answered within connect_timeout).
+    while started.elapsed() < Duration::from_secs(4) && bodies.len() < 200 {
+        let (status, body) = http(&b.socket("c1"), "GET", "/fleet/v1/machines", None);
+        assert_eq!(status, 503);
+        bodies.push(String::from_utf8_lossy(&body).into_owned());
+    }
+    let last = bodies.last().expect("a request");
+    assert!(last.contains("HOST KEY CHANGED"), "{last}");
+    assert!(
+        last.contains(&old) && last.contains(&new),
+        "both fingerprints: {last}"
+    );
+    let attempts = sshd_connections(&w.sshd) - before;
+    assert!(
+        attempts <= 2,
+        "{attempts} connections for {} requests: a refused key waits for the operator",
+        bodies.len()
+    );
+    assert_eq!(b.cluster_info("c1")["state"], "failed");
+}
+
+#[test]
+fn a_removed_fleet_socket_is_a_bounded_503_naming_it() {
+    let w = World::new();
+    std::fs::remove_file(&w.sim.socket).expect("rm socket");
+    let b = w.broker("connect_timeout = \"2s\"");
+    let started = Instant::now();
+    let (status, body) = try_http(&b.socket("c1"), "GET", "/fleet/v1/machines", None)
+        .expect("an answer, not a hang");
+    let took = started.elapsed();
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains(&w.sim.socket.display().to_string()),
+        "names the endpoint: {body}"
+    );
+    assert!(took < Duration::from_secs(6), "after {took:?}");
+}
+
+#[test]
+fn clients_that_vanish_mid_response_leave_nothing_behind() {
+    use std::io::{Read, Write};
+    let w = World::new();
+    {
+        let mut sim = w.sim.sim.lock().expect("sim");
+        sim.token_limit = 20000;
+        let big = "y".repeat(4000);
+        sim.put_many(
+            (0..2000)
+                .map(|i| {
+                    (
+                        format!("s{i:05}.service"),
+                        vec![opt("Service", "ExecStart", &format!("/bin/echo {big}"))],
+                        "inactive".to_string(),
+                    )
+                })
+                .collect(),
+        );
+    }
+    let b = w.broker("");
+    let sock = b.socket("c1");
+    for _ in 0..20 {
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).expect("connect");
+        s.write_all(b"GET /fleet/v1/units HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("write");
+        let mut some = [0u8; 4096];
+        s.read_exact(&mut some).expect("some bytes");
+        // Gone mid-body.
+    }
+    assert_eq!(http(&sock, "GET", "/fleet/v1/machines", None).0, 200);
+    wait_until(
+        "buffers held for vanished clients to be released",
+        DEADLINE,
+        || buffered_bytes(&b) == 0,
+    );
+    let (status, body) = http(&sock, "GET", "/fleet/v1/units", None);
+    assert_eq!(status, 200);
+    assert!(body.len() > 8_000_000, "{} bytes", body.len());
+}
