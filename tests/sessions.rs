@@ -489,6 +489,19 @@ fn session_start_errors_are_typed() {
             .expect("session");
         s.send(Frame::StdinEof).await;
         assert_eq!(s.finish().await, Outcome::Exit(4));
+        // Any timeout a client sends is bounded, not a panic of the session's task.
+        for t in [1e300, f64::MAX, 1e-300] {
+            let mut huge = req(ExecTarget::TunnelHost, "exit 5");
+            huge.timeout_secs = Some(t);
+            match session::open(&control, "c1", &huge).await {
+                Ok(s) => {
+                    s.send(Frame::StdinEof).await;
+                    assert_eq!(s.finish().await, Outcome::Exit(5), "{t}");
+                }
+                Err(StartError::Ssh(m)) => assert!(m.contains("timed out"), "{t}: {m}"),
+                Err(e) => panic!("{t}: {e:?}"),
+            }
+        }
     });
     let _ = std::io::stdout().flush();
 }
