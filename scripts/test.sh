@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs what the integration tests need (OpenSSH server and client, curl, procps) when missing,
+# Installs what the integration tests need (OpenSSH server and client, curl, procps, iproute2
+# and nftables for the network fault tests) when missing,
 # then runs the whole test suite. Works on a fresh Debian 12 machine as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +12,8 @@ command -v curl >/dev/null || need+=(curl)
 command -v setpriv >/dev/null || need+=(util-linux)
 command -v pgrep >/dev/null || need+=(procps)
 command -v script >/dev/null || need+=(bsdutils)
+command -v ip >/dev/null || need+=(iproute2)
+command -v nft >/dev/null || need+=(nftables)
 if [ "${#need[@]}" -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "scripts/test.sh: please install: ${need[*]}" >&2

@@ -564,3 +564,173 @@ fn soak_two_minutes_with_the_session_killed_every_twenty_seconds() {
         "VmRSS {rss_warm} kB -> {rss_end} kB"
     );
 }
+
+/// A network namespace with a veth pair to the test's own namespace, removed on drop.
+struct Netns {
+    name: String,
+    host_if: String,
+}
+
+impl Netns {
+    /// `None` (and why) when this kernel or sandbox cannot make one.
+    fn create(tag: u16) -> Result<(Netns, String), String> {
+        let run = |args: &[&str]| -> Result<(), String> {
+            let out = std::process::Command::new(args[0])
+                .args(&args[1..])
+                .output()
+                .map_err(|e| format!("{}: {e}", args.join(" ")))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))
+            }
+        };
+        let name = format!("fbns{tag}");
+        let (host_if, ns_if) = (format!("fbh{tag}"), format!("fbn{tag}"));
+        run(&["ip", "netns", "add", &name])?;
+        let ns = Netns {
+            name: name.clone(),
+            host_if: host_if.clone(),
+        };
+        let subnet = tag % 250 + 1;
+        let host_ip = format!("10.213.{subnet}.1/30");
+        let ns_ip = format!("10.213.{subnet}.2");
+        run(&[
+            "ip", "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
+        ])?;
+        run(&["ip", "link", "set", &ns_if, "netns", &name])?;
+        run(&["ip", "addr", "add", &host_ip, "dev", &host_if])?;
+        run(&["ip", "link", "set", &host_if, "up"])?;
+        let in_ns = |args: &[&str]| {
+            let mut full = vec!["ip", "netns", "exec", name.as_str()];
+            full.extend_from_slice(args);
+            run(&full)
+        };
+        in_ns(&["ip", "addr", "add", &format!("{ns_ip}/30"), "dev", &ns_if])?;
+        in_ns(&["ip", "link", "set", &ns_if, "up"])?;
+        in_ns(&["ip", "link", "set", "lo", "up"])?;
+        in_ns(&["nft", "add", "table", "inet", "fbfault"])?;
+        in_ns(&[
+            "nft",
+            "add",
+            "chain",
+            "inet",
+            "fbfault",
+            "input",
+            "{ type filter hook input priority 0 ; policy accept ; }",
+        ])?;
+        Ok((ns, ns_ip))
+    }
+
+    /// Silently drops every packet to `port` inside the namespace (`true`), or stops (`false`).
+    fn black_hole(&self, port: u16, on: bool) {
+        let args: Vec<String> = if on {
+            [
+                "nft", "add", "rule", "inet", "fbfault", "input", "tcp", "dport",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([port.to_string(), "drop".into()])
+            .collect()
+        } else {
+            ["nft", "flush", "chain", "inet", "fbfault", "input"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        };
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(&args)
+            .output()
+            .expect("nft");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+        // Gone with the namespace, unless setting it up failed half way.
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .output();
+    }
+}
+
+#[test]
+fn a_black_holed_tunnel_answers_within_connect_timeout_and_heals() {
+    let tag = (std::process::id() % 10000) as u16;
+    let (ns, ns_ip) = match Netns::create(tag) {
+        Ok(n) => n,
+        Err(why) => {
+            // Only a missing kernel feature or privilege skips this, and it says so.
+            eprintln!("SKIPPED a_black_holed_tunnel_answers_within_connect_timeout_and_heals: cannot make a network namespace: {why}");
+            return;
+        }
+    };
+    let keys = open_tempdir("fb-keys.");
+    let key = keygen(keys.path(), "id_ed25519", "ed25519");
+    let sshd = Sshd::start_in_netns(&["root"], &[&key], &ns.name, &ns_ip);
+    let agent = Agent::start(&[&key]);
+    let sim = SimServer::start();
+    let kh = keys.path().join("known_hosts");
+    std::fs::write(&kh, sshd.known_hosts_line()).expect("known_hosts");
+    let b = Broker::start(
+        &cluster_toml(
+            "c1",
+            &sshd,
+            &format!("unix://{}", sim.socket.display()),
+            "root",
+            &kh,
+            "connect_timeout = \"2s\"\nkeepalive_interval = \"1s\"\nkeepalive_max = 2",
+        ),
+        Some(&agent.socket),
+    );
+    assert_eq!(
+        http(&b.socket("c1"), "GET", "/fleet/v1/machines", None).0,
+        200,
+        "{}",
+        b.log()
+    );
+    ns.black_hole(sshd.port, true);
+    let started = Instant::now();
+    let (status, _) = try_http(&b.socket("c1"), "GET", "/fleet/v1/machines", None)
+        .expect("an answer, not a hang");
+    let first = started.elapsed();
+    assert_eq!(status, 503);
+    assert!(first < Duration::from_secs(6), "503 after {first:?}");
+    // Ten seconds of outage with a client asking all along: each answer is bounded.
+    let attempts_before = b.log().matches("tunnel connect failed").count();
+    let mut slowest = Duration::ZERO;
+    let mut requests = 0;
+    while started.elapsed() < Duration::from_secs(11) && requests < 100 {
+        let t = Instant::now();
+        let r = try_http(&b.socket("c1"), "GET", "/fleet/v1/machines", None);
+        assert!(matches!(r, Ok((503, _))), "{r:?}");
+        slowest = slowest.max(t.elapsed());
+        requests += 1;
+    }
+    let attempts = b.log().matches("tunnel connect failed").count() - attempts_before;
+    eprintln!(
+        "black hole: first 503 after {first:?}; {requests} requests in the outage, slowest {slowest:?}; {attempts} connect attempts failed"
+    );
+    assert!(slowest < Duration::from_secs(6), "slowest {slowest:?}");
+    assert!(attempts <= 8, "{attempts} attempts in a 10 s outage");
+    ns.black_hole(sshd.port, false);
+    wait_until("the tunnel to heal", DEADLINE, || {
+        matches!(
+            try_http(&b.socket("c1"), "GET", "/fleet/v1/machines", None),
+            Ok((200, _))
+        )
+    });
+}

@@ -265,6 +265,8 @@ pub struct Sshd {
     extra: String,
     /// Whether the address was chosen by the caller (then it is not re-picked on failure).
     fixed: bool,
+    /// The network namespace sshd runs in, if not the test's own.
+    netns: Option<String>,
     child: Option<Child>,
 }
 
@@ -337,8 +339,22 @@ impl Sshd {
             host_key,
             extra: extra.to_string(),
             fixed,
+            netns: None,
             child: None,
         };
+        sshd.launch();
+        sshd
+    }
+
+    /// Starts sshd inside the network namespace `netns`, listening on `ip` there.
+    pub fn start_in_netns(users: &[&str], keys: &[&Path], netns: &str, ip: &str) -> Sshd {
+        let port = 20000 + (rand_u64() % 40000) as u16;
+        let mut sshd = Sshd::start_with_host_key(users, keys, None, "", None);
+        sshd.kill();
+        sshd.ip = ip.to_string();
+        sshd.port = port;
+        sshd.fixed = true;
+        sshd.netns = Some(netns.to_string());
         sshd.launch();
         sshd
     }
@@ -377,8 +393,15 @@ impl Sshd {
             .append(true)
             .open(self.dir.path().join("sshd.log"))
             .expect("log");
-        Command::new("/usr/sbin/sshd")
-            .arg("-D")
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "/usr/sbin/sshd"]);
+                c
+            }
+            None => Command::new("/usr/sbin/sshd"),
+        };
+        cmd.arg("-D")
             .arg("-e")
             .arg("-f")
             .arg(&cfg)
