@@ -181,18 +181,22 @@ enum Place {
 }
 
 /// A machine as a place to dial. Its `primaryIP` comes from the fleet API, which anyone who
-/// can write to the cluster's etcd controls: it must be an IP address, never a name or a
-/// pattern that a known_hosts entry or the tunnel host's resolver would read differently.
-fn machine_place(m: &crate::fleet::schema::Machine) -> Result<Place, ExecError> {
-    match m.primary_ip.parse::<std::net::IpAddr>() {
-        Ok(ip) => Ok(Place::Machine {
-            id: m.id.clone(),
-            ip: ip.to_string(),
-        }),
-        Err(_) => Err(ExecError::resolve(format!(
-            "machine {} reports primaryIP {:?}, which is not an IP address; refusing to connect",
-            m.id, m.primary_ip
-        ))),
+/// can write to the cluster's etcd controls: only an IP address is dialled, never a name or a
+/// pattern that a known_hosts entry or the tunnel host's resolver would read differently. A
+/// machine without one gets fleetctl's "Could not determine address of machine.".
+fn machine_place(m: &crate::fleet::schema::Machine) -> Place {
+    let ip = match m.primary_ip.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.to_string(),
+        Err(_) => {
+            if !m.primary_ip.is_empty() {
+                tracing::warn!(machine = %m.id, primary_ip = ?m.primary_ip, "the fleet API reports a primaryIP that is not an IP address; not dialling it");
+            }
+            String::new()
+        }
+    };
+    Place::Machine {
+        id: m.id.clone(),
+        ip,
     }
 }
 
@@ -298,7 +302,7 @@ impl Exec {
             if found.next().is_some() {
                 return Err(ExecError::resolve("found more than one machine"));
             }
-            machine_place(m).map(Some)
+            Ok(Some(machine_place(m)))
         };
         let by_unit = |u: &Option<crate::fleet::schema::Unit>| -> Result<Option<Place>, ExecError> {
             let Some(u) = u else { return Ok(None) };
@@ -306,7 +310,7 @@ impl Exec {
                 return Err(ExecError::resolve("global units unsupported"));
             }
             let m = machines.iter().find(|m| m.id == u.machine_id);
-            m.map(machine_place).transpose()
+            Ok(m.map(machine_place))
         };
         let place = match target {
             ExecTarget::Machine(prefix) => {

@@ -777,3 +777,41 @@ fn read_only_cluster_runs_status_and_journal_but_no_shell_or_command() {
         "systemctl status -l -- hello.service\njournalctl --unit=hello.service --no-pager -n 10 --output short\n"
     );
 }
+
+#[test]
+fn a_primary_ip_that_is_not_an_address_is_never_dialled() {
+    let m = Machines::new();
+    for (id, ip) in [
+        ("c3c3c3c3", "*"),
+        ("d4d4d4d4", "evil.example"),
+        ("e5e5e5e5", "10.0.0.1,*"),
+    ] {
+        m.sim
+            .sim
+            .lock()
+            .expect("sim")
+            .add_machine(fleet_broker::fleet::schema::Machine {
+                id: id.into(),
+                primary_ip: ip.into(),
+                ..Default::default()
+            });
+    }
+    let b = m.broker("");
+    let cwd = open_tempdir("fb-cwd.");
+    for id in ["c3c3", "d4d4", "e5e5"] {
+        let r = fleetctl(&b, cwd.path(), &[], &["ssh", id, "true"]);
+        assert_eq!(
+            (r.code, r.stderr.as_str()),
+            (1, "Could not determine address of machine.\n"),
+            "{id}"
+        );
+        let out = b.cli(&["trust", "c1", "--machine", id, "--fingerprint", "SHA256:x"]);
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("Could not determine address"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(b.log().contains("not an IP address"), "{}", b.log());
+}

@@ -128,6 +128,11 @@ impl Sim {
     }
 
     /// Creates or replaces a unit; then schedules.
+    /// Adds a machine as fleetd would report it (for tests of what the API may claim).
+    pub fn add_machine(&mut self, machine: Machine) {
+        self.machines.push(machine);
+    }
+
     pub fn put(&mut self, name: &str, options: Vec<UnitOption>, desired: String) {
         let old = self.units.remove(name);
         let machine = old.and_then(|o| o.machine);
