@@ -734,3 +734,71 @@ fn a_black_holed_tunnel_answers_within_connect_timeout_and_heals() {
         )
     });
 }
+
+#[test]
+fn a_failing_fleet_api_is_passed_through_and_the_tunnel_stays_up() {
+    let w = World::new();
+    let b = w.broker("");
+    assert_eq!(
+        http(&b.socket("c1"), "GET", "/fleet/v1/machines", None).0,
+        200
+    );
+    w.sim.sim.lock().expect("sim").failing = Some(500);
+    let through = http(&b.socket("c1"), "GET", "/fleet/v1/units", None);
+    let direct = http(&w.sim.socket, "GET", "/fleet/v1/units", None);
+    assert_eq!(through.0, 500);
+    assert_eq!(through, direct, "fleetd's answer, unchanged");
+    // fleetctl shows fleetd's message, as the original does.
+    let cwd = open_tempdir("fb-cwd.");
+    let r = fleetctl(&b, cwd.path(), &[], &["--cluster", "c1", "list-units"]);
+    assert_ne!(r.code, 0, "{r:?}");
+    assert!(r.stderr.contains("simulated fleetd failure"), "{r:?}");
+    w.sim.sim.lock().expect("sim").failing = None;
+    assert_eq!(http(&b.socket("c1"), "GET", "/fleet/v1/units", None).0, 200);
+    let info = b.cluster_info("c1");
+    assert_eq!(info["state"], "ready");
+    assert_eq!(
+        info["reconnects"], 0,
+        "a 500 is the API's, not the tunnel's"
+    );
+}
+
+#[test]
+fn a_killed_agent_is_named_and_a_new_one_on_its_socket_is_enough() {
+    let mut w = World::new();
+    let b = w.broker("connect_timeout = \"2s\"");
+    assert_eq!(
+        http(&b.socket("c1"), "GET", "/fleet/v1/machines", None).0,
+        200
+    );
+    w.agent.kill();
+    // The live tunnel does not need the agent.
+    assert_eq!(
+        http(&b.socket("c1"), "GET", "/fleet/v1/machines", None).0,
+        200
+    );
+    // Once the session is gone, reconnecting does.
+    for p in w.sshd.session_pids() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    wait_until("the agent's absence to be reported", DEADLINE, || {
+        let (status, body) = http(&b.socket("c1"), "GET", "/fleet/v1/machines", None);
+        status == 503 && String::from_utf8_lossy(&body).contains("cannot reach the ssh-agent")
+    });
+    assert_ne!(
+        b.cluster_info("c1")["state"],
+        "failed",
+        "retried, not failed"
+    );
+    let key = w.keys.path().join("id_ed25519");
+    w.agent.restart(&[&key]);
+    wait_until("the tunnel to come back by itself", DEADLINE, || {
+        matches!(
+            try_http(&b.socket("c1"), "GET", "/fleet/v1/machines", None),
+            Ok((200, _))
+        )
+    });
+}

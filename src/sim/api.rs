@@ -212,6 +212,11 @@ async fn handle(sim: &Mutex<Sim>, req: Request<Incoming>) -> Response<Body> {
     if path == "/" {
         return error(StatusCode::METHOD_NOT_ALLOWED, "");
     }
+    let failing = lock(sim).failing;
+    if let Some(code) = failing {
+        let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return error(status, "simulated fleetd failure");
+    }
     if path == "/metrics" {
         let units = lock(sim).units().len();
         let mut r = Response::new(full(format!(

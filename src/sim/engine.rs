@@ -18,6 +18,9 @@ struct SimUnit {
 pub struct Sim {
     /// Page size (fleetd's `token_limit`).
     pub token_limit: u16,
+    /// A broken fleetd: every API request is answered with this status and fleet's error
+    /// shape (fault tests).
+    pub failing: Option<u16>,
     machines: Vec<Machine>,
     units: BTreeMap<String, SimUnit>,
 }
@@ -61,6 +64,7 @@ impl Sim {
         machines.sort_by(|a, b| a.id.cmp(&b.id));
         Sim {
             token_limit: 100,
+            failing: None,
             machines,
             units: BTreeMap::new(),
         }

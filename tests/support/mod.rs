@@ -149,6 +149,34 @@ impl Agent {
         agent
     }
 
+    /// Kills the agent; its socket stops answering.
+    pub fn kill(&mut self) {
+        kill_child(&mut self.child);
+        let _ = std::fs::remove_file(&self.socket);
+    }
+
+    /// A new agent on the same socket path, holding `keys`.
+    pub fn restart(&mut self, keys: &[&Path]) {
+        self.kill();
+        self.child = Command::new("ssh-agent")
+            .arg("-D")
+            .arg("-a")
+            .arg(&self.socket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("ssh-agent");
+        wait_until("ssh-agent to accept", DEADLINE, || {
+            std::os::unix::net::UnixStream::connect(&self.socket).is_ok()
+        });
+        for k in keys {
+            run(Command::new("ssh-add")
+                .arg("-q")
+                .arg(k)
+                .env("SSH_AUTH_SOCK", &self.socket));
+        }
+    }
+
     /// `ssh-add -x` (lock) or `-X` (unlock) with a password given through SSH_ASKPASS.
     pub fn set_locked(&self, locked: bool) {
         let dir = self.socket.parent().expect("agent dir");
