@@ -19,7 +19,6 @@ use russh::client::{Handle, Msg};
 use russh::{Channel, ChannelMsg, Sig};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::Semaphore;
 
 use crate::config::{known_hosts_name, HostPort};
 use crate::control::frame::{read_frame, write_frame, Frame};
@@ -212,8 +211,7 @@ struct Pooled {
 /// Held while a session runs; frees its slot on drop.
 pub struct Slot {
     pooled: Option<Arc<Pooled>>,
-    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
-    /// A connection of this session alone (agent forwarding), closed with it.
+    /// A connection of this session alone (the tunnel host, agent forwarding), closed with it.
     own: Option<SshHandle>,
 }
 
@@ -249,8 +247,6 @@ pub struct Exec {
     socket: PathBuf,
     agent: Option<PathBuf>,
     pool: Mutex<HashMap<PoolKey, Vec<Arc<Pooled>>>>,
-    /// Limits sessions opened directly on the tunnel connection.
-    tunnel_sessions: Arc<Semaphore>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -267,7 +263,6 @@ impl Exec {
             socket,
             agent,
             pool: Mutex::new(HashMap::new()),
-            tunnel_sessions: Arc::new(Semaphore::new(SESSIONS_PER_CONNECTION)),
         });
         let weak = Arc::downgrade(&exec);
         tokio::spawn(sweep(weak));
@@ -474,25 +469,9 @@ impl Exec {
     ) -> Result<(SshHandle, Slot), ExecError> {
         let cfg = &self.tunnel.config;
         match place {
-            Place::Tunnel if user == cfg.user && !forward_agent => {
-                let permit = self
-                    .tunnel_sessions
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .map_err(|e| ExecError::ssh(e.to_string()))?;
-                let handle = self.tunnel.link().await.map_err(|e| {
-                    ExecError::ssh(format!("cluster {:?}: {e}", self.tunnel.name()))
-                })?;
-                Ok((
-                    handle,
-                    Slot {
-                        pooled: None,
-                        _permit: Some(permit),
-                        own: None,
-                    },
-                ))
-            }
+            // A session on the tunnel host gets a connection of its own: on the tunnel's, an
+            // unread session would fill its channel's queue and russh would stop reading the
+            // whole connection, stalling every API request of the cluster.
             Place::Tunnel => {
                 let label = format!("cluster {:?} tunnel host", self.tunnel.name());
                 let mut spec =
@@ -506,7 +485,6 @@ impl Exec {
                     h.clone(),
                     Slot {
                         pooled: None,
-                        _permit: None,
                         own: Some(h),
                     },
                 ))
@@ -517,7 +495,6 @@ impl Exec {
                     h.clone(),
                     Slot {
                         pooled: None,
-                        _permit: None,
                         own: Some(h),
                     },
                 ))
@@ -539,7 +516,6 @@ impl Exec {
                                 p.handle.clone(),
                                 Slot {
                                     pooled: Some(p.clone()),
-                                    _permit: None,
                                     own: None,
                                 },
                             ));
@@ -561,7 +537,6 @@ impl Exec {
                     handle,
                     Slot {
                         pooled: Some(pooled),
-                        _permit: None,
                         own: None,
                     },
                 ))
