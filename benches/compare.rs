@@ -129,10 +129,103 @@ fn main() {
     );
     whole_process(&w, &broker);
     load(&broker);
+    write_patterns(&w, &paths);
     drop(broker);
     idle_rss(&w);
     bulk(&w);
     status_vs_jump();
+}
+
+/// Latency for each way a server may write its response, through every path: 1000
+/// requests per path and pattern, interleaved; p50, p99 and how many took over 10 ms.
+fn write_patterns(w: &World, paths: &[(&str, PathBuf)]) {
+    use fleet_broker::sim::WritePattern;
+    let n = 1000;
+    let units = |count: usize| {
+        let mut sim = w.sim.sim.lock().expect("sim");
+        sim.token_limit = 1000;
+        sim.put_many(
+            (0..count)
+                .map(|i| {
+                    (
+                        format!("p{i:04}.service"),
+                        vec![opt("Service", "ExecStart", "/bin/sleep 1000")],
+                        "inactive".to_string(),
+                    )
+                })
+                .collect(),
+        );
+    };
+    let cases: [(&str, WritePattern, &str, usize); 4] = [
+        (
+            "single write (machines)",
+            WritePattern::SingleWrite,
+            "/fleet/v1/machines",
+            0,
+        ),
+        (
+            "headers then body (machines)",
+            WritePattern::HeadersThenBody,
+            "/fleet/v1/machines",
+            0,
+        ),
+        (
+            "Go chunked, 16 KiB (units)",
+            WritePattern::GoNetHttp,
+            "/fleet/v1/units",
+            90,
+        ),
+        (
+            "Go chunked, 64 KiB (units)",
+            WritePattern::GoNetHttp,
+            "/fleet/v1/units",
+            360,
+        ),
+    ];
+    for (label, pattern, path, count) in cases {
+        w.sim.sim.lock().expect("sim").write_pattern = pattern;
+        units(count);
+        let want = http(&w.sim.socket, "GET", path, None);
+        let mut samples: Vec<Vec<Duration>> = vec![Vec::with_capacity(n); paths.len()];
+        for _ in 0..n {
+            for (i, (_, p)) in paths.iter().enumerate() {
+                let t = Instant::now();
+                let r = http(p, "GET", path, None);
+                samples[i].push(t.elapsed());
+                assert_eq!(r, want);
+            }
+        }
+        println!();
+        println!(
+            "{label}: GET {path}, {} bytes, {n} requests per path, interleaved",
+            want.1.len()
+        );
+        println!(
+            "{:<30} {:>10} {:>10} {:>10}",
+            "path", "p50 ms", "p99 ms", ">10 ms"
+        );
+        let mut stats = Vec::new();
+        for (i, (name, _)) in paths.iter().enumerate() {
+            let mut s = samples[i].clone();
+            s.sort();
+            let (p50, p99) = (percentile(&s, 0.5), percentile(&s, 0.99));
+            let slow = s.iter().filter(|d| **d > Duration::from_millis(10)).count();
+            println!(
+                "{name:<30} {:>10.3} {:>10.3} {:>10}",
+                ms(p50),
+                ms(p99),
+                slow
+            );
+            stats.push((p50, p99));
+        }
+        let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();
+        println!(
+            "broker / OpenSSH tuned (-tt):  p50 {:.3}x   p99 {:.3}x",
+            ratio(stats[0].0, stats[2].0),
+            ratio(stats[0].1, stats[2].1)
+        );
+    }
+    w.sim.sim.lock().expect("sim").write_pattern = WritePattern::default();
 }
 
 /// 256 concurrent clients × 100 requests each, new local connection per request.

@@ -69,6 +69,16 @@ pub enum ConnectMode {
     Eager,
 }
 
+/// Whether each tunnel connection carries an interactive (pty) session, which makes sshd
+/// turn on TCP_NODELAY for the whole connection as it does for `ssh -tt`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InteractiveSession {
+    /// Ask for one; go without, quietly, when sshd refuses it.
+    Auto,
+    Off,
+}
+
 /// `host[:port]` of an SSH server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostPort {
@@ -246,6 +256,7 @@ pub struct ClusterConfig {
     pub machine_ssh_port: u16,
     /// When true the broker refuses PUT/DELETE/PATCH with 403.
     pub read_only: bool,
+    pub interactive_session: InteractiveSession,
 }
 
 /// The whole validated configuration.
@@ -282,6 +293,7 @@ struct RawSettings {
     #[serde(default, deserialize_with = "de_connect_timeout")]
     connect_timeout: Option<Duration>,
     connect: Option<ConnectMode>,
+    interactive_session: Option<InteractiveSession>,
     machine_ssh_port: Option<u16>,
     read_only: Option<bool>,
     #[serde(default, deserialize_with = "de_endpoint")]
@@ -531,6 +543,10 @@ fn merge(name: &str, tunnel: HostPort, s: RawSettings, d: &RawSettings) -> Clust
             .or(d.connect_timeout)
             .unwrap_or(DEFAULT_CONNECT_TIMEOUT),
         connect: s.connect.or(d.connect).unwrap_or(ConnectMode::Lazy),
+        interactive_session: s
+            .interactive_session
+            .or(d.interactive_session)
+            .unwrap_or(InteractiveSession::Auto),
         machine_ssh_port: s.machine_ssh_port.or(d.machine_ssh_port).unwrap_or(22),
         read_only: s.read_only.or(d.read_only).unwrap_or(false),
     }
@@ -552,7 +568,7 @@ impl ClusterConfig {
             format!("[{}]", items.join(", "))
         };
         format!(
-            "[clusters.{name}]\ntunnel = \"{tunnel}\"\njump = [{hops}]\nendpoint = \"{endpoint}\"\nuser = {user:?}\nidentity_files = {ids}\nknown_hosts = {kh}\nhost_key_checking = \"{hkc}\"\nkeepalive_interval = \"{ka}\"\nkeepalive_max = {kam}\nconnect_timeout = \"{ct}\"\nconnect = \"{conn}\"\nmachine_ssh_port = {msp}\nread_only = {ro}\n",
+            "[clusters.{name}]\ntunnel = \"{tunnel}\"\njump = [{hops}]\nendpoint = \"{endpoint}\"\nuser = {user:?}\nidentity_files = {ids}\nknown_hosts = {kh}\nhost_key_checking = \"{hkc}\"\nkeepalive_interval = \"{ka}\"\nkeepalive_max = {kam}\nconnect_timeout = \"{ct}\"\nconnect = \"{conn}\"\nmachine_ssh_port = {msp}\nread_only = {ro}\ninteractive_session = \"{isess}\"\n",
             name = self.name,
             tunnel = self.tunnel,
             hops = hops.join(", "),
@@ -570,6 +586,10 @@ impl ClusterConfig {
             },
             msp = self.machine_ssh_port,
             ro = self.read_only,
+            isess = match self.interactive_session {
+                InteractiveSession::Auto => "auto",
+                InteractiveSession::Off => "off",
+            },
         )
     }
 }

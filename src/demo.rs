@@ -220,6 +220,7 @@ impl Demo {
             connect: ConnectMode::Eager,
             machine_ssh_port: 22,
             read_only: false,
+            interactive_session: crate::config::InteractiveSession::Off,
         };
         let config = Config {
             path: dir.path().join("config.toml"),

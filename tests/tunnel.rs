@@ -695,3 +695,69 @@ fn a_line_openssh_skips_is_skipped_with_its_place_not_fatal() {
     assert!(b.log().contains(&place), "{}", b.log());
     assert!(b.log().contains("line ignored"), "{}", b.log());
 }
+
+#[test]
+fn each_tunnel_connection_carries_an_interactive_session_unless_sshd_refuses_a_pty() {
+    let w = World::new();
+    let b = w.broker("");
+    assert_eq!(
+        http(&b.socket("c1"), "GET", "/fleet/v1/machines", None).0,
+        200
+    );
+    wait_until("the interactive session", DEADLINE, || {
+        b.cluster_info("c1")["interactive_session"] == true
+    });
+    let (_, metrics) = http(&b.control_socket(), "GET", "/metrics", None);
+    assert!(String::from_utf8_lossy(&metrics)
+        .contains("fleet_broker_interactive_session{cluster=\"c1\"} 1\n"));
+    // On the tunnel host, our connection's session runs `cat` (on a pty).
+    let runs_cat = |sshd: &Sshd| {
+        sshd.session_pids().iter().any(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "cat")
+        })
+    };
+    wait_until("cat under the tunnel's sshd session", DEADLINE, || {
+        runs_cat(&w.sshd)
+    });
+    drop(b);
+    let b = w.broker("interactive_session = \"off\"");
+    assert_eq!(
+        http(&b.socket("c1"), "GET", "/fleet/v1/machines", None).0,
+        200
+    );
+    assert_eq!(b.cluster_info("c1")["interactive_session"], false);
+
+    // A server that refuses a pty: the tunnel works without one, quietly.
+    let keys = open_tempdir("fb-keys.");
+    let key = keygen(keys.path(), "id_ed25519", "ed25519");
+    let sshd = Sshd::start_with(&["root"], &[&key], None, "PermitTTY no\n");
+    let agent = Agent::start(&[&key]);
+    let kh = keys.path().join("known_hosts");
+    std::fs::write(&kh, sshd.known_hosts_line()).expect("kh");
+    let b = Broker::start(
+        &cluster_toml(
+            "c1",
+            &sshd,
+            &format!("unix://{}", w.sim.socket.display()),
+            "root",
+            &kh,
+            "",
+        ),
+        Some(&agent.socket),
+    );
+    assert_eq!(
+        http(&b.socket("c1"), "GET", "/fleet/v1/machines", None).0,
+        200
+    );
+    let info = b.cluster_info("c1");
+    assert_eq!(info["state"], "ready");
+    assert_eq!(info["interactive_session"], false);
+    assert!(!runs_cat(&sshd));
+    assert!(
+        !b.log()
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains("interactive")),
+        "quietly: {}",
+        b.log()
+    );
+}

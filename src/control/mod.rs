@@ -178,6 +178,12 @@ impl Control {
             },
         );
         family(
+            "fleet_broker_interactive_session",
+            "gauge",
+            "1 when the tunnel connection carries an interactive (pty) session, so sshd sends without Nagle delays.",
+            &|s| Some(if s.interactive_session { 1.0 } else { 0.0 }),
+        );
+        family(
             "fleet_broker_reconnects_total",
             "counter",
             "Tunnel connections lost and re-established.",

@@ -188,13 +188,20 @@ fn spawn_conn<S>(stream: S, sim: Arc<Mutex<Sim>>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let for_writes = sim.clone();
     let svc = hyper::service::service_fn(move |req| {
         let sim = sim.clone();
-        async move { Ok::<_, std::convert::Infallible>(with_server(handle(&sim, req).await)) }
+        async move {
+            let (parts, body) = with_server(handle(&sim, req).await).into_parts();
+            let pattern = lock(&sim).write_pattern;
+            let body = super::wire::body_for(pattern, body).await;
+            Ok::<_, std::convert::Infallible>(Response::from_parts(parts, body))
+        }
     });
     tokio::spawn(async move {
+        let io = super::wire::Paced::new(stream, move || lock(&for_writes).write_pattern);
         let _ = hyper::server::conn::http1::Builder::new()
-            .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+            .serve_connection(hyper_util::rt::TokioIo::new(io), svc)
             .await;
     });
 }

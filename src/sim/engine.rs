@@ -21,6 +21,9 @@ pub struct Sim {
     /// A broken fleetd: every API request is answered with this status and fleet's error
     /// shape (fault tests).
     pub failing: Option<u16>,
+    /// How responses reach the socket (fleetd's Go net/http unless a test says otherwise);
+    /// read when a connection is accepted.
+    pub write_pattern: super::WritePattern,
     machines: Vec<Machine>,
     units: BTreeMap<String, SimUnit>,
 }
@@ -65,6 +68,7 @@ impl Sim {
         Sim {
             token_limit: 100,
             failing: None,
+            write_pattern: super::WritePattern::default(),
             machines,
             units: BTreeMap::new(),
         }

@@ -11,6 +11,7 @@ use russh::keys::{Algorithm, PublicKeyOrCertificate};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use super::quickack::QuickAck;
 use crate::auth::{self, AuthError, KeySource};
 use crate::config::{known_hosts_name, HostKeyPolicy, HostPort};
 use crate::known_hosts::{self, fingerprint_md5, fingerprint_sha256, HostId, KnownHosts, Verdict};
@@ -469,7 +470,7 @@ async fn dial_direct(spec: &DialSpec) -> Result<Connection, DialError> {
     } else {
         format!("{} ({peer})", spec.target)
     };
-    handshake(spec, tcp, Some(address), display_addr).await
+    handshake(spec, QuickAck::new(tcp), Some(address), display_addr).await
 }
 
 /// SSH handshake, host key check and authentication over any byte stream (a TCP socket, or

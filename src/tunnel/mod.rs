@@ -10,6 +10,7 @@
 //! connect timeout, the reason there is none.
 
 pub mod dial;
+pub mod quickack;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -22,7 +23,7 @@ use tokio::sync::{mpsc, watch, Notify};
 
 pub use dial::{ClientHandler, DialError, DialSpec};
 
-use crate::config::{ClusterConfig, ConnectMode};
+use crate::config::{ClusterConfig, ConnectMode, InteractiveSession};
 
 pub const BACKOFF_MIN: Duration = Duration::from_millis(250);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -79,12 +80,17 @@ pub struct Status {
     pub bytes_out: u64,
     pub latency_p50_ms: Option<f64>,
     pub latency_p99_ms: Option<f64>,
+    /// Whether the live connection carries an interactive (pty) session, so that sshd sends
+    /// without Nagle delays (`interactive_session`).
+    #[serde(default)]
+    pub interactive_session: bool,
 }
 
 #[derive(Debug)]
 struct Stats {
     state: State,
     fingerprint: Option<String>,
+    interactive: bool,
     connected_since: Option<SystemTime>,
     last_error: Option<String>,
     reconnects: u64,
@@ -145,6 +151,7 @@ impl Tunnel {
             stats: Mutex::new(Stats {
                 state: State::Idle,
                 fingerprint: None,
+                interactive: false,
                 connected_since: None,
                 last_error: None,
                 reconnects: 0,
@@ -289,6 +296,7 @@ impl Tunnel {
                 bytes_out: s.bytes_out,
                 latency_p50_ms: percentile(&lat, 0.50),
                 latency_p99_ms: percentile(&lat, 0.99),
+                interactive_session: s.interactive,
             }
         })
     }
@@ -520,6 +528,12 @@ impl Supervisor {
         let hops = conn.hops;
         t.link_tx.send_replace(Link::Up(handle.clone()));
         let mut closed = conn.closed;
+        // Held for the connection's life: while it is open, sshd sends without Nagle delays.
+        let interactive = match t.config.interactive_session {
+            InteractiveSession::Auto => open_interactive(&handle, t.probe_timeout()).await,
+            InteractiveSession::Off => None,
+        };
+        t.with_stats(|s| s.interactive = interactive.is_some());
         let mut clock = tokio::time::interval(CLOCK_CHECK);
         clock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let (mut wall, mut mono) = (SystemTime::now(), Instant::now());
@@ -577,6 +591,8 @@ impl Supervisor {
             }
         };
         t.link_tx.send_replace(Link::Down);
+        t.with_stats(|s| s.interactive = false);
+        drop(interactive);
         if !matches!(next, Step::Backoff) || !handle.is_closed() {
             let _ = handle
                 .disconnect(
@@ -597,5 +613,47 @@ impl Supervisor {
                 .await;
         }
         next
+    }
+}
+
+/// Opens the interactive session of a tunnel connection: a pty (sshd then turns on
+/// TCP_NODELAY for the connection, as for `ssh -tt`) running `cat`, which waits for input
+/// that never comes. `None`, quietly, when sshd refuses the pty or the command (PermitTTY
+/// no, a restricted account) or does not answer within `limit`.
+async fn open_interactive(
+    handle: &SshHandle,
+    limit: Duration,
+) -> Option<russh::Channel<russh::client::Msg>> {
+    let attempt = async {
+        let mut ch = handle.channel_open_session().await.ok()?;
+        ch.request_pty(true, "dumb", 80, 24, 0, 0, &[]).await.ok()?;
+        if !answered_yes(&mut ch).await {
+            return None;
+        }
+        ch.exec(true, "cat").await.ok()?;
+        if !answered_yes(&mut ch).await {
+            return None;
+        }
+        Some(ch)
+    };
+    let ch = tokio::time::timeout(limit, attempt).await.ok().flatten();
+    if ch.is_none() {
+        tracing::debug!(
+            "no interactive session on this tunnel connection (sshd refused a pty or the command)"
+        );
+    }
+    ch
+}
+
+/// Waits for the reply to a request sent with want-reply.
+async fn answered_yes(ch: &mut russh::Channel<russh::client::Msg>) -> bool {
+    loop {
+        match ch.wait().await {
+            Some(russh::ChannelMsg::Success) => return true,
+            Some(russh::ChannelMsg::Failure) | Some(russh::ChannelMsg::Close) | None => {
+                return false
+            }
+            Some(_) => continue,
+        }
     }
 }

@@ -390,7 +390,11 @@ impl Sshd {
     fn write_config(&self) -> PathBuf {
         let d = self.dir.path();
         let cfg = format!(
-            "ListenAddress {ip}:{port}\nHostKey {hk}\nPidFile {d}/sshd.pid\nAuthorizedKeysFile {d}/authorized_keys/%u\nStrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin yes\nAllowStreamLocalForwarding yes\nAllowTcpForwarding yes\nMaxStartups 200:30:400\nLogLevel VERBOSE\nUseDNS no\n{extra}",
+            "ListenAddress {ip}:{port}\nHostKey {hk}\nPidFile {d}/sshd.pid\nAuthorizedKeysFile {d}/authorized_keys/%u\nStrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin yes\nAllowStreamLocalForwarding yes\nAllowTcpForwarding yes\nMaxStartups 200:30:400\nLogLevel VERBOSE\nUseDNS no\n{setenv}{extra}",
+            // Remote commands must not run the machine's ~/.bashrc (bash sources it for sshd
+            // children unless SHLVL says it is nested): a pyenv there once left a stale lock
+            // behind a killed session and hung every later command.
+            setenv = if self.extra.contains("SetEnv") { "" } else { "SetEnv SHLVL=1\n" },
             ip = self.ip,
             port = self.port,
             hk = self.host_key.display(),
@@ -1000,7 +1004,7 @@ impl Machines {
         }
         let path_line = |d: &tempfile::TempDir| {
             format!(
-                "SetEnv PATH={}:/usr/local/bin:/usr/bin:/bin\n",
+                "SetEnv PATH={}:/usr/local/bin:/usr/bin:/bin SHLVL=1\n",
                 d.path().display()
             )
         };
