@@ -289,24 +289,9 @@ fn buffered_bytes(b: &Broker) -> u64 {
 fn slow_local_readers_together_hold_a_bounded_amount() {
     use std::io::{Read, Write};
     let w = World::new();
-    {
-        // A listing of ~24 MB: under one reader's limit (32 MiB), over the total's (64 MiB)
-        // four times over.
-        let mut sim = w.sim.sim.lock().expect("sim");
-        sim.token_limit = 20000;
-        let big = "y".repeat(4000);
-        sim.put_many(
-            (0..6000)
-                .map(|i| {
-                    (
-                        format!("s{i:05}.service"),
-                        vec![opt("Service", "ExecStart", &format!("/bin/echo {big}"))],
-                        "inactive".to_string(),
-                    )
-                })
-                .collect(),
-        );
-    }
+    // A listing of ~24 MB: under one reader's limit (32 MiB); four such readers hold more
+    // than the total allows (64 MiB).
+    w.sim.put_big_units(6000);
     let b = w.broker("");
     let sock = b.socket("c1");
     let mut stalled = Vec::new();
@@ -399,22 +384,7 @@ fn a_removed_fleet_socket_is_a_bounded_503_naming_it() {
 fn clients_that_vanish_mid_response_leave_nothing_behind() {
     use std::io::{Read, Write};
     let w = World::new();
-    {
-        let mut sim = w.sim.sim.lock().expect("sim");
-        sim.token_limit = 20000;
-        let big = "y".repeat(4000);
-        sim.put_many(
-            (0..2000)
-                .map(|i| {
-                    (
-                        format!("s{i:05}.service"),
-                        vec![opt("Service", "ExecStart", &format!("/bin/echo {big}"))],
-                        "inactive".to_string(),
-                    )
-                })
-                .collect(),
-        );
-    }
+    w.sim.put_big_units(2000);
     let b = w.broker("");
     let sock = b.socket("c1");
     for _ in 0..20 {

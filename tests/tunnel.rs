@@ -517,22 +517,7 @@ fn connection_from_another_uid_is_refused() {
 #[test]
 fn stalled_reader_does_not_block_other_clients() {
     let w = World::new();
-    {
-        let mut sim = w.sim.sim.lock().expect("sim");
-        sim.token_limit = 20000;
-        let big = "y".repeat(4000);
-        sim.put_many(
-            (0..12000)
-                .map(|i| {
-                    (
-                        format!("s{i:05}.service"),
-                        vec![opt("Service", "ExecStart", &format!("/bin/echo {big}"))],
-                        "inactive".to_string(),
-                    )
-                })
-                .collect(),
-        );
-    }
+    w.sim.put_big_units(12000);
     let b = w.broker("");
     let sock = b.socket("c1");
     // A client asks for ~48 MB and never reads past the first bytes.

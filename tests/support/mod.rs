@@ -264,6 +264,25 @@ impl SimServer {
         }
     }
 
+    /// `count` units of about 4 KB each, all on one page: `GET /fleet/v1/units` is then
+    /// about `count` × 4 KB.
+    pub fn put_big_units(&self, count: usize) {
+        let mut sim = self.sim.lock().expect("sim");
+        sim.token_limit = 20000;
+        let big = "y".repeat(4000);
+        sim.put_many(
+            (0..count)
+                .map(|i| {
+                    (
+                        format!("s{i:05}.service"),
+                        vec![opt("Service", "ExecStart", &format!("/bin/echo {big}"))],
+                        "inactive".to_string(),
+                    )
+                })
+                .collect(),
+        );
+    }
+
     pub fn put(&self, name: &str, options: Vec<UnitOption>, desired: &str) {
         self.sim
             .lock()
