@@ -155,12 +155,7 @@ fn running_out_of_file_descriptors_neither_spins_nor_floods_the_log() {
     // 3 s is 300 ticks of one core; a spinning loop would use most of them.
     assert!(ticks < 100, "{ticks} CPU ticks in 3 s");
     drop(clients);
-    wait_until("requests to be served again", DEADLINE, || {
-        matches!(
-            try_http(&b.socket("c1"), "GET", "/fleet/v1/machines", None),
-            Ok((200, _))
-        )
-    });
+    wait_until_served(&b, "requests to be served again");
 }
 
 /// Stopped processes, continued again when the test ends however it ends.
@@ -214,12 +209,7 @@ fn a_silent_tunnel_costs_one_connect_timeout_and_is_replaced() {
     // connect_timeout (2 s) plus slack for a loaded machine; before, ~60 s.
     assert!(took < Duration::from_secs(6), "503 after {took:?}");
     // The supervisor probed, found the host silent and dialled a new session.
-    wait_until("a new tunnel", DEADLINE, || {
-        matches!(
-            try_http(&b.socket("c1"), "GET", "/fleet/v1/machines", None),
-            Ok((200, _))
-        )
-    });
+    wait_until_served(&b, "a new tunnel");
     assert!(
         b.log().contains("did not answer a keepalive"),
         "{}",
@@ -243,12 +233,7 @@ fn a_locked_agent_is_named_and_unlocking_it_is_enough() {
     );
     w.agent.set_locked(false);
     // No `fleet-broker connect`: the backoff's next attempt finds the keys.
-    wait_until("the tunnel to come up by itself", DEADLINE, || {
-        matches!(
-            try_http(&b.socket("c1"), "GET", "/fleet/v1/machines", None),
-            Ok((200, _))
-        )
-    });
+    wait_until_served(&b, "the tunnel to come up by itself");
 }
 
 #[test]
@@ -697,12 +682,7 @@ fn a_black_holed_tunnel_answers_within_connect_timeout_and_heals() {
     assert!(slowest < Duration::from_secs(6), "slowest {slowest:?}");
     assert!(attempts <= 8, "{attempts} attempts in a 10 s outage");
     ns.black_hole(sshd.port, false);
-    wait_until("the tunnel to heal", DEADLINE, || {
-        matches!(
-            try_http(&b.socket("c1"), "GET", "/fleet/v1/machines", None),
-            Ok((200, _))
-        )
-    });
+    wait_until_served(&b, "the tunnel to heal");
 }
 
 #[test]
@@ -765,10 +745,5 @@ fn a_killed_agent_is_named_and_a_new_one_on_its_socket_is_enough() {
     );
     let key = w.keys.path().join("id_ed25519");
     w.agent.restart(&[&key]);
-    wait_until("the tunnel to come back by itself", DEADLINE, || {
-        matches!(
-            try_http(&b.socket("c1"), "GET", "/fleet/v1/machines", None),
-            Ok((200, _))
-        )
-    });
+    wait_until_served(&b, "the tunnel to come back by itself");
 }

@@ -33,6 +33,16 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
     panic!("timed out after {timeout:?} waiting for {what}");
 }
 
+/// Waits until cluster `c1` of `b` answers `GET /fleet/v1/machines` with 200.
+pub fn wait_until_served(b: &Broker, what: &str) {
+    wait_until(what, DEADLINE, || {
+        matches!(
+            try_http(&b.socket("c1"), "GET", "/fleet/v1/machines", None),
+            Ok((200, _))
+        )
+    });
+}
+
 fn run(cmd: &mut Command) -> String {
     let out = cmd
         .output()
