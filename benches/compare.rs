@@ -127,13 +127,34 @@ fn main() {
         ratio(stats[0].0, stats[3].0),
         ratio(stats[0].1, stats[3].1)
     );
-    whole_process(&w, &broker);
-    load(&broker);
-    write_patterns(&w, &paths);
+    if block("whole") {
+        whole_process(&w, &broker);
+    }
+    if block("load") {
+        load(&broker);
+    }
+    if block("patterns") {
+        let off = w.broker("interactive_session = \"off\"");
+        let mut paths = paths.clone();
+        paths.insert(1, ("broker, interactive_session off", off.socket("c1")));
+        write_patterns(&w, &paths);
+    }
     drop(broker);
-    idle_rss(&w);
-    bulk(&w);
-    status_vs_jump();
+    if block("rss") {
+        idle_rss(&w);
+    }
+    if block("bulk") {
+        bulk(&w);
+    }
+    if block("status") {
+        status_vs_jump();
+    }
+}
+
+/// Whether to run a block: all unless `BENCH_ONLY` names some (comma-separated: whole,
+/// load, patterns, rss, bulk, status).
+fn block(name: &str) -> bool {
+    std::env::var("BENCH_ONLY").map_or(true, |v| v.split(',').any(|b| b.trim() == name))
 }
 
 /// Latency for each way a server may write its response, through every path: 1000
@@ -144,6 +165,7 @@ fn write_patterns(w: &World, paths: &[(&str, PathBuf)]) {
     let units = |count: usize| {
         let mut sim = w.sim.sim.lock().expect("sim");
         sim.token_limit = 1000;
+        sim.clear_units();
         sim.put_many(
             (0..count)
                 .map(|i| {
@@ -219,11 +241,17 @@ fn write_patterns(w: &World, paths: &[(&str, PathBuf)]) {
             stats.push((p50, p99));
         }
         let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();
-        println!(
-            "broker / OpenSSH tuned (-tt):  p50 {:.3}x   p99 {:.3}x",
-            ratio(stats[0].0, stats[2].0),
-            ratio(stats[0].1, stats[2].1)
-        );
+        let tuned = paths
+            .iter()
+            .position(|(name, _)| name.contains("tuned"))
+            .expect("tuned OpenSSH path");
+        for (i, (name, _)) in paths.iter().enumerate().take(tuned) {
+            println!(
+                "{name} / OpenSSH tuned (-tt):  p50 {:.3}x   p99 {:.3}x",
+                ratio(stats[i].0, stats[tuned].0),
+                ratio(stats[i].1, stats[tuned].1)
+            );
+        }
     }
     w.sim.sim.lock().expect("sim").write_pattern = WritePattern::default();
 }
@@ -405,8 +433,10 @@ fn idle_rss(w: &World) {
     println!("idle daemon with 100 lazy clusters: VmRSS {rss}");
 }
 
-/// `fleetctl status UNIT` through a warm broker against the same command through two fresh
-/// OpenSSH hops (`ssh -J tunnel machine`), medians of 20 whole-process runs.
+/// `fleetctl status UNIT` through a warm broker (with and without the nested connection's
+/// interactive session) against the same command through two fresh OpenSSH hops
+/// (`ssh -J tunnel machine`) and one (`ssh machine`, as if the machine were reachable),
+/// medians of 20 whole-process runs.
 fn status_vs_jump() {
     let runs = 20;
     let m = Machines::new();
@@ -419,7 +449,7 @@ fn status_vs_jump() {
         "launched",
     );
     let broker = m.broker("");
-    let xdg = broker.dir.path().join("xdg");
+    let off = m.broker("interactive_session = \"off\"");
     let cfg = m.keys.path().join("ssh_config");
     std::fs::write(
         &cfg,
@@ -430,7 +460,8 @@ fn status_vs_jump() {
         ),
     )
     .expect("ssh_config");
-    let fleetctl = || {
+    let fleetctl = |b: &Broker| {
+        let xdg = b.dir.path().join("xdg");
         let t = Instant::now();
         let out = Command::new(env!("CARGO_BIN_EXE_fleetctl"))
             .args(["status", "hello"])
@@ -444,48 +475,54 @@ fn status_vs_jump() {
         assert!(out.success());
         t.elapsed()
     };
-    let jump = || {
-        let t = Instant::now();
-        let out = Command::new("ssh")
-            .arg("-F")
-            .arg(&cfg)
-            .arg("-J")
-            .arg(format!("root@{}:{}", m.tunnel.ip, m.tunnel.port))
-            .arg("-p")
+    let ssh = |jump: bool| {
+        let mut cmd = Command::new("ssh");
+        cmd.arg("-F").arg(&cfg);
+        if jump {
+            cmd.arg("-J")
+                .arg(format!("root@{}:{}", m.tunnel.ip, m.tunnel.port));
+        }
+        cmd.arg("-p")
             .arg(m.m1.port.to_string())
             .arg(&m.m1.ip)
             .arg("systemctl \"status\" \"-l\" \"hello.service\"")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .status()
-            .expect("ssh -J");
-        assert!(out.success(), "ssh -J failed");
+            .stdout(Stdio::null());
+        let t = Instant::now();
+        let out = cmd.status().expect("ssh");
+        assert!(out.success(), "ssh failed");
         t.elapsed()
     };
-    fleetctl();
-    jump();
-    let (mut a, mut b) = (Vec::new(), Vec::new());
+    fleetctl(&broker);
+    fleetctl(&off);
+    ssh(true);
+    ssh(false);
+    let mut samples = vec![Vec::new(); 4];
     for _ in 0..runs {
-        a.push(fleetctl());
-        b.push(jump());
+        samples[0].push(fleetctl(&broker));
+        samples[1].push(fleetctl(&off));
+        samples[2].push(ssh(true));
+        samples[3].push(ssh(false));
     }
-    let (ma, mb) = (median(a), median(b));
+    let medians: Vec<Duration> = samples.into_iter().map(median).collect();
     println!();
     println!("status on a machine, whole process, median of {runs} runs, interleaved");
-    println!("{:<40} {:>10}", "command", "ms");
-    println!(
-        "{:<40} {:>10.2}",
+    println!("{:<52} {:>10}", "command", "ms");
+    for (label, d) in [
         "fleetctl status UNIT (warm broker)",
-        ms(ma)
-    );
-    println!(
-        "{:<40} {:>10.2}",
+        "fleetctl status UNIT (warm, interactive_session off)",
         "ssh -J tunnel machine systemctl status",
-        ms(mb)
-    );
+        "ssh machine systemctl status (no jump)",
+    ]
+    .iter()
+    .zip(&medians)
+    {
+        println!("{label:<52} {:>10.2}", ms(*d));
+    }
     println!(
-        "ssh -J / fleetctl: {:.1}x",
-        mb.as_secs_f64() / ma.as_secs_f64()
+        "ssh -J / fleetctl: {:.1}x   ssh (no jump) / fleetctl: {:.1}x",
+        medians[2].as_secs_f64() / medians[0].as_secs_f64(),
+        medians[3].as_secs_f64() / medians[0].as_secs_f64()
     );
 }
 
@@ -494,22 +531,27 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-/// Whole-process wall time: our `fleetctl list-units` through the warm broker against a new
-/// `ssh host true` (what every original `fleetctl --tunnel` command pays at least once).
+/// Whole-process wall time of `fleetctl list-units` (30 units, then 1 000 over fleetd's
+/// 100-unit pages): through the warm broker, and the same binary straight on the simulator
+/// socket (`FLEETCTL_ENDPOINT`); against a new `ssh host true` (what every original
+/// `fleetctl --tunnel` command pays at least once).
 fn whole_process(w: &World, broker: &Broker) {
     let runs = 20;
     let xdg = broker.dir.path().join("xdg");
     let key = w.keys.path().join("id_ed25519");
-    let fleetctl = || {
-        let t = Instant::now();
-        let out = Command::new(env!("CARGO_BIN_EXE_fleetctl"))
-            .arg("list-units")
+    let direct = format!("unix://{}", w.sim.socket.display());
+    let fleetctl = |endpoint: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleetctl"));
+        cmd.arg("list-units")
             .env("XDG_RUNTIME_DIR", &xdg)
             .env_remove("FLEETCTL_ENDPOINT")
             .env_remove("FLEETCTL_CLUSTER")
-            .stdout(Stdio::null())
-            .status()
-            .expect("fleetctl");
+            .stdout(Stdio::null());
+        if let Some(e) = endpoint {
+            cmd.env("FLEETCTL_ENDPOINT", e);
+        }
+        let t = Instant::now();
+        let out = cmd.status().expect("fleetctl");
         assert!(out.success());
         t.elapsed()
     };
@@ -539,25 +581,55 @@ fn whole_process(w: &World, broker: &Broker) {
         assert!(out.success());
         t.elapsed()
     };
-    let (mut a, mut b) = (Vec::new(), Vec::new());
-    fleetctl();
-    ssh();
-    for _ in 0..runs {
-        a.push(fleetctl());
-        b.push(ssh());
+    let (mut hello, mut first) = (Vec::new(), true);
+    for count in [30, 1000] {
+        {
+            let mut sim = w.sim.sim.lock().expect("sim");
+            sim.clear_units();
+            sim.put_many(
+                (0..count)
+                    .map(|i| {
+                        (
+                            format!("u{i:04}.service"),
+                            vec![opt("Service", "ExecStart", "/bin/sleep 1000")],
+                            "launched".to_string(),
+                        )
+                    })
+                    .collect(),
+            );
+        }
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        fleetctl(None);
+        fleetctl(Some(&direct));
+        if first {
+            ssh();
+        }
+        for _ in 0..runs {
+            a.push(fleetctl(None));
+            b.push(fleetctl(Some(&direct)));
+            if first {
+                hello.push(ssh());
+            }
+        }
+        let (ma, mb) = (median(a), median(b));
+        println!();
+        println!("fleetctl list-units, {count} units, whole process, median of {runs} runs, interleaved");
+        println!("{:<44} {:>10}", "command", "ms");
+        println!("{:<44} {:>10.2}", "fleetctl list-units (warm broker)", ms(ma));
+        println!("{:<44} {:>10.2}", "fleetctl list-units (simulator socket)", ms(mb));
+        println!(
+            "broker / simulator socket: {:.2}x",
+            ma.as_secs_f64() / mb.as_secs_f64()
+        );
+        if first {
+            let mh = median(std::mem::take(&mut hello));
+            println!("{:<44} {:>10.2}", "ssh -i KEY host true (OpenSSH)", ms(mh));
+            println!(
+                "ssh / fleetctl: {:.1}x",
+                mh.as_secs_f64() / ma.as_secs_f64()
+            );
+        }
+        first = false;
     }
-    let (ma, mb) = (median(a), median(b));
-    println!();
-    println!("whole process, median of {runs} runs, interleaved");
-    println!("{:<40} {:>10}", "command", "ms");
-    println!(
-        "{:<40} {:>10.2}",
-        "fleetctl list-units (warm broker)",
-        ms(ma)
-    );
-    println!("{:<40} {:>10.2}", "ssh -i KEY host true (OpenSSH)", ms(mb));
-    println!(
-        "ssh / fleetctl: {:.1}x",
-        mb.as_secs_f64() / ma.as_secs_f64()
-    );
+    w.sim.sim.lock().expect("sim").clear_units();
 }

@@ -5,8 +5,9 @@
 //! reached by a nested SSH connection carried over a `direct-tcpip` channel of the tunnel,
 //! verified end to end with the cluster's pins and policy and authenticated by the agent. Nested
 //! connections are pooled per machine and user and reused while they have sessions or were
-//! used in the last minute; a connection carries at most [`SESSIONS_PER_CONNECTION`] sessions,
-//! so sshd's `MaxSessions` (10) is never hit. Knows nothing of the CLI; speaks frames
+//! used in the last minute; a connection carries at most [`SESSIONS_PER_CONNECTION`] sessions
+//! and, unless `interactive_session = "off"`, one interactive (pty) session that makes the
+//! machine's sshd send without Nagle delays, so sshd's `MaxSessions` (10) is never hit. Knows nothing of the CLI; speaks frames
 //! (`control::frame`) to whoever drives the session.
 
 use std::collections::HashMap;
@@ -20,12 +21,12 @@ use russh::{Channel, ChannelMsg, Sig};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::config::{known_hosts_name, HostPort};
+use crate::config::{known_hosts_name, HostPort, InteractiveSession};
 use crate::control::frame::{read_frame, write_frame, Frame};
 use crate::fleet::client::FleetClient;
 use crate::proxy::DrainedChannel;
 use crate::tunnel::dial::{self, ClientHandler, DialSpec};
-use crate::tunnel::Tunnel;
+use crate::tunnel::{open_interactive, Tunnel};
 
 /// Sessions one SSH connection carries at once (sshd's default `MaxSessions` is 10).
 pub const SESSIONS_PER_CONNECTION: usize = 8;
@@ -206,6 +207,9 @@ struct Pooled {
     handle: SshHandle,
     active: AtomicUsize,
     last_used: Mutex<Instant>,
+    /// The connection's interactive session (`interactive_session`), which makes the
+    /// machine's sshd send without Nagle delays; held as long as the connection.
+    _interactive: Option<Channel<Msg>>,
 }
 
 /// Held while a session runs; frees its slot on drop.
@@ -285,10 +289,19 @@ impl Exec {
             }
         }
         let api = FleetClient::new(&self.socket, LOOKUP_TIMEOUT);
-        let machines = api
-            .machines()
-            .await
-            .map_err(|e| ExecError::resolve(e.to_string()))?;
+        // A unit target needs the unit and the machine list; both are asked at once.
+        let unit_name = match target {
+            ExecTarget::Unit(name) => Some(name.clone()),
+            ExecTarget::Auto(s) => Some(crate::cli::units::unit_name_mangle(s)),
+            _ => None,
+        };
+        let (machines, unit) = tokio::join!(api.machines(), async {
+            match &unit_name {
+                Some(name) => Some(api.unit(name).await),
+                None => None,
+            }
+        });
+        let machines = machines.map_err(|e| ExecError::resolve(e.to_string()))?;
         let by_machine = |prefix: &str| -> Result<Option<Place>, ExecError> {
             let mut found = machines.iter().filter(|m| m.id.starts_with(prefix));
             let Some(m) = found.next() else {
@@ -311,11 +324,11 @@ impl Exec {
             ExecTarget::Machine(prefix) => {
                 by_machine(prefix)?.ok_or_else(|| ExecError::resolve("machine does not exist"))?
             }
-            ExecTarget::Unit(name) => {
-                let u = api
-                    .unit(name)
-                    .await
-                    .map_err(|e| ExecError::resolve(e.to_string()))?;
+            ExecTarget::Unit(_) => {
+                let u = unit
+                    .transpose()
+                    .map_err(|e| ExecError::resolve(e.to_string()))?
+                    .flatten();
                 if u.is_none() {
                     return Err(ExecError::resolve("unit does not exist"));
                 }
@@ -324,8 +337,7 @@ impl Exec {
             }
             ExecTarget::Auto(s) => {
                 let machine = by_machine(s).unwrap_or(None);
-                let name = crate::cli::units::unit_name_mangle(s);
-                let unit = api.unit(&name).await.ok().flatten();
+                let unit = unit.and_then(Result::ok).flatten();
                 let unit = by_unit(&unit).unwrap_or(None);
                 match (machine, unit) {
                     (Some(_), Some(_)) => {
@@ -524,10 +536,17 @@ impl Exec {
                     }
                 }
                 let handle = self.dial_nested(id, ip, port, user, false).await?;
+                let interactive = match cfg.interactive_session {
+                    InteractiveSession::Auto => {
+                        open_interactive(&handle, self.tunnel.probe_timeout()).await
+                    }
+                    InteractiveSession::Off => None,
+                };
                 let pooled = Arc::new(Pooled {
                     handle: handle.clone(),
                     active: AtomicUsize::new(1),
                     last_used: Mutex::new(Instant::now()),
+                    _interactive: interactive,
                 });
                 lock(&self.pool)
                     .entry(key)

@@ -815,3 +815,32 @@ fn a_primary_ip_that_is_not_an_address_is_never_dialled() {
     }
     assert!(b.log().contains("not an IP address"), "{}", b.log());
 }
+
+/// Whether a session of `sshd` runs `cat` on a terminal: the interactive session that makes
+/// sshd send without Nagle delays.
+fn runs_cat_on_a_pty(sshd: &Sshd) -> bool {
+    sshd.session_pids().iter().any(|p| {
+        std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "cat")
+            && std::fs::read_link(format!("/proc/{p}/fd/0"))
+                .is_ok_and(|t| t.to_string_lossy().starts_with("/dev/pts/"))
+    })
+}
+
+#[test]
+fn nested_machine_connections_carry_an_interactive_session_unless_off() {
+    let e = env();
+    let r = e.run(&["status", "hello"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    // The pooled connection to m1 outlives the command and keeps its interactive session.
+    wait_until("cat on a pty under m1's sshd", DEADLINE, || {
+        runs_cat_on_a_pty(&e.m.m1)
+    });
+    assert!(!runs_cat_on_a_pty(&e.m.m2), "m2 was never dialled");
+
+    let b = e.m.broker("interactive_session = \"off\"");
+    let r = fleetctl(&b, e.cwd.path(), &[], &["status", "other"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.stdout, "* other.service - stub unit on m2\n   Active: active (running)\n");
+    // The session has ended; its connection stays pooled, without an interactive session.
+    assert!(!runs_cat_on_a_pty(&e.m.m2));
+}

@@ -156,6 +156,11 @@ impl Sim {
     }
 
     /// Inserts many units and schedules once (for large simulated registries).
+    /// Removes every unit (benchmarks that set up clusters of several sizes).
+    pub fn clear_units(&mut self) {
+        self.units.clear();
+    }
+
     pub fn put_many(&mut self, units: Vec<(String, Vec<UnitOption>, String)>) {
         for (name, options, desired) in units {
             let machine = self.units.remove(&name).and_then(|o| o.machine);

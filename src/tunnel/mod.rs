@@ -616,11 +616,12 @@ impl Supervisor {
     }
 }
 
-/// Opens the interactive session of a tunnel connection: a pty (sshd then turns on
-/// TCP_NODELAY for the connection, as for `ssh -tt`) running `cat`, which waits for input
-/// that never comes. `None`, quietly, when sshd refuses the pty or the command (PermitTTY
-/// no, a restricted account) or does not answer within `limit`.
-async fn open_interactive(
+/// Opens the interactive session of an SSH connection (the tunnel's, or a nested one to a
+/// machine): a pty (sshd then turns on TCP_NODELAY for the connection, as for `ssh -tt`)
+/// running `cat`, which waits for input that never comes. `None`, quietly, when sshd
+/// refuses the pty or the command (PermitTTY no, a restricted account) or does not answer
+/// within `limit`.
+pub(crate) async fn open_interactive(
     handle: &SshHandle,
     limit: Duration,
 ) -> Option<russh::Channel<russh::client::Msg>> {
@@ -639,7 +640,7 @@ async fn open_interactive(
     let ch = tokio::time::timeout(limit, attempt).await.ok().flatten();
     if ch.is_none() {
         tracing::debug!(
-            "no interactive session on this tunnel connection (sshd refused a pty or the command)"
+            "no interactive session on this connection (sshd refused a pty or the command)"
         );
     }
     ch
