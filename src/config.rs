@@ -69,8 +69,9 @@ pub enum ConnectMode {
     Eager,
 }
 
-/// Whether each tunnel connection carries an interactive (pty) session, which makes sshd
-/// turn on TCP_NODELAY for the whole connection as it does for `ssh -tt`.
+/// Whether each tunnel connection, and each nested connection to a machine, carries an
+/// interactive (pty) session, which makes sshd turn on TCP_NODELAY for the whole connection
+/// as it does for `ssh -tt`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum InteractiveSession {
