@@ -613,10 +613,20 @@ fn whole_process(w: &World, broker: &Broker) {
         }
         let (ma, mb) = (median(a), median(b));
         println!();
-        println!("fleetctl list-units, {count} units, whole process, median of {runs} runs, interleaved");
+        println!(
+            "fleetctl list-units, {count} units, whole process, median of {runs} runs, interleaved"
+        );
         println!("{:<44} {:>10}", "command", "ms");
-        println!("{:<44} {:>10.2}", "fleetctl list-units (warm broker)", ms(ma));
-        println!("{:<44} {:>10.2}", "fleetctl list-units (simulator socket)", ms(mb));
+        println!(
+            "{:<44} {:>10.2}",
+            "fleetctl list-units (warm broker)",
+            ms(ma)
+        );
+        println!(
+            "{:<44} {:>10.2}",
+            "fleetctl list-units (simulator socket)",
+            ms(mb)
+        );
         println!(
             "broker / simulator socket: {:.2}x",
             ma.as_secs_f64() / mb.as_secs_f64()

@@ -840,7 +840,10 @@ fn nested_machine_connections_carry_an_interactive_session_unless_off() {
     let b = e.m.broker("interactive_session = \"off\"");
     let r = fleetctl(&b, e.cwd.path(), &[], &["status", "other"]);
     assert_eq!(r.code, 0, "{r:?}");
-    assert_eq!(r.stdout, "* other.service - stub unit on m2\n   Active: active (running)\n");
+    assert_eq!(
+        r.stdout,
+        "* other.service - stub unit on m2\n   Active: active (running)\n"
+    );
     // The session has ended; its connection stays pooled, without an interactive session.
     assert!(!runs_cat_on_a_pty(&e.m.m2));
 }
