@@ -4,19 +4,37 @@
 //! (clusters that did not change keep their connection; a config that cannot be applied
 //! leaves the running one alone); [`Daemon::shutdown`] stops accepting, lets in-flight
 //! requests finish for up to five seconds and removes the sockets.
+//!
+//! # Shutdown
+//!
+//! One [`CancellationToken`] per daemon, and a child of it per cluster. Every task the
+//! daemon starts is handed one of them and ends when it is cancelled:
+//!
+//! - the control socket's accept loop: the daemon's token;
+//! - per cluster (its child token, cancelled on shutdown, on reload when the cluster changed
+//!   or went away): the tunnel's supervisor (which closes the SSH connection), the cluster
+//!   socket's accept loop and its connections (which drain for up to five seconds), the
+//!   exec pool's sweeper and every exec session (whose remote command gets its channel
+//!   closed).
+//!
+//! Tasks below those need no token of their own: a channel's drain task ends with its
+//! channel, and every channel ends with the connection its owner closes. Each cluster's tasks
+//! run inside a `cluster` tracing span, so their events carry the cluster's name.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::config::{ClusterConfig, Config, HostKeyPolicy};
 use crate::control::Control;
 use crate::exec::Exec;
 use crate::local::{self, LocalError};
 use crate::proxy::Proxy;
+use crate::registry::{ClusterRuntime, Registry, ReloadRequest};
 use crate::tunnel::Tunnel;
 
 /// Where the daemon lives and which agent it uses.
@@ -40,87 +58,23 @@ impl DaemonOptions {
     }
 }
 
-/// One served cluster.
-pub struct ClusterRuntime {
-    pub tunnel: Arc<Tunnel>,
-    pub exec: Arc<Exec>,
-    pub socket: PathBuf,
-    /// Stops this cluster's supervisor and socket.
-    stop_tx: watch::Sender<bool>,
-    serve_task: std::sync::Mutex<Option<JoinHandle<()>>>,
-}
-
-/// The clusters being served, shared with the control socket.
-#[derive(Default)]
-pub struct Registry {
-    clusters: RwLock<BTreeMap<String, Arc<ClusterRuntime>>>,
-}
-
-impl Registry {
-    /// A snapshot of the served clusters.
-    pub fn all(&self) -> Vec<Arc<ClusterRuntime>> {
-        match self.clusters.read() {
-            Ok(c) => c.values().cloned().collect(),
-            Err(p) => p.into_inner().values().cloned().collect(),
-        }
-    }
-
-    pub fn get(&self, name: &str) -> Option<Arc<ClusterRuntime>> {
-        match self.clusters.read() {
-            Ok(c) => c.get(name).cloned(),
-            Err(p) => p.into_inner().get(name).cloned(),
-        }
-    }
-
-    pub fn names(&self) -> Vec<String> {
-        self.all()
-            .iter()
-            .map(|c| c.tunnel.name().to_string())
-            .collect()
-    }
-
-    fn set(&self, name: String, c: Option<Arc<ClusterRuntime>>) {
-        let mut map = match self.clusters.write() {
-            Ok(m) => m,
-            Err(p) => p.into_inner(),
-        };
-        match c {
-            Some(c) => {
-                map.insert(name, c);
-            }
-            None => {
-                map.remove(&name);
-            }
-        }
-    }
-}
-
-/// A reload request from the control socket, answered with the outcome.
-pub type ReloadRequest = oneshot::Sender<Result<String, String>>;
-
+/// A running daemon.
 pub struct Daemon {
     pub runtime_dir: PathBuf,
     pub control_socket: PathBuf,
     pub registry: Arc<Registry>,
     opts: DaemonOptions,
-    shutdown_tx: watch::Sender<bool>,
+    /// Cancelled on shutdown; every cluster's token is a child of it.
+    shutdown: CancellationToken,
     control_task: JoinHandle<()>,
     /// Reload requests from the control socket, for the owner of the daemon to act on.
     pub reload_rx: mpsc::Receiver<ReloadRequest>,
 }
 
-fn stop_cluster(c: &ClusterRuntime) -> Option<JoinHandle<()>> {
-    c.stop_tx.send_replace(true);
-    match c.serve_task.lock() {
-        Ok(mut t) => t.take(),
-        Err(p) => p.into_inner().take(),
-    }
-}
-
 /// Undoes a start that failed part-way: no half-served state is left behind.
 fn abandon(registry: &Registry, sockets: &[PathBuf]) {
     for rt in registry.all() {
-        stop_cluster(&rt);
+        rt.stop();
     }
     for s in sockets {
         let _ = std::fs::remove_file(s);
@@ -134,11 +88,11 @@ impl Daemon {
         local::ensure_private_dir(runtime_dir)?;
         local::ensure_private_dir(&runtime_dir.join("clusters"))?;
         let control_socket = local::control_socket(runtime_dir);
-        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let shutdown = CancellationToken::new();
         let registry = Arc::new(Registry::default());
         let mut started = Vec::new();
         for c in config.clusters.values() {
-            match Self::start_cluster(c, opts).await {
+            match Self::start_cluster(c, opts, shutdown.child_token()).await {
                 Ok(rt) => {
                     started.push(rt.socket.clone());
                     registry.set(c.name.clone(), Some(rt));
@@ -165,7 +119,7 @@ impl Daemon {
         let control_task = tokio::spawn(crate::http::serve(
             control_listener,
             control_socket.display().to_string(),
-            shutdown_rx,
+            shutdown.clone(),
             move |req| control.clone().handle(req),
         ));
         Ok(Daemon {
@@ -173,7 +127,7 @@ impl Daemon {
             control_socket,
             registry,
             opts: opts.clone(),
-            shutdown_tx,
+            shutdown,
             control_task,
             reload_rx,
         })
@@ -182,40 +136,46 @@ impl Daemon {
     async fn start_cluster(
         cfg: &ClusterConfig,
         opts: &DaemonOptions,
+        stop: CancellationToken,
     ) -> Result<Arc<ClusterRuntime>, LocalError> {
         let path = local::cluster_socket(&opts.runtime_dir, &cfg.name);
         let listener = local::bind_socket(&path).await?;
+        let span = tracing::info_span!("cluster", cluster = %cfg.name);
+        let _entered = span.enter();
         if cfg.host_key_checking == HostKeyPolicy::Off {
-            tracing::warn!(cluster = %cfg.name, "HOST KEY CHECKING IS OFF: any server can impersonate {} and receive root-equivalent fleet requests", cfg.tunnel);
+            tracing::warn!("HOST KEY CHECKING IS OFF: any server can impersonate {} and receive root-equivalent fleet requests", cfg.tunnel);
         }
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let tunnel = Tunnel::spawn(cfg.clone(), opts.agent_socket.clone(), stop_rx.clone());
-        let exec = Exec::new(tunnel.clone(), path.clone(), opts.agent_socket.clone());
+        let tunnel = Tunnel::spawn(cfg.clone(), opts.agent_socket.clone(), stop.clone());
+        let exec = Exec::new(
+            tunnel.clone(),
+            path.clone(),
+            opts.agent_socket.clone(),
+            stop.clone(),
+        );
         let proxy = Proxy::new(tunnel.clone());
-        let task = tokio::spawn(crate::http::serve(
-            listener,
-            path.display().to_string(),
-            stop_rx,
-            move |req| {
-                let p = proxy.clone();
-                async move { p.handle(req).await }
-            },
-        ));
-        tracing::info!(cluster = %cfg.name, socket = %path.display(), "serving cluster socket");
-        Ok(Arc::new(ClusterRuntime {
-            tunnel,
-            exec,
-            socket: path,
-            stop_tx,
-            serve_task: std::sync::Mutex::new(Some(task)),
-        }))
+        let task = tokio::spawn(
+            crate::http::serve(
+                listener,
+                path.display().to_string(),
+                stop.clone(),
+                move |req| {
+                    let p = proxy.clone();
+                    async move { p.handle(req).await }
+                },
+            )
+            .instrument(span.clone()),
+        );
+        tracing::info!(socket = %path.display(), "serving cluster socket");
+        Ok(Arc::new(ClusterRuntime::new(
+            tunnel, exec, path, stop, task,
+        )))
     }
 
     /// Stops a cluster: its socket drains (bounded) and is removed.
     async fn remove_cluster(&self, name: &str) {
         if let Some(rt) = self.registry.get(name) {
             self.registry.set(name.to_string(), None);
-            if let Some(task) = stop_cluster(&rt) {
+            if let Some(task) = rt.stop() {
                 let _ = task.await;
             }
             let _ = std::fs::remove_file(&rt.socket);
@@ -249,7 +209,7 @@ impl Daemon {
         }
         for (name, c) in &config.clusters {
             if self.registry.get(name).is_none() {
-                let rt = Self::start_cluster(c, &self.opts).await?;
+                let rt = Self::start_cluster(c, &self.opts, self.shutdown.child_token()).await?;
                 self.registry.set(name.clone(), Some(rt));
                 added += 1;
             }
@@ -263,10 +223,10 @@ impl Daemon {
 
     /// Stops accepting, drains in-flight requests (bounded) and removes the sockets.
     pub async fn shutdown(self) {
-        self.shutdown_tx.send_replace(true);
+        self.shutdown.cancel();
         let mut tasks = Vec::new();
         for rt in self.registry.all() {
-            if let Some(t) = stop_cluster(&rt) {
+            if let Some(t) = rt.stop() {
                 tasks.push(t);
             }
         }

@@ -16,7 +16,7 @@ use russh::keys::{PrivateKey, PublicKey};
 use russh::server::{Auth, ChannelOpenHandle, Msg, Session};
 use russh::{Channel, ChannelOpenFailure};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{ClusterConfig, Config, ConnectMode, Endpoint, HostKeyPolicy, HostPort};
 use crate::daemon::{Daemon, DaemonOptions};
@@ -98,15 +98,11 @@ pub struct Demo {
     pub fleet_socket: PathBuf,
     /// Set when another daemon owns the default runtime dir and the demo lives elsewhere.
     pub runtime_dir: Option<PathBuf>,
-    stop_tx: watch::Sender<bool>,
+    stop: CancellationToken,
     _dir: tempfile::TempDir,
 }
 
-async fn serve_agent(
-    path: &Path,
-    key: &PrivateKey,
-    mut stop: watch::Receiver<bool>,
-) -> anyhow::Result<()> {
+async fn serve_agent(path: &Path, key: &PrivateKey, stop: CancellationToken) -> anyhow::Result<()> {
     let listener = UnixListener::bind(path)
         .with_context(|| format!("binding agent socket {}", path.display()))?;
     let incoming = Box::pin(futures::stream::unfold(listener, |l| async move {
@@ -116,7 +112,7 @@ async fn serve_agent(
     tokio::spawn(async move {
         tokio::select! {
             _ = russh::keys::agent::server::serve(incoming, ()) => {}
-            _ = stop.changed() => {}
+            _ = stop.cancelled() => {}
         }
     });
     let mut client = russh::keys::agent::client::AgentClient::connect_uds(path).await?;
@@ -130,7 +126,8 @@ impl Demo {
         let dir = tempfile::Builder::new()
             .prefix("fleet-broker-demo.")
             .tempdir()?;
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let stop = CancellationToken::new();
+        let stop_rx = stop.clone();
 
         let fleet_socket = dir.path().join("fleet.sock");
         let mut sim = Sim::new(demo_machines());
@@ -175,7 +172,7 @@ impl Demo {
             user_key: user_key.public_key().clone(),
             fleet_socket: fleet_socket.display().to_string(),
         };
-        let mut stop = stop_rx.clone();
+        let accept_stop = stop_rx.clone();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
@@ -189,7 +186,7 @@ impl Demo {
                             }
                         });
                     }
-                    _ = stop.changed() => break,
+                    _ = accept_stop.cancelled() => break,
                 }
             }
         });
@@ -254,14 +251,14 @@ impl Demo {
             } else {
                 None
             },
-            stop_tx,
+            stop,
             _dir: dir,
         })
     }
 
     pub async fn stop(self) {
         self.daemon.shutdown().await;
-        self.stop_tx.send_replace(true);
+        self.stop.cancel();
     }
 }
 
@@ -312,7 +309,7 @@ pub async fn run(once: bool) -> anyhow::Result<()> {
             println!("{}", String::from_utf8_lossy(&body));
             println!();
             println!("$ fleetctl --cluster demo list-machines");
-            let api = crate::fleet::client::FleetClient::new(&demo.socket, Duration::from_secs(20));
+            let api = crate::fleet_client::FleetClient::new(&demo.socket, Duration::from_secs(20));
             let flags = crate::cli::args::ListFlags {
                 fields: None,
                 full: false,

@@ -63,7 +63,7 @@ pub fn unit_file(data: &[u8]) {
 /// A stream of exec frames, as the daemon and the CLI read them from each other; every
 /// frame that decodes encodes back to the same frame.
 pub fn exec_frames(data: &[u8]) {
-    use crate::control::frame::{read_frame, write_frame};
+    use crate::protocol::frame::{read_frame, write_frame};
     let Ok(rt) = tokio::runtime::Builder::new_current_thread().build() else {
         return;
     };

@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixListener;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::local::peer_allowed;
 
@@ -57,7 +57,7 @@ pub fn json_response(status: StatusCode, body: String) -> Response<Body> {
 pub async fn serve<S, F>(
     listener: UnixListener,
     label: String,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: CancellationToken,
     handler: S,
 ) where
     S: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
@@ -79,7 +79,7 @@ pub async fn serve<S, F>(
                         Ok(p) => p,
                         Err(_) => break,
                     },
-                    _ = shutdown.changed() => break,
+                    _ = shutdown.cancelled() => break,
                 }
             }
         };
@@ -104,7 +104,7 @@ pub async fn serve<S, F>(
                         }
                         tokio::select! {
                             _ = tokio::time::sleep(pause) => {}
-                            _ = shutdown.changed() => break,
+                            _ = shutdown.cancelled() => break,
                         }
                         continue;
                     }
@@ -119,7 +119,7 @@ pub async fn serve<S, F>(
                     let h = h.clone();
                     async move { Ok::<_, Infallible>(h(req).await) }
                 });
-                let mut stop = shutdown.clone();
+                let stop = shutdown.clone();
                 conns.spawn(async move {
                     let _slot = slot;
                     let conn = hyper::server::conn::http1::Builder::new()
@@ -130,7 +130,7 @@ pub async fn serve<S, F>(
                     tokio::pin!(conn);
                     let result = tokio::select! {
                         r = conn.as_mut() => r,
-                        _ = stop.changed() => {
+                        _ = stop.cancelled() => {
                             conn.as_mut().graceful_shutdown();
                             conn.await
                         }
@@ -142,7 +142,7 @@ pub async fn serve<S, F>(
                 // Reap finished connection tasks as we go.
                 while conns.try_join_next().is_some() {}
             }
-            _ = shutdown.changed() => break,
+            _ = shutdown.cancelled() => break,
         }
     }
     drop(listener);

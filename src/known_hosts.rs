@@ -121,7 +121,7 @@ pub fn match_pattern_list(name: &str, list: &str) -> Option<bool> {
         if pat.len() >= 1023 {
             return None;
         }
-        if wildcard_match(&pat.to_ascii_lowercase(), &name) {
+        if crate::pattern::wildcard_match(&pat.to_ascii_lowercase(), &name) {
             if negated {
                 return Some(false);
             }
@@ -129,34 +129,6 @@ pub fn match_pattern_list(name: &str, list: &str) -> Option<bool> {
         }
     }
     positive.then_some(true)
-}
-
-/// `*` matches any run, `?` one byte (OpenSSH `match_pattern`).
-pub fn wildcard_match(pattern: &str, text: &str) -> bool {
-    let p = pattern.as_bytes();
-    let t = text.as_bytes();
-    let (mut pi, mut ti) = (0, 0);
-    let (mut star, mut mark) = (None, 0);
-    while ti < t.len() {
-        if pi < p.len() && (p[pi] == b'?' || p[pi] == t[ti]) {
-            pi += 1;
-            ti += 1;
-        } else if pi < p.len() && p[pi] == b'*' {
-            star = Some(pi);
-            pi += 1;
-            mark = ti;
-        } else if let Some(s) = star {
-            pi = s + 1;
-            mark += 1;
-            ti = mark;
-        } else {
-            return false;
-        }
-    }
-    while pi < p.len() && p[pi] == b'*' {
-        pi += 1;
-    }
-    pi == p.len()
 }
 
 /// One usable line of a known_hosts file.
@@ -658,8 +630,8 @@ mod tests {
             k.check(&host("bad.example", 22), &key(ED)),
             Verdict::Unknown
         );
-        assert!(wildcard_match("h?st", "host"));
-        assert!(!wildcard_match("h?st", "hoost"));
+        assert!(crate::pattern::wildcard_match("h?st", "host"));
+        assert!(!crate::pattern::wildcard_match("h?st", "hoost"));
         assert_eq!(match_pattern_list("a", "b,!a,a"), Some(false));
         assert_eq!(match_pattern_list("A", "a"), Some(true));
         assert_eq!(match_pattern_list("a", "b"), None);

@@ -12,12 +12,16 @@ pub mod daemon;
 pub mod demo;
 pub mod exec;
 pub mod fleet;
+pub mod fleet_client;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;
 pub mod known_hosts;
 pub mod local;
+pub mod pattern;
+pub mod protocol;
 pub mod proxy;
+pub mod registry;
 pub mod remote_command;
 pub mod sim;
 pub mod trust;

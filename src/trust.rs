@@ -65,7 +65,7 @@ pub async fn trust(cluster: &ClusterConfig, confirm: &Confirm) -> anyhow::Result
                     target: target.to_string(),
                     reason: format!("jump host could not connect: {e}"),
                 })?;
-            presented_key_over(&spec, crate::proxy::DrainedChannel::new(ch)).await
+            presented_key_over(&spec, crate::tunnel::channel::DrainedChannel::new(ch)).await
         })
         .await
         .with_context(|| format!("connecting to {target} timed out"))??;
@@ -249,7 +249,7 @@ pub async fn trust_machine(
     if status != 200 {
         bail!("cluster {:?}: {}", cluster.name, error_text(&body));
     }
-    let r: crate::exec::HostKeyReport = serde_json::from_slice(&body)?;
+    let r: crate::protocol::HostKeyReport = serde_json::from_slice(&body)?;
     let Some(host) = machine_host_id(&r.name) else {
         bail!(
             "cluster {:?}: the daemon named the machine {:?}, which is not an IP address or [IP]:port; refusing to pin",

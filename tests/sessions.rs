@@ -9,8 +9,8 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use fleet_broker::cli::session::{self, Outcome, StartError};
-use fleet_broker::control::frame::Frame;
-use fleet_broker::exec::{ExecRequest, ExecTarget, PtyRequest};
+use fleet_broker::protocol::exec::{ExecRequest, ExecTarget, PtyRequest};
+use fleet_broker::protocol::frame::Frame;
 use support::*;
 
 fn unit(machine: &str) -> Vec<fleet_broker::fleet::schema::UnitOption> {

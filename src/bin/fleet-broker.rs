@@ -7,8 +7,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use fleet_broker::config::{default_config_path, Config};
-use fleet_broker::control::{ClusterInfo, ClusterList};
 use fleet_broker::daemon::{Daemon, DaemonOptions};
+use fleet_broker::protocol::{ClusterInfo, ClusterList};
 
 #[derive(Parser)]
 #[command(

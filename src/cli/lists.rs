@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 
 use super::args::{ListFlags, ListUnitFilesFlags};
 use super::table::render;
-use crate::fleet::client::FleetClient;
 use crate::fleet::schema::{Machine, Unit, UnitState};
 use crate::fleet::unit_file::{description, hash, is_global};
+use crate::fleet_client::FleetClient;
 
 /// `85c0c595...` (or the full ID), plus `/IP` when the machine is known and has one.
 pub fn machine_legend(id: &str, machine: Option<&Machine>, full: bool) -> String {

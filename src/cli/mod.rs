@@ -126,7 +126,7 @@ pub async fn run(argv: Vec<OsString>) -> i32 {
         return 1;
     }
     let mut api =
-        crate::fleet::client::FleetClient::new(&target.socket, Duration::from_secs_f64(secs));
+        crate::fleet_client::FleetClient::new(&target.socket, Duration::from_secs_f64(secs));
     api.debug = debug;
     let ctx = units::Ctx::new(api.clone());
     let sessions = remote::Sessions {

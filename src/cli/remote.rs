@@ -9,10 +9,10 @@ use super::session::{
     self, forward_resizes, forward_stdin, stdin_is_tty, terminal_size, Outcome, RawMode, StartError,
 };
 use super::units::unit_name_mangle;
-use crate::control::frame::Frame;
-use crate::exec::{ExecRequest, ExecTarget, PtyRequest};
-use crate::fleet::client::FleetClient;
 use crate::fleet::unit_file::is_global;
+use crate::fleet_client::FleetClient;
+use crate::protocol::exec::{ExecRequest, ExecTarget, PtyRequest};
+use crate::protocol::frame::Frame;
 use crate::remote_command::RemoteAction;
 
 /// How often `journal --follow` asks for new entries.

@@ -1,5 +1,5 @@
 //! The client end of an exec session: asks the daemon's control socket to start a command on
-//! a cluster machine, then speaks the frame stream (`control::frame`). Also the terminal
+//! a cluster machine, then speaks the frame stream (`protocol::frame`). Also the terminal
 //! handling of interactive sessions: raw mode (restored on every exit path) and window size.
 
 use std::os::fd::AsFd;
@@ -11,8 +11,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use crate::control::client::error_text;
-use crate::control::frame::{read_frame, signal_number, write_frame, Frame, UPGRADE};
-use crate::exec::ExecRequest;
+use crate::protocol::exec::{ExecErrorKind, ExecRequest};
+use crate::protocol::frame::{read_frame, signal_number, write_frame, Frame, UPGRADE};
 
 /// Why a session did not start.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,10 +92,9 @@ pub async fn open(
             .unwrap_or_default();
         let kind = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()
-            .and_then(|v| v["kind"].as_str().map(str::to_string))
-            .unwrap_or_default();
+            .and_then(|v| serde_json::from_value::<ExecErrorKind>(v["kind"].clone()).ok());
         let msg = error_text(&body);
-        return Err(if kind == "resolve" {
+        return Err(if kind == Some(ExecErrorKind::Resolve) {
             StartError::Resolve(msg)
         } else {
             StartError::Ssh(msg)

@@ -93,7 +93,7 @@ pub async fn resolve(m: &ArgMatches, g: &GlobalFlags) -> Result<Target, String> 
             if let Some(w) = warning {
                 eprintln!(
                     "{} WARN fleetctl.go:317: {w}",
-                    crate::fleet::client::chrono_like_now()
+                    crate::fleet_client::chrono_like_now()
                 );
             }
             let clusters_dir = socket

@@ -8,43 +8,18 @@ use std::time::Duration;
 
 use tokio::sync::Mutex;
 
-use crate::fleet::client::{chrono_like_now, FleetClient};
+pub use crate::fleet::names::{maybe_append_default_unit_type, unit_name_mangle};
 use crate::fleet::schema::{Machine, Unit, UnitOption};
 use crate::fleet::unit_file::{
     self, hash, instance_of, is_global, unknown_fleet_keys, validate_name, validate_options,
 };
+use crate::fleet_client::{chrono_like_now, FleetClient};
 
 /// One attempt: poll every [`POLL`] for [`ATTEMPT`].
 pub const ATTEMPT: Duration = Duration::from_secs(2);
 pub const POLL: Duration = Duration::from_millis(250);
 /// After this many unlimited attempts an unscheduled unit draws a notice.
 const UNSCHEDULED_NOTICE_AFTER: u32 = 5;
-
-/// Unit types fleetctl recognises on the command line.
-const RECOGNIZED: [&str; 7] = [
-    ".service",
-    ".socket",
-    ".timer",
-    ".path",
-    ".device",
-    ".mount",
-    ".automount",
-];
-
-/// Appends `.service` unless the name ends in a recognised unit type.
-pub fn maybe_append_default_unit_type(arg: &str) -> String {
-    if RECOGNIZED.iter().any(|s| arg.ends_with(s)) {
-        arg.to_string()
-    } else {
-        format!("{arg}.service")
-    }
-}
-
-/// fleetctl's `unitNameMangle`: the base name, with the default type appended.
-pub fn unit_name_mangle(arg: &str) -> String {
-    let base = arg.rsplit('/').next().unwrap_or(arg);
-    maybe_append_default_unit_type(base)
-}
 
 /// Go's `%v` of a string slice: `[a b]`.
 pub fn go_list(names: &[String]) -> String {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 
-use super::ClusterList;
+use crate::protocol::ClusterList;
 
 /// How long a control request may take.
 pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);

@@ -5,49 +5,30 @@
 //! stream of [`frame`]), `GET /v1/clusters/NAME/host-key?machine=ID` (what a machine presents).
 
 pub mod client;
-pub mod frame;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::http::{fleet_error, json_response, Body};
+use crate::protocol::frame;
+use crate::protocol::{ClusterInfo, ClusterList};
 use crate::tunnel::{Command, State, Status, Tunnel};
 
 /// How long `disconnect` waits for the tunnel to be closed before it answers.
 const DISCONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// One cluster as the control socket reports it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ClusterInfo {
-    pub name: String,
-    pub tunnel: String,
-    pub user: String,
-    pub endpoint: String,
-    pub socket: PathBuf,
-    /// How long the broker waits for a tunnel before answering 503.
-    pub connect_timeout_secs: f64,
-    #[serde(flatten)]
-    pub status: Status,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ClusterList {
-    pub clusters: Vec<ClusterInfo>,
-}
-
 /// What the control socket serves.
 pub struct Control {
-    pub registry: Arc<crate::daemon::Registry>,
+    pub registry: Arc<crate::registry::Registry>,
     /// Asks the daemon's owner to reload the config.
-    pub reload_tx: tokio::sync::mpsc::Sender<crate::daemon::ReloadRequest>,
+    pub reload_tx: tokio::sync::mpsc::Sender<crate::registry::ReloadRequest>,
 }
 
-fn exec_error(e: &crate::exec::ExecError) -> Response<Body> {
-    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_GATEWAY);
+fn exec_error(e: &crate::protocol::exec::ExecError) -> Response<Body> {
+    let status = StatusCode::from_u16(e.kind.http_status()).unwrap_or(StatusCode::BAD_GATEWAY);
     let body = serde_json::json!({
         "error": {"code": status.as_u16(), "message": e.message},
         "kind": e.kind,
@@ -64,14 +45,14 @@ async fn exec(exec: Arc<crate::exec::Exec>, req: Request<Incoming>) -> Response<
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case(frame::UPGRADE));
     if !wants_upgrade {
-        return exec_error(&crate::exec::ExecError::request(format!(
+        return exec_error(&crate::protocol::exec::ExecError::request(format!(
             "exec needs `Connection: upgrade` and `Upgrade: {}`",
             frame::UPGRADE
         )));
     }
     let (mut parts, body) = req.into_parts();
     let Some(on_upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
-        return exec_error(&crate::exec::ExecError::request(
+        return exec_error(&crate::protocol::exec::ExecError::request(
             "connection cannot be upgraded",
         ));
     };
@@ -81,12 +62,12 @@ async fn exec(exec: Arc<crate::exec::Exec>, req: Request<Incoming>) -> Response<
     {
         Ok(b) => b.to_bytes(),
         Err(e) => {
-            return exec_error(&crate::exec::ExecError::request(format!(
+            return exec_error(&crate::protocol::exec::ExecError::request(format!(
                 "reading exec request: {e}"
             )))
         }
     };
-    let request = match crate::exec::parse_request(&body) {
+    let request = match crate::protocol::exec::parse_request(&body) {
         Ok(r) => r,
         Err(e) => return exec_error(&e),
     };
@@ -222,8 +203,8 @@ impl Control {
         let _ = writeln!(
             out,
             "# HELP fleet_broker_buffered_bytes Bytes held for local readers that are behind, all clusters (limit {}).\n# TYPE fleet_broker_buffered_bytes gauge\nfleet_broker_buffered_bytes {}",
-            crate::proxy::MAX_BUFFERED_TOTAL,
-            crate::proxy::buffered_total()
+            crate::tunnel::channel::MAX_BUFFERED_TOTAL,
+            crate::tunnel::channel::buffered_total()
         );
         let mut r = Response::new(crate::http::full(out));
         r.headers_mut().insert(

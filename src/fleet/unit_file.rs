@@ -203,7 +203,7 @@ pub fn validate_options(options: &[UnitOption]) -> Result<(), String> {
 
 /// Go's `path.Match` for the patterns fleet uses (`*`, `?`, no path separators in names).
 pub fn glob_match(pattern: &str, name: &str) -> bool {
-    crate::known_hosts::wildcard_match(pattern, name)
+    crate::pattern::wildcard_match(pattern, name)
 }
 
 #[cfg(test)]

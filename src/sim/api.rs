@@ -11,7 +11,7 @@ use hyper::header::{HeaderValue, CONTENT_TYPE, SERVER};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use super::engine::Sim;
 use crate::fleet::schema::{MachinePage, Unit, UnitPage, UnitStatePage};
@@ -142,8 +142,8 @@ fn query_param(query: Option<&str>, key: &str) -> Option<String> {
         })
 }
 
-/// Serves the simulator on a unix socket until `shutdown` turns true.
-pub async fn serve(listener: UnixListener, sim: Arc<Mutex<Sim>>, shutdown: watch::Receiver<bool>) {
+/// Serves the simulator on a unix socket until `shutdown` is cancelled.
+pub async fn serve(listener: UnixListener, sim: Arc<Mutex<Sim>>, shutdown: CancellationToken) {
     accept_loop(
         || async { listener.accept().await.map(|(s, _)| s) },
         sim,
@@ -153,11 +153,7 @@ pub async fn serve(listener: UnixListener, sim: Arc<Mutex<Sim>>, shutdown: watch
 }
 
 /// Serves the simulator on TCP (fleetd's optional `ListenStream`) until `shutdown`.
-pub async fn serve_tcp(
-    listener: TcpListener,
-    sim: Arc<Mutex<Sim>>,
-    shutdown: watch::Receiver<bool>,
-) {
+pub async fn serve_tcp(listener: TcpListener, sim: Arc<Mutex<Sim>>, shutdown: CancellationToken) {
     accept_loop(
         || async { listener.accept().await.map(|(s, _)| s) },
         sim,
@@ -166,7 +162,7 @@ pub async fn serve_tcp(
     .await
 }
 
-async fn accept_loop<A, F, S>(accept: A, sim: Arc<Mutex<Sim>>, mut shutdown: watch::Receiver<bool>)
+async fn accept_loop<A, F, S>(accept: A, sim: Arc<Mutex<Sim>>, shutdown: CancellationToken)
 where
     A: Fn() -> F,
     F: std::future::Future<Output = std::io::Result<S>>,
@@ -179,7 +175,7 @@ where
                     spawn_conn(stream, sim.clone());
                 }
             }
-            _ = shutdown.changed() => break,
+            _ = shutdown.cancelled() => break,
         }
     }
 }

@@ -19,7 +19,7 @@ use crate::known_hosts::{self, fingerprint_md5, fingerprint_sha256, HostId, Know
 /// Window per channel: large enough for bulk transfers to keep pace with OpenSSH.
 pub const WINDOW_SIZE: u32 = 16 * 1024 * 1024;
 /// Window per channel of a nested connection: sessions on one nested connection together
-/// stay well under the tunnel channel's buffer limit (`proxy::MAX_BUFFERED`).
+/// stay well under the tunnel channel's buffer limit (`tunnel::channel::MAX_BUFFERED`).
 pub const NESTED_WINDOW_SIZE: u32 = 2 * 1024 * 1024;
 /// Largest packet we accept (OpenSSH's default maximum).
 pub const MAX_PACKET: u32 = 32 * 1024;
@@ -245,7 +245,7 @@ impl client::Handler for ClientHandler {
             Ok(mut local) => {
                 reply.accept().await;
                 tokio::spawn(async move {
-                    let mut remote = crate::proxy::DrainedChannel::new(channel);
+                    let mut remote = crate::tunnel::channel::DrainedChannel::new(channel);
                     let _ = tokio::io::copy_bidirectional(&mut remote, &mut local).await;
                 });
             }
@@ -449,7 +449,7 @@ pub async fn dial(spec: &DialSpec) -> Result<Connection, DialError> {
         hops.extend(conn.hops);
         conn = handshake(
             &next,
-            crate::proxy::DrainedChannel::new(ch),
+            crate::tunnel::channel::DrainedChannel::new(ch),
             None,
             format!("{} via {via}", next.target),
         )

@@ -9,6 +9,7 @@
 //! Users of the tunnel call [`Tunnel::link`] and get the live connection or, within the
 //! connect timeout, the reason there is none.
 
+pub mod channel;
 pub mod dial;
 pub mod quickack;
 
@@ -18,12 +19,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use rand::Rng;
 use russh::client::Handle;
-use serde::Serialize;
 use tokio::sync::{mpsc, watch, Notify};
+use tokio_util::sync::CancellationToken;
 
 pub use dial::{ClientHandler, DialError, DialSpec};
 
 use crate::config::{ClusterConfig, ConnectMode, InteractiveSession};
+pub use crate::protocol::{State, Status};
 
 pub const BACKOFF_MIN: Duration = Duration::from_millis(250);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -38,16 +40,6 @@ const LATENCY_SAMPLES: usize = 1024;
 
 /// The shared, live SSH connection.
 pub type SshHandle = Arc<Handle<ClientHandler>>;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum State {
-    Idle,
-    Connecting,
-    Ready,
-    Backoff,
-    Failed,
-}
 
 /// What a request sees of the tunnel.
 #[derive(Clone)]
@@ -65,25 +57,6 @@ pub enum Command {
     /// A request stalled on the live connection: probe it now (a keepalive that must be
     /// answered within [`Tunnel::probe_timeout`]) and reconnect if it is not.
     Probe,
-}
-
-/// Counters and the current status, read by the control socket.
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
-pub struct Status {
-    pub state: State,
-    pub host_key_fingerprint: Option<String>,
-    pub connected_since: Option<String>,
-    pub last_error: Option<String>,
-    pub reconnects: u64,
-    pub requests: u64,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    pub latency_p50_ms: Option<f64>,
-    pub latency_p99_ms: Option<f64>,
-    /// Whether the live connection carries an interactive (pty) session, so that sshd sends
-    /// without Nagle delays (`interactive_session`).
-    #[serde(default)]
-    pub interactive_session: bool,
 }
 
 #[derive(Debug)]
@@ -134,11 +107,11 @@ impl std::fmt::Display for State {
 }
 
 impl Tunnel {
-    /// Creates the tunnel and spawns its supervisor; the supervisor stops when `shutdown` fires.
+    /// Creates the tunnel and spawns its supervisor; the supervisor stops when `shutdown` is cancelled.
     pub fn spawn(
         config: ClusterConfig,
         agent: Option<PathBuf>,
-        shutdown: watch::Receiver<bool>,
+        shutdown: CancellationToken,
     ) -> Arc<Tunnel> {
         let (link_tx, _) = watch::channel(Link::Down);
         let (cmd_tx, cmd_rx) = mpsc::channel(8);
@@ -169,7 +142,7 @@ impl Tunnel {
             last_failure: None,
             repeats: 0,
         };
-        tokio::spawn(sup.run());
+        tokio::spawn(tracing::Instrument::in_current_span(sup.run()));
         tunnel
     }
 
@@ -343,7 +316,7 @@ enum Step {
 struct Supervisor {
     tunnel: Arc<Tunnel>,
     cmd_rx: mpsc::Receiver<Command>,
-    shutdown: watch::Receiver<bool>,
+    shutdown: CancellationToken,
     /// The last connect failure logged, and how often it recurred since: a failure that
     /// repeats is logged once, with its count when something changes.
     last_failure: Option<String>,
@@ -374,7 +347,7 @@ impl Supervisor {
                             Some(Command::Disconnect | Command::Probe) => Step::Idle,
                             None => Step::Stop,
                         },
-                        _ = self.shutdown.changed() => Step::Stop,
+                        _ = self.shutdown.cancelled() => Step::Stop,
                     }
                 }
                 Step::Connecting => {
@@ -424,7 +397,7 @@ impl Supervisor {
                                 Some(Command::Disconnect) => break Step::Idle,
                                 None => break Step::Stop,
                             },
-                            _ = self.shutdown.changed() => break Step::Stop,
+                            _ = self.shutdown.cancelled() => break Step::Stop,
                         }
                     }
                 }
@@ -439,7 +412,7 @@ impl Supervisor {
                                 Some(Command::Probe) => continue,
                                 None => break Step::Stop,
                             },
-                            _ = self.shutdown.changed() => break Step::Stop,
+                            _ = self.shutdown.cancelled() => break Step::Stop,
                         }
                     }
                 }
@@ -459,7 +432,7 @@ impl Supervisor {
         let started = Instant::now();
         let result = tokio::select! {
             r = tokio::time::timeout(t.config.connect_timeout, dial::dial(&spec)) => r,
-            _ = self.shutdown.changed() => return Step::Stop,
+            _ = self.shutdown.cancelled() => return Step::Stop,
         };
         match result {
             Ok(Ok(conn)) => {
@@ -587,7 +560,7 @@ impl Supervisor {
                     Some(Command::Disconnect) => break Step::Idle,
                     None => break Step::Stop,
                 },
-                _ = self.shutdown.changed() => break Step::Stop,
+                _ = self.shutdown.cancelled() => break Step::Stop,
             }
         };
         t.link_tx.send_replace(Link::Down);

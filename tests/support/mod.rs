@@ -214,7 +214,7 @@ pub struct SimServer {
     pub socket: PathBuf,
     pub tcp: Option<SocketAddr>,
     pub sim: Arc<Mutex<Sim>>,
-    stop: Option<tokio::sync::watch::Sender<bool>>,
+    stop: Option<tokio_util::sync::CancellationToken>,
     thread: Option<std::thread::JoinHandle<()>>,
     _dir: tempfile::TempDir,
 }
@@ -236,7 +236,8 @@ impl SimServer {
         let dir = open_tempdir("fb-sim.");
         let socket = dir.path().join("fleet.sock");
         let sim = Arc::new(Mutex::new(Sim::new(machines)));
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stop_tx = tokio_util::sync::CancellationToken::new();
+        let stop_rx = stop_tx.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (sock, s) = (socket.clone(), sim.clone());
         let thread = std::thread::spawn(move || {
@@ -304,7 +305,7 @@ impl SimServer {
 impl Drop for SimServer {
     fn drop(&mut self) {
         if let Some(s) = self.stop.take() {
-            let _ = s.send(true);
+            s.cancel();
         }
         if let Some(t) = self.thread.take() {
             let _ = t.join();

@@ -14,7 +14,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioIo;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
-use super::schema::{Machine, MachinePage, Unit, UnitPage, UnitState, UnitStatePage};
+use crate::fleet::schema::{Machine, MachinePage, Unit, UnitPage, UnitState, UnitStatePage};
 
 /// Characters kept as they are in a unit name path segment (Go's path escaping).
 const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC

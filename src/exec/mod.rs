@@ -1,0 +1,257 @@
+//! Exec sessions on cluster machines, for `fleetctl ssh|journal|status`.
+//!
+//! A session's target is resolved through the cluster's fleet API ([`resolve`]: a machine ID
+//! prefix, a unit, either of those, or the tunnel host itself). A machine other than the
+//! tunnel host is reached by a nested SSH connection carried over a `direct-tcpip` channel of
+//! the tunnel, verified end to end with the cluster's pins and policy and authenticated by the
+//! agent ([`pool`]: connections per machine and user, reused while they have sessions or were
+//! used in the last minute; at most [`SESSIONS_PER_CONNECTION`] sessions each and, unless
+//! `interactive_session = "off"`, one interactive (pty) session that makes the machine's sshd
+//! send without Nagle delays, so sshd's `MaxSessions` (10) is never hit). A started command is
+//! pumped to and from the client as frames ([`session`], `protocol::frame`). Knows nothing of
+//! the CLI.
+
+mod pool;
+mod resolve;
+mod session;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{known_hosts_name, HostPort};
+use crate::protocol::exec::{ExecError, ExecRequest, ExecTarget};
+use crate::protocol::{HostKeyReport, HostKeyVerdict};
+use crate::tunnel::channel::DrainedChannel;
+use crate::tunnel::dial::{self, DialSpec};
+use crate::tunnel::Tunnel;
+
+use pool::{sweep, PoolKey, Pooled};
+use resolve::Place;
+pub use session::Session;
+
+/// Sessions one SSH connection carries at once (sshd's default `MaxSessions` is 10).
+pub const SESSIONS_PER_CONNECTION: usize = 8;
+/// An idle nested connection is closed after this long.
+pub const NESTED_IDLE: Duration = Duration::from_secs(60);
+/// Bound on the fleet API lookups of target resolution.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The longest session setup a request may ask for (`--ssh-timeout`).
+const MAX_SETUP_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Exec sessions of one cluster.
+pub struct Exec {
+    tunnel: Arc<Tunnel>,
+    /// The cluster socket, for the fleet API lookups of target resolution.
+    socket: PathBuf,
+    agent: Option<PathBuf>,
+    pool: Mutex<HashMap<PoolKey, Vec<Arc<Pooled>>>>,
+    /// The cluster's token: ends the pool's sweeper and every session.
+    stop: CancellationToken,
+}
+
+impl Exec {
+    /// Exec sessions through `tunnel`; target lookups go through the cluster socket at
+    /// `socket`. The pool's sweeper and every session end when `stop` is cancelled.
+    pub fn new(
+        tunnel: Arc<Tunnel>,
+        socket: PathBuf,
+        agent: Option<PathBuf>,
+        stop: CancellationToken,
+    ) -> Arc<Exec> {
+        let exec = Arc::new(Exec {
+            tunnel,
+            socket,
+            agent,
+            pool: Mutex::new(HashMap::new()),
+            stop: stop.clone(),
+        });
+        let weak = Arc::downgrade(&exec);
+        tokio::spawn(tracing::Instrument::in_current_span(sweep(weak, stop)));
+        exec
+    }
+
+    fn short(id: &str) -> &str {
+        id.get(..8).unwrap_or(id)
+    }
+
+    fn spec(&self, label: String, target: HostPort, user: String, forward_agent: bool) -> DialSpec {
+        let c = &self.tunnel.config;
+        DialSpec {
+            label,
+            target,
+            jump: Vec::new(),
+            user,
+            keys: crate::auth::KeySource {
+                agent: self.agent.clone(),
+                identity_files: c.identity_files.clone(),
+            },
+            known_hosts: c.known_hosts.clone(),
+            policy: c.host_key_checking,
+            keepalive_interval: Some(c.keepalive_interval),
+            keepalive_max: c.keepalive_max,
+            trust_hint: format!("pin it with `fleet-broker trust {} --machine ID`", c.name),
+            forward_agent,
+            window_size: dial::NESTED_WINDOW_SIZE,
+        }
+    }
+
+    /// The host key a machine presents, and what the pins say of it (`fleet-broker trust
+    /// --machine`). No credentials are offered.
+    pub async fn machine_key(
+        &self,
+        prefix: &str,
+        ssh_port: Option<u16>,
+    ) -> Result<HostKeyReport, ExecError> {
+        let place = self
+            .resolve(&ExecTarget::Machine(prefix.to_string()))
+            .await?;
+        let Place::Machine { id, ip } = place else {
+            return Err(ExecError::resolve(
+                "that is the tunnel host; use `fleet-broker trust CLUSTER`",
+            ));
+        };
+        let port = ssh_port.unwrap_or(self.tunnel.config.machine_ssh_port);
+        let tunnel = self
+            .tunnel
+            .link()
+            .await
+            .map_err(|e| ExecError::ssh(format!("cluster {:?}: {e}", self.tunnel.name())))?;
+        let ch = tunnel
+            .channel_open_direct_tcpip(ip.as_str(), u32::from(port), "127.0.0.1", 0)
+            .await
+            .map_err(|e| {
+                ExecError::ssh(format!(
+                    "the tunnel host could not connect to {}: {e}",
+                    known_hosts_name(&ip, port)
+                ))
+            })?;
+        let target = HostPort {
+            host: ip.clone(),
+            port,
+        };
+        let spec = self.spec(
+            format!("machine {}", Self::short(&id)),
+            target.clone(),
+            self.tunnel.config.user.clone(),
+            false,
+        );
+        let seen = tokio::time::timeout(
+            self.tunnel.config.connect_timeout,
+            dial::presented_key_over(&spec, DrainedChannel::new(ch)),
+        )
+        .await
+        .map_err(|_| ExecError::ssh("timed out waiting for the machine's host key"))?
+        .map_err(|e| ExecError::ssh(e.to_string()))?;
+        Ok(host_key_report(id, &seen))
+    }
+
+    /// The command line a request runs (`None`: a shell). A read-only cluster runs only
+    /// the commands the daemon builds itself (`status`, `journal`).
+    fn command_line(&self, req: &ExecRequest) -> Result<Option<String>, ExecError> {
+        match (&req.action, &req.command) {
+            (Some(_), Some(_)) => Err(ExecError::request(
+                "an exec request has either an action or a command, not both",
+            )),
+            (Some(action), None) => Ok(Some(action.command_line())),
+            (None, command) if self.tunnel.config.read_only => Err(ExecError::forbidden(format!(
+                "cluster {:?} is read-only in the broker's config: {} on its machines is refused (status and journal work)",
+                self.tunnel.name(),
+                if command.is_some() { "running a command" } else { "a shell" }
+            ))),
+            (None, command) => Ok(command.clone()),
+        }
+    }
+
+    /// Resolves the target, connects and starts the remote command (or shell).
+    pub async fn start(&self, req: &ExecRequest) -> Result<Session, ExecError> {
+        let command = self.command_line(req)?;
+        let setup = async {
+            let place = self.resolve(&req.target).await?;
+            let cfg = &self.tunnel.config;
+            let user = req.user.clone().unwrap_or_else(|| cfg.user.clone());
+            let port = req.ssh_port.unwrap_or(cfg.machine_ssh_port);
+            let (handle, slot) = self
+                .connection(&place, &user, port, req.forward_agent)
+                .await?;
+            let fail = |what: &str, e: russh::Error| ExecError::ssh(format!("{what}: {e}"));
+            let channel = handle
+                .channel_open_session()
+                .await
+                .map_err(|e| fail("cannot open a session", e))?;
+            if req.forward_agent {
+                channel
+                    .agent_forward(false)
+                    .await
+                    .map_err(|e| fail("agent forwarding", e))?;
+            }
+            if let Some(p) = &req.pty {
+                channel
+                    .request_pty(false, &p.term, p.cols, p.rows, 0, 0, &[])
+                    .await
+                    .map_err(|e| fail("pty request", e))?;
+            }
+            match &command {
+                Some(cmd) => channel
+                    .exec(true, cmd.as_bytes())
+                    .await
+                    .map_err(|e| fail("exec", e))?,
+                None => channel
+                    .request_shell(true)
+                    .await
+                    .map_err(|e| fail("shell", e))?,
+            }
+            tracing::info!(cluster = %cfg.name, target = ?req.target, user = %user, pty = req.pty.is_some(), "exec session started");
+            Ok(Session {
+                channel,
+                _slot: slot,
+                stop: self.stop.clone(),
+            })
+        };
+        // Any number a client sends is bounded here; none can overflow a deadline.
+        let limit = req
+            .timeout_secs
+            .filter(|s| *s > 0.0)
+            .and_then(|s| Duration::try_from_secs_f64(s).ok())
+            .map(|d| d.min(MAX_SETUP_TIMEOUT))
+            .unwrap_or(self.tunnel.config.connect_timeout * 2);
+        match tokio::time::timeout(limit, setup).await {
+            Ok(r) => r,
+            Err(_) => Err(ExecError::ssh(format!(
+                "timed out while initiating SSH connection ({limit:?})"
+            ))),
+        }
+    }
+}
+
+/// What the control socket reports of a presented machine key.
+fn host_key_report(machine: String, seen: &dial::PresentedKey) -> HostKeyReport {
+    use crate::known_hosts::{fingerprint_md5, fingerprint_sha256, Verdict};
+    let (verdict, pins) = match &seen.verdict {
+        Verdict::Trusted(p) => (HostKeyVerdict::Trusted, vec![p.to_string()]),
+        Verdict::Revoked(p) => (HostKeyVerdict::Revoked, vec![p.to_string()]),
+        Verdict::Changed(ps) => (
+            HostKeyVerdict::Changed,
+            ps.iter().map(|p| p.to_string()).collect(),
+        ),
+        Verdict::Unknown => (HostKeyVerdict::Unknown, vec![]),
+    };
+    let key = seen
+        .key
+        .to_openssh()
+        .map(|k| k.split_whitespace().take(2).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default();
+    HostKeyReport {
+        machine,
+        name: seen.host.lookup.clone(),
+        key,
+        fingerprint: fingerprint_sha256(&seen.key),
+        md5: fingerprint_md5(&seen.key),
+        verdict,
+        pins,
+    }
+}

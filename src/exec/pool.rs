@@ -1,0 +1,236 @@
+//! Nested connections to machines, pooled per machine, port and user, and the slots that
+//! sessions hold on them.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Instant;
+
+use russh::client::{Handle, Msg};
+use russh::Channel;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{known_hosts_name, HostPort, InteractiveSession};
+use crate::protocol::exec::ExecError;
+use crate::tunnel::channel::DrainedChannel;
+use crate::tunnel::dial::{self, ClientHandler};
+use crate::tunnel::open_interactive;
+
+use super::resolve::Place;
+use super::{Exec, NESTED_IDLE, SESSIONS_PER_CONNECTION};
+
+type SshHandle = Arc<Handle<ClientHandler>>;
+
+/// A pooled connection and how busy it is.
+pub(super) struct Pooled {
+    handle: SshHandle,
+    active: AtomicUsize,
+    last_used: Mutex<Instant>,
+    /// The connection's interactive session (`interactive_session`), which makes the
+    /// machine's sshd send without Nagle delays; held as long as the connection.
+    _interactive: Option<Channel<Msg>>,
+}
+
+/// Held while a session runs; frees its slot on drop.
+pub struct Slot {
+    pooled: Option<Arc<Pooled>>,
+    /// A connection of this session alone (the tunnel host, agent forwarding), closed with it.
+    own: Option<SshHandle>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(p) = &self.pooled {
+            if let Ok(mut t) = p.last_used.lock() {
+                *t = Instant::now();
+            }
+            p.active.fetch_sub(1, Ordering::SeqCst);
+        }
+        if let Some(h) = self.own.take() {
+            tokio::spawn(async move {
+                let _ = h
+                    .disconnect(russh::Disconnect::ByApplication, "", "en")
+                    .await;
+            });
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
+pub(super) struct PoolKey {
+    ip: String,
+    port: u16,
+    user: String,
+}
+
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+impl Exec {
+    /// Dials a machine through the tunnel: direct-tcpip to `ip:port`, then SSH end to end.
+    async fn dial_nested(
+        &self,
+        id: &str,
+        ip: &str,
+        port: u16,
+        user: &str,
+        forward_agent: bool,
+    ) -> Result<SshHandle, ExecError> {
+        let tunnel = self
+            .tunnel
+            .link()
+            .await
+            .map_err(|e| ExecError::ssh(format!("cluster {:?}: {e}", self.tunnel.name())))?;
+        let ch = tunnel
+            .channel_open_direct_tcpip(ip, u32::from(port), "127.0.0.1", 0)
+            .await
+            .map_err(|e| {
+                ExecError::ssh(format!(
+                    "the tunnel host could not connect to {}: {e}",
+                    known_hosts_name(ip, port)
+                ))
+            })?;
+        let label = format!(
+            "cluster {:?} machine {}",
+            self.tunnel.name(),
+            Self::short(id)
+        );
+        let target = HostPort {
+            host: ip.to_string(),
+            port,
+        };
+        let spec = self.spec(label, target.clone(), user.to_string(), forward_agent);
+        let conn = dial::handshake(&spec, DrainedChannel::new(ch), None, target.to_string())
+            .await
+            .map_err(|e| ExecError::ssh(e.to_string()))?;
+        Ok(Arc::new(conn.handle))
+    }
+
+    /// A connection with a free session slot for this place and user.
+    pub(super) async fn connection(
+        &self,
+        place: &Place,
+        user: &str,
+        port: u16,
+        forward_agent: bool,
+    ) -> Result<(SshHandle, Slot), ExecError> {
+        let cfg = &self.tunnel.config;
+        match place {
+            // A session on the tunnel host gets a connection of its own: on the tunnel's, an
+            // unread session would fill its channel's queue and russh would stop reading the
+            // whole connection, stalling every API request of the cluster.
+            Place::Tunnel => {
+                let label = format!("cluster {:?} tunnel host", self.tunnel.name());
+                let mut spec =
+                    self.spec(label, cfg.tunnel.clone(), user.to_string(), forward_agent);
+                spec.jump = cfg.jump.clone();
+                let conn = dial::dial(&spec)
+                    .await
+                    .map_err(|e| ExecError::ssh(e.to_string()))?;
+                let h = Arc::new(conn.handle);
+                Ok((
+                    h.clone(),
+                    Slot {
+                        pooled: None,
+                        own: Some(h),
+                    },
+                ))
+            }
+            Place::Machine { id, ip } if forward_agent => {
+                let h = self.dial_nested(id, ip, port, user, true).await?;
+                Ok((
+                    h.clone(),
+                    Slot {
+                        pooled: None,
+                        own: Some(h),
+                    },
+                ))
+            }
+            Place::Machine { id, ip } => {
+                let key = PoolKey {
+                    ip: ip.clone(),
+                    port,
+                    user: user.to_string(),
+                };
+                {
+                    let mut pool = lock(&self.pool);
+                    let conns = pool.entry(key.clone()).or_default();
+                    conns.retain(|p| !p.handle.is_closed());
+                    for p in conns.iter() {
+                        let n = p.active.fetch_add(1, Ordering::SeqCst);
+                        if n < SESSIONS_PER_CONNECTION {
+                            return Ok((
+                                p.handle.clone(),
+                                Slot {
+                                    pooled: Some(p.clone()),
+                                    own: None,
+                                },
+                            ));
+                        }
+                        p.active.fetch_sub(1, Ordering::SeqCst);
+                    }
+                }
+                let handle = self.dial_nested(id, ip, port, user, false).await?;
+                let interactive = match cfg.interactive_session {
+                    InteractiveSession::Auto => {
+                        open_interactive(&handle, self.tunnel.probe_timeout()).await
+                    }
+                    InteractiveSession::Off => None,
+                };
+                let pooled = Arc::new(Pooled {
+                    handle: handle.clone(),
+                    active: AtomicUsize::new(1),
+                    last_used: Mutex::new(Instant::now()),
+                    _interactive: interactive,
+                });
+                lock(&self.pool)
+                    .entry(key)
+                    .or_default()
+                    .push(pooled.clone());
+                Ok((
+                    handle,
+                    Slot {
+                        pooled: Some(pooled),
+                        own: None,
+                    },
+                ))
+            }
+        }
+    }
+}
+
+/// Closes idle nested connections.
+pub(super) async fn sweep(exec: Weak<Exec>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(NESTED_IDLE / 4) => {}
+        }
+        let Some(exec) = exec.upgrade() else { return };
+        let mut idle = Vec::new();
+        {
+            let mut pool = lock(&exec.pool);
+            for conns in pool.values_mut() {
+                conns.retain(|p| {
+                    let unused = p.active.load(Ordering::SeqCst) == 0
+                        && lock(&p.last_used).elapsed() >= NESTED_IDLE;
+                    if unused || p.handle.is_closed() {
+                        idle.push(p.handle.clone());
+                        false
+                    } else {
+                        true
+                    }
+                });
+            }
+            pool.retain(|_, v| !v.is_empty());
+        }
+        for h in idle {
+            let _ = h
+                .disconnect(russh::Disconnect::ByApplication, "idle", "en")
+                .await;
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! Target resolution: which machine (or the tunnel host) a session runs on, from the
+//! cluster's fleet API, with fleetctl's messages.
+
+use crate::fleet_client::FleetClient;
+use crate::protocol::exec::{ExecError, ExecTarget};
+
+use super::{Exec, LOOKUP_TIMEOUT};
+
+/// A resolved target.
+#[derive(Debug, Clone)]
+pub(super) enum Place {
+    Tunnel,
+    Machine { id: String, ip: String },
+}
+
+/// A machine as a place to dial. Its `primaryIP` comes from the fleet API, which anyone who
+/// can write to the cluster's etcd controls: only an IP address is dialled, never a name or a
+/// pattern that a known_hosts entry or the tunnel host's resolver would read differently. A
+/// machine without one gets fleetctl's "Could not determine address of machine.".
+fn machine_place(m: &crate::fleet::schema::Machine) -> Place {
+    let ip = match m.primary_ip.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.to_string(),
+        Err(_) => {
+            if !m.primary_ip.is_empty() {
+                tracing::warn!(machine = %m.id, primary_ip = ?m.primary_ip, "the fleet API reports a primaryIP that is not an IP address; not dialling it");
+            }
+            String::new()
+        }
+    };
+    Place::Machine {
+        id: m.id.clone(),
+        ip,
+    }
+}
+
+impl Exec {
+    pub(super) async fn resolve(&self, target: &ExecTarget) -> Result<Place, ExecError> {
+        let cfg = &self.tunnel.config;
+        let is_tunnel_name = |s: &str| s == cfg.tunnel.host || s == cfg.tunnel.to_string();
+        if let ExecTarget::TunnelHost = target {
+            return Ok(Place::Tunnel);
+        }
+        if let ExecTarget::Auto(s) | ExecTarget::Machine(s) = target {
+            if is_tunnel_name(s) {
+                return Ok(Place::Tunnel);
+            }
+        }
+        let api = FleetClient::new(&self.socket, LOOKUP_TIMEOUT);
+        // A unit target needs the unit and the machine list; both are asked at once.
+        let unit_name = match target {
+            ExecTarget::Unit(name) => Some(name.clone()),
+            ExecTarget::Auto(s) => Some(crate::fleet::names::unit_name_mangle(s)),
+            _ => None,
+        };
+        let (machines, unit) = tokio::join!(api.machines(), async {
+            match &unit_name {
+                Some(name) => Some(api.unit(name).await),
+                None => None,
+            }
+        });
+        let machines = machines.map_err(|e| ExecError::resolve(e.to_string()))?;
+        let by_machine = |prefix: &str| -> Result<Option<Place>, ExecError> {
+            let mut found = machines.iter().filter(|m| m.id.starts_with(prefix));
+            let Some(m) = found.next() else {
+                return Ok(None);
+            };
+            if found.next().is_some() {
+                return Err(ExecError::resolve("found more than one machine"));
+            }
+            Ok(Some(machine_place(m)))
+        };
+        let by_unit = |u: &Option<crate::fleet::schema::Unit>| -> Result<Option<Place>, ExecError> {
+            let Some(u) = u else { return Ok(None) };
+            if crate::fleet::unit_file::is_global(&u.options) {
+                return Err(ExecError::resolve("global units unsupported"));
+            }
+            let m = machines.iter().find(|m| m.id == u.machine_id);
+            Ok(m.map(machine_place))
+        };
+        let place = match target {
+            ExecTarget::Machine(prefix) => {
+                by_machine(prefix)?.ok_or_else(|| ExecError::resolve("machine does not exist"))?
+            }
+            ExecTarget::Unit(_) => {
+                let u = unit
+                    .transpose()
+                    .map_err(|e| ExecError::resolve(e.to_string()))?
+                    .flatten();
+                if u.is_none() {
+                    return Err(ExecError::resolve("unit does not exist"));
+                }
+                by_unit(&u)?
+                    .ok_or_else(|| ExecError::resolve("Could not determine address of machine."))?
+            }
+            ExecTarget::Auto(s) => {
+                let machine = by_machine(s).unwrap_or(None);
+                let unit = unit.and_then(Result::ok).flatten();
+                let unit = by_unit(&unit).unwrap_or(None);
+                match (machine, unit) {
+                    (Some(_), Some(_)) => {
+                        return Err(ExecError::resolve(format!(
+                            "ambiguous argument, both machine and unit found for `{s}`.\nPlease use flag `-m` or `-u` to refine the search"
+                        )))
+                    }
+                    (Some(p), None) | (None, Some(p)) => p,
+                    (None, None) => return Err(ExecError::resolve("could not find matching unit or machine")),
+                }
+            }
+            ExecTarget::TunnelHost => Place::Tunnel,
+        };
+        if let Place::Machine { ip, .. } = &place {
+            if ip.is_empty() {
+                return Err(ExecError::resolve(
+                    "Could not determine address of machine.",
+                ));
+            }
+        }
+        Ok(place)
+    }
+}

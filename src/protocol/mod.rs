@@ -1,0 +1,115 @@
+//! What the daemon and its clients say to each other on the control socket: cluster health
+//! ([`ClusterInfo`], [`Status`]), host-key reports, exec requests and errors ([`exec`]) and the
+//! frame stream of a running session ([`frame`]). Pure data; both the daemon and the CLI use it.
+
+pub mod exec;
+pub mod frame;
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Where a cluster's tunnel is in its life (the supervisor's states, `tunnel`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// No connection and none wanted until a request or `connect` comes.
+    Idle,
+    /// An attempt is under way.
+    Connecting,
+    /// The connection is up.
+    Ready,
+    /// Waiting before the next attempt.
+    Backoff,
+    /// Stopped on an error retrying cannot fix; waits for `connect` or a reload.
+    Failed,
+}
+
+/// Counters and the current status, read by the control socket.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    /// The supervisor's state.
+    pub state: State,
+    /// `SHA256:…` of the tunnel host's key on the live connection.
+    pub host_key_fingerprint: Option<String>,
+    /// When the live connection came up (RFC 3339).
+    pub connected_since: Option<String>,
+    /// Why the last attempt or connection failed.
+    pub last_error: Option<String>,
+    /// Connections lost and re-established.
+    pub reconnects: u64,
+    /// Requests forwarded to the fleet API.
+    pub requests: u64,
+    /// Response bytes from the fleet API.
+    pub bytes_in: u64,
+    /// Request body bytes to the fleet API.
+    pub bytes_out: u64,
+    /// Median time to response headers over recent requests.
+    pub latency_p50_ms: Option<f64>,
+    /// 99th percentile time to response headers over recent requests.
+    pub latency_p99_ms: Option<f64>,
+    /// Whether the live connection carries an interactive (pty) session, so that sshd sends
+    /// without Nagle delays (`interactive_session`).
+    #[serde(default)]
+    pub interactive_session: bool,
+}
+
+/// One cluster as the control socket reports it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    /// The cluster's name in the config.
+    pub name: String,
+    /// `host:port` of the tunnel host.
+    pub tunnel: String,
+    /// The SSH user on the tunnel host.
+    pub user: String,
+    /// The fleet API endpoint as the tunnel host reaches it.
+    pub endpoint: String,
+    /// The local cluster socket.
+    pub socket: PathBuf,
+    /// How long the broker waits for a tunnel before answering 503.
+    pub connect_timeout_secs: f64,
+    /// The tunnel's state and counters.
+    #[serde(flatten)]
+    pub status: Status,
+}
+
+/// `GET /v1/clusters`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterList {
+    /// Every served cluster, by name.
+    pub clusters: Vec<ClusterInfo>,
+}
+
+/// A presented host key and its standing, as the control socket reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostKeyReport {
+    /// The machine ID asked about.
+    pub machine: String,
+    /// The known_hosts name the key is pinned under.
+    pub name: String,
+    /// `type base64`, as a known_hosts line carries it.
+    pub key: String,
+    /// `SHA256:…`, as `ssh-keygen -l` prints it.
+    pub fingerprint: String,
+    /// `MD5:…`, as `ssh-keygen -l -E md5` prints it.
+    pub md5: String,
+    /// The key's standing in the cluster's known_hosts files.
+    pub verdict: HostKeyVerdict,
+    /// Where the host is pinned now (`file:line type fingerprint`).
+    pub pins: Vec<String>,
+}
+
+/// A presented key's standing in the cluster's known_hosts files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostKeyVerdict {
+    /// Pinned (or signed by a pinned CA).
+    Trusted,
+    /// Not pinned under this name.
+    Unknown,
+    /// The name is pinned with other keys.
+    Changed,
+    /// Marked `@revoked`.
+    Revoked,
+}

@@ -1,0 +1,105 @@
+//! The clusters a daemon serves, by name: what the control socket reads and the daemon
+//! changes on reload.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::exec::Exec;
+use crate::tunnel::Tunnel;
+
+/// One served cluster.
+pub struct ClusterRuntime {
+    /// The cluster's tunnel and its supervisor.
+    pub tunnel: Arc<Tunnel>,
+    /// Exec sessions on the cluster's machines.
+    pub exec: Arc<Exec>,
+    /// The local cluster socket.
+    pub socket: PathBuf,
+    /// Cancelled to stop everything of this cluster (a child of the daemon's token).
+    stop: CancellationToken,
+    serve_task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl ClusterRuntime {
+    /// A served cluster whose tasks all obey `stop`.
+    pub fn new(
+        tunnel: Arc<Tunnel>,
+        exec: Arc<Exec>,
+        socket: PathBuf,
+        stop: CancellationToken,
+        serve_task: JoinHandle<()>,
+    ) -> ClusterRuntime {
+        ClusterRuntime {
+            tunnel,
+            exec,
+            socket,
+            stop,
+            serve_task: Mutex::new(Some(serve_task)),
+        }
+    }
+
+    /// Cancels the cluster's tasks; returns its socket's serving task to wait for its drain.
+    pub fn stop(&self) -> Option<JoinHandle<()>> {
+        self.stop.cancel();
+        match self.serve_task.lock() {
+            Ok(mut t) => t.take(),
+            Err(p) => p.into_inner().take(),
+        }
+    }
+}
+
+/// The clusters being served, shared with the control socket.
+#[derive(Default)]
+pub struct Registry {
+    clusters: RwLock<BTreeMap<String, Arc<ClusterRuntime>>>,
+}
+
+impl Registry {
+    /// A snapshot of the served clusters.
+    pub fn all(&self) -> Vec<Arc<ClusterRuntime>> {
+        match self.clusters.read() {
+            Ok(c) => c.values().cloned().collect(),
+            Err(p) => p.into_inner().values().cloned().collect(),
+        }
+    }
+
+    /// The served cluster called `name`.
+    pub fn get(&self, name: &str) -> Option<Arc<ClusterRuntime>> {
+        match self.clusters.read() {
+            Ok(c) => c.get(name).cloned(),
+            Err(p) => p.into_inner().get(name).cloned(),
+        }
+    }
+
+    /// The names of the served clusters, sorted.
+    pub fn names(&self) -> Vec<String> {
+        self.all()
+            .iter()
+            .map(|c| c.tunnel.name().to_string())
+            .collect()
+    }
+
+    /// Adds (`Some`) or removes (`None`) the cluster called `name`.
+    pub fn set(&self, name: String, c: Option<Arc<ClusterRuntime>>) {
+        let mut map = match self.clusters.write() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        match c {
+            Some(c) => {
+                map.insert(name, c);
+            }
+            None => {
+                map.remove(&name);
+            }
+        }
+    }
+}
+
+/// A reload request from the control socket, answered with the outcome.
+pub type ReloadRequest = oneshot::Sender<Result<String, String>>;
