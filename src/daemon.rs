@@ -179,7 +179,9 @@ impl Daemon {
                 let _ = task.await;
             }
             let _ = std::fs::remove_file(&rt.socket);
-            tracing::info!(cluster = %name, "stopped serving cluster");
+            tracing::info_span!("cluster", cluster = %name).in_scope(|| {
+                tracing::info!("stopped serving cluster");
+            });
         }
     }
 

@@ -120,7 +120,7 @@ pub async fn serve<S, F>(
                     async move { Ok::<_, Infallible>(h(req).await) }
                 });
                 let stop = shutdown.clone();
-                conns.spawn(async move {
+                conns.spawn(tracing::Instrument::in_current_span(async move {
                     let _slot = slot;
                     let conn = hyper::server::conn::http1::Builder::new()
                         .timer(hyper_util::rt::TokioTimer::new())
@@ -138,7 +138,7 @@ pub async fn serve<S, F>(
                     if let Err(e) = result {
                         tracing::debug!(error = %e, "local connection ended with an error");
                     }
-                });
+                }));
                 // Reap finished connection tasks as we go.
                 while conns.try_join_next().is_some() {}
             }

@@ -229,7 +229,7 @@ impl Proxy {
             );
         }
         if let Err(cause) = self.tunnel.link().await {
-            return self.unavailable(&cause);
+            return self.unavailable(&cause.to_string());
         }
         let pq = req
             .uri()
@@ -245,7 +245,7 @@ impl Proxy {
         *req.uri_mut() = uri;
         strip_hop_by_hop(req.headers_mut());
         let method = req.method().clone();
-        tracing::debug!(cluster = %self.tunnel.name(), %method, path = %pq, "request");
+        tracing::debug!(%method, path = %pq, "request");
         let (parts, body) = req.into_parts();
         let counter = self.tunnel.clone();
         let count: Box<
@@ -261,7 +261,7 @@ impl Proxy {
         let response = match self.response_within(req, started).await {
             Ok(r) => r,
             Err(cause) => {
-                tracing::warn!(cluster = %self.tunnel.name(), error = %cause, "upstream request stalled");
+                tracing::warn!(error = %cause, "upstream request stalled");
                 return self.unavailable(&cause);
             }
         };
@@ -293,7 +293,7 @@ impl Proxy {
                 if let Some(why) = self.tunnel_down_reason() {
                     cause = format!("{cause}: {why}");
                 }
-                tracing::warn!(cluster = %self.tunnel.name(), error = %cause, "upstream request failed");
+                tracing::warn!(error = %cause, "upstream request failed");
                 self.unavailable(&cause)
             }
         }

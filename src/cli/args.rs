@@ -172,13 +172,9 @@ pub struct BlockFlags {
 }
 
 impl BlockFlags {
-    /// fleetctl's `getBlockAttempts`: -1 with --no-block, else the attempts (0 = no limit).
-    pub fn attempts(&self) -> i64 {
-        if self.no_block {
-            -1
-        } else {
-            i64::from(self.block_attempts)
-        }
+    /// fleetctl's `getBlockAttempts`, typed.
+    pub fn block(&self) -> super::units::Block {
+        super::units::Block::from_flags(self.no_block, self.block_attempts)
     }
 }
 

@@ -18,6 +18,7 @@ use std::time::Duration;
 use clap::{CommandFactory, FromArgMatches};
 
 use args::{Cli, Cmd};
+use units::{Block, CreateCommand, StopCommand};
 
 /// What `fleetctl version` reports: the fleet release whose behaviour we match.
 pub const FLEET_VERSION: &str = "1.0.0";
@@ -167,28 +168,53 @@ pub async fn run(argv: Vec<OsString>) -> i32 {
         Cmd::ListUnitFiles(f) => lists::list_unit_files(&api, &f).await,
         Cmd::ListMachines(f) => lists::list_machines(&api, &f).await,
         Cmd::Submit { replace, units, .. } => {
-            units::run_create(&ctx, "submit", &units.units, replace, 0).await
+            units::run_create(
+                &ctx,
+                CreateCommand::Submit,
+                &units.units,
+                replace,
+                Block::Forever,
+            )
+            .await
         }
         Cmd::Load {
             block,
             replace,
             units,
             ..
-        } => units::run_create(&ctx, "load", &units.units, replace, block.attempts()).await,
+        } => {
+            units::run_create(
+                &ctx,
+                CreateCommand::Load,
+                &units.units,
+                replace,
+                block.block(),
+            )
+            .await
+        }
         Cmd::Start {
             block,
             replace,
             units,
             ..
-        } => units::run_create(&ctx, "start", &units.units, replace, block.attempts()).await,
+        } => {
+            units::run_create(
+                &ctx,
+                CreateCommand::Start,
+                &units.units,
+                replace,
+                block.block(),
+            )
+            .await
+        }
         Cmd::Stop { block, units } => {
-            units::run_stop_unload(&ctx, "stop", &units.units, block.attempts()).await
+            units::run_stop_unload(&ctx, StopCommand::Stop, &units.units, block.block()).await
         }
         Cmd::Unload { block, units } => {
-            units::run_stop_unload(&ctx, "unload", &units.units, block.attempts()).await
+            units::run_stop_unload(&ctx, StopCommand::Unload, &units.units, block.block()).await
         }
         Cmd::Destroy { block, units } => {
-            units::run_destroy(&ctx, &units.units, block.attempts()).await
+            units::run_destroy(&ctx, &units.units, block.block()).await
         }
         Cmd::Cat { units } => units::run_cat(&ctx, &units.units).await,
         Cmd::Version | Cmd::Help { .. } | Cmd::Verify { .. } => 0,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::session::{
     self, forward_resizes, forward_stdin, stdin_is_tty, terminal_size, Outcome, RawMode, StartError,
 };
-use super::units::unit_name_mangle;
+use crate::fleet::names::unit_name_mangle;
 use crate::fleet::unit_file::is_global;
 use crate::fleet_client::FleetClient;
 use crate::protocol::exec::{ExecRequest, ExecTarget, PtyRequest};

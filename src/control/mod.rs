@@ -11,6 +11,7 @@ use std::sync::Arc;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
+use tracing::Instrument;
 
 use crate::http::{fleet_error, json_response, Body};
 use crate::protocol::frame;
@@ -75,12 +76,12 @@ async fn exec(exec: Arc<crate::exec::Exec>, req: Request<Incoming>) -> Response<
         Ok(s) => s,
         Err(e) => return exec_error(&e),
     };
-    tokio::spawn(async move {
+    tokio::spawn(tracing::Instrument::in_current_span(async move {
         match on_upgrade.await {
             Ok(upgraded) => session.run(hyper_util::rt::TokioIo::new(upgraded)).await,
             Err(e) => tracing::warn!(error = %e, "exec upgrade failed; ending the session"),
         }
-    });
+    }));
     let mut resp = Response::new(crate::http::full(bytes::Bytes::new()));
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     resp.headers_mut().insert(
@@ -252,6 +253,7 @@ impl Control {
                     );
                 };
                 let (t, sock) = (&rt.tunnel, &rt.socket);
+                let span = tracing::info_span!("cluster", cluster = %t.name());
                 match (m, rest) {
                     (&Method::GET, []) => to_json(&info(t, sock)),
                     (&Method::POST, ["connect"]) => {
@@ -259,7 +261,7 @@ impl Control {
                         let _ = t.link().await;
                         to_json(&info(t, sock))
                     }
-                    (&Method::POST, ["exec"]) => exec(rt.exec.clone(), req).await,
+                    (&Method::POST, ["exec"]) => exec(rt.exec.clone(), req).instrument(span).await,
                     (&Method::GET, ["host-key"]) => {
                         let query = req.uri().query().unwrap_or("");
                         let param = |k: &str| {
@@ -274,7 +276,7 @@ impl Control {
                             );
                         };
                         let port = param("ssh_port").and_then(|p| p.parse().ok());
-                        match rt.exec.machine_key(machine, port).await {
+                        match rt.exec.machine_key(machine, port).instrument(span).await {
                             Ok(r) => to_json(&r),
                             Err(e) => exec_error(&e),
                         }

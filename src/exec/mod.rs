@@ -205,7 +205,7 @@ impl Exec {
                     .await
                     .map_err(|e| fail("shell", e))?,
             }
-            tracing::info!(cluster = %cfg.name, target = ?req.target, user = %user, pty = req.pty.is_some(), "exec session started");
+            tracing::info!(target = ?req.target, user = %user, pty = req.pty.is_some(), "exec session started");
             Ok(Session {
                 channel,
                 _slot: slot,

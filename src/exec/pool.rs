@@ -46,11 +46,11 @@ impl Drop for Slot {
             p.active.fetch_sub(1, Ordering::SeqCst);
         }
         if let Some(h) = self.own.take() {
-            tokio::spawn(async move {
+            tokio::spawn(tracing::Instrument::in_current_span(async move {
                 let _ = h
                     .disconnect(russh::Disconnect::ByApplication, "", "en")
                     .await;
-            });
+            }));
         }
     }
 }

@@ -104,9 +104,9 @@ impl DrainedChannel {
         let close_half = write_half.clone();
         let closer: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
             let h = close_half.clone();
-            tokio::spawn(async move {
+            tokio::spawn(tracing::Instrument::in_current_span(async move {
                 let _ = h.close().await;
-            });
+            }));
         });
         let shared = Arc::new(Mutex::new(Shared {
             queue: VecDeque::new(),
@@ -121,7 +121,7 @@ impl DrainedChannel {
             .unwrap_or_else(|p| p.into_inner())
             .push(Arc::downgrade(&shared));
         let drain_shared = shared.clone();
-        tokio::spawn(async move {
+        tokio::spawn(tracing::Instrument::in_current_span(async move {
             while let Some(msg) = read_half.wait().await {
                 let mut grew = false;
                 {
@@ -157,7 +157,7 @@ impl DrainedChannel {
             if let Some(w) = s.waker.take() {
                 w.wake();
             }
-        });
+        }));
         DrainedChannel {
             shared,
             writer,

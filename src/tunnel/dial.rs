@@ -244,10 +244,10 @@ impl client::Handler for ClientHandler {
         match tokio::net::UnixStream::connect(&agent).await {
             Ok(mut local) => {
                 reply.accept().await;
-                tokio::spawn(async move {
+                tokio::spawn(tracing::Instrument::in_current_span(async move {
                     let mut remote = crate::tunnel::channel::DrainedChannel::new(channel);
                     let _ = tokio::io::copy_bidirectional(&mut remote, &mut local).await;
-                });
+                }));
             }
             Err(e) => {
                 tracing::warn!(agent = %agent.display(), error = %e, "cannot reach the agent for a forwarded request");

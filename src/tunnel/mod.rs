@@ -41,6 +41,27 @@ const LATENCY_SAMPLES: usize = 1024;
 /// The shared, live SSH connection.
 pub type SshHandle = Arc<Handle<ClientHandler>>;
 
+/// Why [`Tunnel::link`] has no connection to give.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LinkError {
+    /// The supervisor stopped on an error retrying cannot fix; it waits for an operator.
+    #[error("{0}")]
+    Failed(String),
+    /// The daemon is stopping this cluster.
+    #[error("the broker is shutting down")]
+    ShuttingDown,
+    /// No connection came up within `connect_timeout`.
+    #[error("tunnel to {tunnel} not up after {}: {cause}", humantime::format_duration(*after))]
+    NotUp {
+        /// `host:port` of the tunnel host.
+        tunnel: String,
+        /// How long the request waited.
+        after: Duration,
+        /// The last attempt's error, or that one is still under way.
+        cause: String,
+    },
+}
+
 /// What a request sees of the tunnel.
 #[derive(Clone)]
 enum Link {
@@ -151,28 +172,27 @@ impl Tunnel {
     }
 
     /// The live connection, waiting up to `connect_timeout` for one (and asking for one).
-    pub async fn link(&self) -> Result<SshHandle, String> {
+    pub async fn link(&self) -> Result<SshHandle, LinkError> {
         let mut rx = self.link_tx.subscribe();
         let deadline = tokio::time::Instant::now() + self.config.connect_timeout;
         loop {
             match &*rx.borrow_and_update() {
                 Link::Up(h) if !h.is_closed() => return Ok(h.clone()),
-                Link::Failed(msg) => return Err(msg.clone()),
+                Link::Failed(msg) => return Err(LinkError::Failed(msg.clone())),
                 _ => {}
             }
             self.wake.notify_one();
             match tokio::time::timeout_at(deadline, rx.changed()).await {
                 Ok(Ok(())) => continue,
-                Ok(Err(_)) => return Err("the broker is shutting down".into()),
+                Ok(Err(_)) => return Err(LinkError::ShuttingDown),
                 Err(_) => {
-                    let cause = self
-                        .with_stats(|s| s.last_error.clone())
-                        .unwrap_or_else(|| "still connecting".into());
-                    return Err(format!(
-                        "tunnel to {} not up after {}: {cause}",
-                        self.config.tunnel,
-                        humantime::format_duration(self.config.connect_timeout)
-                    ));
+                    return Err(LinkError::NotUp {
+                        tunnel: self.config.tunnel.to_string(),
+                        after: self.config.connect_timeout,
+                        cause: self
+                            .with_stats(|s| s.last_error.clone())
+                            .unwrap_or_else(|| "still connecting".into()),
+                    });
                 }
             }
         }
@@ -333,7 +353,6 @@ impl Supervisor {
         // Whether the attempt in progress (or the failure being waited out) was asked for by
         // `connect` rather than scheduled by the backoff.
         let mut forced = false;
-        let name = self.tunnel.config.name.clone();
         loop {
             step = match step {
                 Step::Stop => break,
@@ -360,7 +379,7 @@ impl Supervisor {
                 Step::Ready(conn) => {
                     let s = self.ready(conn).await;
                     if matches!(s, Step::Backoff) {
-                        tracing::warn!(cluster = %name, "tunnel lost; reconnecting");
+                        tracing::warn!("tunnel lost; reconnecting");
                         self.tunnel.with_stats(|st| st.reconnects += 1);
                     }
                     s
@@ -438,10 +457,13 @@ impl Supervisor {
             Ok(Ok(conn)) => {
                 *attempt = 0;
                 if self.last_failure.take().is_some() && self.repeats > 0 {
-                    tracing::info!(cluster = %t.config.name, "the last connect failure repeated {} more times before this success", self.repeats);
+                    tracing::info!(
+                        "the last connect failure repeated {} more times before this success",
+                        self.repeats
+                    );
                 }
                 self.repeats = 0;
-                tracing::info!(cluster = %t.config.name, peer = %conn.peer, ms = started.elapsed().as_millis() as u64, "tunnel connected");
+                tracing::info!(peer = %conn.peer, ms = started.elapsed().as_millis() as u64, "tunnel connected");
                 t.with_stats(|s| {
                     s.fingerprint = Some(conn.host_key_fingerprint.clone());
                     s.connected_since = Some(SystemTime::now());
@@ -455,7 +477,7 @@ impl Supervisor {
                 if e.is_fatal() {
                     self.last_failure = None;
                     self.repeats = 0;
-                    tracing::error!(cluster = %t.config.name, error = %msg, "tunnel failed; waiting for an operator");
+                    tracing::error!(error = %msg, "tunnel failed; waiting for an operator");
                     Step::Failed(msg)
                 } else {
                     self.log_failure(&msg, *attempt);
@@ -480,16 +502,18 @@ impl Supervisor {
     /// Logs a retryable connect failure at warn the first time it is seen; a repeat only at
     /// debug, counted, and the count is logged when the failure changes or ends.
     fn log_failure(&mut self, msg: &str, attempt: u32) {
-        let name = &self.tunnel.config.name;
         if self.last_failure.as_deref() == Some(msg) {
             self.repeats += 1;
-            tracing::debug!(cluster = %name, error = %msg, attempt, "tunnel connect failed again");
+            tracing::debug!(error = %msg, attempt, "tunnel connect failed again");
             return;
         }
         if self.last_failure.is_some() && self.repeats > 0 {
-            tracing::warn!(cluster = %name, "the previous connect failure repeated {} more times", self.repeats);
+            tracing::warn!(
+                "the previous connect failure repeated {} more times",
+                self.repeats
+            );
         }
-        tracing::warn!(cluster = %name, error = %msg, "tunnel connect failed; retrying with backoff");
+        tracing::warn!(error = %msg, "tunnel connect failed; retrying with backoff");
         self.last_failure = Some(msg.to_string());
         self.repeats = 0;
     }
@@ -526,7 +550,7 @@ impl Supervisor {
                     let slept = walled.saturating_sub(mono.elapsed()) > SUSPEND_JUMP;
                     (wall, mono) = (SystemTime::now(), Instant::now());
                     if slept && tokio::time::timeout(PROBE_TIMEOUT, handle.send_ping()).await.is_err() {
-                        tracing::warn!(cluster = %t.config.name, "no answer after a clock jump (suspend?); reconnecting");
+                        tracing::warn!("no answer after a clock jump (suspend?); reconnecting");
                         t.with_stats(|s| {
                             s.last_error = Some(format!("connection to {} did not survive a suspend", t.config.tunnel));
                             s.connected_since = None;
@@ -543,7 +567,7 @@ impl Supervisor {
                         if matches!(tokio::time::timeout(limit, handle.send_ping()).await, Ok(Ok(()))) {
                             continue;
                         }
-                        tracing::warn!(cluster = %t.config.name, "a request stalled and the tunnel host did not answer a keepalive within {limit:?}; reconnecting");
+                        tracing::warn!("a request stalled and the tunnel host did not answer a keepalive within {limit:?}; reconnecting");
                         t.with_stats(|s| {
                             s.last_error = Some(format!(
                                 "the tunnel host {} stopped answering (no reply to a keepalive within {})",
