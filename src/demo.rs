@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{bail, Context as _};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use rand::RngCore;
@@ -21,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{ClusterConfig, Config, ConnectMode, Endpoint, HostKeyPolicy, HostPort};
 use crate::daemon::{Daemon, DaemonOptions};
 use crate::fleet::schema::UnitOption;
+use crate::local::LocalError;
 use crate::sim::{demo_machines, Sim};
 
 /// A new random ed25519 key.
@@ -91,10 +91,41 @@ impl russh::server::Handler for DemoSsh {
     }
 }
 
+/// Why the demo could not start or did not see the broker answer.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// A step failed: what it was, and why.
+    #[error("{what}: {why}")]
+    Step {
+        /// The step.
+        what: String,
+        /// Its error.
+        why: String,
+    },
+    /// The daemon did not start.
+    #[error(transparent)]
+    Daemon(#[from] LocalError),
+    /// The broker's answer was not the simulator's.
+    #[error("{0}")]
+    Answer(String),
+}
+
+/// Maps an error of the step `what` to a [`DemoError`].
+fn at<E: std::fmt::Display>(what: impl Into<String>) -> impl FnOnce(E) -> DemoError {
+    let what = what.into();
+    move |e| DemoError::Step {
+        what,
+        why: e.to_string(),
+    }
+}
+
 /// Everything the demo runs, torn down on drop.
 pub struct Demo {
+    /// The broker's daemon, serving the `demo` cluster.
     pub daemon: Daemon,
+    /// The demo cluster's socket.
     pub socket: PathBuf,
+    /// The simulator's own socket (what the tunnel host reaches).
     pub fleet_socket: PathBuf,
     /// Set when another daemon owns the default runtime dir and the demo lives elsewhere.
     pub runtime_dir: Option<PathBuf>,
@@ -102,9 +133,13 @@ pub struct Demo {
     _dir: tempfile::TempDir,
 }
 
-async fn serve_agent(path: &Path, key: &PrivateKey, stop: CancellationToken) -> anyhow::Result<()> {
-    let listener = UnixListener::bind(path)
-        .with_context(|| format!("binding agent socket {}", path.display()))?;
+async fn serve_agent(
+    path: &Path,
+    key: &PrivateKey,
+    stop: CancellationToken,
+) -> Result<(), DemoError> {
+    let listener =
+        UnixListener::bind(path).map_err(at(format!("binding agent socket {}", path.display())))?;
     let incoming = Box::pin(futures::stream::unfold(listener, |l| async move {
         let r = l.accept().await.map(|(s, _)| s);
         Some((r, l))
@@ -115,110 +150,135 @@ async fn serve_agent(path: &Path, key: &PrivateKey, stop: CancellationToken) -> 
             _ = stop.cancelled() => {}
         }
     });
-    let mut client = russh::keys::agent::client::AgentClient::connect_uds(path).await?;
-    client.add_identity(key, &[]).await?;
+    let mut client = russh::keys::agent::client::AgentClient::connect_uds(path)
+        .await
+        .map_err(at("connecting to the demo agent"))?;
+    client
+        .add_identity(key, &[])
+        .await
+        .map_err(at("adding the demo key to the agent"))?;
     Ok(())
+}
+
+/// The simulator with the reference's three machines and one unit, on `socket`.
+fn start_simulator(socket: &Path, stop: CancellationToken) -> Result<(), DemoError> {
+    let mut sim = Sim::new(demo_machines());
+    sim.put(
+        "hello.service",
+        vec![
+            UnitOption {
+                section: "Unit".into(),
+                name: "Description".into(),
+                value: "Hello World".into(),
+            },
+            UnitOption {
+                section: "Service".into(),
+                name: "ExecStart".into(),
+                value: "/bin/sleep 3000".into(),
+            },
+        ],
+        "launched".into(),
+    );
+    let listener = UnixListener::bind(socket).map_err(at(format!(
+        "binding the simulator's socket {}",
+        socket.display()
+    )))?;
+    tokio::spawn(crate::sim::serve(listener, Arc::new(Mutex::new(sim)), stop));
+    Ok(())
+}
+
+/// The in-process SSH server on a free loopback port; returns the port.
+async fn start_ssh_server(
+    host_key: &PrivateKey,
+    handler: DemoSsh,
+    stop: CancellationToken,
+) -> Result<u16, DemoError> {
+    let tcp = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(at("binding the demo SSH server"))?;
+    let port = tcp
+        .local_addr()
+        .map_err(at("binding the demo SSH server"))?
+        .port();
+    let server_config = Arc::new(russh::server::Config {
+        keys: vec![host_key.clone()],
+        auth_rejection_time: Duration::from_millis(10),
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        nodelay: true,
+        ..Default::default()
+    });
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                accepted = tcp.accept() => {
+                    let Ok((stream, _)) = accepted else { continue };
+                    let _ = stream.set_nodelay(true);
+                    let (cfg, h) = (server_config.clone(), handler.clone());
+                    tokio::spawn(async move {
+                        if let Ok(session) = russh::server::run_stream(cfg, stream, h).await {
+                            let _ = session.await;
+                        }
+                    });
+                }
+                _ = stop.cancelled() => break,
+            }
+        }
+    });
+    Ok(port)
+}
+
+/// The `demo` cluster: the in-process server on `port`, pinned in `known_hosts`.
+fn demo_cluster(port: u16, fleet_socket: &Path, known_hosts: PathBuf) -> ClusterConfig {
+    ClusterConfig {
+        name: "demo".into(),
+        tunnel: HostPort {
+            host: "127.0.0.1".into(),
+            port,
+        },
+        jump: vec![],
+        endpoint: Endpoint::Unix(fleet_socket.display().to_string()),
+        user: "core".into(),
+        identity_files: vec![],
+        known_hosts: vec![known_hosts],
+        host_key_checking: HostKeyPolicy::Strict,
+        keepalive_interval: Duration::from_secs(15),
+        keepalive_max: 3,
+        connect_timeout: Duration::from_secs(10),
+        connect: ConnectMode::Eager,
+        machine_ssh_port: 22,
+        read_only: false,
+        interactive_session: crate::config::InteractiveSession::Off,
+    }
 }
 
 impl Demo {
     /// Starts the simulator, SSH server, agent and daemon.
-    pub async fn start() -> anyhow::Result<Demo> {
+    pub async fn start() -> Result<Demo, DemoError> {
         let dir = tempfile::Builder::new()
             .prefix("fleet-broker-demo.")
-            .tempdir()?;
+            .tempdir()
+            .map_err(at("creating a temporary directory"))?;
         let stop = CancellationToken::new();
-        let stop_rx = stop.clone();
-
         let fleet_socket = dir.path().join("fleet.sock");
-        let mut sim = Sim::new(demo_machines());
-        sim.put(
-            "hello.service",
-            vec![
-                UnitOption {
-                    section: "Unit".into(),
-                    name: "Description".into(),
-                    value: "Hello World".into(),
-                },
-                UnitOption {
-                    section: "Service".into(),
-                    name: "ExecStart".into(),
-                    value: "/bin/sleep 3000".into(),
-                },
-            ],
-            "launched".into(),
-        );
-        let listener = UnixListener::bind(&fleet_socket)?;
-        tokio::spawn(crate::sim::serve(
-            listener,
-            Arc::new(Mutex::new(sim)),
-            stop_rx.clone(),
-        ));
-
+        start_simulator(&fleet_socket, stop.clone())?;
         let host_key = random_ed25519();
         let user_key = random_ed25519();
         let agent_socket = dir.path().join("agent.sock");
-        serve_agent(&agent_socket, &user_key, stop_rx.clone()).await?;
-
-        let tcp = TcpListener::bind("127.0.0.1:0").await?;
-        let port = tcp.local_addr()?.port();
-        let server_config = Arc::new(russh::server::Config {
-            keys: vec![host_key.clone()],
-            auth_rejection_time: Duration::from_millis(10),
-            auth_rejection_time_initial: Some(Duration::ZERO),
-            nodelay: true,
-            ..Default::default()
-        });
+        serve_agent(&agent_socket, &user_key, stop.clone()).await?;
         let handler = DemoSsh {
             user_key: user_key.public_key().clone(),
             fleet_socket: fleet_socket.display().to_string(),
         };
-        let accept_stop = stop_rx.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    accepted = tcp.accept() => {
-                        let Ok((stream, _)) = accepted else { continue };
-                        let _ = stream.set_nodelay(true);
-                        let (cfg, h) = (server_config.clone(), handler.clone());
-                        tokio::spawn(async move {
-                            if let Ok(session) = russh::server::run_stream(cfg, stream, h).await {
-                                let _ = session.await;
-                            }
-                        });
-                    }
-                    _ = accept_stop.cancelled() => break,
-                }
-            }
-        });
-
+        let port = start_ssh_server(&host_key, handler, stop.clone()).await?;
         let known_hosts = dir.path().join("known_hosts");
-        let tunnel = HostPort {
-            host: "127.0.0.1".into(),
-            port,
-        };
+        let cluster = demo_cluster(port, &fleet_socket, known_hosts.clone());
         crate::known_hosts::append_pin(
             &known_hosts,
-            &tunnel.known_hosts_name(),
+            &cluster.tunnel.known_hosts_name(),
             host_key.public_key(),
             false,
-        )?;
-        let cluster = ClusterConfig {
-            name: "demo".into(),
-            tunnel,
-            jump: vec![],
-            endpoint: Endpoint::Unix(fleet_socket.display().to_string()),
-            user: "core".into(),
-            identity_files: vec![],
-            known_hosts: vec![known_hosts],
-            host_key_checking: HostKeyPolicy::Strict,
-            keepalive_interval: Duration::from_secs(15),
-            keepalive_max: 3,
-            connect_timeout: Duration::from_secs(10),
-            connect: ConnectMode::Eager,
-            machine_ssh_port: 22,
-            read_only: false,
-            interactive_session: crate::config::InteractiveSession::Off,
-        };
+        )
+        .map_err(at("pinning the demo server's key"))?;
         let config = Config {
             path: dir.path().join("config.toml"),
             clusters: [("demo".to_string(), cluster)].into_iter().collect(),
@@ -246,16 +306,13 @@ impl Demo {
             daemon,
             socket,
             fleet_socket,
-            runtime_dir: if default_busy {
-                Some(runtime_dir)
-            } else {
-                None
-            },
+            runtime_dir: default_busy.then_some(runtime_dir),
             stop,
             _dir: dir,
         })
     }
 
+    /// Stops the daemon, then the simulator, server and agent.
     pub async fn stop(self) {
         self.daemon.shutdown().await;
         self.stop.cancel();
@@ -263,26 +320,31 @@ impl Demo {
 }
 
 /// `GET path` on a unix socket; returns status and body.
-pub async fn get_unix(socket: &Path, path: &str) -> anyhow::Result<(u16, Bytes)> {
-    let stream = UnixStream::connect(socket)
-        .await
-        .with_context(|| format!("connecting to {}", socket.display()))?;
+pub async fn get_unix(socket: &Path, path: &str) -> Result<(u16, Bytes), DemoError> {
+    let what = format!("GET {path} on {}", socket.display());
+    let stream = UnixStream::connect(socket).await.map_err(at(&what))?;
     let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(at(&what))?;
     tokio::spawn(conn);
     let req = hyper::Request::get(path)
         .header("Host", "domain-sock")
-        .body(Empty::<Bytes>::new())?;
-    let resp = sender.send_request(req).await?;
+        .body(Empty::<Bytes>::new())
+        .map_err(at(&what))?;
+    let resp = sender.send_request(req).await.map_err(at(&what))?;
     let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await?.to_bytes();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(at(&what))?
+        .to_bytes();
     Ok((status, body))
 }
 
-/// Runs the demo: prints how to use it, shows the machines through the broker, and with
-/// `once` exits after checking that the broker's answer equals the simulator's.
-pub async fn run(once: bool) -> anyhow::Result<()> {
-    let demo = Demo::start().await?;
+/// Prints how to use the demo cluster.
+fn print_usage(demo: &Demo) {
     let sock = demo.socket.display().to_string();
     println!("fleet-broker demo: cluster \"demo\" is served on {sock}");
     println!();
@@ -297,13 +359,17 @@ pub async fn run(once: bool) -> anyhow::Result<()> {
     println!("  export FLEETCTL_ENDPOINT=unix://{sock}");
     println!("  curl --unix-socket {sock} http://x/fleet/v1/machines");
     println!();
+}
+
+/// Checks that the broker answers as the simulator does, and shows it.
+async fn show_machines(demo: &Demo) -> Result<(), DemoError> {
     let through = tokio::time::timeout(
         Duration::from_secs(20),
         get_unix(&demo.socket, "/fleet/v1/machines"),
     )
     .await;
     let direct = get_unix(&demo.fleet_socket, "/fleet/v1/machines").await;
-    let result = match (through, direct) {
+    match (through, direct) {
         (Ok(Ok((200, body))), Ok((200, want))) if body == want => {
             println!("GET /fleet/v1/machines through the broker:");
             println!("{}", String::from_utf8_lossy(&body));
@@ -318,16 +384,28 @@ pub async fn run(once: bool) -> anyhow::Result<()> {
             };
             match crate::cli::lists::list_machines(&api, &flags).await {
                 0 => Ok(()),
-                _ => Err(anyhow::anyhow!("list-machines through the broker failed")),
+                _ => Err(DemoError::Answer(
+                    "list-machines through the broker failed".into(),
+                )),
             }
         }
-        (Ok(Ok((status, body))), _) => Err(anyhow::anyhow!(
+        (Ok(Ok((status, body))), _) => Err(DemoError::Answer(format!(
             "the broker answered {status}: {}",
             String::from_utf8_lossy(&body)
-        )),
+        ))),
         (Ok(Err(e)), _) => Err(e),
-        (Err(_), _) => Err(anyhow::anyhow!("no answer through the broker within 20s")),
-    };
+        (Err(_), _) => Err(DemoError::Answer(
+            "no answer through the broker within 20s".into(),
+        )),
+    }
+}
+
+/// Runs the demo: prints how to use it, shows the machines through the broker, and with
+/// `once` exits after checking that the broker's answer equals the simulator's.
+pub async fn run(once: bool) -> Result<(), DemoError> {
+    let demo = Demo::start().await?;
+    print_usage(&demo);
+    let result = show_machines(&demo).await;
     if once || result.is_err() {
         demo.stop().await;
         return result;
@@ -336,8 +414,5 @@ pub async fn run(once: bool) -> anyhow::Result<()> {
     println!("Serving until Ctrl-C.");
     crate::shutdown_signal().await;
     demo.stop().await;
-    if let Err(e) = result {
-        bail!(e);
-    }
-    Ok(())
+    result
 }

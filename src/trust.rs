@@ -10,18 +10,43 @@
 use std::io::{BufRead, Write};
 use std::time::Duration;
 
-use anyhow::{bail, Context as _};
-
 use crate::config::ClusterConfig;
 use crate::known_hosts::{
-    append_pin, fingerprint_md5, fingerprint_sha256, HostId, KnownHosts, Verdict,
+    append_pin, fingerprint_md5, fingerprint_sha256, HostId, KnownHosts, KnownHostsError, Verdict,
 };
 use crate::tunnel::dial::{dial, presented_key, presented_key_over, DialError, DialSpec};
+
+/// Why a key was not pinned.
+#[derive(Debug, thiserror::Error)]
+pub enum TrustError {
+    /// The key is revoked or contradicts a pin, the user said no, or it is not a key the
+    /// script named: the message says which and what to do.
+    #[error("{0}")]
+    NotPinned(String),
+    /// No terminal to ask on (or to stand behind `--yes`).
+    #[error("{0}")]
+    NoTerminal(String),
+    /// The host did not show its key.
+    #[error(transparent)]
+    Dial(#[from] DialError),
+    /// The host did not answer in time.
+    #[error("connecting to {0} timed out")]
+    Timeout(String),
+    /// The daemon could not report a machine's key, or reported one that cannot be pinned.
+    #[error("{0}")]
+    Daemon(String),
+    /// The cluster's known_hosts files.
+    #[error(transparent)]
+    KnownHosts(#[from] KnownHostsError),
+    /// The terminal.
+    #[error("the terminal: {0}")]
+    Tty(#[from] std::io::Error),
+}
 
 /// Runs the trust flow for the tunnel host and, first, each jump host on the way to it
 /// (reached through the hops before it, which must be trusted by then). Returns the lines to
 /// print.
-pub async fn trust(cluster: &ClusterConfig, confirm: &Confirm) -> anyhow::Result<String> {
+pub async fn trust(cluster: &ClusterConfig, confirm: &Confirm) -> Result<String, TrustError> {
     let full = crate::tunnel::dial_spec(cluster, crate::auth::KeySource::from_env(&[]).agent);
     let limit = cluster.connect_timeout.max(Duration::from_secs(1));
     let mut lines = Vec::new();
@@ -68,7 +93,7 @@ pub async fn trust(cluster: &ClusterConfig, confirm: &Confirm) -> anyhow::Result
             presented_key_over(&spec, crate::tunnel::channel::DrainedChannel::new(ch)).await
         })
         .await
-        .with_context(|| format!("connecting to {target} timed out"))??;
+        .map_err(|_| TrustError::Timeout(target.to_string()))??;
         let what = if i < cluster.jump.len() {
             format!("jump host {target}")
         } else {
@@ -100,9 +125,9 @@ pub enum Confirm {
 impl Confirm {
     /// Refuses `--yes` without a terminal before anything is dialled: a script must say
     /// which key it checked.
-    pub fn check_usable(&self) -> anyhow::Result<()> {
+    pub fn check_usable(&self) -> Result<(), TrustError> {
         if *self == Confirm::Yes && open_tty().is_err() {
-            bail!("--yes needs a terminal (it stands for a person who checked the fingerprint); scripts pass --fingerprint SHA256:… with the fingerprint they checked");
+            return Err(TrustError::NoTerminal("--yes needs a terminal (it stands for a person who checked the fingerprint); scripts pass --fingerprint SHA256:… with the fingerprint they checked".into()));
         }
         Ok(())
     }
@@ -116,9 +141,9 @@ fn open_tty() -> std::io::Result<std::fs::File> {
 }
 
 /// Asks `question` on the controlling terminal; true for yes.
-fn ask_tty(question: &str) -> anyhow::Result<bool> {
+fn ask_tty(question: &str) -> Result<bool, TrustError> {
     let mut tty = open_tty().map_err(|e| {
-        anyhow::anyhow!("no terminal to confirm on ({e}); pass --fingerprint SHA256:… with the fingerprint you checked")
+        TrustError::NoTerminal(format!("no terminal to confirm on ({e}); pass --fingerprint SHA256:… with the fingerprint you checked"))
     })?;
     tty.write_all(question.as_bytes())?;
     tty.flush()?;
@@ -138,7 +163,7 @@ fn judge(
     key: &russh::keys::PublicKey,
     verdict: Verdict,
     confirm: &Confirm,
-) -> anyhow::Result<String> {
+) -> Result<String, TrustError> {
     let fp = fingerprint_sha256(key);
     let md5 = fingerprint_md5(key);
     let alg = key.algorithm();
@@ -152,28 +177,28 @@ fn judge(
                 pin.line
             ))
         }
-        Verdict::Revoked(pin) => bail!(
+        Verdict::Revoked(pin) => return Err(TrustError::NotPinned(format!(
             "cluster {:?}: {what} presents {alg} {fp}, which is @revoked at {}:{}; refusing to pin it",
             cluster.name,
             pin.file.display(),
             pin.line
-        ),
+        ))),
         Verdict::Changed(pins) => {
             let list: Vec<String> = pins.iter().map(|p| p.to_string()).collect();
-            bail!(
+            return Err(TrustError::NotPinned(format!(
                 "cluster {:?}: {what} presents {alg} {fp}, but known_hosts pins {}. If you have checked that the host was re-keyed, remove the old pin (`ssh-keygen -R '{host}' -f {}`) and run this again",
                 cluster.name,
                 list.join(", "),
                 pins[0].file.display()
-            )
+            )))
         }
         Verdict::Unknown => {}
     }
     let Some(file) = cluster.known_hosts.first() else {
-        bail!(
+        return Err(TrustError::NotPinned(format!(
             "cluster {:?} has no known_hosts file to pin into",
             cluster.name
-        );
+        )));
     };
     eprintln!(
         "cluster {:?}: {what} ({host}) presents\n  {alg} {fp}\n  {md5}",
@@ -185,11 +210,11 @@ fn judge(
                 .iter()
                 .any(|w| *w == fp || w.eq_ignore_ascii_case(&md5))
             {
-                bail!(
+                return Err(TrustError::NotPinned(format!(
                     "cluster {:?}: {what} presents {fp}, which is not a fingerprint given with --fingerprint ({}); not pinned",
                     cluster.name,
                     wanted.join(", ")
-                );
+                )));
             }
         }
         Confirm::Yes => Confirm::Yes.check_usable()?,
@@ -199,7 +224,7 @@ fn judge(
                 file.display()
             );
             if !ask_tty(&q)? {
-                bail!("not pinned");
+                return Err(TrustError::NotPinned("not pinned".into()));
             }
         }
     }
@@ -237,7 +262,7 @@ pub async fn trust_machine(
     machine: &str,
     ssh_port: Option<u16>,
     confirm: &Confirm,
-) -> anyhow::Result<String> {
+) -> Result<String, TrustError> {
     use crate::control::client::{error_text, request};
     let mut path = format!("/v1/clusters/{}/host-key?machine={machine}", cluster.name);
     if let Some(p) = ssh_port {
@@ -245,20 +270,25 @@ pub async fn trust_machine(
     }
     let (status, body) = request(control, "GET", &path)
         .await
-        .map_err(anyhow::Error::msg)?;
+        .map_err(TrustError::Daemon)?;
     if status != 200 {
-        bail!("cluster {:?}: {}", cluster.name, error_text(&body));
+        return Err(TrustError::Daemon(format!(
+            "cluster {:?}: {}",
+            cluster.name,
+            error_text(&body)
+        )));
     }
-    let r: crate::protocol::HostKeyReport = serde_json::from_slice(&body)?;
+    let r: crate::protocol::HostKeyReport = serde_json::from_slice(&body)
+        .map_err(|e| TrustError::Daemon(format!("the daemon sent an unreadable report: {e}")))?;
     let Some(host) = machine_host_id(&r.name) else {
-        bail!(
+        return Err(TrustError::Daemon(format!(
             "cluster {:?}: the daemon named the machine {:?}, which is not an IP address or [IP]:port; refusing to pin",
             cluster.name,
             r.name
-        );
+        )));
     };
     let key = russh::keys::PublicKey::from_openssh(&r.key)
-        .map_err(|e| anyhow::anyhow!("the daemon sent an unreadable key: {e}"))?;
+        .map_err(|e| TrustError::Daemon(format!("the daemon sent an unreadable key: {e}")))?;
     let short = r.machine.get(..8).unwrap_or(&r.machine);
     let known = KnownHosts::load(&cluster.known_hosts)?;
     let verdict = known.check(&host, &key);

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use fleet_broker::config::{default_config_path, Config};
+use fleet_broker::control::client::error_text;
 use fleet_broker::daemon::{Daemon, DaemonOptions};
 use fleet_broker::protocol::{ClusterInfo, ClusterList};
 
@@ -186,7 +187,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Connect { cluster } => control_cmd(&cluster, "connect").await,
         Cmd::Disconnect { cluster } => control_cmd(&cluster, "disconnect").await,
-        Cmd::Demo { once } => fleet_broker::demo::run(once).await,
+        Cmd::Demo { once } => Ok(fleet_broker::demo::run(once).await?),
         Cmd::Env { cluster, shell } => {
             let config = load_config(cli.config)?;
             find_cluster(&config, &cluster)?;
@@ -241,14 +242,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-/// The message of a `{"error":{…}}` body, or the body itself.
-fn error_text(body: &[u8]) -> String {
-    serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
-        .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned())
 }
 
 async fn control_cmd(cluster: &str, what: &str) -> anyhow::Result<()> {
