@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod exec;
 pub mod fleet;
@@ -23,6 +24,7 @@ pub mod protocol;
 pub mod proxy;
 pub mod registry;
 pub mod remote_command;
+#[cfg(feature = "demo")]
 pub mod sim;
 pub mod trust;
 pub mod tunnel;

@@ -68,6 +68,7 @@ enum Cmd {
         shell: String,
     },
     /// Run a built-in demo cluster through the real daemon
+    #[cfg(feature = "demo")]
     Demo {
         /// Check once and exit 0/1 instead of serving until Ctrl-C
         #[arg(long)]
@@ -187,6 +188,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Connect { cluster } => control_cmd(&cluster, "connect").await,
         Cmd::Disconnect { cluster } => control_cmd(&cluster, "disconnect").await,
+        #[cfg(feature = "demo")]
         Cmd::Demo { once } => Ok(fleet_broker::demo::run(once).await?),
         Cmd::Env { cluster, shell } => {
             let config = load_config(cli.config)?;
@@ -269,7 +271,13 @@ async fn control_cmd(cluster: &str, what: &str) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if matches!(cli.command, Cmd::Serve | Cmd::Demo { .. }) {
+    let logs = match cli.command {
+        Cmd::Serve => true,
+        #[cfg(feature = "demo")]
+        Cmd::Demo { .. } => true,
+        _ => false,
+    };
+    if logs {
         init_logging();
     }
     let rt = match runtime() {
