@@ -15,24 +15,49 @@ use tokio::net::UnixStream;
 
 use crate::known_hosts::fingerprint_sha256;
 
+/// Why no key was accepted; each message says what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
+    /// Neither an agent nor identity files.
     #[error("no ssh-agent: SSH_AUTH_SOCK is not set and no identity_files are configured; start one (`eval \"$(ssh-agent)\"`), add your key with `ssh-add`, and start fleet-broker from that environment")]
     NoAgent,
     #[error("cannot reach the ssh-agent at {path}: {reason}; is ssh-agent still running? (check SSH_AUTH_SOCK)")]
-    AgentUnreachable { path: PathBuf, reason: String },
+    /// `SSH_AUTH_SOCK` names a socket nobody answers on.
+    AgentUnreachable {
+        /// The agent's socket.
+        path: PathBuf,
+        /// The connect error.
+        reason: String,
+    },
     #[error("the ssh-agent at {0} offers no keys: it is locked (`ssh-add -X` unlocks it) or holds none (add your key with `ssh-add`); no identity_files are configured. Retrying by itself")]
+    /// The agent (at this socket) offers no keys.
     EmptyAgent(PathBuf),
     #[error("identity file {path}: {reason}")]
-    IdentityFile { path: PathBuf, reason: String },
+    /// An identity file cannot be used.
+    IdentityFile {
+        /// The file.
+        path: PathBuf,
+        /// Why not (permissions, encrypted, unreadable).
+        reason: String,
+    },
     #[error("{target} refused every key for user {user:?} (tried {tried}); check that one of them is in ~{user}/.ssh/authorized_keys there, or set `user` for this cluster")]
+    /// The server refused every key offered.
     Refused {
+        /// `host:port`.
         target: String,
+        /// The user logged in as.
         user: String,
+        /// The keys offered, by fingerprint and origin.
         tried: String,
     },
     #[error("authentication to {target} failed: {reason}")]
-    Transport { target: String, reason: String },
+    /// The connection failed during authentication.
+    Transport {
+        /// `host:port`.
+        target: String,
+        /// The SSH error.
+        reason: String,
+    },
 }
 
 /// A key we may offer, and who signs with it.
@@ -55,12 +80,13 @@ impl Candidate {
 pub struct KeySource {
     /// The agent socket (`SSH_AUTH_SOCK`), if any.
     pub agent: Option<PathBuf>,
+    /// Key files offered after the agent's keys (`identity_files`).
     pub identity_files: Vec<PathBuf>,
 }
 
 impl KeySource {
     /// The agent from the process environment plus the given files.
-    pub fn from_env(identity_files: &[PathBuf]) -> KeySource {
+    pub(crate) fn from_env(identity_files: &[PathBuf]) -> KeySource {
         KeySource {
             agent: std::env::var_os("SSH_AUTH_SOCK")
                 .filter(|s| !s.is_empty())
@@ -208,7 +234,7 @@ async fn candidates(
 }
 
 /// Authenticates `user` on `handle`; `target` names the server in errors.
-pub async fn authenticate<H: Handler>(
+pub(crate) async fn authenticate<H: Handler>(
     handle: &mut Handle<H>,
     user: &str,
     source: &KeySource,

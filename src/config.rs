@@ -11,30 +11,43 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 /// Default user on CoreOS hosts, as fleetctl assumed.
-pub const DEFAULT_USER: &str = "core";
-/// fleetd's socket on a CoreOS host.
-pub const DEFAULT_ENDPOINT: &str = "unix:///var/run/fleet.sock";
-pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
-pub const DEFAULT_KEEPALIVE_MAX: usize = 3;
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-pub const DEFAULT_KNOWN_HOSTS: [&str; 2] = ["~/.fleetctl/known_hosts", "~/.ssh/known_hosts"];
+pub(crate) const DEFAULT_USER: &str = "core";
+pub(crate) const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
+pub(crate) const DEFAULT_KEEPALIVE_MAX: usize = 3;
+pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_KNOWN_HOSTS: [&str; 2] = ["~/.fleetctl/known_hosts", "~/.ssh/known_hosts"];
 
+/// Why a config file was refused; each names the file (and the line, or the field).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The file cannot be read.
     #[error("{path}: cannot read config: {source}")]
     Read {
+        /// The config file.
         path: PathBuf,
+        /// The read error.
         source: std::io::Error,
     },
+    /// Not valid TOML, or a value of the wrong type.
     #[error("{path}:{line}:{column}: {message}")]
     Syntax {
+        /// The config file.
         path: PathBuf,
+        /// 1-based line.
         line: usize,
+        /// 1-based column.
         column: usize,
+        /// The parser's message.
         message: String,
     },
+    /// Valid TOML that does not make a valid config (the message names the field).
     #[error("{path}: {message}")]
-    Invalid { path: PathBuf, message: String },
+    Invalid {
+        /// The config file.
+        path: PathBuf,
+        /// What is wrong, naming the cluster and field.
+        message: String,
+    },
 }
 
 /// How an unknown or changed host key is treated.
@@ -77,19 +90,22 @@ pub enum ConnectMode {
 pub enum InteractiveSession {
     /// Ask for one; go without, quietly, when sshd refuses it.
     Auto,
+    /// Never ask for one.
     Off,
 }
 
 /// `host[:port]` of an SSH server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostPort {
+    /// A host name or address (IPv6 without brackets).
     pub host: String,
+    /// The TCP port.
     pub port: u16,
 }
 
 impl HostPort {
     /// Parses `host`, `host:port`, `[v6]` or `[v6]:port`; port defaults to 22.
-    pub fn parse(s: &str) -> Result<HostPort, String> {
+    pub(crate) fn parse(s: &str) -> Result<HostPort, String> {
         let s = s.trim();
         if s.is_empty() {
             return Err("host must not be empty".into());
@@ -128,13 +144,13 @@ impl HostPort {
 
     /// The name OpenSSH writes into known_hosts for this host: `host` on port 22,
     /// `[host]:port` elsewhere.
-    pub fn known_hosts_name(&self) -> String {
+    pub(crate) fn known_hosts_name(&self) -> String {
         known_hosts_name(&self.host, self.port)
     }
 }
 
 /// known_hosts spelling of a host and port.
-pub fn known_hosts_name(host: &str, port: u16) -> String {
+pub(crate) fn known_hosts_name(host: &str, port: u16) -> String {
     if port == 22 {
         host.to_string()
     } else {
@@ -158,11 +174,16 @@ pub enum Endpoint {
     /// A unix socket on the tunnel host, reached by `direct-streamlocal@openssh.com`.
     Unix(String),
     /// A TCP address reachable from the tunnel host, reached by `direct-tcpip`.
-    Http { host: String, port: u16 },
+    Http {
+        /// Host name or address, as the tunnel host resolves it.
+        host: String,
+        /// TCP port.
+        port: u16,
+    },
 }
 
 impl Endpoint {
-    pub fn parse(s: &str) -> Result<Endpoint, String> {
+    pub(crate) fn parse(s: &str) -> Result<Endpoint, String> {
         if let Some(path) = s.strip_prefix("unix://") {
             if !path.starts_with('/') {
                 return Err(format!(
@@ -207,11 +228,12 @@ impl fmt::Display for Endpoint {
 pub struct JumpHop {
     /// The hop's user; the cluster's `user` when absent.
     pub user: Option<String>,
+    /// The hop's SSH server.
     pub target: HostPort,
 }
 
 impl JumpHop {
-    pub fn parse(s: &str) -> Result<JumpHop, String> {
+    pub(crate) fn parse(s: &str) -> Result<JumpHop, String> {
         let (user, rest) = match s.rsplit_once('@') {
             Some((u, r)) if !u.is_empty() => (Some(u.to_string()), r),
             Some(_) => return Err(format!("{s:?}: empty user before '@'")),
@@ -236,34 +258,45 @@ impl fmt::Display for JumpHop {
 /// One named cluster, with defaults applied.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClusterConfig {
+    /// The cluster's name: the table name, and the socket's.
     pub name: String,
+    /// The tunnel host's SSH server.
     pub tunnel: HostPort,
     /// ProxyJump hops to go through before the tunnel host, in order.
     pub jump: Vec<JumpHop>,
+    /// Where fleet's API listens, as the tunnel host reaches it.
     pub endpoint: Endpoint,
+    /// The SSH user on the tunnel host and the machines.
     pub user: String,
     /// Tried after the agent; their agent twins are offered first.
     pub identity_files: Vec<PathBuf>,
     /// Pins are read from all; accept-new writes to the first.
     pub known_hosts: Vec<PathBuf>,
+    /// What to do with hosts whose key is not pinned.
     pub host_key_checking: HostKeyPolicy,
+    /// How often an idle connection is probed.
     pub keepalive_interval: Duration,
     /// Missed keepalives before the tunnel is declared dead.
     pub keepalive_max: usize,
     /// Bounds TCP connect + SSH handshake + authentication, and how long a request waits
     /// for a tunnel that is not up.
     pub connect_timeout: Duration,
+    /// When the tunnel is first dialled.
     pub connect: ConnectMode,
+    /// sshd's port on the cluster's machines (`fleetctl --ssh-port` overrides it).
     pub machine_ssh_port: u16,
     /// When true the broker refuses PUT/DELETE/PATCH with 403.
     pub read_only: bool,
+    /// Whether connections carry an interactive session (no Nagle delays on sshd's side).
     pub interactive_session: InteractiveSession,
 }
 
 /// The whole validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
+    /// The file it was read from.
     pub path: PathBuf,
+    /// The clusters, by name.
     pub clusters: BTreeMap<String, ClusterConfig>,
 }
 
@@ -302,13 +335,13 @@ struct RawSettings {
 }
 
 /// Allowed range of `keepalive_interval`.
-pub const KEEPALIVE_INTERVAL_RANGE: (Duration, Duration) =
+pub(crate) const KEEPALIVE_INTERVAL_RANGE: (Duration, Duration) =
     (Duration::from_secs(1), Duration::from_secs(3600));
 /// Allowed range of `connect_timeout`.
-pub const CONNECT_TIMEOUT_RANGE: (Duration, Duration) =
+pub(crate) const CONNECT_TIMEOUT_RANGE: (Duration, Duration) =
     (Duration::from_millis(100), Duration::from_secs(600));
 /// Allowed range of `keepalive_max`.
-pub const KEEPALIVE_MAX_RANGE: (usize, usize) = (1, 100);
+pub(crate) const KEEPALIVE_MAX_RANGE: (usize, usize) = (1, 100);
 
 fn de_duration_in<'de, D: Deserializer<'de>>(
     d: D,
@@ -385,7 +418,7 @@ pub fn valid_cluster_name(name: &str) -> bool {
 }
 
 /// Expands a leading `~/` from `$HOME`.
-pub fn expand_tilde(p: &str) -> PathBuf {
+pub(crate) fn expand_tilde(p: &str) -> PathBuf {
     if p == "~" {
         return home_dir();
     }
@@ -434,7 +467,7 @@ impl Config {
     }
 
     /// Validates `text` as if read from `path` (used in error messages).
-    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    pub(crate) fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let raw: RawFile = toml::from_str(text).map_err(|e| {
             let (line, column) = e.span().map_or((1, 1), |s| line_col(text, s.start));
             ConfigError::Syntax {

@@ -60,9 +60,11 @@ impl DaemonOptions {
 
 /// A running daemon.
 pub struct Daemon {
+    /// The private directory holding the sockets.
     pub runtime_dir: PathBuf,
+    /// `control.sock` in it.
     pub control_socket: PathBuf,
-    pub registry: Arc<Registry>,
+    pub(crate) registry: Arc<Registry>,
     opts: DaemonOptions,
     /// Cancelled on shutdown; every cluster's token is a child of it.
     shutdown: CancellationToken,

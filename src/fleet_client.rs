@@ -193,10 +193,6 @@ impl FleetClient {
         }
     }
 
-    pub fn socket(&self) -> &Path {
-        &self.socket
-    }
-
     /// One request; returns status and body. `path_query` starts with `/fleet/v1/`.
     async fn request(
         &self,

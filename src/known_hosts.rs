@@ -15,23 +15,30 @@ use base64::Engine;
 use hmac::{Hmac, Mac};
 use russh::keys::{Algorithm, HashAlg, PublicKey};
 
+/// A known_hosts file that cannot be read or written (lines ssh skips are not errors).
 #[derive(Debug, thiserror::Error)]
 pub enum KnownHostsError {
+    /// Reading a pin file.
     #[error("{file}: cannot read known_hosts: {source}")]
     Read {
+        /// The file.
         file: PathBuf,
+        /// The read error.
         source: std::io::Error,
     },
+    /// Appending a pin.
     #[error("{file}: cannot pin host key: {source}")]
     Write {
+        /// The file.
         file: PathBuf,
+        /// The write error.
         source: std::io::Error,
     },
 }
 
 /// A host as known_hosts files name it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostId {
+pub(crate) struct HostId {
     /// What entries are matched against: `host`, or `[host]:port` when the port is not 22;
     /// lower-case, as `ssh` looks it up.
     pub lookup: String,
@@ -40,7 +47,7 @@ pub struct HostId {
 }
 
 impl HostId {
-    pub fn new(host: &str, port: u16) -> HostId {
+    pub(crate) fn new(host: &str, port: u16) -> HostId {
         let host = host.to_ascii_lowercase();
         let lookup = if port == 22 {
             host.clone()
@@ -110,7 +117,7 @@ impl HostMatcher {
 /// OpenSSH's `match_pattern_list` with lower-casing: `Some(true)` for a positive match,
 /// `Some(false)` when a negated pattern matches (the whole list then fails), `None` when
 /// nothing matches. A subpattern of 1023 bytes or more makes the list fail, as there.
-pub fn match_pattern_list(name: &str, list: &str) -> Option<bool> {
+pub(crate) fn match_pattern_list(name: &str, list: &str) -> Option<bool> {
     let name = name.to_ascii_lowercase();
     let mut positive = false;
     for sub in list.split(',') {
@@ -143,7 +150,7 @@ struct Entry {
 
 /// A line OpenSSH would skip, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Skipped {
+pub(crate) struct Skipped {
     pub file: PathBuf,
     pub line: usize,
     pub reason: String,
@@ -163,7 +170,7 @@ impl std::fmt::Display for Skipped {
 
 /// Where a key is pinned, for messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pin {
+pub(crate) struct Pin {
     pub file: PathBuf,
     pub line: usize,
     pub algorithm: String,
@@ -185,7 +192,7 @@ impl std::fmt::Display for Pin {
 
 /// The outcome of checking a presented key against the pins.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Pinned (or signed by a trusted CA) at this place.
     Trusted(Pin),
     /// Listed as `@revoked`: never accepted.
@@ -198,18 +205,18 @@ pub enum Verdict {
 
 /// All entries of a set of known_hosts files.
 #[derive(Debug, Clone, Default)]
-pub struct KnownHosts {
+pub(crate) struct KnownHosts {
     entries: Vec<Entry>,
     skipped: Vec<Skipped>,
 }
 
 /// `SHA256:…` as OpenSSH prints it.
-pub fn fingerprint_sha256(key: &PublicKey) -> String {
+pub(crate) fn fingerprint_sha256(key: &PublicKey) -> String {
     key.fingerprint(HashAlg::Sha256).to_string()
 }
 
 /// `MD5:aa:bb:…`, the form fleetctl showed.
-pub fn fingerprint_md5(key: &PublicKey) -> String {
+pub(crate) fn fingerprint_md5(key: &PublicKey) -> String {
     use md5::Digest;
     let bytes = key.to_bytes().unwrap_or_default();
     let digest = md5::Md5::digest(&bytes);
@@ -246,7 +253,7 @@ fn warn_once(s: &Skipped) {
 impl KnownHosts {
     /// Reads every file; a missing file counts as empty. Lines OpenSSH would skip are
     /// skipped with a warning; only an unreadable file is an error.
-    pub fn load(files: &[PathBuf]) -> Result<KnownHosts, KnownHostsError> {
+    pub(crate) fn load(files: &[PathBuf]) -> Result<KnownHosts, KnownHostsError> {
         let mut kh = KnownHosts::default();
         for file in files {
             let bytes = match std::fs::read(file) {
@@ -268,7 +275,7 @@ impl KnownHosts {
     }
 
     /// Parses known_hosts text as if read from `file`.
-    pub fn add_text(&mut self, file: &Path, text: &str) {
+    pub(crate) fn add_text(&mut self, file: &Path, text: &str) {
         for (i, raw) in text.split('\n').enumerate() {
             match parse_line(raw) {
                 Ok(None) => {}
@@ -289,7 +296,8 @@ impl KnownHosts {
     }
 
     /// Lines that were skipped, in file order.
-    pub fn skipped(&self) -> &[Skipped] {
+    #[cfg(test)]
+    pub(crate) fn skipped(&self) -> &[Skipped] {
         &self.skipped
     }
 
@@ -351,7 +359,7 @@ impl KnownHosts {
     /// its port), and — only when nothing at all is pinned under that name and the port is
     /// not 22 — by the bare name, where only a match counts (sshconnect.c "checking without
     /// port identifier").
-    pub fn check(&self, host: &HostId, key: &PublicKey) -> Verdict {
+    pub(crate) fn check(&self, host: &HostId, key: &PublicKey) -> Verdict {
         let verdict = self.plain_at(&host.lookup, key);
         if verdict == Verdict::Unknown && host.lookup != host.principal {
             if let trusted @ Verdict::Trusted(_) = self.plain_at(&host.principal, key) {
@@ -368,7 +376,11 @@ impl KnownHosts {
     /// options). With no authority for `[name]:port`, the bare name is tried the same way,
     /// down to its plain pins. Otherwise the certificate's plain key is judged by
     /// [`KnownHosts::check`].
-    pub fn check_certificate(&self, host: &HostId, cert: &russh::keys::Certificate) -> Verdict {
+    pub(crate) fn check_certificate(
+        &self,
+        host: &HostId,
+        cert: &russh::keys::Certificate,
+    ) -> Verdict {
         let host_key = PublicKey::from(cert.public_key().clone());
         match self.cert_at(&host.lookup, &host.principal, cert) {
             CertAt::Revoked(pin) => return Verdict::Revoked(pin),
@@ -395,7 +407,7 @@ impl KnownHosts {
     /// Host key algorithms in the order `ssh` asks for them (sshconnect2.c
     /// `order_hostkeyalgs`): the default order, with the types pinned for the host's name
     /// moved to the front (`@revoked` and `@cert-authority` entries do not count).
-    pub fn pinned_algorithms(&self, host: &HostId) -> Vec<Algorithm> {
+    pub(crate) fn pinned_algorithms(&self, host: &HostId) -> Vec<Algorithm> {
         let pinned: Vec<Algorithm> = self
             .for_host(&host.lookup)
             .filter(|e| e.marker == Marker::None)
@@ -416,7 +428,7 @@ impl KnownHosts {
     /// OpenSSH's CheckHostIP: pins under the connected address (`ip_name`, e.g.
     /// `[10.0.0.1]:2222`) that contradict the key the host presented. Only ever a warning: the
     /// address is never a reason to trust a host.
-    pub fn address_contradicts(&self, ip_name: &str, key: &PublicKey) -> Vec<Pin> {
+    pub(crate) fn address_contradicts(&self, ip_name: &str, key: &PublicKey) -> Vec<Pin> {
         match self.plain_at(ip_name, key) {
             Verdict::Changed(pins) => pins,
             Verdict::Revoked(pin) => vec![pin],
@@ -519,7 +531,7 @@ fn parse_hosts(field: &str) -> Result<HostMatcher, String> {
 
 /// Appends a pin for `name` (hashed when `hashed`) to `file`, creating the directory (0700)
 /// and file (0600).
-pub fn append_pin(
+pub(crate) fn append_pin(
     file: &Path,
     name: &str,
     key: &PublicKey,

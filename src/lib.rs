@@ -2,7 +2,9 @@
 //!
 //! One long-lived daemon per user keeps one agent-authenticated, host-key-pinned SSH
 //! connection per named cluster and exposes each cluster's fleet API as a private local unix
-//! socket. See `docs/` and the README for the picture.
+//! socket. See `docs/architecture.md` for the module map and the README for the picture.
+
+#![warn(missing_docs)]
 
 pub mod auth;
 pub mod cli;
@@ -11,18 +13,18 @@ pub mod control;
 pub mod daemon;
 #[cfg(feature = "demo")]
 pub mod demo;
-pub mod exec;
+pub(crate) mod exec;
 pub mod fleet;
-pub mod fleet_client;
+pub(crate) mod fleet_client;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod http;
+pub(crate) mod http;
 pub mod known_hosts;
 pub mod local;
-pub mod pattern;
+pub(crate) mod pattern;
 pub mod protocol;
-pub mod proxy;
-pub mod registry;
+pub(crate) mod proxy;
+pub(crate) mod registry;
 pub mod remote_command;
 #[cfg(feature = "demo")]
 pub mod sim;

@@ -9,17 +9,31 @@ use std::path::{Path, PathBuf};
 
 use tokio::net::{UnixListener, UnixStream};
 
+/// A local path the daemon or a client will not use, or could not.
 #[derive(Debug, thiserror::Error)]
 pub enum LocalError {
+    /// Another user could have planted or could reach it (owner, mode, symlink).
     #[error("{path}: {message}")]
-    Unsafe { path: PathBuf, message: String },
+    Unsafe {
+        /// The path.
+        path: PathBuf,
+        /// What is wrong with it and what to do.
+        message: String,
+    },
+    /// A system call failed on it.
     #[error("{path}: {source}")]
     Io {
+        /// The path.
         path: PathBuf,
+        /// The error.
         source: std::io::Error,
     },
+    /// A live daemon serves this socket already.
     #[error("{path}: another fleet-broker is already serving this socket; stop it first (`fleet-broker status` shows it)")]
-    InUse { path: PathBuf },
+    InUse {
+        /// The socket.
+        path: PathBuf,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> LocalError + '_ {
@@ -30,7 +44,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> LocalError + '_ {
 }
 
 /// The effective uid of this process.
-pub fn my_uid() -> u32 {
+pub(crate) fn my_uid() -> u32 {
     nix::unistd::geteuid().as_raw()
 }
 
@@ -52,7 +66,7 @@ pub fn cluster_socket(runtime_dir: &Path, cluster: &str) -> PathBuf {
 }
 
 /// The control socket path inside a runtime dir.
-pub fn control_socket(runtime_dir: &Path) -> PathBuf {
+pub(crate) fn control_socket(runtime_dir: &Path) -> PathBuf {
     runtime_dir.join("control.sock")
 }
 
@@ -60,7 +74,7 @@ pub fn control_socket(runtime_dir: &Path) -> PathBuf {
 /// parents are created 0700 too. Race-free: the last component is created with `mkdir` (which
 /// never follows a symlink), then opened with `O_NOFOLLOW | O_DIRECTORY` and checked and
 /// fixed through that descriptor, so a directory swapped in between is never chmod-ed.
-pub fn ensure_private_dir(dir: &Path) -> Result<(), LocalError> {
+pub(crate) fn ensure_private_dir(dir: &Path) -> Result<(), LocalError> {
     use nix::fcntl::OFlag;
     use nix::sys::stat::Mode;
     if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -205,7 +219,7 @@ fn check_endpoint_dir(dir: &Path) -> Result<(), LocalError> {
 /// dir needs every directory from there down to be ours and private, and its server to run
 /// as our uid (SO_PEERCRED). Any other socket needs a directory only we or root can write to
 /// and a server running as us or root.
-pub async fn connect(path: &Path) -> Result<UnixStream, LocalError> {
+pub(crate) async fn connect(path: &Path) -> Result<UnixStream, LocalError> {
     let runtime = default_runtime_dir();
     let in_runtime = path.starts_with(&runtime);
     let parent = path.parent().unwrap_or(Path::new("/"));
@@ -242,7 +256,7 @@ pub async fn connect(path: &Path) -> Result<UnixStream, LocalError> {
 
 /// Binds a 0600 unix socket at `path`, replacing a stale socket file only when a connect
 /// attempt shows nobody serves it.
-pub async fn bind_socket(path: &Path) -> Result<UnixListener, LocalError> {
+pub(crate) async fn bind_socket(path: &Path) -> Result<UnixListener, LocalError> {
     match std::fs::symlink_metadata(path) {
         Ok(meta) => {
             use std::os::unix::fs::FileTypeExt;
@@ -273,7 +287,7 @@ pub async fn bind_socket(path: &Path) -> Result<UnixListener, LocalError> {
 }
 
 /// Whether the peer of an accepted connection is our own uid (SO_PEERCRED).
-pub fn peer_allowed(stream: &UnixStream) -> Result<(), String> {
+pub(crate) fn peer_allowed(stream: &UnixStream) -> Result<(), String> {
     match stream.peer_cred() {
         Ok(cred) if cred.uid() == my_uid() => Ok(()),
         Ok(cred) => Err(format!(
@@ -289,7 +303,7 @@ pub fn peer_allowed(stream: &UnixStream) -> Result<(), String> {
 /// Whether the user's ssh_config asks for hashed known_hosts names for `host`
 /// (`HashKnownHosts yes`, Debian's default), as OpenSSH itself resolves it (`ssh -G`). No
 /// `ssh` on the machine, or no answer, means plain names.
-pub fn hash_known_hosts(host: &str) -> bool {
+pub(crate) fn hash_known_hosts(host: &str) -> bool {
     let out = std::process::Command::new("ssh")
         .arg("-G")
         .arg("--")

@@ -13,13 +13,13 @@ use crate::exec::Exec;
 use crate::tunnel::Tunnel;
 
 /// One served cluster.
-pub struct ClusterRuntime {
+pub(crate) struct ClusterRuntime {
     /// The cluster's tunnel and its supervisor.
-    pub tunnel: Arc<Tunnel>,
+    pub(crate) tunnel: Arc<Tunnel>,
     /// Exec sessions on the cluster's machines.
-    pub exec: Arc<Exec>,
+    pub(crate) exec: Arc<Exec>,
     /// The local cluster socket.
-    pub socket: PathBuf,
+    pub(crate) socket: PathBuf,
     /// Cancelled to stop everything of this cluster (a child of the daemon's token).
     stop: CancellationToken,
     serve_task: Mutex<Option<JoinHandle<()>>>,
@@ -27,7 +27,7 @@ pub struct ClusterRuntime {
 
 impl ClusterRuntime {
     /// A served cluster whose tasks all obey `stop`.
-    pub fn new(
+    pub(crate) fn new(
         tunnel: Arc<Tunnel>,
         exec: Arc<Exec>,
         socket: PathBuf,
@@ -44,7 +44,7 @@ impl ClusterRuntime {
     }
 
     /// Cancels the cluster's tasks; returns its socket's serving task to wait for its drain.
-    pub fn stop(&self) -> Option<JoinHandle<()>> {
+    pub(crate) fn stop(&self) -> Option<JoinHandle<()>> {
         self.stop.cancel();
         match self.serve_task.lock() {
             Ok(mut t) => t.take(),
@@ -55,13 +55,13 @@ impl ClusterRuntime {
 
 /// The clusters being served, shared with the control socket.
 #[derive(Default)]
-pub struct Registry {
+pub(crate) struct Registry {
     clusters: RwLock<BTreeMap<String, Arc<ClusterRuntime>>>,
 }
 
 impl Registry {
     /// A snapshot of the served clusters.
-    pub fn all(&self) -> Vec<Arc<ClusterRuntime>> {
+    pub(crate) fn all(&self) -> Vec<Arc<ClusterRuntime>> {
         match self.clusters.read() {
             Ok(c) => c.values().cloned().collect(),
             Err(p) => p.into_inner().values().cloned().collect(),
@@ -69,7 +69,7 @@ impl Registry {
     }
 
     /// The served cluster called `name`.
-    pub fn get(&self, name: &str) -> Option<Arc<ClusterRuntime>> {
+    pub(crate) fn get(&self, name: &str) -> Option<Arc<ClusterRuntime>> {
         match self.clusters.read() {
             Ok(c) => c.get(name).cloned(),
             Err(p) => p.into_inner().get(name).cloned(),
@@ -77,7 +77,7 @@ impl Registry {
     }
 
     /// The names of the served clusters, sorted.
-    pub fn names(&self) -> Vec<String> {
+    pub(crate) fn names(&self) -> Vec<String> {
         self.all()
             .iter()
             .map(|c| c.tunnel.name().to_string())
@@ -85,7 +85,7 @@ impl Registry {
     }
 
     /// Adds (`Some`) or removes (`None`) the cluster called `name`.
-    pub fn set(&self, name: String, c: Option<Arc<ClusterRuntime>>) {
+    pub(crate) fn set(&self, name: String, c: Option<Arc<ClusterRuntime>>) {
         let mut map = match self.clusters.write() {
             Ok(m) => m,
             Err(p) => p.into_inner(),
@@ -102,4 +102,4 @@ impl Registry {
 }
 
 /// A reload request from the control socket, answered with the outcome.
-pub type ReloadRequest = oneshot::Sender<Result<String, String>>;
+pub(crate) type ReloadRequest = oneshot::Sender<Result<String, String>>;

@@ -10,18 +10,27 @@ use serde::{Deserialize, Serialize};
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum RemoteAction {
     /// `systemctl status -l -- UNIT`.
-    Status { unit: String },
+    Status {
+        /// The unit's name.
+        unit: String,
+    },
     /// `journalctl --unit=UNIT --no-pager [-n LINES] --output OUTPUT [--show-cursor]
     /// [--after-cursor CURSOR]`, under `sudo` when asked.
     Journal {
+        /// The unit's name.
         unit: String,
+        /// `-n LINES`.
         #[serde(default)]
         lines: Option<u32>,
+        /// `--output` (journalctl's output mode).
         output: String,
+        /// Run under `sudo`.
         #[serde(default)]
         sudo: bool,
+        /// `--show-cursor`.
         #[serde(default)]
         show_cursor: bool,
+        /// `--after-cursor CURSOR`.
         #[serde(default)]
         after_cursor: Option<String>,
     },
@@ -29,7 +38,7 @@ pub enum RemoteAction {
 
 impl RemoteAction {
     /// The remote command line.
-    pub fn command_line(&self) -> String {
+    pub(crate) fn command_line(&self) -> String {
         match self {
             // `--` ends systemctl's options: a unit named `--version.service` stays a unit.
             RemoteAction::Status { unit } => {
@@ -71,12 +80,12 @@ impl RemoteAction {
 /// One word for a POSIX shell: single-quoted, with each `'` written as `'\''`. Nothing
 /// inside single quotes is special to `sh` (no `$`, backticks, backslashes or line ends),
 /// so the word reaches the program exactly as given.
-pub fn shell_quote(s: &str) -> String {
+pub(crate) fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
 /// `cmd 'arg' 'arg'…`: a command line whose every argument is one literal word.
-pub fn command_line(cmd: &str, args: &[&str]) -> String {
+pub(crate) fn command_line(cmd: &str, args: &[&str]) -> String {
     let mut s = cmd.to_string();
     for a in args {
         s.push(' ');

@@ -11,7 +11,7 @@ use clap::{ArgAction, Args, Parser, Subcommand};
     infer_subcommands = true,
     disable_help_subcommand = true
 )]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(flatten)]
     pub global: GlobalFlags,
     #[command(subcommand)]
@@ -19,7 +19,7 @@ pub struct Cli {
 }
 
 #[derive(Debug, Args, Clone, Default)]
-pub struct GlobalFlags {
+pub(crate) struct GlobalFlags {
     /// Broker cluster to talk to (see `fleet-broker status`)
     #[arg(long, global = true, env = "FLEETCTL_CLUSTER", value_name = "NAME")]
     pub cluster: Option<String>,
@@ -105,7 +105,7 @@ pub struct GlobalFlags {
 
 impl GlobalFlags {
     /// The etcd-only flags that were set, for a warning.
-    pub fn ignored(&self) -> Vec<&'static str> {
+    pub(crate) fn ignored(&self) -> Vec<&'static str> {
         let mut out = Vec::new();
         for (set, name) in [
             (self.driver.is_some(), "--driver"),
@@ -133,7 +133,7 @@ impl GlobalFlags {
 }
 
 #[derive(Debug, Args, Clone)]
-pub struct ListFlags {
+pub(crate) struct ListFlags {
     /// Columns to print, comma-separated
     #[arg(long)]
     pub fields: Option<String>,
@@ -149,7 +149,7 @@ pub struct ListFlags {
 }
 
 #[derive(Debug, Args, Clone)]
-pub struct ListUnitFilesFlags {
+pub(crate) struct ListUnitFilesFlags {
     /// Columns to print, comma-separated
     #[arg(long)]
     pub fields: Option<String>,
@@ -162,7 +162,7 @@ pub struct ListUnitFilesFlags {
 }
 
 #[derive(Debug, Args, Clone, Default)]
-pub struct BlockFlags {
+pub(crate) struct BlockFlags {
     /// Do not wait until the units have reached the desired state
     #[arg(long = "no-block")]
     pub no_block: bool,
@@ -173,19 +173,19 @@ pub struct BlockFlags {
 
 impl BlockFlags {
     /// fleetctl's `getBlockAttempts`, typed.
-    pub fn block(&self) -> super::units::Block {
+    pub(crate) fn block(&self) -> super::units::Block {
         super::units::Block::from_flags(self.no_block, self.block_attempts)
     }
 }
 
 #[derive(Debug, Args, Clone)]
-pub struct UnitArgs {
+pub(crate) struct UnitArgs {
     /// Unit files or names
     pub units: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Cmd {
+pub(crate) enum Cmd {
     /// List the current state of units in the cluster
     #[command(name = "list-units")]
     ListUnits(ListFlags),

@@ -10,7 +10,7 @@ use crate::fleet::unit_file::{description, hash, is_global};
 use crate::fleet_client::FleetClient;
 
 /// `85c0c595...` (or the full ID), plus `/IP` when the machine is known and has one.
-pub fn machine_legend(id: &str, machine: Option<&Machine>, full: bool) -> String {
+pub(crate) fn machine_legend(id: &str, machine: Option<&Machine>, full: bool) -> String {
     if id.is_empty() {
         return "-".into();
     }
@@ -76,7 +76,7 @@ fn print(s: &str) {
     let _ = out.flush();
 }
 
-pub async fn list_units(api: &FleetClient, f: &ListFlags) -> i32 {
+pub(crate) async fn list_units(api: &FleetClient, f: &ListFlags) -> i32 {
     let full = f.full || f.l;
     let Ok(keys) = fields_or_report(
         f.fields.as_deref().unwrap_or("unit,machine,active,sub"),
@@ -121,7 +121,7 @@ pub async fn list_units(api: &FleetClient, f: &ListFlags) -> i32 {
     0
 }
 
-pub async fn list_unit_files(api: &FleetClient, f: &ListUnitFilesFlags) -> i32 {
+pub(crate) async fn list_unit_files(api: &FleetClient, f: &ListUnitFilesFlags) -> i32 {
     let Ok(keys) = fields_or_report(
         f.fields
             .as_deref()
@@ -191,7 +191,7 @@ pub async fn list_unit_files(api: &FleetClient, f: &ListUnitFilesFlags) -> i32 {
     0
 }
 
-pub async fn list_machines(api: &FleetClient, f: &ListFlags) -> i32 {
+pub(crate) async fn list_machines(api: &FleetClient, f: &ListFlags) -> i32 {
     let full = f.full || f.l;
     let Ok(keys) = fields_or_report(
         f.fields.as_deref().unwrap_or("machine,ip,metadata"),

@@ -4,13 +4,13 @@
 //! Exit codes: as the original for real outcomes (0 success, 1 failure, 2 `verify`); usage
 //! errors and unknown commands exit 2 (the original exits 0). See docs/compatibility.md.
 
-pub mod args;
-pub mod lists;
-pub mod remote;
+pub(crate) mod args;
+pub(crate) mod lists;
+pub(crate) mod remote;
 pub mod session;
-pub mod table;
-pub mod target;
-pub mod units;
+pub(crate) mod table;
+pub(crate) mod target;
+pub(crate) mod units;
 
 use std::ffi::OsString;
 use std::time::Duration;
@@ -21,7 +21,7 @@ use args::{Cli, Cmd};
 use units::{Block, CreateCommand, StopCommand};
 
 /// What `fleetctl version` reports: the fleet release whose behaviour we match.
-pub const FLEET_VERSION: &str = "1.0.0";
+pub(crate) const FLEET_VERSION: &str = "1.0.0";
 /// fleetctl's default `--request-timeout`.
 const DEFAULT_REQUEST_TIMEOUT: f64 = 3.0;
 /// Added to a broker cluster's `connect_timeout` for the default request timeout.

@@ -16,14 +16,14 @@ use crate::protocol::frame::Frame;
 use crate::remote_command::RemoteAction;
 
 /// How often `journal --follow` asks for new entries.
-pub const FOLLOW_POLL: Duration = Duration::from_millis(500);
+pub(crate) const FOLLOW_POLL: Duration = Duration::from_millis(500);
 /// Pause before retrying when the cluster cannot be reached while following.
 const FOLLOW_RETRY: Duration = Duration::from_secs(1);
 const CURSOR_PREFIX: &str = "-- cursor: ";
 
 /// Where sessions go and with which overrides.
 #[derive(Debug, Clone)]
-pub struct Sessions {
+pub(crate) struct Sessions {
     pub control: PathBuf,
     pub cluster: Option<String>,
     pub user: Option<String>,
@@ -81,7 +81,7 @@ impl Sessions {
     }
 
     /// Runs a command with the local terminal attached (pty and raw mode when stdin is one).
-    pub async fn run_attached(
+    pub(crate) async fn run_attached(
         &self,
         req: ExecRequest,
         forward_input: bool,
@@ -104,7 +104,10 @@ impl Sessions {
     }
 
     /// Runs a command and collects its stdout (stderr passes through).
-    pub async fn run_captured(&self, req: ExecRequest) -> Result<(Outcome, Vec<u8>), StartError> {
+    pub(crate) async fn run_captured(
+        &self,
+        req: ExecRequest,
+    ) -> Result<(Outcome, Vec<u8>), StartError> {
         let cluster = self.cluster()?.to_string();
         let mut stream = session::open(&self.control, &cluster, &req).await?;
         stream.send(Frame::StdinEof).await;
@@ -147,7 +150,7 @@ async fn unit_or_report(api: &FleetClient, name: &str) -> Result<crate::fleet::s
 }
 
 /// `fleetctl status UNIT…`.
-pub async fn status(
+pub(crate) async fn status(
     api: &FleetClient,
     s: &Sessions,
     args: &[String],
@@ -204,7 +207,7 @@ pub async fn status(
 
 /// Options of `fleetctl journal`.
 #[derive(Debug, Clone)]
-pub struct JournalOpts {
+pub(crate) struct JournalOpts {
     pub lines: u32,
     pub follow: bool,
     pub output: String,
@@ -230,7 +233,12 @@ fn journal_action(
 }
 
 /// `fleetctl journal UNIT`.
-pub async fn journal(api: &FleetClient, s: &Sessions, args: &[String], o: &JournalOpts) -> i32 {
+pub(crate) async fn journal(
+    api: &FleetClient,
+    s: &Sessions,
+    args: &[String],
+    o: &JournalOpts,
+) -> i32 {
     if args.len() != 1 {
         eprintln!("One unit file must be provided.");
         return 1;
@@ -335,7 +343,7 @@ async fn follow(s: &Sessions, target: ExecTarget, name: &str, o: &JournalOpts) -
 }
 
 /// `fleetctl ssh`.
-pub async fn ssh(
+pub(crate) async fn ssh(
     s: &Sessions,
     machine: Option<String>,
     unit: Option<String>,

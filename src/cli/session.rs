@@ -33,7 +33,9 @@ pub struct ExecStream {
 /// How a session ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
+    /// The remote command's exit status.
     Exit(u32),
+    /// The signal that ended the remote command (`TERM`, …).
     Signal(String),
     /// An SSH-level failure after start.
     Failed(String),
@@ -41,7 +43,7 @@ pub enum Outcome {
 
 impl Outcome {
     /// fleetctl's exit code: the remote status, 128+N for a signal, 255 for SSH failures.
-    pub fn code(&self) -> i32 {
+    pub(crate) fn code(&self) -> i32 {
         match self {
             Outcome::Exit(c) => *c as i32,
             Outcome::Signal(s) => 128 + signal_number(s) as i32,
@@ -127,7 +129,7 @@ impl ExecStream {
     }
 
     /// A sender for other tasks (stdin, resize).
-    pub fn sender(&self) -> mpsc::Sender<Frame> {
+    pub(crate) fn sender(&self) -> mpsc::Sender<Frame> {
         self.tx.clone()
     }
 
@@ -161,7 +163,7 @@ impl ExecStream {
 }
 
 /// Forwards local stdin to the session until EOF.
-pub fn forward_stdin(tx: mpsc::Sender<Frame>) {
+pub(crate) fn forward_stdin(tx: mpsc::Sender<Frame>) {
     tokio::spawn(async move {
         let mut stdin = tokio::io::stdin();
         let mut buf = vec![0u8; 16 * 1024];
@@ -186,13 +188,13 @@ pub fn forward_stdin(tx: mpsc::Sender<Frame>) {
 }
 
 /// Whether stdin is a terminal.
-pub fn stdin_is_tty() -> bool {
+pub(crate) fn stdin_is_tty() -> bool {
     use std::io::IsTerminal;
     std::io::stdin().is_terminal()
 }
 
 /// The terminal's size as `(cols, rows)`.
-pub fn terminal_size() -> Option<(u32, u32)> {
+pub(crate) fn terminal_size() -> Option<(u32, u32)> {
     let mut ws = nix::libc::winsize {
         ws_row: 0,
         ws_col: 0,
@@ -205,7 +207,7 @@ pub fn terminal_size() -> Option<(u32, u32)> {
 }
 
 /// Sends a resize frame on every SIGWINCH.
-pub fn forward_resizes(tx: mpsc::Sender<Frame>) {
+pub(crate) fn forward_resizes(tx: mpsc::Sender<Frame>) {
     tokio::spawn(async move {
         let Ok(mut winch) =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())
@@ -223,12 +225,12 @@ pub fn forward_resizes(tx: mpsc::Sender<Frame>) {
 }
 
 /// Puts the terminal in raw mode; the original mode comes back when this is dropped.
-pub struct RawMode {
+pub(crate) struct RawMode {
     saved: nix::sys::termios::Termios,
 }
 
 impl RawMode {
-    pub fn enter() -> Option<RawMode> {
+    pub(crate) fn enter() -> Option<RawMode> {
         use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
         let stdin = std::io::stdin();
         let saved = tcgetattr(stdin.as_fd()).ok()?;

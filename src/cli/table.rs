@@ -5,7 +5,7 @@
 const TABWIDTH: usize = 8;
 
 /// Formats rows (each a list of cells) into tab-padded text, one line per row.
-pub fn render(rows: &[Vec<String>]) -> String {
+pub(crate) fn render(rows: &[Vec<String>]) -> String {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
     let mut widths = vec![0usize; cols];
     for row in rows {

@@ -14,7 +14,7 @@ use crate::control::client::{default_control_socket, list_clusters};
 
 /// The chosen socket and how to name it in messages.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Target {
+pub(crate) struct Target {
     pub socket: PathBuf,
     /// The broker cluster, when known.
     pub cluster: Option<String>,
@@ -33,7 +33,7 @@ fn rank(m: &ArgMatches, id: &str) -> Option<u8> {
 }
 
 /// Parses `--endpoint` as fleetctl does, accepting only unix sockets.
-pub fn parse_endpoint(raw: &str) -> Result<(PathBuf, Option<String>), String> {
+pub(crate) fn parse_endpoint(raw: &str) -> Result<(PathBuf, Option<String>), String> {
     let mut warning = None;
     let first = match raw.split_once(',') {
         Some((first, _)) => {
@@ -77,7 +77,7 @@ fn listing(names: &[String]) -> String {
 }
 
 /// Resolves the target; warnings go to stderr.
-pub async fn resolve(m: &ArgMatches, g: &GlobalFlags) -> Result<Target, String> {
+pub(crate) async fn resolve(m: &ArgMatches, g: &GlobalFlags) -> Result<Target, String> {
     let mut choices: Vec<(u8, u8, &str)> = Vec::new();
     for (order, id) in [(0u8, "cluster"), (1, "endpoint"), (2, "tunnel")] {
         if let Some(r) = rank(m, id) {

@@ -9,11 +9,11 @@ use http_body_util::{BodyExt, Full};
 use crate::protocol::ClusterList;
 
 /// How long a control request may take.
-pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Connects to the control socket after the checks of [`crate::local::connect`]; the error
 /// says what to do next.
-pub async fn connect(control: &Path) -> Result<tokio::net::UnixStream, String> {
+pub(crate) async fn connect(control: &Path) -> Result<tokio::net::UnixStream, String> {
     match crate::local::connect(control).await {
         Ok(s) => Ok(s),
         Err(e @ crate::local::LocalError::Unsafe { .. }) => Err(e.to_string()),
@@ -71,7 +71,7 @@ pub fn error_text(body: &[u8]) -> String {
 }
 
 /// Every configured cluster, from the daemon.
-pub async fn list_clusters(control: &Path) -> Result<ClusterList, String> {
+pub(crate) async fn list_clusters(control: &Path) -> Result<ClusterList, String> {
     let (status, body) = request(control, "GET", "/v1/clusters").await?;
     if status != 200 {
         return Err(format!(

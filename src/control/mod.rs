@@ -22,10 +22,10 @@ use crate::tunnel::{Command, State, Status, Tunnel};
 const DISCONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What the control socket serves.
-pub struct Control {
-    pub registry: Arc<crate::registry::Registry>,
+pub(crate) struct Control {
+    pub(crate) registry: Arc<crate::registry::Registry>,
     /// Asks the daemon's owner to reload the config.
-    pub reload_tx: tokio::sync::mpsc::Sender<crate::registry::ReloadRequest>,
+    pub(crate) reload_tx: tokio::sync::mpsc::Sender<crate::registry::ReloadRequest>,
 }
 
 fn exec_error(e: &crate::protocol::exec::ExecError) -> Response<Body> {
@@ -215,7 +215,7 @@ impl Control {
         r
     }
 
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+    pub(crate) async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let path = req.uri().path().to_string();
         let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         match (req.method(), segs.as_slice()) {

@@ -31,12 +31,12 @@ use crate::tunnel::Tunnel;
 
 use pool::{sweep, PoolKey, Pooled};
 use resolve::Place;
-pub use session::Session;
+pub(crate) use session::Session;
 
 /// Sessions one SSH connection carries at once (sshd's default `MaxSessions` is 10).
-pub const SESSIONS_PER_CONNECTION: usize = 8;
+pub(crate) const SESSIONS_PER_CONNECTION: usize = 8;
 /// An idle nested connection is closed after this long.
-pub const NESTED_IDLE: Duration = Duration::from_secs(60);
+pub(crate) const NESTED_IDLE: Duration = Duration::from_secs(60);
 /// Bound on the fleet API lookups of target resolution.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -44,7 +44,7 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_SETUP_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// Exec sessions of one cluster.
-pub struct Exec {
+pub(crate) struct Exec {
     tunnel: Arc<Tunnel>,
     /// The cluster socket, for the fleet API lookups of target resolution.
     socket: PathBuf,
@@ -57,7 +57,7 @@ pub struct Exec {
 impl Exec {
     /// Exec sessions through `tunnel`; target lookups go through the cluster socket at
     /// `socket`. The pool's sweeper and every session end when `stop` is cancelled.
-    pub fn new(
+    pub(crate) fn new(
         tunnel: Arc<Tunnel>,
         socket: PathBuf,
         agent: Option<PathBuf>,
@@ -102,7 +102,7 @@ impl Exec {
 
     /// The host key a machine presents, and what the pins say of it (`fleet-broker trust
     /// --machine`). No credentials are offered.
-    pub async fn machine_key(
+    pub(crate) async fn machine_key(
         &self,
         prefix: &str,
         ssh_port: Option<u16>,
@@ -168,7 +168,7 @@ impl Exec {
     }
 
     /// Resolves the target, connects and starts the remote command (or shell).
-    pub async fn start(&self, req: &ExecRequest) -> Result<Session, ExecError> {
+    pub(crate) async fn start(&self, req: &ExecRequest) -> Result<Session, ExecError> {
         let command = self.command_line(req)?;
         let setup = async {
             let place = self.resolve(&req.target).await?;

@@ -31,7 +31,7 @@ pub(super) struct Pooled {
 }
 
 /// Held while a session runs; frees its slot on drop.
-pub struct Slot {
+pub(crate) struct Slot {
     pooled: Option<Arc<Pooled>>,
     /// A connection of this session alone (the tunnel host, agent forwarding), closed with it.
     own: Option<SshHandle>,

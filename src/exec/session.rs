@@ -12,7 +12,7 @@ use crate::protocol::frame::{read_frame, write_frame, Frame};
 use super::pool::Slot;
 
 /// A started remote command.
-pub struct Session {
+pub(crate) struct Session {
     pub(super) channel: Channel<Msg>,
     pub(super) _slot: Slot,
     /// The cluster's token: cancelling it ends the session and closes its channel.
@@ -58,7 +58,7 @@ fn sig_name(s: &Sig) -> String {
 impl Session {
     /// Pumps frames between `io` (the client) and the remote command until it exits, the
     /// client goes away (which ends the remote command) or the cluster stops.
-    pub async fn run<IO>(self, io: IO)
+    pub(crate) async fn run<IO>(self, io: IO)
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {

@@ -2,6 +2,6 @@
 //! rules (`names`). Pure: no I/O, no SSH, usable by the simulator, the CLI and tests alike; the
 //! API client is `fleet_client`.
 
-pub mod names;
+pub(crate) mod names;
 pub mod schema;
 pub mod unit_file;

@@ -12,7 +12,7 @@ const RECOGNIZED: [&str; 7] = [
 ];
 
 /// Appends `.service` unless the name ends in a recognised unit type.
-pub fn maybe_append_default_unit_type(arg: &str) -> String {
+pub(crate) fn maybe_append_default_unit_type(arg: &str) -> String {
     if RECOGNIZED.iter().any(|s| arg.ends_with(s)) {
         arg.to_string()
     } else {
@@ -21,7 +21,7 @@ pub fn maybe_append_default_unit_type(arg: &str) -> String {
 }
 
 /// fleetctl's `unitNameMangle`: the base name, with the default type appended.
-pub fn unit_name_mangle(arg: &str) -> String {
+pub(crate) fn unit_name_mangle(arg: &str) -> String {
     let base = arg.rsplit('/').next().unwrap_or(arg);
     maybe_append_default_unit_type(base)
 }

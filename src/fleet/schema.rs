@@ -9,48 +9,65 @@ fn is_empty_str(s: &str) -> bool {
     s.is_empty()
 }
 
+/// One `Name=Value` line of a unit file's section.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UnitOption {
+    /// The option's name (`ExecStart`).
     pub name: String,
+    /// The section it is in (`Service`).
     pub section: String,
+    /// Its value.
     pub value: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+/// A unit in fleet's registry.
 pub struct Unit {
+    /// `inactive`, `loaded` or `launched`, as the scheduler last saw it.
     #[serde(default, skip_serializing_if = "is_empty_str")]
     pub current_state: String,
+    /// The state asked for.
     #[serde(default, skip_serializing_if = "is_empty_str")]
     pub desired_state: String,
+    /// The machine it is scheduled to (empty for global or unscheduled units).
     #[serde(default, rename = "machineID", skip_serializing_if = "is_empty_str")]
     pub machine_id: String,
+    /// `name.type`.
     #[serde(default, skip_serializing_if = "is_empty_str")]
     pub name: String,
+    /// The unit file.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub options: Vec<UnitOption>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// What systemd on one machine reports of a unit.
 pub struct UnitState {
+    /// The SHA1 of the unit file the machine runs.
     #[serde(default, skip_serializing_if = "is_empty_str")]
     pub hash: String,
+    /// The machine.
     #[serde(default, rename = "machineID", skip_serializing_if = "is_empty_str")]
     pub machine_id: String,
+    /// The unit's name.
     #[serde(default, skip_serializing_if = "is_empty_str")]
     pub name: String,
+    /// systemd's ActiveState.
     #[serde(
         default,
         rename = "systemdActiveState",
         skip_serializing_if = "is_empty_str"
     )]
     pub active_state: String,
+    /// systemd's LoadState.
     #[serde(
         default,
         rename = "systemdLoadState",
         skip_serializing_if = "is_empty_str"
     )]
     pub load_state: String,
+    /// systemd's SubState.
     #[serde(
         default,
         rename = "systemdSubState",
@@ -60,17 +77,21 @@ pub struct UnitState {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// A machine of the cluster.
 pub struct Machine {
+    /// The machine ID (32 hex digits).
     #[serde(default, skip_serializing_if = "is_empty_str")]
     pub id: String,
+    /// `key=value` metadata from fleetd's config.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, String>,
+    /// The address fleetd reports; never dialled unless it is an IP address.
     #[serde(default, rename = "primaryIP", skip_serializing_if = "is_empty_str")]
     pub primary_ip: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MachinePage {
+pub(crate) struct MachinePage {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub machines: Vec<Machine>,
     #[serde(
@@ -82,7 +103,7 @@ pub struct MachinePage {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UnitPage {
+pub(crate) struct UnitPage {
     #[serde(
         default,
         rename = "nextPageToken",
@@ -94,7 +115,7 @@ pub struct UnitPage {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UnitStatePage {
+pub(crate) struct UnitStatePage {
     #[serde(
         default,
         rename = "nextPageToken",

@@ -6,11 +6,11 @@ use sha1::{Digest, Sha1};
 use super::schema::UnitOption;
 
 /// Longest line go-systemd accepts.
-pub const MAX_LINE: usize = 2048;
+pub(crate) const MAX_LINE: usize = 2048;
 
 /// Sections in order of first appearance, options grouped under them, one empty line
 /// between sections, no trailing empty line.
-pub fn serialize(options: &[UnitOption]) -> String {
+pub(crate) fn serialize(options: &[UnitOption]) -> String {
     let mut sections: Vec<(&str, Vec<&UnitOption>)> = Vec::new();
     for o in options {
         match sections.iter_mut().find(|(s, _)| *s == o.section) {
@@ -60,7 +60,7 @@ const UNIT_TYPES: [&str; 13] = [
 const TEMPLATE_TYPES: [&str; 5] = ["path", "service", "socket", "target", "timer"];
 
 /// fleet's `ValidateName`, with its messages.
-pub fn validate_name(name: &str) -> Result<(), String> {
+pub(crate) fn validate_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("unit name cannot be empty".into());
     }
@@ -92,12 +92,12 @@ pub fn validate_name(name: &str) -> Result<(), String> {
 }
 
 /// Whether `name` is a template (`x@.service`).
-pub fn is_template(name: &str) -> bool {
+pub(crate) fn is_template(name: &str) -> bool {
     name.contains("@.")
 }
 
 /// Values of an `[X-Fleet]` key, splitting quoted multi-values (`"a=b" "c=d"`).
-pub fn fleet_values(options: &[UnitOption], key: &str) -> Vec<String> {
+pub(crate) fn fleet_values(options: &[UnitOption], key: &str) -> Vec<String> {
     let mut out = Vec::new();
     for o in options
         .iter()
@@ -129,7 +129,7 @@ pub fn fleet_values(options: &[UnitOption], key: &str) -> Vec<String> {
 }
 
 /// Parses fleet's truthy values for `Global`.
-pub fn truthy(v: &str) -> bool {
+pub(crate) fn truthy(v: &str) -> bool {
     matches!(
         v.to_ascii_lowercase().as_str(),
         "true" | "yes" | "1" | "on" | "t"
@@ -137,14 +137,14 @@ pub fn truthy(v: &str) -> bool {
 }
 
 /// Whether the unit is Global (last value wins).
-pub fn is_global(options: &[UnitOption]) -> bool {
+pub(crate) fn is_global(options: &[UnitOption]) -> bool {
     fleet_values(options, "Global")
         .last()
         .is_some_and(|v| truthy(v))
 }
 
 /// fleet's `ValidateOptions`.
-pub fn validate_options(options: &[UnitOption]) -> Result<(), String> {
+pub(crate) fn validate_options(options: &[UnitOption]) -> Result<(), String> {
     for line in serialize(options).lines() {
         if line.len() > MAX_LINE {
             return Err(format!("line too long (max {MAX_LINE} bytes)"));
@@ -202,7 +202,7 @@ pub fn validate_options(options: &[UnitOption]) -> Result<(), String> {
 }
 
 /// Go's `path.Match` for the patterns fleet uses (`*`, `?`, no path separators in names).
-pub fn glob_match(pattern: &str, name: &str) -> bool {
+pub(crate) fn glob_match(pattern: &str, name: &str) -> bool {
     crate::pattern::wildcard_match(pattern, name)
 }
 
@@ -298,14 +298,23 @@ mod tests {
 /// Why a unit file could not be parsed (go-systemd's `unit.Deserialize` rules).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ParseError {
+    /// A line longer than go-systemd accepts.
     #[error("line too long (max {MAX_LINE} bytes)")]
     LineTooLong,
+    /// Text after `[Section]` on its line.
     #[error("found garbage after section name {0:?}")]
     GarbageAfterSection(String),
+    /// `[Section` without `]`.
     #[error("unable to find end of section")]
     UnterminatedSection,
+    /// An option line without `=`.
     #[error("line {line}: expected \"=\" in option line {text:?}")]
-    NoEquals { line: usize, text: String },
+    NoEquals {
+        /// 1-based line.
+        line: usize,
+        /// The line.
+        text: String,
+    },
 }
 
 /// Parses a unit file into options in file order. Comments (`#`, `;`) and blank lines are

@@ -21,7 +21,12 @@ pub enum Frame {
     /// Daemon → client: remote stderr.
     Stderr(Bytes),
     /// Client → daemon: the terminal's new size.
-    Resize { cols: u32, rows: u32 },
+    Resize {
+        /// Columns.
+        cols: u32,
+        /// Rows.
+        rows: u32,
+    },
     /// Client → daemon: no more stdin.
     StdinEof,
     /// Client → daemon: deliver a signal (`INT`, `TERM`, …) to the remote process.

@@ -62,6 +62,7 @@ fn specifiers(v: &str, name: &str) -> String {
 }
 
 impl Sim {
+    /// A cluster of `machines` without units.
     pub fn new(machines: Vec<Machine>) -> Sim {
         let mut machines = machines;
         machines.sort_by(|a, b| a.id.cmp(&b.id));
@@ -74,10 +75,12 @@ impl Sim {
         }
     }
 
+    /// The machines, by ID.
     pub fn machines(&self) -> &[Machine] {
         &self.machines
     }
 
+    /// Whether the unit is in the registry.
     pub fn exists(&self, name: &str) -> bool {
         self.units.contains_key(name)
     }
@@ -120,6 +123,7 @@ impl Sim {
         }
     }
 
+    /// Every unit, by name, as `GET /units` shows them.
     pub fn units(&self) -> Vec<Unit> {
         self.units
             .iter()
@@ -127,10 +131,12 @@ impl Sim {
             .collect()
     }
 
+    /// One unit, as `GET /units/NAME` shows it.
     pub fn unit(&self, name: &str) -> Option<Unit> {
         self.units.get(name).map(|u| self.unit_view(name, u, true))
     }
 
+    /// The SHA1 of the unit's file, as `/state` reports it.
     pub fn unit_hash(&self, name: &str) -> Option<String> {
         self.units.get(name).map(|u| hash(&u.options))
     }
@@ -141,6 +147,7 @@ impl Sim {
         self.machines.push(machine);
     }
 
+    /// Creates or replaces a unit and schedules it as fleetd would.
     pub fn put(&mut self, name: &str, options: Vec<UnitOption>, desired: String) {
         let old = self.units.remove(name);
         let machine = old.and_then(|o| o.machine);
@@ -155,12 +162,13 @@ impl Sim {
         self.reconcile();
     }
 
-    /// Inserts many units and schedules once (for large simulated registries).
     /// Removes every unit (benchmarks that set up clusters of several sizes).
     pub fn clear_units(&mut self) {
         self.units.clear();
     }
 
+    /// Inserts many units (name, options, desired state) and schedules once, for large
+    /// simulated registries.
     pub fn put_many(&mut self, units: Vec<(String, Vec<UnitOption>, String)>) {
         for (name, options, desired) in units {
             let machine = self.units.remove(&name).and_then(|o| o.machine);
@@ -176,6 +184,7 @@ impl Sim {
         self.reconcile();
     }
 
+    /// Sets a unit's desired state and reconciles, as fleetd's engine would.
     pub fn set_desired(&mut self, name: &str, desired: &str) {
         if let Some(u) = self.units.get_mut(name) {
             u.desired = desired.into();
@@ -183,6 +192,7 @@ impl Sim {
         self.reconcile();
     }
 
+    /// Removes a unit; false when there was none.
     pub fn delete(&mut self, name: &str) -> bool {
         let existed = self.units.remove(name).is_some();
         self.reconcile();

@@ -17,9 +17,9 @@ use russh::{Channel, ChannelMsg};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Bytes a channel may hold for a local reader before that reader is cut off.
-pub const MAX_BUFFERED: usize = 32 * 1024 * 1024;
+pub(crate) const MAX_BUFFERED: usize = 32 * 1024 * 1024;
 /// Bytes all channels of the process together may hold for local readers.
-pub const MAX_BUFFERED_TOTAL: usize = 64 * 1024 * 1024;
+pub(crate) const MAX_BUFFERED_TOTAL: usize = 64 * 1024 * 1024;
 
 /// Bytes held by all channels now.
 static BUFFERED_TOTAL: AtomicUsize = AtomicUsize::new(0);
@@ -27,7 +27,7 @@ static BUFFERED_TOTAL: AtomicUsize = AtomicUsize::new(0);
 static CHANNELS: Mutex<Vec<Weak<Mutex<Shared>>>> = Mutex::new(Vec::new());
 
 /// Bytes held for slow local readers across all channels (for metrics).
-pub fn buffered_total() -> usize {
+pub(crate) fn buffered_total() -> usize {
     BUFFERED_TOTAL.load(Ordering::Relaxed)
 }
 
@@ -83,7 +83,7 @@ fn enforce_total() {
 }
 
 /// A channel as a byte stream whose reading side is drained by a task into a bounded buffer.
-pub struct DrainedChannel {
+pub(crate) struct DrainedChannel {
     shared: Arc<Mutex<Shared>>,
     writer: Pin<Box<dyn AsyncWrite + Send + Sync>>,
     closer: Option<Arc<dyn Fn() + Send + Sync>>,
@@ -97,7 +97,7 @@ fn lock(s: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
 }
 
 impl DrainedChannel {
-    pub fn new(channel: Channel<Msg>) -> DrainedChannel {
+    pub(crate) fn new(channel: Channel<Msg>) -> DrainedChannel {
         let (mut read_half, write_half) = channel.split();
         let writer = Box::pin(write_half.make_writer());
         let write_half = Arc::new(write_half);

@@ -20,23 +20,30 @@ use crate::known_hosts::{self, fingerprint_md5, fingerprint_sha256, HostId, Know
 pub const WINDOW_SIZE: u32 = 16 * 1024 * 1024;
 /// Window per channel of a nested connection: sessions on one nested connection together
 /// stay well under the tunnel channel's buffer limit (`tunnel::channel::MAX_BUFFERED`).
-pub const NESTED_WINDOW_SIZE: u32 = 2 * 1024 * 1024;
+pub(crate) const NESTED_WINDOW_SIZE: u32 = 2 * 1024 * 1024;
 /// Largest packet we accept (OpenSSH's default maximum).
-pub const MAX_PACKET: u32 = 32 * 1024;
+pub(crate) const MAX_PACKET: u32 = 32 * 1024;
 
 /// What a dial needs to know, independent of fleet.
 #[derive(Debug, Clone)]
 pub struct DialSpec {
     /// Shown in every error (`cluster "prod"`).
     pub label: String,
+    /// The SSH server.
     pub target: HostPort,
     /// Hops to go through first (`[user@]host[:port]`), each verified and authenticated.
     pub jump: Vec<crate::config::JumpHop>,
+    /// The user to log in as.
     pub user: String,
+    /// The agent and identity files to authenticate with.
     pub keys: KeySource,
+    /// The pin files, in order.
     pub known_hosts: Vec<PathBuf>,
+    /// What to do with a key that is not pinned.
     pub policy: HostKeyPolicy,
+    /// Keepalive period; `None` for none.
     pub keepalive_interval: Option<Duration>,
+    /// Unanswered keepalives before the connection is given up.
     pub keepalive_max: usize,
     /// What a user runs to pin this host's key once checked (shown in refusals).
     pub trust_hint: String,
@@ -50,28 +57,44 @@ pub struct DialSpec {
 
 impl DialSpec {
     /// The target as known_hosts names it.
-    pub fn host_id(&self) -> HostId {
+    pub(crate) fn host_id(&self) -> HostId {
         HostId::new(&self.target.host, self.target.port)
     }
 }
 
+/// Why a dial failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {
+    /// TCP (or the jump host's channel) could not reach the server.
     #[error("cannot connect to {target}: {reason}")]
-    Connect { target: String, reason: String },
+    Connect {
+        /// `host:port`.
+        target: String,
+        /// The error.
+        reason: String,
+    },
+    /// The host key was refused: the message names the key, the pins and what to run.
     #[error("{0}")]
     HostKey(String),
+    /// A known_hosts file could not be read or written.
     #[error("{0}")]
     KnownHosts(#[from] known_hosts::KnownHostsError),
+    /// No key was accepted.
     #[error(transparent)]
     Auth(#[from] AuthError),
+    /// The SSH handshake failed.
     #[error("SSH handshake with {target} failed: {reason}")]
-    Ssh { target: String, reason: String },
+    Ssh {
+        /// `host:port`.
+        target: String,
+        /// The error.
+        reason: String,
+    },
 }
 
 impl DialError {
     /// Errors that retrying cannot fix: they wait for the operator.
-    pub fn is_fatal(&self) -> bool {
+    pub(crate) fn is_fatal(&self) -> bool {
         match self {
             DialError::HostKey(_) | DialError::KnownHosts(_) => true,
             DialError::Auth(AuthError::AgentUnreachable { .. }) => false,
@@ -260,9 +283,11 @@ impl client::Handler for ClientHandler {
 
 /// A live, authenticated connection.
 pub struct Connection {
+    /// russh's handle: channels are opened on it.
     pub handle: Handle<ClientHandler>,
     /// Changes (closes) when the connection ends.
     pub closed: watch::Receiver<()>,
+    /// `SHA256:…` of the server's key.
     pub host_key_fingerprint: String,
     /// The address as shown in messages.
     pub peer: String,
@@ -299,7 +324,7 @@ fn preferred_ciphers() -> Vec<russh::cipher::Name> {
 }
 
 /// The client config for a spec (shared by the tunnel and nested hops).
-pub fn client_config(spec: &DialSpec, pinned: &[Algorithm]) -> client::Config {
+pub(crate) fn client_config(spec: &DialSpec, pinned: &[Algorithm]) -> client::Config {
     // Certificates are asked for first, as `ssh` does by default; one that no
     // `@cert-authority` entry vouches for is judged by its plain key.
     let preferred = russh::Preferred {
@@ -339,7 +364,7 @@ async fn tcp_connect(target: &HostPort) -> Result<TcpStream, DialError> {
 }
 
 /// What `fleet-broker trust` learns about a host before pinning it.
-pub struct PresentedKey {
+pub(crate) struct PresentedKey {
     pub key: russh::keys::PublicKey,
     /// The name the host is looked up and pinned by.
     pub host: HostId,
@@ -347,13 +372,16 @@ pub struct PresentedKey {
 }
 
 /// Connects far enough to see the host key, then stops; no credentials are offered.
-pub async fn presented_key(spec: &DialSpec) -> Result<PresentedKey, DialError> {
+pub(crate) async fn presented_key(spec: &DialSpec) -> Result<PresentedKey, DialError> {
     let (tcp, _address) = connect_tcp(spec).await?;
     presented_key_over(spec, tcp).await
 }
 
 /// [`presented_key`] over any byte stream (a channel to a machine, for nested hops).
-pub async fn presented_key_over<S>(spec: &DialSpec, stream: S) -> Result<PresentedKey, DialError>
+pub(crate) async fn presented_key_over<S>(
+    spec: &DialSpec,
+    stream: S,
+) -> Result<PresentedKey, DialError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -476,7 +504,7 @@ async fn dial_direct(spec: &DialSpec) -> Result<Connection, DialError> {
 /// SSH handshake, host key check and authentication over any byte stream (a TCP socket, or
 /// a channel of another connection for a nested hop). The host key is looked up by the
 /// spec's target alone; `address` is the connected address, consulted only for a warning.
-pub async fn handshake<S>(
+pub(crate) async fn handshake<S>(
     spec: &DialSpec,
     stream: S,
     address: Option<String>,

@@ -9,9 +9,9 @@
 //! Users of the tunnel call [`Tunnel::link`] and get the live connection or, within the
 //! connect timeout, the reason there is none.
 
-pub mod channel;
+pub(crate) mod channel;
 pub mod dial;
-pub mod quickack;
+pub(crate) mod quickack;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -22,13 +22,13 @@ use russh::client::Handle;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
-pub use dial::{ClientHandler, DialError, DialSpec};
+pub(crate) use dial::{ClientHandler, DialSpec};
 
 use crate::config::{ClusterConfig, ConnectMode, InteractiveSession};
 pub use crate::protocol::{State, Status};
 
-pub const BACKOFF_MIN: Duration = Duration::from_millis(250);
-pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+pub(crate) const BACKOFF_MIN: Duration = Duration::from_millis(250);
+pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// How often a Ready tunnel compares the wall clock with the monotonic one.
 const CLOCK_CHECK: Duration = Duration::from_secs(5);
 /// A wall-clock jump this much larger than the monotonic clock's means a suspend.
@@ -39,11 +39,11 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 const LATENCY_SAMPLES: usize = 1024;
 
 /// The shared, live SSH connection.
-pub type SshHandle = Arc<Handle<ClientHandler>>;
+pub(crate) type SshHandle = Arc<Handle<ClientHandler>>;
 
 /// Why [`Tunnel::link`] has no connection to give.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum LinkError {
+pub(crate) enum LinkError {
     /// The supervisor stopped on an error retrying cannot fix; it waits for an operator.
     #[error("{0}")]
     Failed(String),
@@ -72,7 +72,7 @@ enum Link {
 
 /// Commands for the supervisor.
 #[derive(Debug, Clone, Copy)]
-pub enum Command {
+pub(crate) enum Command {
     Connect,
     Disconnect,
     /// A request stalled on the live connection: probe it now (a keepalive that must be
@@ -96,7 +96,7 @@ struct Stats {
 }
 
 /// One cluster's tunnel, shared by the proxy, the control socket and the supervisor.
-pub struct Tunnel {
+pub(crate) struct Tunnel {
     pub config: ClusterConfig,
     /// The ssh-agent socket captured when the daemon started.
     agent: Option<PathBuf>,
@@ -129,7 +129,7 @@ impl std::fmt::Display for State {
 
 impl Tunnel {
     /// Creates the tunnel and spawns its supervisor; the supervisor stops when `shutdown` is cancelled.
-    pub fn spawn(
+    pub(crate) fn spawn(
         config: ClusterConfig,
         agent: Option<PathBuf>,
         shutdown: CancellationToken,
@@ -167,12 +167,12 @@ impl Tunnel {
         tunnel
     }
 
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.config.name
     }
 
     /// The live connection, waiting up to `connect_timeout` for one (and asking for one).
-    pub async fn link(&self) -> Result<SshHandle, LinkError> {
+    pub(crate) async fn link(&self) -> Result<SshHandle, LinkError> {
         let mut rx = self.link_tx.subscribe();
         let deadline = tokio::time::Instant::now() + self.config.connect_timeout;
         loop {
@@ -199,7 +199,7 @@ impl Tunnel {
     }
 
     /// Waits (at most `limit`) until the supervisor reports `state`; true if it did.
-    pub async fn wait_for_state(&self, state: State, limit: Duration) -> bool {
+    pub(crate) async fn wait_for_state(&self, state: State, limit: Duration) -> bool {
         let mut rx = self.link_tx.subscribe();
         let deadline = tokio::time::Instant::now() + limit;
         loop {
@@ -215,18 +215,18 @@ impl Tunnel {
 
     /// How long a probe of a stalled connection may take: a quarter of `connect_timeout`, so
     /// that a request stalled for half of it gets its answer within it.
-    pub fn probe_timeout(&self) -> Duration {
+    pub(crate) fn probe_timeout(&self) -> Duration {
         self.config.connect_timeout / 4
     }
 
     /// Asks the supervisor to probe the live connection, without waiting (a probe already
     /// asked for is enough).
-    pub fn ask_probe(&self) {
+    pub(crate) fn ask_probe(&self) {
         let _ = self.cmd_tx.try_send(Command::Probe);
     }
 
     /// Sends an operator command to the supervisor.
-    pub async fn command(&self, cmd: Command) {
+    pub(crate) async fn command(&self, cmd: Command) {
         if matches!(cmd, Command::Connect) {
             // From now on requests wait for the new attempt rather than see the old failure.
             self.link_tx.send_if_modified(|l| {
@@ -249,7 +249,7 @@ impl Tunnel {
     }
 
     /// Records one proxied request.
-    pub fn record_request(&self, elapsed: Duration, bytes_in: u64, bytes_out: u64) {
+    pub(crate) fn record_request(&self, elapsed: Duration, bytes_in: u64, bytes_out: u64) {
         self.with_stats(|s| {
             s.requests += 1;
             s.bytes_in += bytes_in;
@@ -265,14 +265,14 @@ impl Tunnel {
         });
     }
 
-    pub fn add_bytes(&self, bytes_in: u64, bytes_out: u64) {
+    pub(crate) fn add_bytes(&self, bytes_in: u64, bytes_out: u64) {
         self.with_stats(|s| {
             s.bytes_in += bytes_in;
             s.bytes_out += bytes_out;
         });
     }
 
-    pub fn status(&self) -> Status {
+    pub(crate) fn status(&self) -> Status {
         self.with_stats(|s| {
             let mut lat = s.latencies_us.clone();
             lat.sort_unstable();
@@ -304,7 +304,7 @@ impl Tunnel {
 }
 
 /// The dial parameters of a cluster.
-pub fn dial_spec(c: &ClusterConfig, agent: Option<PathBuf>) -> DialSpec {
+pub(crate) fn dial_spec(c: &ClusterConfig, agent: Option<PathBuf>) -> DialSpec {
     DialSpec {
         label: format!("cluster {:?}", c.name),
         target: c.tunnel.clone(),

@@ -13,10 +13,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 /// A TCP stream that keeps quick-ack mode on.
-pub struct QuickAck(TcpStream);
+pub(crate) struct QuickAck(TcpStream);
 
 impl QuickAck {
-    pub fn new(stream: TcpStream) -> QuickAck {
+    pub(crate) fn new(stream: TcpStream) -> QuickAck {
         set_quickack(&stream);
         QuickAck(stream)
     }
@@ -38,7 +38,8 @@ fn set_quickack(s: &TcpStream) {
 }
 
 /// Whether TCP_QUICKACK is on for `s` now (for tests).
-pub fn quickack_is_on(s: &impl AsRawFd) -> bool {
+#[cfg(test)]
+pub(crate) fn quickack_is_on(s: &impl AsRawFd) -> bool {
     let mut v: nix::libc::c_int = 0;
     let mut len = std::mem::size_of::<nix::libc::c_int>() as nix::libc::socklen_t;
     // SAFETY: a valid descriptor, pointers to a live c_int and its size.

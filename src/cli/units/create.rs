@@ -15,7 +15,7 @@ use super::{warn, Ctx};
 
 /// The three commands that create units.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CreateCommand {
+pub(crate) enum CreateCommand {
     /// Create only.
     Submit,
     /// Create and schedule.
@@ -247,7 +247,7 @@ async fn set_target_state_of_units(
 }
 
 /// submit, load and start.
-pub async fn run_create(
+pub(crate) async fn run_create(
     ctx: &Arc<Ctx>,
     command: CreateCommand,
     args: &[String],

@@ -19,27 +19,27 @@ use crate::fleet::schema::{Machine, Unit};
 use crate::fleet::unit_file;
 use crate::fleet_client::{chrono_like_now, FleetClient};
 
-pub use create::{run_create, CreateCommand};
-pub use stop::{run_destroy, run_stop_unload, StopCommand};
-pub use wait::Block;
+pub(crate) use create::{run_create, CreateCommand};
+pub(crate) use stop::{run_destroy, run_stop_unload, StopCommand};
+pub(crate) use wait::Block;
 
 /// Go's `%v` of a string slice: `[a b]`.
-pub fn go_list(names: &[String]) -> String {
+pub(crate) fn go_list(names: &[String]) -> String {
     format!("[{}]", names.join(" "))
 }
 
-pub fn warn(msg: &str) {
+pub(crate) fn warn(msg: &str) {
     eprintln!("{} WARN fleetctl.go:0: {msg}", chrono_like_now());
 }
 
 /// Shared state of one fleetctl invocation.
-pub struct Ctx {
+pub(crate) struct Ctx {
     pub api: FleetClient,
     machines: Mutex<Option<Vec<Machine>>>,
 }
 
 impl Ctx {
-    pub fn new(api: FleetClient) -> Arc<Ctx> {
+    pub(crate) fn new(api: FleetClient) -> Arc<Ctx> {
         Arc::new(Ctx {
             api,
             machines: Mutex::new(None),
@@ -70,7 +70,7 @@ async fn find_units(ctx: &Ctx, args: &[String]) -> Result<Vec<Unit>, ()> {
 }
 
 /// cat: the serialized unit, byte for byte, no newline added.
-pub async fn run_cat(ctx: &Ctx, args: &[String]) -> i32 {
+pub(crate) async fn run_cat(ctx: &Ctx, args: &[String]) -> i32 {
     if args.len() != 1 {
         eprintln!("One unit file must be provided");
         return 1;

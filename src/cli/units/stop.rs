@@ -9,7 +9,7 @@ use super::{find_units, go_list, Ctx};
 
 /// The two commands that take units down a state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StopCommand {
+pub(crate) enum StopCommand {
     /// To `loaded`.
     Stop,
     /// To `inactive`.
@@ -17,7 +17,7 @@ pub enum StopCommand {
 }
 
 /// stop and unload.
-pub async fn run_stop_unload(
+pub(crate) async fn run_stop_unload(
     ctx: &Arc<Ctx>,
     command: StopCommand,
     args: &[String],
@@ -66,7 +66,7 @@ pub async fn run_stop_unload(
 }
 
 /// destroy: deletes, then (unless --no-block) waits until each unit is gone.
-pub async fn run_destroy(ctx: &Arc<Ctx>, args: &[String], block: Block) -> i32 {
+pub(crate) async fn run_destroy(ctx: &Arc<Ctx>, args: &[String], block: Block) -> i32 {
     if args.is_empty() {
         eprintln!("No units given");
         return 0;

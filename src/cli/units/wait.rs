@@ -9,15 +9,15 @@ use crate::fleet::unit_file::is_global;
 use super::{warn, Ctx};
 
 /// One attempt: poll every [`POLL`] for [`ATTEMPT`].
-pub const ATTEMPT: Duration = Duration::from_secs(2);
+pub(crate) const ATTEMPT: Duration = Duration::from_secs(2);
 /// How often a waiting command asks.
-pub const POLL: Duration = Duration::from_millis(250);
+pub(crate) const POLL: Duration = Duration::from_millis(250);
 /// After this many unlimited attempts an unscheduled unit draws a notice.
 const UNSCHEDULED_NOTICE_AFTER: u32 = 5;
 
 /// How long a command waits for its units (fleetctl's `getBlockAttempts`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Block {
+pub(crate) enum Block {
     /// `--no-block`: trigger and return.
     No,
     /// `--block-attempts=0` (the default): wait as long as it takes.
@@ -28,7 +28,7 @@ pub enum Block {
 
 impl Block {
     /// From `--no-block` and `--block-attempts`.
-    pub fn from_flags(no_block: bool, attempts: u32) -> Block {
+    pub(crate) fn from_flags(no_block: bool, attempts: u32) -> Block {
         match (no_block, attempts) {
             (true, _) => Block::No,
             (false, 0) => Block::Forever,
@@ -37,7 +37,7 @@ impl Block {
     }
 
     /// How to wait where fleetctl waits whatever `--no-block` says (new units).
-    pub fn always(self) -> Block {
+    pub(crate) fn always(self) -> Block {
         match self {
             Block::No => Block::Forever,
             b => b,
