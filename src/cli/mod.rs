@@ -43,27 +43,9 @@ fn version_line() -> String {
 
 /// Runs fleetctl with `argv` (including the program name); returns the exit code.
 pub async fn run(argv: Vec<OsString>) -> i32 {
-    if matches!(
-        argv.get(1).and_then(|a| a.to_str()),
-        Some("--version" | "-v")
-    ) {
-        println!("{}", version_line());
-        return 0;
-    }
-    let mut cmd = Cli::command();
-    let matches = match cmd.clone().try_get_matches_from(argv) {
-        Ok(m) => m,
-        Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() { 2 } else { 0 };
-        }
-    };
-    let cli = match Cli::from_arg_matches(&matches) {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = e.print();
-            return 2;
-        }
+    let (mut cmd, matches, cli) = match parse(argv) {
+        Ok(p) => p,
+        Err(code) => return code,
     };
     let g = &cli.global;
     if g.version {
@@ -79,29 +61,8 @@ pub async fn run(argv: Vec<OsString>) -> i32 {
             "WARNING: {flag} is ignored: this fleetctl reaches fleet only through fleet-broker"
         );
     }
-    let debug = g.debug || std::env::var("FLEETCTL_DEBUG").is_ok_and(|v| truthy(&v));
-    match &command {
-        Cmd::Version => {
-            println!("{}", version_line());
-            return 0;
-        }
-        Cmd::Help { command } => {
-            let sub = command
-                .first()
-                .and_then(|name| cmd.find_subcommand_mut(name).cloned());
-            let _ = match sub {
-                Some(mut s) => s.print_help(),
-                None => cmd.print_help(),
-            };
-            return 0;
-        }
-        Cmd::Verify { .. } => {
-            eprintln!(
-                "WARNING: The signed/verified units feature is DEPRECATED and cannot be used."
-            );
-            return 2;
-        }
-        _ => {}
+    if let Some(code) = run_local(&command, &mut cmd) {
+        return code;
     }
     let sub_matches = matches.subcommand().map(|(_, m)| m).unwrap_or(&matches);
     let target = match target::resolve(sub_matches, g).await {
@@ -111,8 +72,81 @@ pub async fn run(argv: Vec<OsString>) -> i32 {
             return 1;
         }
     };
-    // Without --request-timeout, give the broker time to answer 503 with the cause when a
-    // tunnel is down, rather than time out first and say less.
+    let timeout = match request_timeout(g, &target) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("Unable to initialize client: {e}");
+            return 1;
+        }
+    };
+    let mut api = crate::fleet_client::FleetClient::new(&target.socket, timeout);
+    api.debug = g.debug || std::env::var("FLEETCTL_DEBUG").is_ok_and(|v| truthy(&v));
+    let sessions = remote::Sessions {
+        control: target.control.clone(),
+        cluster: target.cluster.clone(),
+        user: g.ssh_username.clone(),
+        timeout_secs: g.ssh_timeout,
+    };
+    dispatch(command, &api, &sessions).await
+}
+
+/// The parsed command line, or the exit code when parsing ends the run (`--version`, usage
+/// errors, `--help`).
+fn parse(argv: Vec<OsString>) -> Result<(clap::Command, clap::ArgMatches, Cli), i32> {
+    if matches!(
+        argv.get(1).and_then(|a| a.to_str()),
+        Some("--version" | "-v")
+    ) {
+        println!("{}", version_line());
+        return Err(0);
+    }
+    let cmd = Cli::command();
+    let matches = match cmd.clone().try_get_matches_from(argv) {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = e.print();
+            return Err(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    match Cli::from_arg_matches(&matches) {
+        Ok(c) => Ok((cmd, matches, c)),
+        Err(e) => {
+            let _ = e.print();
+            Err(2)
+        }
+    }
+}
+
+/// Commands answered without a cluster: `version`, `help`, `verify`.
+fn run_local(command: &Cmd, cmd: &mut clap::Command) -> Option<i32> {
+    match command {
+        Cmd::Version => {
+            println!("{}", version_line());
+            Some(0)
+        }
+        Cmd::Help { command } => {
+            let sub = command
+                .first()
+                .and_then(|name| cmd.find_subcommand_mut(name).cloned());
+            let _ = match sub {
+                Some(mut s) => s.print_help(),
+                None => cmd.print_help(),
+            };
+            Some(0)
+        }
+        Cmd::Verify { .. } => {
+            eprintln!(
+                "WARNING: The signed/verified units feature is DEPRECATED and cannot be used."
+            );
+            Some(2)
+        }
+        _ => None,
+    }
+}
+
+/// `--request-timeout`, or by default long enough for the broker to answer 503 with the
+/// cause when a tunnel is down, rather than time out first and say less.
+fn request_timeout(g: &args::GlobalFlags, target: &target::Target) -> Result<Duration, String> {
     let secs = g.request_timeout.unwrap_or_else(|| {
         target
             .connect_timeout_secs
@@ -121,24 +155,21 @@ pub async fn run(argv: Vec<OsString>) -> i32 {
             })
     });
     if !(secs.is_finite() && secs > 0.0) {
-        eprintln!(
-            "Unable to initialize client: --request-timeout must be a positive number of seconds"
-        );
-        return 1;
+        return Err("--request-timeout must be a positive number of seconds".into());
     }
-    let mut api =
-        crate::fleet_client::FleetClient::new(&target.socket, Duration::from_secs_f64(secs));
-    api.debug = debug;
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Runs a command that talks to the cluster.
+async fn dispatch(
+    command: Cmd,
+    api: &crate::fleet_client::FleetClient,
+    sessions: &remote::Sessions,
+) -> i32 {
     let ctx = units::Ctx::new(api.clone());
-    let sessions = remote::Sessions {
-        control: target.control.clone(),
-        cluster: target.cluster.clone(),
-        user: g.ssh_username.clone(),
-        timeout_secs: g.ssh_timeout,
-    };
     match command {
         Cmd::Status { ssh_port, units } => {
-            remote::status(&api, &sessions, &units.units, ssh_port).await
+            remote::status(api, sessions, &units.units, ssh_port).await
         }
         Cmd::Journal {
             lines,
@@ -155,7 +186,7 @@ pub async fn run(argv: Vec<OsString>) -> i32 {
                 sudo,
                 ssh_port,
             };
-            remote::journal(&api, &sessions, &units.units, &o).await
+            remote::journal(api, sessions, &units.units, &o).await
         }
         Cmd::Ssh {
             forward_agent,
@@ -163,10 +194,10 @@ pub async fn run(argv: Vec<OsString>) -> i32 {
             unit,
             ssh_port,
             args,
-        } => remote::ssh(&sessions, machine, unit, args, ssh_port, forward_agent).await,
-        Cmd::ListUnits(f) => lists::list_units(&api, &f).await,
-        Cmd::ListUnitFiles(f) => lists::list_unit_files(&api, &f).await,
-        Cmd::ListMachines(f) => lists::list_machines(&api, &f).await,
+        } => remote::ssh(sessions, machine, unit, args, ssh_port, forward_agent).await,
+        Cmd::ListUnits(f) => lists::list_units(api, &f).await,
+        Cmd::ListUnitFiles(f) => lists::list_unit_files(api, &f).await,
+        Cmd::ListMachines(f) => lists::list_machines(api, &f).await,
         Cmd::Submit { replace, units, .. } => {
             units::run_create(
                 &ctx,

@@ -11,6 +11,7 @@ use clap::ArgMatches;
 use super::args::GlobalFlags;
 use crate::config::HostPort;
 use crate::control::client::{default_control_socket, list_clusters};
+use crate::protocol::ClusterInfo;
 
 /// The chosen socket and how to name it in messages.
 #[derive(Debug, Clone, PartialEq)]
@@ -76,110 +77,116 @@ fn listing(names: &[String]) -> String {
     }
 }
 
-/// Resolves the target; warnings go to stderr.
-pub(crate) async fn resolve(m: &ArgMatches, g: &GlobalFlags) -> Result<Target, String> {
-    let mut choices: Vec<(u8, u8, &str)> = Vec::new();
+/// The flag that chooses the cluster: the one given most directly (command line, then
+/// environment, then default), `--cluster` before `--endpoint` before `--tunnel` at a tie.
+fn chosen_flag(m: &ArgMatches) -> Option<&'static str> {
+    let mut choices: Vec<(u8, u8, &'static str)> = Vec::new();
     for (order, id) in [(0u8, "cluster"), (1, "endpoint"), (2, "tunnel")] {
         if let Some(r) = rank(m, id) {
             choices.push((r, order, id));
         }
     }
     choices.sort();
+    choices.first().map(|c| c.2)
+}
+
+/// Resolves the target; warnings go to stderr.
+pub(crate) async fn resolve(m: &ArgMatches, g: &GlobalFlags) -> Result<Target, String> {
     let control = default_control_socket();
-    match choices.first().map(|c| c.2) {
-        Some("endpoint") => {
-            let raw = g.endpoint.as_deref().unwrap_or_default();
-            let (socket, warning) = parse_endpoint(raw)?;
-            if let Some(w) = warning {
-                eprintln!(
-                    "{} WARN fleetctl.go:317: {w}",
-                    crate::fleet_client::chrono_like_now()
-                );
-            }
-            let clusters_dir = socket
-                .parent()
-                .filter(|p| p.file_name() == Some("clusters".as_ref()));
-            let cluster = socket
-                .file_stem()
-                .filter(|_| clusters_dir.is_some())
-                .map(|s| s.to_string_lossy().into_owned());
-            let control = clusters_dir
-                .and_then(|d| d.parent())
-                .map_or(control, crate::local::control_socket);
-            Ok(Target {
-                socket,
-                cluster,
-                control,
-                connect_timeout_secs: None,
-            })
-        }
-        Some("cluster") => {
-            let name = g.cluster.clone().unwrap_or_default();
-            let list = list_clusters(&control).await?;
-            let names: Vec<String> = list.clusters.iter().map(|c| c.name.clone()).collect();
-            match list.clusters.into_iter().find(|c| c.name == name) {
-                Some(c) => Ok(Target {
-                    socket: c.socket,
-                    cluster: Some(c.name),
-                    control,
-                    connect_timeout_secs: Some(c.connect_timeout_secs),
-                }),
-                None => Err(format!(
-                    "no cluster named {name:?} in fleet-broker ({})",
-                    listing(&names)
-                )),
-            }
-        }
-        Some(_) => {
-            let raw = g.tunnel.clone().unwrap_or_default();
-            let want = HostPort::parse(&raw).map_err(|e| format!("--tunnel {e}"))?;
-            let list = list_clusters(&control).await?;
-            let names: Vec<String> = list
-                .clusters
-                .iter()
-                .map(|c| format!("{} ({})", c.name, c.tunnel))
-                .collect();
-            match list
-                .clusters
-                .into_iter()
-                .find(|c| HostPort::parse(&c.tunnel).is_ok_and(|t| t == want))
-            {
-                Some(c) => Ok(Target {
-                    socket: c.socket,
-                    cluster: Some(c.name),
-                    control,
-                    connect_timeout_secs: Some(c.connect_timeout_secs),
-                }),
-                None => Err(format!(
-                    "no fleet-broker cluster has tunnel {want} ({}); add one to the broker's config or use --cluster NAME",
-                    listing(&names)
-                )),
-            }
-        }
-        None => {
-            let list = list_clusters(&control).await?;
-            match list.clusters.len() {
-                1 => {
-                    let c = list.clusters.into_iter().next().ok_or("no clusters")?;
-                    Ok(Target {
-                        socket: c.socket,
-                        cluster: Some(c.name),
-                        control,
-                        connect_timeout_secs: Some(c.connect_timeout_secs),
-                    })
-                }
-                _ => {
-                    let names: Vec<String> = list.clusters.iter().map(|c| c.name.clone()).collect();
-                    let example = names.first().cloned().unwrap_or_else(|| "NAME".into());
-                    Err(format!(
-                        "no cluster chosen and fleet-broker has {} ({}); pass --cluster NAME, or set it for this shell with: eval \"$(fleet-broker env {example})\"",
-                        if names.is_empty() { "none".to_string() } else { format!("{}", names.len()) },
-                        listing(&names)
-                    ))
-                }
-            }
-        }
+    match chosen_flag(m) {
+        Some("endpoint") => by_endpoint(g.endpoint.as_deref().unwrap_or_default(), control),
+        Some("cluster") => by_name(g.cluster.as_deref().unwrap_or_default(), control).await,
+        Some(_) => by_tunnel(g.tunnel.as_deref().unwrap_or_default(), control).await,
+        None => the_only_cluster(control).await,
     }
+}
+
+fn target(c: ClusterInfo, control: PathBuf) -> Target {
+    Target {
+        socket: c.socket,
+        cluster: Some(c.name),
+        control,
+        connect_timeout_secs: Some(c.connect_timeout_secs),
+    }
+}
+
+/// `--endpoint unix://…`: the socket itself; a cluster socket of a broker also names its
+/// cluster and control socket.
+fn by_endpoint(raw: &str, control: PathBuf) -> Result<Target, String> {
+    let (socket, warning) = parse_endpoint(raw)?;
+    if let Some(w) = warning {
+        eprintln!(
+            "{} WARN fleetctl.go:317: {w}",
+            crate::fleet_client::chrono_like_now()
+        );
+    }
+    let clusters_dir = socket
+        .parent()
+        .filter(|p| p.file_name() == Some("clusters".as_ref()));
+    let cluster = socket
+        .file_stem()
+        .filter(|_| clusters_dir.is_some())
+        .map(|s| s.to_string_lossy().into_owned());
+    let control = clusters_dir
+        .and_then(|d| d.parent())
+        .map_or(control, crate::local::control_socket);
+    Ok(Target {
+        socket,
+        cluster,
+        control,
+        connect_timeout_secs: None,
+    })
+}
+
+/// `--cluster NAME`.
+async fn by_name(name: &str, control: PathBuf) -> Result<Target, String> {
+    let list = list_clusters(&control).await?;
+    let names: Vec<String> = list.clusters.iter().map(|c| c.name.clone()).collect();
+    match list.clusters.into_iter().find(|c| c.name == name) {
+        Some(c) => Ok(target(c, control)),
+        None => Err(format!(
+            "no cluster named {name:?} in fleet-broker ({})",
+            listing(&names)
+        )),
+    }
+}
+
+/// `--tunnel HOST[:PORT]`: the cluster whose tunnel host it is.
+async fn by_tunnel(raw: &str, control: PathBuf) -> Result<Target, String> {
+    let want = HostPort::parse(raw).map_err(|e| format!("--tunnel {e}"))?;
+    let list = list_clusters(&control).await?;
+    let names: Vec<String> = list
+        .clusters
+        .iter()
+        .map(|c| format!("{} ({})", c.name, c.tunnel))
+        .collect();
+    match list
+        .clusters
+        .into_iter()
+        .find(|c| HostPort::parse(&c.tunnel).is_ok_and(|t| t == want))
+    {
+        Some(c) => Ok(target(c, control)),
+        None => Err(format!(
+            "no fleet-broker cluster has tunnel {want} ({}); add one to the broker's config or use --cluster NAME",
+            listing(&names)
+        )),
+    }
+}
+
+/// No flag: the broker's only cluster, or a message saying how to choose.
+async fn the_only_cluster(control: PathBuf) -> Result<Target, String> {
+    let list = list_clusters(&control).await?;
+    if list.clusters.len() == 1 {
+        let c = list.clusters.into_iter().next().ok_or("no clusters")?;
+        return Ok(target(c, control));
+    }
+    let names: Vec<String> = list.clusters.iter().map(|c| c.name.clone()).collect();
+    let example = names.first().cloned().unwrap_or_else(|| "NAME".into());
+    Err(format!(
+        "no cluster chosen and fleet-broker has {} ({}); pass --cluster NAME, or set it for this shell with: eval \"$(fleet-broker env {example})\"",
+        if names.is_empty() { "none".to_string() } else { format!("{}", names.len()) },
+        listing(&names)
+    ))
 }
 
 #[cfg(test)]

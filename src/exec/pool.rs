@@ -117,37 +117,12 @@ impl Exec {
         port: u16,
         forward_agent: bool,
     ) -> Result<(SshHandle, Slot), ExecError> {
-        let cfg = &self.tunnel.config;
         match place {
-            // A session on the tunnel host gets a connection of its own: on the tunnel's, an
-            // unread session would fill its channel's queue and russh would stop reading the
-            // whole connection, stalling every API request of the cluster.
-            Place::Tunnel => {
-                let label = format!("cluster {:?} tunnel host", self.tunnel.name());
-                let mut spec =
-                    self.spec(label, cfg.tunnel.clone(), user.to_string(), forward_agent);
-                spec.jump = cfg.jump.clone();
-                let conn = dial::dial(&spec)
-                    .await
-                    .map_err(|e| ExecError::ssh(e.to_string()))?;
-                let h = Arc::new(conn.handle);
-                Ok((
-                    h.clone(),
-                    Slot {
-                        pooled: None,
-                        own: Some(h),
-                    },
-                ))
-            }
+            Place::Tunnel => self.tunnel_host_connection(user, forward_agent).await,
+            // Agent forwarding is per connection: such a session gets one of its own.
             Place::Machine { id, ip } if forward_agent => {
                 let h = self.dial_nested(id, ip, port, user, true).await?;
-                Ok((
-                    h.clone(),
-                    Slot {
-                        pooled: None,
-                        own: Some(h),
-                    },
-                ))
+                Ok((h.clone(), Slot::own(h)))
             }
             Place::Machine { id, ip } => {
                 let key = PoolKey {
@@ -155,49 +130,86 @@ impl Exec {
                     port,
                     user: user.to_string(),
                 };
-                {
-                    let mut pool = lock(&self.pool);
-                    let conns = pool.entry(key.clone()).or_default();
-                    conns.retain(|p| !p.handle.is_closed());
-                    for p in conns.iter() {
-                        let n = p.active.fetch_add(1, Ordering::SeqCst);
-                        if n < SESSIONS_PER_CONNECTION {
-                            return Ok((
-                                p.handle.clone(),
-                                Slot {
-                                    pooled: Some(p.clone()),
-                                    own: None,
-                                },
-                            ));
-                        }
-                        p.active.fetch_sub(1, Ordering::SeqCst);
-                    }
+                if let Some(taken) = self.take_pooled(&key) {
+                    return Ok(taken);
                 }
-                let handle = self.dial_nested(id, ip, port, user, false).await?;
-                let interactive = match cfg.interactive_session {
-                    InteractiveSession::Auto => {
-                        open_interactive(&handle, self.tunnel.probe_timeout()).await
-                    }
-                    InteractiveSession::Off => None,
-                };
-                let pooled = Arc::new(Pooled {
-                    handle: handle.clone(),
-                    active: AtomicUsize::new(1),
-                    last_used: Mutex::new(Instant::now()),
-                    _interactive: interactive,
-                });
-                lock(&self.pool)
-                    .entry(key)
-                    .or_default()
-                    .push(pooled.clone());
-                Ok((
-                    handle,
-                    Slot {
-                        pooled: Some(pooled),
-                        own: None,
-                    },
-                ))
+                self.add_pooled(key, id).await
             }
+        }
+    }
+
+    /// A session on the tunnel host gets a connection of its own: on the tunnel's, an
+    /// unread session would fill its channel's queue and russh would stop reading the whole
+    /// connection, stalling every API request of the cluster.
+    async fn tunnel_host_connection(
+        &self,
+        user: &str,
+        forward_agent: bool,
+    ) -> Result<(SshHandle, Slot), ExecError> {
+        let cfg = &self.tunnel.config;
+        let label = format!("cluster {:?} tunnel host", self.tunnel.name());
+        let mut spec = self.spec(label, cfg.tunnel.clone(), user.to_string(), forward_agent);
+        spec.jump = cfg.jump.clone();
+        let conn = dial::dial(&spec)
+            .await
+            .map_err(|e| ExecError::ssh(e.to_string()))?;
+        let h = Arc::new(conn.handle);
+        Ok((h.clone(), Slot::own(h)))
+    }
+
+    /// A slot on a pooled connection with room, if there is one.
+    fn take_pooled(&self, key: &PoolKey) -> Option<(SshHandle, Slot)> {
+        let mut pool = lock(&self.pool);
+        let conns = pool.entry(key.clone()).or_default();
+        conns.retain(|p| !p.handle.is_closed());
+        for p in conns.iter() {
+            let n = p.active.fetch_add(1, Ordering::SeqCst);
+            if n < SESSIONS_PER_CONNECTION {
+                return Some((p.handle.clone(), Slot::pooled(p.clone())));
+            }
+            p.active.fetch_sub(1, Ordering::SeqCst);
+        }
+        None
+    }
+
+    /// Dials a new pooled connection (with its interactive session unless configured off)
+    /// and takes its first slot.
+    async fn add_pooled(&self, key: PoolKey, id: &str) -> Result<(SshHandle, Slot), ExecError> {
+        let handle = self
+            .dial_nested(id, &key.ip, key.port, &key.user, false)
+            .await?;
+        let interactive = match self.tunnel.config.interactive_session {
+            InteractiveSession::Auto => {
+                open_interactive(&handle, self.tunnel.probe_timeout()).await
+            }
+            InteractiveSession::Off => None,
+        };
+        let pooled = Arc::new(Pooled {
+            handle: handle.clone(),
+            active: AtomicUsize::new(1),
+            last_used: Mutex::new(Instant::now()),
+            _interactive: interactive,
+        });
+        lock(&self.pool)
+            .entry(key)
+            .or_default()
+            .push(pooled.clone());
+        Ok((handle, Slot::pooled(pooled)))
+    }
+}
+
+impl Slot {
+    fn own(h: SshHandle) -> Slot {
+        Slot {
+            pooled: None,
+            own: Some(h),
+        }
+    }
+
+    fn pooled(p: Arc<Pooled>) -> Slot {
+        Slot {
+            pooled: Some(p),
+            own: None,
         }
     }
 }

@@ -211,7 +211,6 @@ fn lock(sim: &Mutex<Sim>) -> std::sync::MutexGuard<'_, Sim> {
 
 async fn handle(sim: &Mutex<Sim>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
-    let query = req.uri().query().map(str::to_string);
     if path == "/" {
         return error(StatusCode::METHOD_NOT_ALLOWED, "");
     }
@@ -221,15 +220,7 @@ async fn handle(sim: &Mutex<Sim>, req: Request<Incoming>) -> Response<Body> {
         return error(status, "simulated fleetd failure");
     }
     if path == "/metrics" {
-        let units = lock(sim).units().len();
-        let mut r = Response::new(full(format!(
-            "# HELP fleet_sim_units Units in the simulated registry.\n# TYPE fleet_sim_units gauge\nfleet_sim_units {units}\n"
-        )));
-        r.headers_mut().insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; version=0.0.4"),
-        );
-        return r;
+        return metrics(sim);
     }
     let rest = match path
         .strip_prefix("/fleet/v1")
@@ -245,125 +236,148 @@ async fn handle(sim: &Mutex<Sim>, req: Request<Incoming>) -> Response<Body> {
     } else {
         return error(StatusCode::NOT_FOUND, "");
     };
+    let query = req.uri().query().map(str::to_string);
     let q = query.as_deref();
-    let method = req.method().clone();
-    let limit = lock(sim).token_limit;
+    let get_only = || {
+        error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET supported against this resource",
+        )
+    };
+    let is_get = req.method() == Method::GET;
     match segs.as_slice() {
         [] => error(StatusCode::METHOD_NOT_ALLOWED, ""),
-        ["discovery"] => {
-            if method != Method::GET {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "only HTTP GET supported against this resource",
-                );
-            }
-            json(StatusCode::OK, DISCOVERY.to_string())
-        }
-        ["machines"] => match method {
-            Method::GET => match page_of(q, limit) {
-                Ok(p) => {
-                    let all = lock(sim).machines().to_vec();
-                    let (machines, next_page_token) = paginate(&all, p, limit);
-                    ok(&MachinePage {
-                        machines,
-                        next_page_token,
-                    })
-                }
-                Err(m) => error(StatusCode::BAD_REQUEST, &m),
-            },
-            Method::PATCH => patch_machines(req).await,
-            _ => error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "only GET and PATCH supported against this resource",
-            ),
-        },
-        ["units"] => {
-            if method != Method::GET {
-                return error(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "only GET supported against this resource",
-                );
-            }
-            match page_of(q, limit) {
-                Ok(p) => {
-                    let all = lock(sim).units();
-                    let (units, next_page_token) = paginate(&all, p, limit);
-                    ok(&UnitPage {
-                        next_page_token,
-                        units,
-                    })
-                }
-                Err(m) => error(StatusCode::BAD_REQUEST, &m),
-            }
-        }
+        ["discovery"] if is_get => json(StatusCode::OK, DISCOVERY.to_string()),
+        ["discovery"] => error(
+            StatusCode::BAD_REQUEST,
+            "only HTTP GET supported against this resource",
+        ),
+        ["machines"] => machines(sim, q, req).await,
+        ["units"] if is_get => units(sim, q),
         ["units", raw] if !raw.is_empty() => {
-            let name = percent_encoding::percent_decode_str(raw)
-                .decode_utf8_lossy()
-                .into_owned();
-            match method {
-                Method::GET => match lock(sim).unit(&name) {
-                    Some(u) => ok(&u),
-                    None => error(StatusCode::NOT_FOUND, "unit does not exist"),
-                },
-                Method::DELETE => {
-                    if lock(sim).delete(&name) {
-                        empty(StatusCode::NO_CONTENT)
-                    } else {
-                        error(StatusCode::NOT_FOUND, "unit does not exist")
-                    }
-                }
-                Method::PUT => put_unit(sim, &name, req).await,
-                _ => error(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "only GET, PUT and DELETE supported against this resource",
-                ),
-            }
+            let name = decode(raw);
+            unit(sim, &name, req).await
         }
-        ["state"] => {
-            if method != Method::GET {
-                return error(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "only GET supported against this resource",
-                );
-            }
-            match page_of(q, limit) {
-                Ok(p) => {
-                    let machine = query_param(q, "machineID");
-                    let unit = query_param(q, "unitName");
-                    let all: Vec<_> = lock(sim)
-                        .states()
-                        .into_iter()
-                        .filter(|s| machine.as_ref().is_none_or(|m| &s.machine_id == m))
-                        .filter(|s| unit.as_ref().is_none_or(|u| &s.name == u))
-                        .collect();
-                    let (states, next_page_token) = paginate(&all, p, limit);
-                    ok(&UnitStatePage {
-                        next_page_token,
-                        states,
-                    })
-                }
-                Err(m) => error(StatusCode::BAD_REQUEST, &m),
-            }
-        }
-        ["state", raw] if !raw.is_empty() => {
-            if method != Method::GET {
-                return error(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "only GET supported against this resource",
-                );
-            }
-            let name = percent_encoding::percent_decode_str(raw)
-                .decode_utf8_lossy()
-                .into_owned();
-            let first = lock(sim).states().into_iter().find(|s| s.name == name);
-            match first {
-                Some(s) => ok(&s),
-                // fleetd's handler panics here and the connection drops without a response;
-                // the simulator answers instead of reproducing a crash.
-                None => error(StatusCode::NOT_FOUND, "unit state does not exist"),
-            }
-        }
+        ["state"] if is_get => states(sim, q),
+        ["state", raw] if !raw.is_empty() && is_get => state(sim, &decode(raw)),
+        ["state", raw] if !raw.is_empty() => get_only(),
+        ["units"] | ["state"] => get_only(),
         _ => error(StatusCode::NOT_FOUND, ""),
+    }
+}
+
+/// A path segment, percent-decoded as Go's router does.
+fn decode(raw: &str) -> String {
+    percent_encoding::percent_decode_str(raw)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+/// `GET /metrics`: the registry's size, for tests that watch the simulator.
+fn metrics(sim: &Mutex<Sim>) -> Response<Body> {
+    let units = lock(sim).units().len();
+    let mut r = Response::new(full(format!(
+        "# HELP fleet_sim_units Units in the simulated registry.\n# TYPE fleet_sim_units gauge\nfleet_sim_units {units}\n"
+    )));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    r
+}
+
+/// `/machines`: GET a page, PATCH metadata.
+async fn machines(sim: &Mutex<Sim>, q: Option<&str>, req: Request<Incoming>) -> Response<Body> {
+    let limit = lock(sim).token_limit;
+    match *req.method() {
+        Method::GET => match page_of(q, limit) {
+            Ok(p) => {
+                let all = lock(sim).machines().to_vec();
+                let (machines, next_page_token) = paginate(&all, p, limit);
+                ok(&MachinePage {
+                    machines,
+                    next_page_token,
+                })
+            }
+            Err(m) => error(StatusCode::BAD_REQUEST, &m),
+        },
+        Method::PATCH => patch_machines(req).await,
+        _ => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET and PATCH supported against this resource",
+        ),
+    }
+}
+
+/// `GET /units`: a page of units.
+fn units(sim: &Mutex<Sim>, q: Option<&str>) -> Response<Body> {
+    let limit = lock(sim).token_limit;
+    match page_of(q, limit) {
+        Ok(p) => {
+            let all = lock(sim).units();
+            let (units, next_page_token) = paginate(&all, p, limit);
+            ok(&UnitPage {
+                next_page_token,
+                units,
+            })
+        }
+        Err(m) => error(StatusCode::BAD_REQUEST, &m),
+    }
+}
+
+/// `/units/NAME`: GET, PUT, DELETE.
+async fn unit(sim: &Mutex<Sim>, name: &str, req: Request<Incoming>) -> Response<Body> {
+    match *req.method() {
+        Method::GET => match lock(sim).unit(name) {
+            Some(u) => ok(&u),
+            None => error(StatusCode::NOT_FOUND, "unit does not exist"),
+        },
+        Method::DELETE => {
+            if lock(sim).delete(name) {
+                empty(StatusCode::NO_CONTENT)
+            } else {
+                error(StatusCode::NOT_FOUND, "unit does not exist")
+            }
+        }
+        Method::PUT => put_unit(sim, name, req).await,
+        _ => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET, PUT and DELETE supported against this resource",
+        ),
+    }
+}
+
+/// `GET /state[?machineID=…&unitName=…]`: a page of unit states.
+fn states(sim: &Mutex<Sim>, q: Option<&str>) -> Response<Body> {
+    let limit = lock(sim).token_limit;
+    match page_of(q, limit) {
+        Ok(p) => {
+            let machine = query_param(q, "machineID");
+            let unit = query_param(q, "unitName");
+            let all: Vec<_> = lock(sim)
+                .states()
+                .into_iter()
+                .filter(|s| machine.as_ref().is_none_or(|m| &s.machine_id == m))
+                .filter(|s| unit.as_ref().is_none_or(|u| &s.name == u))
+                .collect();
+            let (states, next_page_token) = paginate(&all, p, limit);
+            ok(&UnitStatePage {
+                next_page_token,
+                states,
+            })
+        }
+        Err(m) => error(StatusCode::BAD_REQUEST, &m),
+    }
+}
+
+/// `GET /state/NAME`: the first state of the unit.
+fn state(sim: &Mutex<Sim>, name: &str) -> Response<Body> {
+    let first = lock(sim).states().into_iter().find(|s| s.name == name);
+    match first {
+        Some(s) => ok(&s),
+        // fleetd's handler panics here and the connection drops without a response; the
+        // simulator answers instead of reproducing a crash.
+        None => error(StatusCode::NOT_FOUND, "unit state does not exist"),
     }
 }
 
