@@ -381,6 +381,7 @@ async fn show_machines(demo: &Demo) -> Result<(), DemoError> {
                 full: false,
                 l: false,
                 no_legend: false,
+                ignored: vec![],
             };
             match crate::cli::lists::list_machines(&api, &flags).await {
                 0 => Ok(()),

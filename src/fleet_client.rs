@@ -47,6 +47,14 @@ pub enum ApiError {
         url: String,
         timeout: Duration,
     },
+    /// The broker could not carry the request to the cluster (its tunnel is down): what it
+    /// said, and what to run.
+    #[error("googleapi: Error {code}: {message}; `fleet-broker status` shows the tunnel, `fleet-broker connect {cluster}` retries now")]
+    Broker {
+        code: u16,
+        cluster: String,
+        message: String,
+    },
     #[error("{method} \"{url}\": cannot decode response: {reason}")]
     Decode {
         method: String,
@@ -229,12 +237,36 @@ impl FleetClient {
                 .await
                 .map_err(|e| transport(io_reason(&self.socket, &e)))?;
             let status = resp.status();
+            if self.debug {
+                let reason = status.canonical_reason().unwrap_or("");
+                eprintln!(
+                    "{} DEBUG http.go:31: HTTP {method} {url} {} {reason}",
+                    chrono_like_now(),
+                    status.as_u16()
+                );
+            }
+            let broker = resp
+                .headers()
+                .get(crate::proxy::BROKER_ERROR_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
             let bytes = resp
                 .into_body()
                 .collect()
                 .await
                 .map_err(|e| transport(e.to_string()))?
                 .to_bytes();
+            if let Some(cluster) = broker {
+                let message = match Self::check(status, &bytes) {
+                    Err(ApiError::Api { message, .. }) => message,
+                    _ => String::from_utf8_lossy(&bytes).into_owned(),
+                };
+                return Err(ApiError::Broker {
+                    code: status.as_u16(),
+                    cluster,
+                    message,
+                });
+            }
             Ok::<_, ApiError>((status, bytes))
         };
         match tokio::time::timeout(self.timeout, exchange).await {

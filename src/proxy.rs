@@ -26,6 +26,9 @@ use crate::http::{fleet_error, Body};
 use crate::tunnel::channel::DrainedChannel;
 use crate::tunnel::{SshHandle, Tunnel};
 
+/// Names the cluster on an answer the broker made itself because the tunnel could not carry
+/// the request (never on fleetd's own answers).
+pub(crate) const BROKER_ERROR_HEADER: &str = "fleet-broker-error";
 /// Attempts to open a channel when sshd reports the remote connect failed (listener backlog).
 const OPEN_ATTEMPTS: u32 = 6;
 /// Idle pooled upstream connections kept per cluster.
@@ -157,11 +160,17 @@ impl Proxy {
         Proxy { tunnel, client }
     }
 
+    /// A 503 in fleet's error shape naming the cluster once, marked with
+    /// [`BROKER_ERROR_HEADER`] so that our fleetctl can tell a tunnel fault from fleetd's.
     fn unavailable(&self, cause: &str) -> Response<Body> {
-        fleet_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &format!("cluster {:?}: {cause}", self.tunnel.name()),
-        )
+        let name = self.tunnel.name();
+        let prefix = format!("cluster {name:?}: ");
+        let cause = cause.replace(&prefix, "");
+        let mut r = fleet_error(StatusCode::SERVICE_UNAVAILABLE, &format!("{prefix}{cause}"));
+        if let Ok(v) = hyper::header::HeaderValue::from_str(name) {
+            r.headers_mut().insert(BROKER_ERROR_HEADER, v);
+        }
+        r
     }
 
     /// Why the tunnel is not up, if it is not.
@@ -269,6 +278,8 @@ impl Proxy {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
+                // Only the broker says that the tunnel failed; fleetd cannot.
+                parts.headers.remove(BROKER_ERROR_HEADER);
                 let tunnel = self.tunnel.clone();
                 tunnel.record_request(started.elapsed(), 0, 0);
                 let body = body

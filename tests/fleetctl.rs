@@ -434,9 +434,10 @@ fn unschedulable_unit_is_reported_when_attempts_run_out() {
     let r = e.run(&["start", "--block-attempts=1", "nowhere"]);
     assert_eq!(r.code, 1);
     assert_eq!(r.stdout, "Unit nowhere.service inactive\n");
+    // fleetctl's two lines, after ours saying what was seen (never a guessed cause).
     assert_eq!(
         r.stderr,
-        "Error waiting for unit states, exit status: timed out waiting for unit nowhere.service to report state launched (it is not scheduled to any machine: no machine satisfies its [X-Fleet] requirements)\n"
+        "Unit nowhere.service was not scheduled to any machine while waiting; `fleetctl list-machines` shows what its [X-Fleet] requirements can match\nError waiting for units: timed out waiting for unit nowhere.service to report state launched\nError waiting for unit states, exit status: timed out waiting for unit nowhere.service to report state launched\n"
     );
 }
 

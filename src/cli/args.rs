@@ -47,14 +47,26 @@ pub(crate) struct GlobalFlags {
     )]
     pub strict_host_key_checking: Option<String>,
     /// Seconds to wait when establishing an SSH connection
-    #[arg(long = "ssh-timeout", global = true, env = "FLEETCTL_SSH_TIMEOUT")]
-    pub ssh_timeout: Option<f64>,
+    #[arg(
+        long = "ssh-timeout",
+        global = true,
+        env = "FLEETCTL_SSH_TIMEOUT",
+        value_name = "SSH_TIMEOUT"
+    )]
+    ssh_timeout_raw: Option<String>,
     /// Seconds to wait for each fleet API request
     #[arg(
         long = "request-timeout",
         global = true,
-        env = "FLEETCTL_REQUEST_TIMEOUT"
+        env = "FLEETCTL_REQUEST_TIMEOUT",
+        value_name = "REQUEST_TIMEOUT"
     )]
+    request_timeout_raw: Option<String>,
+    /// `--ssh-timeout`, parsed ([`GlobalFlags::parse_numbers`]).
+    #[arg(skip)]
+    pub ssh_timeout: Option<f64>,
+    /// `--request-timeout`, parsed ([`GlobalFlags::parse_numbers`]).
+    #[arg(skip)]
     pub request_timeout: Option<f64>,
     /// Print out more debug information to stderr
     #[arg(long, global = true, action = ArgAction::SetTrue)]
@@ -104,6 +116,31 @@ pub(crate) struct GlobalFlags {
 }
 
 impl GlobalFlags {
+    /// Parses the numeric flags. As in the original, a value from the environment that
+    /// does not parse is ignored; one from the command line is a usage error.
+    pub(crate) fn parse_numbers(&mut self, m: &clap::ArgMatches) -> Result<(), String> {
+        let seconds = |id: &str, flag: &str, raw: &Option<String>| -> Result<Option<f64>, String> {
+            let Some(s) = raw else { return Ok(None) };
+            match s.trim().parse::<f64>() {
+                Ok(v) => Ok(Some(v)),
+                Err(_) if m.value_source(id) == Some(clap::parser::ValueSource::EnvVariable) => {
+                    Ok(None)
+                }
+                Err(e) => Err(format!(
+                    "error: invalid value '{s}' for '--{flag} <{}>': {e}",
+                    flag.to_uppercase().replace('-', "_")
+                )),
+            }
+        };
+        self.ssh_timeout = seconds("ssh_timeout_raw", "ssh-timeout", &self.ssh_timeout_raw)?;
+        self.request_timeout = seconds(
+            "request_timeout_raw",
+            "request-timeout",
+            &self.request_timeout_raw,
+        )?;
+        Ok(())
+    }
+
     /// The etcd-only flags that were set, for a warning.
     pub(crate) fn ignored(&self) -> Vec<&'static str> {
         let mut out = Vec::new();
@@ -146,6 +183,9 @@ pub(crate) struct ListFlags {
     /// Do not print a legend (column headers)
     #[arg(long = "no-legend")]
     pub no_legend: bool,
+    /// Arguments the original ignores, and so do we.
+    #[arg(hide = true)]
+    pub ignored: Vec<String>,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -159,6 +199,9 @@ pub(crate) struct ListUnitFilesFlags {
     /// Do not print a legend (column headers)
     #[arg(long = "no-legend")]
     pub no_legend: bool,
+    /// Arguments the original ignores, and so do we.
+    #[arg(hide = true)]
+    pub ignored: Vec<String>,
 }
 
 #[derive(Debug, Args, Clone, Default)]
@@ -303,7 +346,11 @@ pub(crate) enum Cmd {
         args: Vec<String>,
     },
     /// Print the version and exit
-    Version,
+    Version {
+        /// Arguments the original ignores, and so do we.
+        #[arg(hide = true)]
+        ignored: Vec<String>,
+    },
     /// Help about any command
     Help { command: Vec<String> },
     /// DEPRECATED - No longer works

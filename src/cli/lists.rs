@@ -203,9 +203,12 @@ pub(crate) async fn list_machines(api: &FleetClient, f: &ListFlags) -> i32 {
         Ok(m) => m,
         Err(e) => {
             eprintln!("Error retrieving list of active machines from fleet API ({e})");
-            eprintln!("Possible issues:");
-            eprintln!("  etcd is unhealthy and/or lost quorum");
-            eprintln!("  connection cannot be established to any etcd servers");
+            // fleetctl's hint is about fleetd's etcd; a tunnel fault has its own words.
+            if !matches!(e, crate::fleet_client::ApiError::Broker { .. }) {
+                eprintln!("Possible issues:");
+                eprintln!("  etcd is unhealthy and/or lost quorum");
+                eprintln!("  connection cannot be established to any etcd servers");
+            }
             return 1;
         }
     };

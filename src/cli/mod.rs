@@ -108,33 +108,51 @@ fn parse(argv: Vec<OsString>) -> Result<(clap::Command, clap::ArgMatches, Cli), 
             return Err(if e.use_stderr() { 2 } else { 0 });
         }
     };
-    match Cli::from_arg_matches(&matches) {
-        Ok(c) => Ok((cmd, matches, c)),
+    let mut cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            Err(2)
+            return Err(2);
         }
+    };
+    if let Err(e) = cli.global.parse_numbers(&matches) {
+        eprintln!("{e}");
+        return Err(2);
     }
+    Ok((cmd, matches, cli))
 }
 
 /// Commands answered without a cluster: `version`, `help`, `verify`.
 fn run_local(command: &Cmd, cmd: &mut clap::Command) -> Option<i32> {
     match command {
-        Cmd::Version => {
+        Cmd::Version { .. } => {
             println!("{}", version_line());
             Some(0)
         }
         Cmd::Help { command } => {
-            let sub = command
-                .first()
-                .and_then(|name| cmd.find_subcommand_mut(name).cloned());
-            let _ = match sub {
-                Some(mut s) => s.print_help(),
-                None => cmd.print_help(),
+            cmd.build();
+            let Some(name) = command.first() else {
+                let _ = cmd.print_help();
+                return Some(0);
             };
+            match cmd.find_subcommand_mut(name) {
+                Some(s) => {
+                    let _ = s.print_help();
+                }
+                // cobra's `%#q` of the arguments.
+                None => eprintln!(
+                    "Unknown help topic [{}].",
+                    command
+                        .iter()
+                        .map(|a| format!("`{a}`"))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                ),
+            }
             Some(0)
         }
         Cmd::Verify { .. } => {
+            eprintln!("Command \"verify\" is deprecated, DEPRECATED - No longer works");
             eprintln!(
                 "WARNING: The signed/verified units feature is DEPRECATED and cannot be used."
             );
@@ -248,6 +266,6 @@ async fn dispatch(
             units::run_destroy(&ctx, &units.units, block.block()).await
         }
         Cmd::Cat { units } => units::run_cat(&ctx, &units.units).await,
-        Cmd::Version | Cmd::Help { .. } | Cmd::Verify { .. } => 0,
+        Cmd::Version { .. } | Cmd::Help { .. } | Cmd::Verify { .. } => 0,
     }
 }

@@ -45,8 +45,15 @@ pub(crate) fn parse_endpoint(raw: &str) -> Result<(PathBuf, Option<String>), Str
         }
         None => raw,
     };
-    let Some((scheme, rest)) = first.split_once("://") else {
-        return Err("URL scheme undefined".into());
+    // As Go's url.Parse reads it: `unix:///p` and `unix:/p` both have the path `/p`.
+    let (scheme, rest) = match first.split_once("://") {
+        Some(sr) => sr,
+        None => match first.split_once(':') {
+            Some((scheme, path)) if path.starts_with('/') && matches!(scheme, "unix" | "file") => {
+                (scheme, path)
+            }
+            _ => return Err("URL scheme undefined".into()),
+        },
     };
     match scheme {
         "unix" | "file" => {
@@ -93,12 +100,32 @@ fn chosen_flag(m: &ArgMatches) -> Option<&'static str> {
 /// Resolves the target; warnings go to stderr.
 pub(crate) async fn resolve(m: &ArgMatches, g: &GlobalFlags) -> Result<Target, String> {
     let control = default_control_socket();
-    match chosen_flag(m) {
-        Some("endpoint") => by_endpoint(g.endpoint.as_deref().unwrap_or_default(), control),
-        Some("cluster") => by_name(g.cluster.as_deref().unwrap_or_default(), control).await,
-        Some(_) => by_tunnel(g.tunnel.as_deref().unwrap_or_default(), control).await,
-        None => the_only_cluster(control).await,
+    let tunnel = g.tunnel.as_deref().filter(|_| rank(m, "tunnel").is_some());
+    // With a tunnel, the original reads the endpoint on the tunnel host (its usual setup is
+    // `FLEETCTL_TUNNEL=host FLEETCTL_ENDPOINT=unix:///var/run/fleet.sock`): such an endpoint
+    // names the cluster's fleet socket, not a local one.
+    let remote_endpoint = g
+        .endpoint
+        .as_deref()
+        .filter(|_| rank(m, "endpoint").is_some())
+        .and_then(|raw| parse_endpoint(raw).ok())
+        .map(|(path, _)| path)
+        .filter(|p| !is_cluster_socket(p));
+    match (chosen_flag(m), tunnel) {
+        (Some("endpoint"), Some(t)) if remote_endpoint.is_some() => {
+            by_tunnel(t, remote_endpoint.as_deref(), control).await
+        }
+        (Some("endpoint"), _) => by_endpoint(g.endpoint.as_deref().unwrap_or_default(), control),
+        (Some("cluster"), _) => by_name(g.cluster.as_deref().unwrap_or_default(), control).await,
+        (Some(_), t) => by_tunnel(t.unwrap_or_default(), remote_endpoint.as_deref(), control).await,
+        (None, _) => the_only_cluster(control).await,
     }
+}
+
+/// Whether `path` is a broker's cluster socket (`…/clusters/NAME.sock`).
+fn is_cluster_socket(path: &std::path::Path) -> bool {
+    path.parent()
+        .is_some_and(|p| p.file_name() == Some("clusters".as_ref()))
 }
 
 fn target(c: ClusterInfo, control: PathBuf) -> Target {
@@ -151,8 +178,13 @@ async fn by_name(name: &str, control: PathBuf) -> Result<Target, String> {
     }
 }
 
-/// `--tunnel HOST[:PORT]`: the cluster whose tunnel host it is.
-async fn by_tunnel(raw: &str, control: PathBuf) -> Result<Target, String> {
+/// `--tunnel HOST[:PORT]`: the cluster whose tunnel host it is. An endpoint given with it is
+/// read on the tunnel host, so it must be the cluster's own.
+async fn by_tunnel(
+    raw: &str,
+    endpoint: Option<&std::path::Path>,
+    control: PathBuf,
+) -> Result<Target, String> {
     let want = HostPort::parse(raw).map_err(|e| format!("--tunnel {e}"))?;
     let list = list_clusters(&control).await?;
     let names: Vec<String> = list
@@ -165,7 +197,20 @@ async fn by_tunnel(raw: &str, control: PathBuf) -> Result<Target, String> {
         .into_iter()
         .find(|c| HostPort::parse(&c.tunnel).is_ok_and(|t| t == want))
     {
-        Some(c) => Ok(target(c, control)),
+        Some(c) => {
+            if let Some(path) = endpoint {
+                let ours = parse_endpoint(&c.endpoint).ok().map(|(p, _)| p);
+                if ours.as_deref() != Some(path) {
+                    return Err(format!(
+                        "endpoint unix://{} is not the fleet endpoint of cluster {:?} ({}), the only one the broker reaches on {want}",
+                        path.display(),
+                        c.name,
+                        c.endpoint
+                    ));
+                }
+            }
+            Ok(target(c, control))
+        }
         None => Err(format!(
             "no fleet-broker cluster has tunnel {want} ({}); add one to the broker's config or use --cluster NAME",
             listing(&names)

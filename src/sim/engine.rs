@@ -11,6 +11,8 @@ struct SimUnit {
     desired: String,
     /// The machine a non-global unit is scheduled to.
     machine: Option<String>,
+    /// The current state the machines' agents last reported (non-global units).
+    current: String,
 }
 
 /// The whole simulated cluster.
@@ -24,6 +26,11 @@ pub struct Sim {
     /// How responses reach the socket (fleetd's Go net/http unless a test says otherwise);
     /// read when a connection is accepted.
     pub write_pattern: super::WritePattern,
+    /// The machines' fleet agents do not act: units keep the current state they had
+    /// ([`Sim::set_agents_down`]).
+    agents_down: bool,
+    /// systemd reports no unit states (`/state` is empty), as when units never start.
+    pub systemd_silent: bool,
     machines: Vec<Machine>,
     units: BTreeMap<String, SimUnit>,
 }
@@ -70,6 +77,8 @@ impl Sim {
             token_limit: 100,
             failing: None,
             write_pattern: super::WritePattern::default(),
+            agents_down: false,
+            systemd_silent: false,
             machines,
             units: BTreeMap::new(),
         }
@@ -105,10 +114,8 @@ impl Sim {
             } else {
                 "inactive".into()
             }
-        } else if u.machine.is_some() {
-            u.desired.clone()
         } else {
-            "inactive".into()
+            u.current.clone()
         };
         Unit {
             current_state: current,
@@ -157,6 +164,7 @@ impl Sim {
                 options,
                 desired,
                 machine,
+                current: "inactive".into(),
             },
         );
         self.reconcile();
@@ -178,6 +186,7 @@ impl Sim {
                     options,
                     desired,
                     machine,
+                    current: "inactive".into(),
                 },
             );
         }
@@ -280,11 +289,30 @@ impl Sim {
                 }
             }
         }
+        if !self.agents_down {
+            for u in self.units.values_mut() {
+                u.current = if u.machine.is_some() {
+                    u.desired.clone()
+                } else {
+                    "inactive".into()
+                };
+            }
+        }
+    }
+
+    /// Stops (or restarts) the machines' fleet agents: while down, units are still
+    /// scheduled but their current state does not change.
+    pub fn set_agents_down(&mut self, down: bool) {
+        self.agents_down = down;
+        self.reconcile();
     }
 
     /// Every unit state, sorted by (name, machineID).
     pub fn states(&self) -> Vec<UnitState> {
         let mut out = Vec::new();
+        if self.systemd_silent {
+            return out;
+        }
         let state = |name: &str, u: &SimUnit, machine: &str| {
             let (active, sub) = if u.desired == "launched" {
                 ("active", "running")

@@ -74,6 +74,10 @@ pub(crate) async fn run_destroy(ctx: &Arc<Ctx>, args: &[String], block: Block) -
     let Ok(units) = find_units(ctx, args).await else {
         return 1;
     };
+    if units.is_empty() {
+        eprintln!("Units not found in registry");
+        return 0;
+    }
     let mut exit = 0;
     for u in units {
         match ctx.api.destroy_unit(&u.name).await {

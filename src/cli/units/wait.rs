@@ -118,11 +118,13 @@ async fn check_unit_state(
         }
         attempt += 1;
         if matches!(block, Block::Attempts(n) if attempt >= n) {
-            let mut msg = format!("timed out waiting for unit {name} to report state {state}");
+            // What was seen, not a guess at why: the engine may only be slow.
             if !scheduled && state != "inactive" {
-                msg.push_str(" (it is not scheduled to any machine: no machine satisfies its [X-Fleet] requirements)");
+                eprintln!("Unit {name} was not scheduled to any machine while waiting; `fleetctl list-machines` shows what its [X-Fleet] requirements can match");
             }
-            return Err(msg);
+            return Err(format!(
+                "timed out waiting for unit {name} to report state {state}"
+            ));
         }
         if block == Block::Forever
             && !scheduled
@@ -183,7 +185,10 @@ pub(super) async fn try_wait_for_unit_states(
     }
     match wait_all(ctx, names, state, block).await.into_iter().next() {
         None => Ok(()),
-        Some(e) => Err(e),
+        Some(e) => {
+            eprintln!("Error waiting for units: {e}");
+            Err(e)
+        }
     }
 }
 
@@ -222,10 +227,11 @@ pub(super) async fn wait_for_systemd_active(
         }
         if !ok {
             let secs = window.as_secs();
-            eprintln!("Error waiting for units: Failed to find an active unit {name} within {secs}s, err: Failed to fetch states within {secs}s");
-            return Err(format!(
-                "Failed to find an active unit {name} within {secs}s"
-            ));
+            let e = format!(
+                "Failed to find an active unit {name} within {secs}s, err: Failed to fetch states within {secs}s"
+            );
+            eprintln!("Error waiting for units: {e}");
+            return Err(e);
         }
     }
     Ok(())
