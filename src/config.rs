@@ -289,6 +289,11 @@ pub struct ClusterConfig {
     pub read_only: bool,
     /// Whether connections carry an interactive session (no Nagle delays on sshd's side).
     pub interactive_session: InteractiveSession,
+    /// A loopback address where the unchanged original fleetctl can use the warm tunnel as
+    /// its `--tunnel` (`front_door`).
+    pub front_door: Option<std::net::SocketAddr>,
+    /// Public keys the front door accepts besides the agent's and `identity_files`'.
+    pub front_door_authorized_keys: Option<PathBuf>,
 }
 
 /// The whole validated configuration.
@@ -332,6 +337,9 @@ struct RawSettings {
     read_only: Option<bool>,
     #[serde(default, deserialize_with = "de_endpoint")]
     endpoint: Option<Endpoint>,
+    #[serde(default, deserialize_with = "de_front_door")]
+    front_door: Option<std::net::SocketAddr>,
+    front_door_authorized_keys: Option<String>,
 }
 
 /// Allowed range of `keepalive_interval`.
@@ -399,6 +407,25 @@ fn de_jump<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<JumpHop>>, D::E
         .map_err(serde::de::Error::custom)
 }
 
+/// `front_door`: a loopback `address:port` only; every local user can reach loopback, and
+/// nothing else should reach this at all.
+fn de_front_door<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<std::net::SocketAddr>, D::Error> {
+    let s = String::deserialize(d)?;
+    let addr: std::net::SocketAddr = s.parse().map_err(|_| {
+        serde::de::Error::custom(format!(
+            "front_door {s:?}: expected a loopback address and port, such as \"127.0.0.1:2222\""
+        ))
+    })?;
+    if !addr.ip().is_loopback() || addr.port() == 0 {
+        return Err(serde::de::Error::custom(format!(
+            "front_door {s:?}: must be a loopback address (127.0.0.0/8 or ::1) with a port other than 0"
+        )));
+    }
+    Ok(Some(addr))
+}
+
 fn de_endpoint<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Endpoint>, D::Error> {
     let s = String::deserialize(d)?;
     Endpoint::parse(&s)
@@ -417,8 +444,8 @@ pub fn valid_cluster_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
-/// Expands a leading `~/` from `$HOME`.
-pub(crate) fn expand_tilde(p: &str) -> PathBuf {
+/// Expands `~` and a leading `~/` from `$HOME`.
+pub fn expand_tilde(p: &str) -> PathBuf {
     if p == "~" {
         return home_dir();
     }
@@ -477,6 +504,16 @@ impl Config {
                 message: e.message().trim().to_string(),
             }
         })?;
+        if raw.defaults.front_door.is_some() {
+            let off = text.find("[defaults]").unwrap_or(0);
+            let (line, column) = line_col(text, off);
+            return Err(ConfigError::Syntax {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message: "`front_door` belongs in a [clusters.NAME] table (each cluster needs a port of its own), not in [defaults]".into(),
+            });
+        }
         if raw.defaults.tunnel.is_some() {
             let off = text.find("[defaults]").unwrap_or(0);
             let (line, column) = line_col(text, off);
@@ -518,6 +555,17 @@ impl Config {
                     "cluster {name:?}: missing field `tunnel` (the SSH host[:port] that reaches fleet)"
                 )));
             };
+            if let Some(addr) = rc.front_door {
+                if let Some(other) = clusters
+                    .values()
+                    .find(|c: &&ClusterConfig| c.front_door == Some(addr))
+                {
+                    return Err(at(format!(
+                        "cluster {name:?}: front_door {addr} is already cluster {:?}'s",
+                        other.name
+                    )));
+                }
+            }
             let c = merge(&name, tunnel, rc, &raw.defaults);
             if c.user.is_empty() {
                 return Err(at(format!("cluster {name:?}: user must not be empty")));
@@ -583,6 +631,11 @@ fn merge(name: &str, tunnel: HostPort, s: RawSettings, d: &RawSettings) -> Clust
             .unwrap_or(InteractiveSession::Auto),
         machine_ssh_port: s.machine_ssh_port.or(d.machine_ssh_port).unwrap_or(22),
         read_only: s.read_only.or(d.read_only).unwrap_or(false),
+        front_door: s.front_door,
+        front_door_authorized_keys: s
+            .front_door_authorized_keys
+            .or_else(|| d.front_door_authorized_keys.clone())
+            .map(|p| expand_tilde(&p)),
     }
 }
 
@@ -602,7 +655,7 @@ impl ClusterConfig {
             format!("[{}]", items.join(", "))
         };
         format!(
-            "[clusters.{name}]\ntunnel = \"{tunnel}\"\njump = [{hops}]\nendpoint = \"{endpoint}\"\nuser = {user:?}\nidentity_files = {ids}\nknown_hosts = {kh}\nhost_key_checking = \"{hkc}\"\nkeepalive_interval = \"{ka}\"\nkeepalive_max = {kam}\nconnect_timeout = \"{ct}\"\nconnect = \"{conn}\"\nmachine_ssh_port = {msp}\nread_only = {ro}\ninteractive_session = \"{isess}\"\n",
+            "[clusters.{name}]\ntunnel = \"{tunnel}\"\njump = [{hops}]\nendpoint = \"{endpoint}\"\nuser = {user:?}\nidentity_files = {ids}\nknown_hosts = {kh}\nhost_key_checking = \"{hkc}\"\nkeepalive_interval = \"{ka}\"\nkeepalive_max = {kam}\nconnect_timeout = \"{ct}\"\nconnect = \"{conn}\"\nmachine_ssh_port = {msp}\nread_only = {ro}\ninteractive_session = \"{isess}\"\n{door}",
             name = self.name,
             tunnel = self.tunnel,
             hops = hops.join(", "),
@@ -624,6 +677,10 @@ impl ClusterConfig {
                 InteractiveSession::Auto => "auto",
                 InteractiveSession::Off => "off",
             },
+            door = match self.front_door {
+                Some(a) => format!("front_door = \"{a}\"\n"),
+                None => String::new(),
+            },
         )
     }
 }
@@ -634,6 +691,41 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("/etc/fb.toml"), text)
+    }
+
+    #[test]
+    fn front_door_is_loopback_only_and_per_cluster() {
+        let ok = parse("[clusters.a]\ntunnel = \"h\"\nfront_door = \"127.0.0.1:2222\"\n").unwrap();
+        assert_eq!(
+            ok.clusters["a"].front_door,
+            Some("127.0.0.1:2222".parse().unwrap())
+        );
+        for bad in [
+            "0.0.0.0:2222",
+            "192.168.1.5:22",
+            "127.0.0.1:0",
+            "localhost:22",
+            "[::]:22",
+        ] {
+            let e = parse(&format!(
+                "[clusters.a]\ntunnel = \"h\"\nfront_door = \"{bad}\"\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("front_door") && e.starts_with("/etc/fb.toml:3:"),
+                "{bad}: {e}"
+            );
+        }
+        let e =
+            parse("[defaults]\nfront_door = \"127.0.0.1:2222\"\n[clusters.a]\ntunnel = \"h\"\n")
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("not in [defaults]"), "{e}");
+        let e = parse("[clusters.a]\ntunnel = \"h\"\nfront_door = \"127.0.0.1:2222\"\n[clusters.b]\ntunnel = \"h\"\nfront_door = \"127.0.0.1:2222\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("already cluster \"a\"'s"), "{e}");
     }
 
     #[test]

@@ -44,6 +44,8 @@ pub struct DaemonOptions {
     pub runtime_dir: PathBuf,
     /// The ssh-agent socket (`SSH_AUTH_SOCK` at start).
     pub agent_socket: Option<PathBuf>,
+    /// Private directory for what outlives a run (the front door's host key).
+    pub state_dir: PathBuf,
 }
 
 impl DaemonOptions {
@@ -54,6 +56,7 @@ impl DaemonOptions {
             agent_socket: std::env::var_os("SSH_AUTH_SOCK")
                 .filter(|s| !s.is_empty())
                 .map(PathBuf::from),
+            state_dir: local::default_state_dir(),
         }
     }
 }
@@ -154,6 +157,21 @@ impl Daemon {
             opts.agent_socket.clone(),
             stop.clone(),
         );
+        if let Some(addr) = cfg.front_door {
+            // A front door that cannot be served fails the start: nothing half-served remains.
+            let (listener, door) = match Self::front_door(cfg, opts, &tunnel, &path, addr) {
+                Ok(d) => d,
+                Err(e) => {
+                    stop.cancel();
+                    let _ = std::fs::remove_file(&path);
+                    return Err(e);
+                }
+            };
+            tokio::spawn(tracing::Instrument::instrument(
+                crate::front_door::serve(listener, door, stop.clone()),
+                span.clone(),
+            ));
+        }
         let proxy = Proxy::new(tunnel.clone());
         let task = tokio::spawn(
             crate::http::serve(
@@ -171,6 +189,39 @@ impl Daemon {
         Ok(Arc::new(ClusterRuntime::new(
             tunnel, exec, path, stop, task,
         )))
+    }
+
+    /// Binds a cluster's front door (loopback only, checked by the config) with the shared
+    /// host key.
+    fn front_door(
+        cfg: &ClusterConfig,
+        opts: &DaemonOptions,
+        tunnel: &Arc<Tunnel>,
+        socket: &std::path::Path,
+        addr: std::net::SocketAddr,
+    ) -> Result<(tokio::net::TcpListener, Arc<crate::front_door::Door>), LocalError> {
+        let key =
+            crate::front_door::host_key(&opts.state_dir).map_err(|message| LocalError::Unsafe {
+                path: opts.state_dir.clone(),
+                message,
+            })?;
+        let listener = std::net::TcpListener::bind(addr)
+            .and_then(|l| {
+                l.set_nonblocking(true)?;
+                tokio::net::TcpListener::from_std(l)
+            })
+            .map_err(|source| LocalError::Io {
+                path: PathBuf::from(format!("front door {addr} of cluster {:?}", cfg.name)),
+                source,
+            })?;
+        tracing::info!(%addr, "serving the front door");
+        let door = crate::front_door::Door::new(
+            tunnel.clone(),
+            socket.to_path_buf(),
+            opts.agent_socket.clone(),
+            key,
+        );
+        Ok((listener, door))
     }
 
     /// Stops a cluster: its socket drains (bounded) and is removed.

@@ -9,8 +9,6 @@ use std::time::Duration;
 
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
-use rand::RngCore;
-use russh::keys::ssh_key::private::Ed25519Keypair;
 use russh::keys::{PrivateKey, PublicKey};
 use russh::server::{Auth, ChannelOpenHandle, Msg, Session};
 use russh::{Channel, ChannelOpenFailure};
@@ -20,15 +18,9 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{ClusterConfig, Config, ConnectMode, Endpoint, HostKeyPolicy, HostPort};
 use crate::daemon::{Daemon, DaemonOptions};
 use crate::fleet::schema::UnitOption;
+use crate::front_door::random_ed25519;
 use crate::local::LocalError;
 use crate::sim::{demo_machines, Sim};
-
-/// A new random ed25519 key.
-pub fn random_ed25519() -> PrivateKey {
-    let mut seed = [0u8; 32];
-    rand::thread_rng().fill_bytes(&mut seed);
-    PrivateKey::from(Ed25519Keypair::from_seed(&seed))
-}
 
 /// The demo's SSH server: accepts one user key, forwards streamlocal channels to one socket.
 #[derive(Clone)]
@@ -248,6 +240,8 @@ fn demo_cluster(port: u16, fleet_socket: &Path, known_hosts: PathBuf) -> Cluster
         machine_ssh_port: 22,
         read_only: false,
         interactive_session: crate::config::InteractiveSession::Off,
+        front_door: None,
+        front_door_authorized_keys: None,
     }
 }
 
@@ -298,6 +292,7 @@ impl Demo {
             &DaemonOptions {
                 runtime_dir: runtime_dir.clone(),
                 agent_socket: Some(agent_socket),
+                state_dir: dir.path().join("state"),
             },
         )
         .await?;

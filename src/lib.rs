@@ -16,6 +16,7 @@ pub mod demo;
 pub(crate) mod exec;
 pub mod fleet;
 pub(crate) mod fleet_client;
+pub(crate) mod front_door;
 #[doc(hidden)]
 pub mod fuzzing;
 pub(crate) mod http;

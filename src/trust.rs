@@ -302,6 +302,55 @@ pub async fn trust_machine(
     )
 }
 
+/// `fleet-broker trust CLUSTER --front-door`: pins the front door's host key (ours, read
+/// from our own 0600 file, so no question is asked) for the cluster's `front_door` address in
+/// `file`, the original fleetctl's known_hosts (`~/.fleetctl/known_hosts` by default), as a
+/// plain `[127.0.0.1]:PORT` line: the original ignores hashed entries.
+pub fn trust_front_door(
+    cluster: &ClusterConfig,
+    state_dir: &std::path::Path,
+    file: &std::path::Path,
+) -> Result<String, TrustError> {
+    let Some(addr) = cluster.front_door else {
+        return Err(TrustError::NotPinned(format!(
+            "cluster {:?} has no front_door; add `front_door = \"127.0.0.1:PORT\"` to its table in the config",
+            cluster.name
+        )));
+    };
+    let key = crate::front_door::host_key(state_dir).map_err(TrustError::NotPinned)?;
+    let key = key.public_key();
+    let host = HostId::new(&addr.ip().to_string(), addr.port());
+    let known = KnownHosts::load(&[file.to_path_buf()])?;
+    match known.check(&host, key) {
+        Verdict::Trusted(pin) => Ok(format!(
+            "cluster {:?}: front door {host}: already pinned at {}:{}",
+            cluster.name,
+            pin.file.display(),
+            pin.line
+        )),
+        Verdict::Changed(pins) => Err(TrustError::NotPinned(format!(
+            "cluster {:?}: {} pins another key for the front door {host} (a host key made before this one?); remove it with `ssh-keygen -R '{host}' -f {}` and run this again",
+            cluster.name,
+            pins.first().map_or_else(|| file.display().to_string(), |p| p.to_string()),
+            file.display()
+        ))),
+        Verdict::Revoked(pin) => Err(TrustError::NotPinned(format!(
+            "cluster {:?}: the front door's key is @revoked at {pin}; not pinned",
+            cluster.name
+        ))),
+        Verdict::Unknown => {
+            append_pin(file, &host.lookup, key, false)?;
+            Ok(format!(
+                "cluster {:?}: pinned the front door {host} ({} {}) in {}; the original fleetctl can now use FLEETCTL_TUNNEL={addr}",
+                cluster.name,
+                key.algorithm(),
+                fingerprint_sha256(key),
+                file.display()
+            ))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

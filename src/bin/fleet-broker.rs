@@ -59,6 +59,17 @@ enum Cmd {
         /// For scripts: confirmation otherwise comes from the terminal, never stdin
         #[arg(long, value_name = "FP")]
         fingerprint: Vec<String>,
+        /// Pin the cluster's front door in the original fleetctl's known_hosts instead
+        #[arg(long = "front-door", conflicts_with_all = ["machine", "yes", "fingerprint"])]
+        front_door: bool,
+        /// The original fleetctl's known_hosts file (with --front-door)
+        #[arg(
+            long = "known-hosts-file",
+            env = "FLEETCTL_KNOWN_HOSTS_FILE",
+            default_value = "~/.fleetctl/known_hosts",
+            requires = "front_door"
+        )]
+        known_hosts_file: String,
     },
     /// Print shell commands that point fleetctl at a cluster: eval "$(fleet-broker env NAME)"
     Env {
@@ -208,10 +219,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Trust {
             cluster,
+            front_door: true,
+            known_hosts_file,
+            ..
+        } => {
+            let config = load_config(cli.config)?;
+            let c = find_cluster(&config, &cluster)?;
+            let file = fleet_broker::config::expand_tilde(&known_hosts_file);
+            println!(
+                "{}",
+                fleet_broker::trust::trust_front_door(
+                    c,
+                    &fleet_broker::daemon::DaemonOptions::from_env().state_dir,
+                    &file
+                )?
+            );
+            Ok(())
+        }
+        Cmd::Trust {
+            cluster,
             machine: Some(machine),
             ssh_port,
             yes,
             fingerprint,
+            ..
         } => {
             let confirm = confirm_mode(yes, fingerprint)?;
             let config = load_config(cli.config)?;

@@ -647,6 +647,7 @@ impl Broker {
         cmd.arg("serve")
             .env("FLEET_BROKER_CONFIG", &cfg)
             .env("XDG_RUNTIME_DIR", &xdg)
+            .env("XDG_STATE_HOME", dir.path().join("state"))
             .env(
                 "RUST_LOG",
                 std::env::var("BROKER_LOG").unwrap_or_else(|_| "fleet_broker=debug".into()),
