@@ -157,6 +157,7 @@ impl Daemon {
             opts.agent_socket.clone(),
             stop.clone(),
         );
+        let mut tasks = Vec::new();
         if let Some(addr) = cfg.front_door {
             // A front door that cannot be served fails the start: nothing half-served remains.
             let (listener, door) = match Self::front_door(cfg, opts, &tunnel, &path, addr) {
@@ -167,10 +168,10 @@ impl Daemon {
                     return Err(e);
                 }
             };
-            tokio::spawn(tracing::Instrument::instrument(
+            tasks.push(tokio::spawn(tracing::Instrument::instrument(
                 crate::front_door::serve(listener, door, stop.clone()),
                 span.clone(),
-            ));
+            )));
         }
         let proxy = Proxy::new(tunnel.clone());
         let task = tokio::spawn(
@@ -186,8 +187,9 @@ impl Daemon {
             .instrument(span.clone()),
         );
         tracing::info!(socket = %path.display(), "serving cluster socket");
+        tasks.push(task);
         Ok(Arc::new(ClusterRuntime::new(
-            tunnel, exec, path, stop, task,
+            tunnel, exec, path, stop, tasks,
         )))
     }
 
@@ -228,7 +230,7 @@ impl Daemon {
     async fn remove_cluster(&self, name: &str) {
         if let Some(rt) = self.registry.get(name) {
             self.registry.set(name.to_string(), None);
-            if let Some(task) = rt.stop() {
+            for task in rt.stop() {
                 let _ = task.await;
             }
             let _ = std::fs::remove_file(&rt.socket);
@@ -281,9 +283,7 @@ impl Daemon {
         self.shutdown.cancel();
         let mut tasks = Vec::new();
         for rt in self.registry.all() {
-            if let Some(t) = rt.stop() {
-                tasks.push(t);
-            }
+            tasks.extend(rt.stop());
         }
         for t in tasks {
             let _ = t.await;

@@ -22,7 +22,8 @@ pub(crate) struct ClusterRuntime {
     pub(crate) socket: PathBuf,
     /// Cancelled to stop everything of this cluster (a child of the daemon's token).
     stop: CancellationToken,
-    serve_task: Mutex<Option<JoinHandle<()>>>,
+    /// The cluster socket's accept loop, and the front door's if there is one.
+    tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl ClusterRuntime {
@@ -32,23 +33,24 @@ impl ClusterRuntime {
         exec: Arc<Exec>,
         socket: PathBuf,
         stop: CancellationToken,
-        serve_task: JoinHandle<()>,
+        tasks: Vec<JoinHandle<()>>,
     ) -> ClusterRuntime {
         ClusterRuntime {
             tunnel,
             exec,
             socket,
             stop,
-            serve_task: Mutex::new(Some(serve_task)),
+            tasks: Mutex::new(tasks),
         }
     }
 
-    /// Cancels the cluster's tasks; returns its socket's serving task to wait for its drain.
-    pub(crate) fn stop(&self) -> Option<JoinHandle<()>> {
+    /// Cancels the cluster's tasks; returns its listeners' tasks, to wait until the cluster
+    /// socket has drained and the front door's port is free again.
+    pub(crate) fn stop(&self) -> Vec<JoinHandle<()>> {
         self.stop.cancel();
-        match self.serve_task.lock() {
-            Ok(mut t) => t.take(),
-            Err(p) => p.into_inner().take(),
+        match self.tasks.lock() {
+            Ok(mut t) => std::mem::take(&mut *t),
+            Err(p) => std::mem::take(&mut *p.into_inner()),
         }
     }
 }

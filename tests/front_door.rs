@@ -336,3 +336,28 @@ fn the_front_door_key_is_kept_and_pinned_once() {
         1
     );
 }
+
+/// A reload that restarts the cluster gives its front door back on the same port.
+#[test]
+fn a_reload_that_restarts_the_cluster_keeps_the_front_door() {
+    let e = env();
+    let cfg = e.b.dir.path().join("config.toml");
+    let before = std::fs::read_to_string(&cfg).expect("config");
+    std::fs::write(&cfg, format!("{before}keepalive_interval = \"7s\"\n")).expect("config");
+    let out = e.b.cli(&["reload"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        text(&out.stdout).contains("1 restarted"),
+        "{}",
+        text(&out.stdout)
+    );
+    let mut c = e.ssh();
+    c.arg("127.0.0.1")
+        .arg("fleetctl fd-forward /var/run/fleet.sock");
+    let out = run_keeping_stdin(c, GET_MACHINES);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        text(&out.stdout).starts_with("HTTP/1.1 200 OK\r\n"),
+        "{out:?}"
+    );
+}
