@@ -504,25 +504,22 @@ impl Config {
                 message: e.message().trim().to_string(),
             }
         })?;
-        if raw.defaults.front_door.is_some() {
-            let off = text.find("[defaults]").unwrap_or(0);
-            let (line, column) = line_col(text, off);
-            return Err(ConfigError::Syntax {
+        let not_a_default = |message: &str| {
+            let (line, column) = line_col(text, text.find("[defaults]").unwrap_or(0));
+            ConfigError::Syntax {
                 path: path.to_path_buf(),
                 line,
                 column,
-                message: "`front_door` belongs in a [clusters.NAME] table (each cluster needs a port of its own), not in [defaults]".into(),
-            });
+                message: message.into(),
+            }
+        };
+        if raw.defaults.front_door.is_some() {
+            return Err(not_a_default("`front_door` belongs in a [clusters.NAME] table (each cluster needs a port of its own), not in [defaults]"));
         }
         if raw.defaults.tunnel.is_some() {
-            let off = text.find("[defaults]").unwrap_or(0);
-            let (line, column) = line_col(text, off);
-            return Err(ConfigError::Syntax {
-                path: path.to_path_buf(),
-                line,
-                column,
-                message: "`tunnel` belongs in a [clusters.NAME] table, not in [defaults]".into(),
-            });
+            return Err(not_a_default(
+                "`tunnel` belongs in a [clusters.NAME] table, not in [defaults]",
+            ));
         }
         let mut clusters = BTreeMap::new();
         for (name, rc) in raw.clusters {

@@ -6,32 +6,8 @@ mod support;
 
 use support::*;
 
-struct Env {
-    w: World,
-    b: Broker,
-    cwd: tempfile::TempDir,
-}
-
-fn env() -> Env {
-    let w = World::new();
-    let b = w.broker("");
-    let cwd = open_tempdir("fb-compat.");
-    Env { w, b, cwd }
-}
-
-impl Env {
-    fn run(&self, args: &[&str]) -> Run {
-        fleetctl(&self.b, self.cwd.path(), &[], args)
-    }
-    fn run_env(&self, vars: &[(&str, &str)], args: &[&str]) -> Run {
-        fleetctl(&self.b, self.cwd.path(), vars, args)
-    }
-    fn write(&self, name: &str, text: &str) {
-        std::fs::write(self.cwd.path().join(name), text).expect("write unit");
-    }
-    fn sim(&self) -> std::sync::MutexGuard<'_, fleet_broker::sim::Sim> {
-        self.w.sim.sim.lock().expect("sim")
-    }
+fn env() -> CliEnv {
+    CliEnv::new()
 }
 
 const HELLO: &str = "[Unit]\nDescription=Hello World\n\n[Service]\nExecStart=/bin/sleep 3000\n";

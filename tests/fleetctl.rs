@@ -6,26 +6,10 @@ mod support;
 use fleet_broker::fleet::unit_file::hash;
 use support::*;
 
-struct Env {
-    w: World,
-    b: Broker,
-    cwd: tempfile::TempDir,
-}
+type Env = CliEnv;
 
 fn env() -> Env {
-    let w = World::new();
-    let b = w.broker("");
-    let cwd = open_tempdir("fb-units.");
-    Env { w, b, cwd }
-}
-
-impl Env {
-    fn run(&self, args: &[&str]) -> Run {
-        fleetctl(&self.b, self.cwd.path(), &[], args)
-    }
-    fn write(&self, name: &str, text: &str) {
-        std::fs::write(self.cwd.path().join(name), text).expect("write unit");
-    }
+    CliEnv::new()
 }
 
 const HELLO: &str = "[Unit]\nDescription=Hello World\n\n[Service]\nExecStart=/bin/sleep 3000\n";

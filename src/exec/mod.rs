@@ -100,6 +100,28 @@ impl Exec {
         }
     }
 
+    /// A `direct-tcpip` channel of the tunnel to a machine's sshd.
+    async fn channel_to(
+        &self,
+        ip: &str,
+        port: u16,
+    ) -> Result<russh::Channel<russh::client::Msg>, ExecError> {
+        let tunnel = self
+            .tunnel
+            .link()
+            .await
+            .map_err(|e| ExecError::ssh(format!("cluster {:?}: {e}", self.tunnel.name())))?;
+        tunnel
+            .channel_open_direct_tcpip(ip, u32::from(port), "127.0.0.1", 0)
+            .await
+            .map_err(|e| {
+                ExecError::ssh(format!(
+                    "the tunnel host could not connect to {}: {e}",
+                    known_hosts_name(ip, port)
+                ))
+            })
+    }
+
     /// The host key a machine presents, and what the pins say of it (`fleet-broker trust
     /// --machine`). No credentials are offered.
     pub(crate) async fn machine_key(
@@ -116,20 +138,7 @@ impl Exec {
             ));
         };
         let port = ssh_port.unwrap_or(self.tunnel.config.machine_ssh_port);
-        let tunnel = self
-            .tunnel
-            .link()
-            .await
-            .map_err(|e| ExecError::ssh(format!("cluster {:?}: {e}", self.tunnel.name())))?;
-        let ch = tunnel
-            .channel_open_direct_tcpip(ip.as_str(), u32::from(port), "127.0.0.1", 0)
-            .await
-            .map_err(|e| {
-                ExecError::ssh(format!(
-                    "the tunnel host could not connect to {}: {e}",
-                    known_hosts_name(&ip, port)
-                ))
-            })?;
+        let ch = self.channel_to(&ip, port).await?;
         let target = HostPort {
             host: ip.clone(),
             port,

@@ -9,7 +9,7 @@ use russh::client::{Handle, Msg};
 use russh::Channel;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{known_hosts_name, HostPort, InteractiveSession};
+use crate::config::{HostPort, InteractiveSession};
 use crate::protocol::exec::ExecError;
 use crate::tunnel::channel::DrainedChannel;
 use crate::tunnel::dial::{self, ClientHandler};
@@ -79,20 +79,7 @@ impl Exec {
         user: &str,
         forward_agent: bool,
     ) -> Result<SshHandle, ExecError> {
-        let tunnel = self
-            .tunnel
-            .link()
-            .await
-            .map_err(|e| ExecError::ssh(format!("cluster {:?}: {e}", self.tunnel.name())))?;
-        let ch = tunnel
-            .channel_open_direct_tcpip(ip, u32::from(port), "127.0.0.1", 0)
-            .await
-            .map_err(|e| {
-                ExecError::ssh(format!(
-                    "the tunnel host could not connect to {}: {e}",
-                    known_hosts_name(ip, port)
-                ))
-            })?;
+        let ch = self.channel_to(ip, port).await?;
         let label = format!(
             "cluster {:?} machine {}",
             self.tunnel.name(),

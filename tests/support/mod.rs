@@ -1113,3 +1113,39 @@ pub fn line_reader<R: Read + Send + 'static>(out: R) -> std::sync::mpsc::Receive
     });
     rx
 }
+
+/// A world, a broker serving it as cluster `c1`, and a working directory for our fleetctl.
+pub struct CliEnv {
+    pub w: World,
+    pub b: Broker,
+    pub cwd: tempfile::TempDir,
+}
+
+impl CliEnv {
+    pub fn new() -> CliEnv {
+        let w = World::new();
+        let b = w.broker("");
+        let cwd = open_tempdir("fb-cli.");
+        CliEnv { w, b, cwd }
+    }
+
+    /// Our fleetctl with these arguments and no FLEETCTL_* variables.
+    pub fn run(&self, args: &[&str]) -> Run {
+        fleetctl(&self.b, self.cwd.path(), &[], args)
+    }
+
+    /// Our fleetctl with these FLEETCTL_* variables.
+    pub fn run_env(&self, vars: &[(&str, &str)], args: &[&str]) -> Run {
+        fleetctl(&self.b, self.cwd.path(), vars, args)
+    }
+
+    /// A unit file in the working directory.
+    pub fn write(&self, name: &str, text: &str) {
+        std::fs::write(self.cwd.path().join(name), text).expect("write unit");
+    }
+
+    /// The simulated cluster's state.
+    pub fn sim(&self) -> std::sync::MutexGuard<'_, Sim> {
+        self.w.sim.sim.lock().expect("sim")
+    }
+}

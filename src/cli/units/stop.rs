@@ -23,17 +23,10 @@ pub(crate) async fn run_stop_unload(
     args: &[String],
     block: Block,
 ) -> i32 {
-    if args.is_empty() {
-        eprintln!("No units given");
-        return 0;
-    }
-    let Ok(units) = find_units(ctx, args).await else {
-        return 1;
+    let units = match named_units(ctx, args).await {
+        Ok(u) => u,
+        Err(code) => return code,
     };
-    if units.is_empty() {
-        eprintln!("Units not found in registry");
-        return 0;
-    }
     let (target, action, done, failed) = match command {
         StopCommand::Stop => ("loaded", "stop", "stopped", "stop"),
         StopCommand::Unload => ("inactive", "unload", "unloaded", "unload"),
@@ -65,19 +58,27 @@ pub(crate) async fn run_stop_unload(
     0
 }
 
-/// destroy: deletes, then (unless --no-block) waits until each unit is gone.
-pub(crate) async fn run_destroy(ctx: &Arc<Ctx>, args: &[String], block: Block) -> i32 {
+/// The registry's units named by `args`, or the exit code when there are none: fleetctl's
+/// `No units given` and `Units not found in registry` (both exit 0), or a failed fetch (1).
+async fn named_units(ctx: &Ctx, args: &[String]) -> Result<Vec<crate::fleet::schema::Unit>, i32> {
     if args.is_empty() {
         eprintln!("No units given");
-        return 0;
+        return Err(0);
     }
-    let Ok(units) = find_units(ctx, args).await else {
-        return 1;
-    };
+    let units = find_units(ctx, args).await.map_err(|()| 1)?;
     if units.is_empty() {
         eprintln!("Units not found in registry");
-        return 0;
+        return Err(0);
     }
+    Ok(units)
+}
+
+/// destroy: deletes, then (unless --no-block) waits until each unit is gone.
+pub(crate) async fn run_destroy(ctx: &Arc<Ctx>, args: &[String], block: Block) -> i32 {
+    let units = match named_units(ctx, args).await {
+        Ok(u) => u,
+        Err(code) => return code,
+    };
     let mut exit = 0;
     for u in units {
         match ctx.api.destroy_unit(&u.name).await {
