@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod config_edit;
 pub mod control;
 pub mod daemon;
 #[cfg(feature = "demo")]
@@ -20,6 +21,7 @@ pub(crate) mod front_door;
 #[doc(hidden)]
 pub mod fuzzing;
 pub(crate) mod http;
+pub mod import;
 pub mod known_hosts;
 pub mod local;
 pub(crate) mod pattern;

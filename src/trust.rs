@@ -120,6 +120,9 @@ pub enum Confirm {
     Yes,
     /// `--fingerprint`: pin only keys with one of these fingerprints (`SHA256:…` or `MD5:…`).
     Fingerprints(Vec<String>),
+    /// `--trust-on-first-use`: pin whatever key the host presents now, without asking; for
+    /// scripts that accept that risk, named as such.
+    TrustOnFirstUse,
 }
 
 impl Confirm {
@@ -218,6 +221,9 @@ fn judge(
             }
         }
         Confirm::Yes => Confirm::Yes.check_usable()?,
+        Confirm::TrustOnFirstUse => {
+            eprintln!("  pinned on first use, unchecked (--trust-on-first-use)");
+        }
         Confirm::Ask => {
             let q = format!(
                 "Compare it with the fingerprint from the host's administrator. Pin it in {}? (yes/no) ",

@@ -26,6 +26,47 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum ImportSource {
+    /// From `vagrant ssh-config` (run in the current directory, or read from FILE or - for stdin)
+    Vagrant {
+        /// Cluster name (default: the current directory's name)
+        #[arg(long)]
+        name: Option<String>,
+        /// Output of `vagrant ssh-config`; - for stdin
+        file: Option<PathBuf>,
+        /// fleet's API on the VM (default unix:///var/run/fleet.sock)
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// Overwrite a cluster of the same name
+        #[arg(long)]
+        replace: bool,
+        /// Pin only a host key with this fingerprint (SHA256:… or MD5:…); for scripts
+        #[arg(long, value_name = "FP", conflicts_with = "trust_on_first_use")]
+        fingerprint: Vec<String>,
+        /// Pin whatever key the VM presents now, unchecked; for scripts that accept that
+        #[arg(long = "trust-on-first-use")]
+        trust_on_first_use: bool,
+    },
+    /// From an ssh_config host, resolved by OpenSSH itself (`ssh -G HOST`)
+    SshConfig {
+        /// The Host as you would give it to ssh
+        host: String,
+        /// Cluster name (default: HOST)
+        #[arg(long)]
+        name: Option<String>,
+        /// ssh_config file to read instead of ~/.ssh/config (`ssh -F`)
+        #[arg(long = "ssh-config", value_name = "FILE")]
+        ssh_config: Option<PathBuf>,
+        /// fleet's API on the tunnel host (default unix:///var/run/fleet.sock)
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// Overwrite a cluster of the same name
+        #[arg(long)]
+        replace: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum Cmd {
     /// Run the daemon in the foreground (logs to stderr; RUST_LOG sets the level)
     Serve,
@@ -71,6 +112,11 @@ enum Cmd {
         )]
         known_hosts_file: String,
     },
+    /// Add a cluster from a Vagrant project or an ssh_config host, and pin its host
+    #[command(subcommand)]
+    Import(ImportSource),
+    /// Remove a cluster from the config (and tell a running daemon)
+    Remove { cluster: String },
     /// Print shell commands that point fleetctl at a cluster: eval "$(fleet-broker env NAME)"
     Env {
         cluster: String,
@@ -215,6 +261,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 println!("export FLEETCTL_ENDPOINT='{endpoint}' FLEETCTL_CLUSTER='{cluster}'");
             }
+            Ok(())
+        }
+        Cmd::Import(source) => import(cli.config, source).await,
+        Cmd::Remove { cluster } => {
+            let path = cli.config.unwrap_or_else(default_config_path);
+            fleet_broker::config_edit::remove_cluster(&path, &cluster)
+                .map_err(anyhow::Error::msg)?;
+            println!("removed cluster {cluster:?} from {}", path.display());
+            tell_daemon_to_reload().await;
             Ok(())
         }
         Cmd::Trust {
@@ -409,6 +464,141 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 
 /// `--yes` / `--fingerprint` as a confirmation mode; `--yes` without a terminal is refused
 /// before anything is dialled.
+/// Asks a running daemon to reload, and says what happened.
+async fn tell_daemon_to_reload() {
+    match control_request("POST", "/v1/reload").await {
+        Ok((200, body)) => println!(
+            "the running daemon reloaded: {}",
+            serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["reloaded"].as_str().map(str::to_string))
+                .unwrap_or_default()
+        ),
+        Ok((_, body)) => eprintln!(
+            "warning: the running daemon did not reload: {}",
+            error_text(&body)
+        ),
+        Err(_) => println!("no daemon is running; `fleet-broker serve` will use it"),
+    }
+}
+
+/// `fleet-broker import …`: the cluster, its host pinned (Vagrant) or the trust command to run
+/// said (ssh_config), the config written in place, and a running daemon told.
+async fn import(config: Option<PathBuf>, source: ImportSource) -> anyhow::Result<()> {
+    use fleet_broker::import;
+    let path = config.unwrap_or_else(default_config_path);
+    match source {
+        ImportSource::Vagrant {
+            name,
+            file,
+            endpoint,
+            replace,
+            fingerprint,
+            trust_on_first_use,
+        } => {
+            let text = match file.as_deref() {
+                Some(f) if f == std::path::Path::new("-") => {
+                    let mut s = String::new();
+                    std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
+                    s
+                }
+                Some(f) => std::fs::read_to_string(f)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?,
+                None => {
+                    let out = std::process::Command::new("vagrant")
+                        .arg("ssh-config")
+                        .stdin(std::process::Stdio::null())
+                        .output()
+                        .map_err(|e| anyhow::anyhow!("cannot run `vagrant ssh-config` ({e}); run it yourself and pass its output as FILE or on stdin (-)"))?;
+                    if !out.status.success() {
+                        anyhow::bail!(
+                            "`vagrant ssh-config` failed (is the VM up?): {}",
+                            String::from_utf8_lossy(&out.stderr).trim()
+                        );
+                    }
+                    String::from_utf8_lossy(&out.stdout).into_owned()
+                }
+            };
+            let hosts = import::parse_vagrant(&text).map_err(|e| {
+                let from = file.as_ref().map_or("vagrant ssh-config".to_string(), |f| {
+                    f.display().to_string()
+                });
+                anyhow::anyhow!("{from}: {e}")
+            })?;
+            let name = match name {
+                Some(n) => n,
+                None => import::cluster_name(
+                    &std::env::current_dir()?
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                )
+                .map_err(anyhow::Error::msg)?,
+            };
+            let known_hosts = import::known_hosts_file(&path, &name);
+            let cluster = import::from_vagrant(&hosts, &name, endpoint, &known_hosts)
+                .map_err(anyhow::Error::msg)?;
+            let confirm = if trust_on_first_use {
+                fleet_broker::trust::Confirm::TrustOnFirstUse
+            } else {
+                confirm_mode(false, fingerprint)?
+            };
+            // Pin first: a host not pinned leaves the config as it was.
+            let preview = fleet_broker::config_edit::preview(&path, &cluster, replace)
+                .map_err(anyhow::Error::msg)?;
+            let c = find_cluster(&preview, &name)?;
+            println!("{}", fleet_broker::trust::trust(c, &confirm).await?);
+            fleet_broker::config_edit::add_cluster(&path, &cluster, replace)
+                .map_err(anyhow::Error::msg)?;
+            println!(
+                "added cluster {name:?} ({} VM{}, tunnel {}) to {}",
+                hosts.len(),
+                if hosts.len() == 1 { "" } else { "s" },
+                cluster.tunnel,
+                path.display()
+            );
+            println!("pin the machines' keys with `fleet-broker trust {name} --machine ID` once the daemon runs");
+        }
+        ImportSource::SshConfig {
+            host,
+            name,
+            ssh_config,
+            endpoint,
+            replace,
+        } => {
+            let name = match name {
+                Some(n) => n,
+                None => import::cluster_name(&host).map_err(anyhow::Error::msg)?,
+            };
+            let out = import::ssh_g(&host, ssh_config.as_deref()).map_err(anyhow::Error::msg)?;
+            let (mut cluster, notes) =
+                import::from_ssh_g(&out, &name, endpoint).map_err(anyhow::Error::msg)?;
+            import::resolve_jumps(&mut cluster, ssh_config.as_deref())
+                .map_err(anyhow::Error::msg)?;
+            fleet_broker::config_edit::add_cluster(&path, &cluster, replace)
+                .map_err(anyhow::Error::msg)?;
+            for w in &notes.warnings {
+                eprintln!("warning: {w}");
+            }
+            println!(
+                "added cluster {name:?} (tunnel {}{}) to {}",
+                cluster.tunnel,
+                if cluster.jump.is_empty() {
+                    String::new()
+                } else {
+                    format!(" via {}", cluster.jump.join(", "))
+                },
+                path.display()
+            );
+            if notes.needs_trust {
+                println!("pin its host key, after checking it: fleet-broker trust {name}");
+            }
+        }
+    }
+    tell_daemon_to_reload().await;
+    Ok(())
+}
+
 fn confirm_mode(
     yes: bool,
     fingerprint: Vec<String>,
