@@ -107,7 +107,10 @@ fn public_of_file(path: &Path) -> Option<PublicKey> {
 enum Unusable {
     /// Readable by others: OpenSSH's `UNPROTECTED PRIVATE KEY FILE`.
     Unprotected(u32),
-    Encrypted,
+    /// Encrypted, and no passphrase stored (or the keyring could not be read: why).
+    Encrypted(Option<String>),
+    /// Encrypted, and the stored passphrase does not decrypt it.
+    WrongPassphrase,
 }
 
 impl Unusable {
@@ -117,9 +120,15 @@ impl Unusable {
                 "UNPROTECTED PRIVATE KEY FILE: permissions {mode:04o} are too open, so the key is ignored (as OpenSSH does); run `chmod 600 {}`",
                 path.display()
             ),
-            Unusable::Encrypted => {
-                "is encrypted and its key is not in the agent; add it with `ssh-add`".into()
-            }
+            Unusable::Encrypted(keyring) => format!(
+                "is encrypted, its key is not in the agent and no passphrase is stored{}; run `fleet-broker passphrase set {}` (or add the key with `ssh-add`)",
+                keyring.as_ref().map(|e| format!(" ({e})")).unwrap_or_default(),
+                path.display()
+            ),
+            Unusable::WrongPassphrase => format!(
+                "is encrypted and the stored passphrase does not decrypt it; run `fleet-broker passphrase set {}` again",
+                path.display()
+            ),
         }
     }
 }
@@ -144,11 +153,22 @@ fn load_file_key(path: &Path) -> Result<Result<PrivateKey, Unusable>, AuthError>
     }
     match russh::keys::load_secret_key(path, None) {
         Ok(k) => Ok(Ok(k)),
-        Err(russh::keys::Error::KeyIsEncrypted) => Ok(Err(Unusable::Encrypted)),
+        Err(russh::keys::Error::KeyIsEncrypted) => Ok(decrypt(path)),
         Err(e) => Err(AuthError::IdentityFile {
             path: path.to_path_buf(),
             reason: e.to_string(),
         }),
+    }
+}
+
+/// An encrypted identity file decrypted in memory with its stored passphrase.
+fn decrypt(path: &Path) -> Result<PrivateKey, Unusable> {
+    match crate::passphrase::get(path) {
+        Ok(Some(p)) => {
+            russh::keys::load_secret_key(path, Some(&p)).map_err(|_| Unusable::WrongPassphrase)
+        }
+        Ok(None) => Err(Unusable::Encrypted(None)),
+        Err(e) => Err(Unusable::Encrypted(Some(e))),
     }
 }
 

@@ -24,6 +24,7 @@ pub(crate) mod http;
 pub mod import;
 pub mod known_hosts;
 pub mod local;
+pub mod passphrase;
 pub(crate) mod pattern;
 pub mod protocol;
 pub(crate) mod proxy;

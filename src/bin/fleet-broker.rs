@@ -26,6 +26,23 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum PassphraseCmd {
+    /// Ask for the passphrase on the terminal (never echoed), check it decrypts the file, store it
+    Set {
+        /// The encrypted identity file
+        path: PathBuf,
+        /// Read the passphrase from the first line of stdin (for scripts)
+        #[arg(long)]
+        stdin: bool,
+    },
+    /// Forget the stored passphrase
+    Forget {
+        /// The identity file
+        path: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum ImportSource {
     /// From `vagrant ssh-config` (run in the current directory, or read from FILE or - for stdin)
     Vagrant {
@@ -115,6 +132,9 @@ enum Cmd {
     /// Add a cluster from a Vagrant project or an ssh_config host, and pin its host
     #[command(subcommand)]
     Import(ImportSource),
+    /// Store or forget the passphrase of an encrypted identity file, in the OS keyring
+    #[command(subcommand)]
+    Passphrase(PassphraseCmd),
     /// Remove a cluster from the config (and tell a running daemon)
     Remove { cluster: String },
     /// Print shell commands that point fleetctl at a cluster: eval "$(fleet-broker env NAME)"
@@ -264,6 +284,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Import(source) => import(cli.config, source).await,
+        Cmd::Passphrase(PassphraseCmd::Set { path, stdin }) => {
+            let secret = if stdin {
+                let mut line = String::new();
+                std::io::BufRead::read_line(&mut std::io::stdin().lock(), &mut line)?;
+                zeroize::Zeroizing::new(line.trim_end_matches(['\n', '\r']).to_string())
+            } else {
+                read_secret(&format!("Passphrase for {}: ", path.display()))?
+            };
+            fleet_broker::passphrase::set(&path, &secret).map_err(anyhow::Error::msg)?;
+            println!(
+                "stored the passphrase of {} in {}",
+                path.display(),
+                fleet_broker::passphrase::STORE
+            );
+            tell_daemon_to_reconnect_failed().await;
+            Ok(())
+        }
+        Cmd::Passphrase(PassphraseCmd::Forget { path }) => {
+            if fleet_broker::passphrase::forget(&path).map_err(anyhow::Error::msg)? {
+                println!("forgot the passphrase of {}", path.display());
+            } else {
+                println!("no passphrase of {} was stored", path.display());
+            }
+            Ok(())
+        }
         Cmd::Remove { cluster } => {
             let path = cli.config.unwrap_or_else(default_config_path);
             fleet_broker::config_edit::remove_cluster(&path, &cluster)
@@ -464,6 +509,56 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 
 /// `--yes` / `--fingerprint` as a confirmation mode; `--yes` without a terminal is refused
 /// before anything is dialled.
+/// Reads a secret from the controlling terminal with echo off (restored on every path).
+fn read_secret(prompt: &str) -> anyhow::Result<zeroize::Zeroizing<String>> {
+    use nix::sys::termios::{tcgetattr, tcsetattr, LocalFlags, SetArg};
+    use std::io::{BufRead, Write};
+    let mut tty = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/tty")
+        .map_err(|e| anyhow::anyhow!("no terminal to ask on ({e}); pass --stdin"))?;
+    let saved = tcgetattr(&tty)?;
+    let mut quiet = saved.clone();
+    quiet.local_flags.remove(LocalFlags::ECHO);
+    tcsetattr(&tty, SetArg::TCSANOW, &quiet)?;
+    let read = (|| -> std::io::Result<String> {
+        tty.write_all(prompt.as_bytes())?;
+        tty.flush()?;
+        let mut line = String::new();
+        std::io::BufReader::new(&tty).read_line(&mut line)?;
+        Ok(line)
+    })();
+    let _ = tcsetattr(&tty, SetArg::TCSANOW, &saved);
+    let _ = tty.write_all(b"\n");
+    let line = zeroize::Zeroizing::new(read?);
+    Ok(zeroize::Zeroizing::new(
+        line.trim_end_matches(['\n', '\r']).to_string(),
+    ))
+}
+
+/// Asks a running daemon to retry its clusters now (a stored passphrase may be what they
+/// lacked); quiet when none runs.
+async fn tell_daemon_to_reconnect_failed() {
+    let Ok((200, body)) = control_request("GET", "/v1/clusters").await else {
+        return;
+    };
+    let Ok(list) = serde_json::from_slice::<ClusterList>(&body) else {
+        return;
+    };
+    for c in list.clusters.iter().filter(|c| {
+        c.status.state != fleet_broker::tunnel::State::Ready
+            && c.status.state != fleet_broker::tunnel::State::Idle
+    }) {
+        if control_request("POST", &format!("/v1/clusters/{}/connect", c.name))
+            .await
+            .is_ok()
+        {
+            println!("asked the running daemon to retry cluster {:?}", c.name);
+        }
+    }
+}
+
 /// Asks a running daemon to reload, and says what happened.
 async fn tell_daemon_to_reload() {
     match control_request("POST", "/v1/reload").await {

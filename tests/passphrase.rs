@@ -1,0 +1,135 @@
+//! Encrypted identity files with their passphrase in the keyring: named when missing or
+//! wrong, used without an agent once stored, never logged. Each test runs in a throwaway
+//! keyutils session keyring of its own, inherited by the daemon and the CLI it starts.
+
+mod support;
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use support::*;
+
+const SECRET: &str = "correct horse battery staple";
+
+/// Joins a new anonymous session keyring for the calling thread (keyrings are part of a
+/// thread's credentials), inherited by the processes it starts; each test has its own.
+fn throwaway_keyring() {
+    const KEYCTL_JOIN_SESSION_KEYRING: nix::libc::c_long = 1;
+    // SAFETY: keyctl with a null name joins a new anonymous session keyring.
+    let r = unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_keyctl,
+            KEYCTL_JOIN_SESSION_KEYRING,
+            std::ptr::null::<nix::libc::c_char>(),
+        )
+    };
+    assert!(r >= 0, "keyctl(JOIN_SESSION_KEYRING) failed");
+}
+
+fn passphrase(b: &Broker, args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fleet-broker"))
+        .arg("passphrase")
+        .args(args)
+        .env("FLEET_BROKER_CONFIG", b.dir.path().join("config.toml"))
+        .env("XDG_RUNTIME_DIR", b.dir.path().join("xdg"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("fleet-broker passphrase");
+    if let Some(mut i) = child.stdin.take() {
+        let _ = i.write_all(stdin.as_bytes());
+    }
+    child.wait_with_output().expect("output")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn encrypted_key(dir: &Path) -> std::path::PathBuf {
+    let key = dir.join("id_locked");
+    let out = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", SECRET, "-C", "locked", "-f"])
+        .arg(&key)
+        .output()
+        .expect("ssh-keygen");
+    assert!(out.status.success(), "{out:?}");
+    key
+}
+
+#[test]
+fn a_stored_passphrase_unlocks_an_encrypted_identity_without_an_agent() {
+    throwaway_keyring();
+    let w = World::new();
+    let keys = open_tempdir("fb-locked.");
+    let key = encrypted_key(keys.path());
+    let sshd = Sshd::start_with(&["root"], &[&key], None, "");
+    let kh = keys.path().join("known_hosts");
+    std::fs::write(&kh, sshd.known_hosts_line()).expect("known_hosts");
+    let b = Broker::start(
+        &cluster_toml(
+            "c1",
+            &sshd,
+            &format!("unix://{}", w.sim.socket.display()),
+            "root",
+            &kh,
+            &format!(
+                "identity_files = [\"{}\"]\nconnect_timeout = \"3s\"\n",
+                key.display()
+            ),
+        ),
+        None,
+    );
+    // Nothing stored: the file is named, with the command that fixes it.
+    let (status, body) = http(&b.socket("c1"), "GET", "/fleet/v1/machines", None);
+    let body = text(&body);
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains(&format!("passphrase set {}", key.display())),
+        "{body}"
+    );
+    // A wrong passphrase is refused before it is stored.
+    let out = passphrase(
+        &b,
+        &["set", &key.display().to_string(), "--stdin"],
+        "wrong\n",
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(text(&out.stderr).contains("does not decrypt"), "{out:?}");
+    // The right one: stored, and the daemon is asked to retry.
+    let out = passphrase(
+        &b,
+        &["set", &key.display().to_string(), "--stdin"],
+        &format!("{SECRET}\n"),
+    );
+    assert!(out.status.success(), "{out:?}");
+    let said = text(&out.stdout);
+    assert!(said.contains("kernel keyutils"), "{said}");
+    assert!(said.contains("asked the running daemon to retry"), "{said}");
+    wait_until_served(&b, "the tunnel with the decrypted key");
+    assert!(
+        !b.log().contains(SECRET),
+        "the passphrase never reaches the log"
+    );
+    // Forget it.
+    let out = passphrase(&b, &["forget", &key.display().to_string()], "");
+    assert!(
+        text(&out.stdout).contains("forgot the passphrase"),
+        "{out:?}"
+    );
+    let out = passphrase(&b, &["forget", &key.display().to_string()], "");
+    assert!(text(&out.stdout).contains("no passphrase"), "{out:?}");
+}
+
+#[test]
+fn an_unencrypted_key_needs_no_passphrase() {
+    throwaway_keyring();
+    let w = World::new();
+    let b = w.broker("");
+    let key = w.keys.path().join("id_ed25519");
+    let out = passphrase(&b, &["set", &key.display().to_string(), "--stdin"], "x\n");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("not encrypted"), "{out:?}");
+}
