@@ -80,7 +80,7 @@ impl RemoteAction {
 /// One word for a POSIX shell: single-quoted, with each `'` written as `'\''`. Nothing
 /// inside single quotes is special to `sh` (no `$`, backticks, backslashes or line ends),
 /// so the word reaches the program exactly as given.
-pub(crate) fn shell_quote(s: &str) -> String {
+pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 

@@ -4,6 +4,8 @@
 mod support;
 
 use fleet_broker::fleet::unit_file::hash;
+use std::process::Command;
+
 use support::*;
 
 type Env = CliEnv;
@@ -654,6 +656,32 @@ fn cluster_selection_rules() {
     let out = b.cli(&["env", "beta", "--shell", "fish"]);
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("set -gx FLEETCTL_ENDPOINT 'unix://"));
     assert!(!b.cli(&["env", "nope"]).status.success());
+    // Quoted for the shell whatever the path holds; --unset undoes it.
+    let odd = open_tempdir("fb-odd.");
+    let runtime = odd.path().join("it's a \"dir\" $HOME");
+    let out = Command::new(env!("CARGO_BIN_EXE_fleet-broker"))
+        .args(["env", "beta"])
+        .env("FLEET_BROKER_CONFIG", b.dir.path().join("config.toml"))
+        .env("FLEET_BROKER_RUNTIME_DIR", &runtime)
+        .output()
+        .expect("env");
+    assert!(out.status.success(), "{out:?}");
+    let script = format!(
+        "{}\nprintf '%s|%s' \"$FLEETCTL_ENDPOINT\" \"$FLEETCTL_CLUSTER\"\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&b.cli(&["env", "--unset"]).stdout)
+    );
+    let got = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "{script}\nprintf '|%s' \"${{FLEETCTL_CLUSTER-unset}}\""
+        ))
+        .output()
+        .expect("sh");
+    assert_eq!(
+        String::from_utf8_lossy(&got.stdout),
+        format!("unix://{}/clusters/beta.sock|beta|unset", runtime.display())
+    );
 }
 
 #[test]

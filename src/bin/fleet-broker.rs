@@ -139,10 +139,15 @@ enum Cmd {
     Remove { cluster: String },
     /// Print shell commands that point fleetctl at a cluster: eval "$(fleet-broker env NAME)"
     Env {
-        cluster: String,
+        /// The cluster fleetctl should use
+        #[arg(required_unless_present = "unset")]
+        cluster: Option<String>,
         /// Shell syntax: sh (bash, zsh, …) or fish
         #[arg(long, default_value = "sh", value_parser = ["sh", "bash", "zsh", "fish"])]
         shell: String,
+        /// Print the commands that undo it instead
+        #[arg(long, conflicts_with = "cluster")]
+        unset: bool,
     },
     /// Run a built-in demo cluster through the real daemon
     #[cfg(feature = "demo")]
@@ -267,7 +272,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Disconnect { cluster } => control_cmd(&cluster, "disconnect").await,
         #[cfg(feature = "demo")]
         Cmd::Demo { once } => Ok(fleet_broker::demo::run(once).await?),
-        Cmd::Env { cluster, shell } => {
+        Cmd::Env {
+            cluster,
+            shell,
+            unset,
+        } => {
+            let fish = shell == "fish";
+            let Some(cluster) = cluster.filter(|_| !unset) else {
+                if fish {
+                    println!("set -e FLEETCTL_ENDPOINT; set -e FLEETCTL_CLUSTER;");
+                } else {
+                    println!("unset FLEETCTL_ENDPOINT FLEETCTL_CLUSTER");
+                }
+                return Ok(());
+            };
             let config = load_config(cli.config)?;
             find_cluster(&config, &cluster)?;
             let socket = fleet_broker::local::cluster_socket(
@@ -275,11 +293,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 &cluster,
             );
             let endpoint = format!("unix://{}", socket.display());
-            if shell == "fish" {
-                println!("set -gx FLEETCTL_ENDPOINT '{endpoint}';");
-                println!("set -gx FLEETCTL_CLUSTER '{cluster}';");
+            if fish {
+                // fish: inside single quotes only \\ and \' are escapes.
+                let q = |s: &str| format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"));
+                println!("set -gx FLEETCTL_ENDPOINT {};", q(&endpoint));
+                println!("set -gx FLEETCTL_CLUSTER {};", q(&cluster));
             } else {
-                println!("export FLEETCTL_ENDPOINT='{endpoint}' FLEETCTL_CLUSTER='{cluster}'");
+                use fleet_broker::remote_command::shell_quote;
+                println!(
+                    "export FLEETCTL_ENDPOINT={} FLEETCTL_CLUSTER={}",
+                    shell_quote(&endpoint),
+                    shell_quote(&cluster)
+                );
             }
             Ok(())
         }
