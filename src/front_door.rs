@@ -53,6 +53,11 @@ pub(crate) fn random_ed25519() -> PrivateKey {
     ))
 }
 
+/// The front door's host key if one was made already (never makes one).
+pub(crate) fn existing_host_key(state_dir: &Path) -> Option<PrivateKey> {
+    russh::keys::load_secret_key(state_dir.join(HOST_KEY_FILE), None).ok()
+}
+
 /// The front door's host key, generated on first use (0600, in a 0700 state directory).
 pub(crate) fn host_key(state_dir: &Path) -> Result<PrivateKey, String> {
     crate::local::ensure_private_dir(state_dir).map_err(|e| e.to_string())?;

@@ -14,6 +14,7 @@ pub mod control;
 pub mod daemon;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod doctor;
 pub(crate) mod exec;
 pub mod fleet;
 pub(crate) mod fleet_client;

@@ -24,7 +24,7 @@ use russh::Channel;
 use crate::config::Endpoint;
 use crate::http::{fleet_error, Body};
 use crate::tunnel::channel::DrainedChannel;
-use crate::tunnel::{SshHandle, Tunnel};
+use crate::tunnel::Tunnel;
 
 /// Names the cluster on an answer the broker made itself because the tunnel could not carry
 /// the request (never on fleetd's own answers).
@@ -44,7 +44,7 @@ impl Connection for DrainedChannel {
 /// Opens a byte stream to the cluster's fleet endpoint on the tunnel's SSH connection,
 /// retrying when sshd could not connect to the endpoint (its listener backlog was full).
 pub async fn open_endpoint(
-    handle: &SshHandle,
+    handle: &russh::client::Handle<crate::tunnel::ClientHandler>,
     endpoint: &Endpoint,
 ) -> Result<Channel<Msg>, russh::Error> {
     let mut attempt = 0;

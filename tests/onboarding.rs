@@ -188,3 +188,87 @@ fn an_ssh_config_host_with_proxyjump_imports_and_works() {
     assert!(!loose.contains("host_key_checking"), "{loose}");
     assert!(!loose.contains("/dev/null"), "{loose}");
 }
+
+fn doctor(config: &Path, agent: &Path, home: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fleet-broker"))
+        .arg("--config")
+        .arg(config)
+        .arg("doctor")
+        .env("SSH_AUTH_SOCK", agent)
+        .env("HOME", home)
+        .env("XDG_STATE_HOME", home.join("state"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("doctor")
+}
+
+#[test]
+fn doctor_passes_a_working_setup_and_reports_every_fault_of_a_broken_one() {
+    let w = World::new();
+    let home = open_tempdir("fb-home.");
+    let cfg = home.path().join("config.toml");
+    std::fs::write(&cfg, w.config("")).expect("config");
+    let out = doctor(&cfg, &w.agent.socket, home.path());
+    let said = text(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(!said.contains('✗'), "{said}");
+    for want in [
+        "✓ config ",
+        "✓ agent ",
+        "pinned at",
+        "✓ cluster c1: SSH: authenticated as root",
+        "✓ cluster c1: fleet API",
+    ] {
+        assert!(said.contains(want), "{want}: {said}");
+    }
+    // Broken in every way at once.
+    let open_key = home.path().join("id_open");
+    std::fs::copy(w.keys.path().join("id_ed25519"), &open_key).expect("copy");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&open_key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let locked = home.path().join("id_locked");
+    let k = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "pass phrase", "-f"])
+        .arg(&locked)
+        .output()
+        .expect("ssh-keygen");
+    assert!(k.status.success());
+    let empty_pins = home.path().join("empty_known_hosts");
+    std::fs::write(&empty_pins, "").expect("pins");
+    let door = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    std::fs::write(
+        &cfg,
+        cluster_toml(
+            "c1",
+            &w.sshd,
+            &format!("unix://{}", w.sim.socket.display()),
+            "root",
+            &empty_pins,
+            &format!(
+                "identity_files = [\"{}\", \"{}\"]\nfront_door = \"127.0.0.1:{door}\"\n",
+                open_key.display(),
+                locked.display()
+            ),
+        ),
+    )
+    .expect("config");
+    let out = doctor(&cfg, &home.path().join("no-agent.sock"), home.path());
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let said = text(&out.stdout);
+    for want in [
+        "✗ agent ",
+        "id_open: permissions 0644 are too open",
+        "id_locked: encrypted and no passphrase stored",
+        "is not pinned; check it and run `fleet-broker trust c1`",
+        "✗ cluster c1: SSH: ",
+        "front door 127.0.0.1:",
+        "not listening",
+        "not pinned in",
+    ] {
+        assert!(said.contains(want), "{want}: {said}");
+    }
+    assert!(said.matches('✗').count() >= 7, "{said}");
+}

@@ -135,6 +135,11 @@ enum Cmd {
     /// Store or forget the passphrase of an encrypted identity file, in the OS keyring
     #[command(subcommand)]
     Passphrase(PassphraseCmd),
+    /// Check everything a cluster needs, in one run: each line ✓ or ✗ with what to do
+    Doctor {
+        /// Only this cluster
+        cluster: Option<String>,
+    },
     /// Remove a cluster from the config (and tell a running daemon)
     Remove { cluster: String },
     /// Print shell commands that point fleetctl at a cluster: eval "$(fleet-broker env NAME)"
@@ -309,6 +314,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Import(source) => import(cli.config, source).await,
+        Cmd::Doctor { cluster } => {
+            let path = cli.config.unwrap_or_else(default_config_path);
+            let agent = std::env::var_os("SSH_AUTH_SOCK")
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from);
+            let report = fleet_broker::doctor::run(&path, cluster.as_deref(), agent).await;
+            if report.failed {
+                anyhow::bail!("some checks failed (✗ above)");
+            }
+            Ok(())
+        }
         Cmd::Passphrase(PassphraseCmd::Set { path, stdin }) => {
             let secret = if stdin {
                 let mut line = String::new();
