@@ -356,7 +356,23 @@ fn de_duration_in<'de, D: Deserializer<'de>>(
     field: &str,
     (min, max): (Duration, Duration),
 ) -> Result<Option<Duration>, D::Error> {
-    let s = String::deserialize(d)?;
+    /// A duration as written: a string with a unit, or a bare number (refused, with the
+    /// string it should be).
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Written {
+        Text(String),
+        Number(f64),
+    }
+    let s = match Written::deserialize(d)? {
+        Written::Text(s) => s,
+        Written::Number(n) => {
+            return Err(serde::de::Error::custom(format!(
+                "{field} is a duration with a unit: write \"{n}s\" (or \"{}ms\"), not {n}",
+                n * 1000.0
+            )))
+        }
+    };
     let v = humantime::parse_duration(&s).map_err(|e| {
         serde::de::Error::custom(format!(
             "invalid duration {s:?}: {e} (write e.g. \"15s\" or \"500ms\")"
@@ -475,6 +491,48 @@ pub fn default_config_path() -> PathBuf {
     base.join("fleet-broker").join("config.toml")
 }
 
+/// serde's `unknown field `usr`, expected one of …` with the nearest known key suggested.
+fn with_suggestion(message: &str) -> String {
+    let Some(rest) = message.strip_prefix("unknown field `") else {
+        return message.to_string();
+    };
+    let Some((unknown, expected)) = rest.split_once('`') else {
+        return message.to_string();
+    };
+    let nearest = expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|k| (edit_distance(unknown, k), k))
+        .min();
+    match nearest {
+        Some((d, k)) if d <= 2.max(unknown.len() / 3) => {
+            format!("{message}; did you mean `{k}`?")
+        }
+        _ => message.to_string(),
+    }
+}
+
+/// Levenshtein distance of two short keys.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = if ca == *cb {
+                prev
+            } else {
+                1 + prev.min(row[j]).min(cur)
+            };
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(text.len());
     let before = &text[..offset];
@@ -501,7 +559,7 @@ impl Config {
                 path: path.to_path_buf(),
                 line,
                 column,
-                message: e.message().trim().to_string(),
+                message: with_suggestion(e.message().trim()),
             }
         })?;
         let not_a_default = |message: &str| {
@@ -688,6 +746,23 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("/etc/fb.toml"), text)
+    }
+
+    #[test]
+    fn unknown_keys_get_the_nearest_and_bare_numbers_the_unit() {
+        let e = parse("[clusters.a]\ntunnel = \"h\"\nusr = \"core\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("did you mean `user`?"), "{e}");
+        let e = parse("[clusters.a]\ntunnel = \"h\"\nzzzzzzzz = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("did you mean"), "{e}");
+        let e = parse("[clusters.a]\ntunnel = \"h\"\nconnect_timeout = 10\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("write \"10s\""), "{e}");
+        assert!(e.starts_with("/etc/fb.toml:3:"), "{e}");
     }
 
     #[test]

@@ -419,6 +419,41 @@ fn bad_config_names_file_line_and_column() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&format!("{}:3:11:", cfg.display())), "{err}");
     assert!(err.contains("sometimes"), "{err}");
+    // Valid, but files missing: said, and the file is still OK.
+    std::fs::write(
+        &cfg,
+        format!(
+            "[clusters.a]\ntunnel = \"h\"\nidentity_files = [\"{d}/nope\"]\nknown_hosts = [\"{d}/none\"]\n",
+            d = dir.path().display()
+        ),
+    )
+    .expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_fleet-broker"))
+        .arg("check-config")
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .expect("check-config");
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("identity file") && err.contains("nope does not exist"),
+        "{err}"
+    );
+    assert!(err.contains("fleet-broker trust a"), "{err}");
+    // No clusters: how to add the first.
+    std::fs::write(&cfg, "[defaults]\nuser = \"core\"\n").expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_fleet-broker"))
+        .arg("check-config")
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .expect("check-config");
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("fleet-broker import vagrant"),
+        "{out:?}"
+    );
 }
 
 #[test]

@@ -247,6 +247,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 config.path.display(),
                 config.clusters.len()
             );
+            if config.clusters.is_empty() {
+                println!("# no clusters yet: `fleet-broker import vagrant` (in a Vagrant project), `fleet-broker import ssh-config HOST`, or a [clusters.NAME] table with a `tunnel` (see config/example.toml)");
+            }
+            for c in config.clusters.values() {
+                for f in &c.identity_files {
+                    if !f.exists() {
+                        eprintln!(
+                            "warning: cluster {:?}: identity file {} does not exist",
+                            c.name,
+                            f.display()
+                        );
+                    }
+                }
+                if !c.known_hosts.iter().any(|f| f.exists())
+                    && c.host_key_checking != fleet_broker::config::HostKeyPolicy::Off
+                {
+                    eprintln!(
+                        "warning: cluster {:?}: none of its known_hosts files exists yet; pin the tunnel host with `fleet-broker trust {}`",
+                        c.name, c.name
+                    );
+                }
+            }
             for c in config.clusters.values() {
                 println!();
                 print!("{}", c.to_toml());
