@@ -373,6 +373,14 @@ fn demo_once_shows_the_machines_through_the_broker() {
         stdout.contains("113f16a7...\t172.17.8.103\taz=us-west-1b,role=web"),
         "{stdout}"
     );
+    // A unit's status, run on its simulated machine through the daemon's nested SSH.
+    assert!(
+        stdout.contains(
+            "$ fleetctl --cluster demo status hello.service\n● hello.service - Hello World\n"
+        ),
+        "{stdout}"
+    );
+    assert!(stdout.contains("without --once"), "{stdout}");
 }
 
 #[test]

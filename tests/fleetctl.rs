@@ -762,13 +762,22 @@ fn fleetctl_cluster_demo_works_against_fleet_broker_demo() {
                 .unwrap_or_else(|_| panic!("demo did not come up: {seen:?}")),
         );
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_fleetctl"))
-        .args(["--cluster", "demo", "list-machines"])
-        .env("XDG_RUNTIME_DIR", xdg.path())
-        .env_remove("FLEETCTL_ENDPOINT")
-        .env_remove("FLEETCTL_CLUSTER")
-        .output()
-        .expect("fleetctl");
+    let demo_fleetctl = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_fleetctl"))
+            .args(["--cluster", "demo"])
+            .args(args)
+            .env("XDG_RUNTIME_DIR", xdg.path())
+            .env_remove("FLEETCTL_ENDPOINT")
+            .env_remove("FLEETCTL_CLUSTER")
+            .stdin(Stdio::null())
+            .output()
+            .expect("fleetctl")
+    };
+    let out = demo_fleetctl(&["list-machines"]);
+    // status and journal run on the simulated machines, end to end through the daemon.
+    let unit_status = demo_fleetctl(&["status", "hello.service"]);
+    let journal = demo_fleetctl(&["journal", "hello.service"]);
+    let ssh = demo_fleetctl(&["ssh", "hello.service", "uptime"]);
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(demo.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
@@ -784,6 +793,21 @@ fn fleetctl_cluster_demo_works_against_fleet_broker_demo() {
     assert!(
         !xdg.path().join("fleet-broker/clusters/demo.sock").exists(),
         "sockets removed"
+    );
+    assert!(unit_status.status.success(), "{unit_status:?}");
+    assert!(
+        String::from_utf8_lossy(&unit_status.stdout).starts_with("● hello.service - Hello World\n"),
+        "{unit_status:?}"
+    );
+    assert!(journal.status.success(), "{journal:?}");
+    assert!(
+        String::from_utf8_lossy(&journal.stdout).contains("sleep[1042]: Hello from hello.service"),
+        "{journal:?}"
+    );
+    assert_eq!(ssh.status.code(), Some(127), "{ssh:?}");
+    assert!(
+        String::from_utf8_lossy(&ssh.stdout).contains("a simulated machine of `fleet-broker demo`"),
+        "{ssh:?}"
     );
 }
 

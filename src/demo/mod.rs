@@ -1,7 +1,10 @@
 //! `fleet-broker demo`: the whole broker on a built-in cluster, for a fresh machine. An
-//! in-process SSH server (russh) fronts the fleet API simulator with three machines, an
-//! in-process ssh-agent holds a generated key, the server's host key is pinned, and the real
-//! daemon serves the `demo` cluster from a temporary directory.
+//! in-process SSH server (russh) fronts the fleet API simulator with three machines and
+//! serves each machine's sshd in-process too ([`machines`]: simulated `systemctl status` and
+//! `journalctl`), an in-process ssh-agent holds a generated key, every host key is pinned,
+//! and the real daemon serves the `demo` cluster from a temporary directory.
+
+mod machines;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -27,6 +30,9 @@ use crate::sim::{demo_machines, Sim};
 struct DemoSsh {
     user_key: PublicKey,
     fleet_socket: String,
+    sim: Arc<Mutex<Sim>>,
+    /// Each machine's sshd config (its host key), by primaryIP.
+    machines: Arc<std::collections::HashMap<String, Arc<russh::server::Config>>>,
 }
 
 impl russh::server::Handler for DemoSsh {
@@ -54,6 +60,57 @@ impl russh::server::Handler for DemoSsh {
         } else {
             Auth::reject()
         })
+    }
+
+    /// A machine's sshd (`primaryIP:22`), served in-process on the channel.
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host_to_connect: &str,
+        port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let found = self
+            .machines
+            .get(host_to_connect)
+            .cloned()
+            .filter(|_| port_to_connect == 22);
+        let machine = {
+            let sim = match self.sim.lock() {
+                Ok(s) => s,
+                Err(p) => p.into_inner(),
+            };
+            sim.machines()
+                .iter()
+                .find(|m| m.primary_ip == host_to_connect)
+                .map(|m| m.id.clone())
+        };
+        let (Some(config), Some(id)) = (found, machine) else {
+            reply.reject(ChannelOpenFailure::ConnectFailed).await;
+            return Ok(());
+        };
+        reply.accept().await;
+        // 172.17.8.101 is core-01, as in CoreOS's Vagrant setup.
+        let hostname = host_to_connect
+            .rsplit('.')
+            .next()
+            .and_then(|o| o.parse::<u32>().ok())
+            .map_or_else(
+                || "core".to_string(),
+                |o| format!("core-{:02}", o.saturating_sub(100)),
+            );
+        let handler = machines::Machine::new(id, hostname, self.sim.clone(), self.user_key.clone());
+        tokio::spawn(async move {
+            if let Ok(session) =
+                russh::server::run_stream(config, channel.into_stream(), handler).await
+            {
+                let _ = session.await;
+            }
+        });
+        Ok(())
     }
 
     async fn channel_open_direct_streamlocal(
@@ -153,7 +210,7 @@ async fn serve_agent(
 }
 
 /// The simulator with the reference's three machines and one unit, on `socket`.
-fn start_simulator(socket: &Path, stop: CancellationToken) -> Result<(), DemoError> {
+fn start_simulator(socket: &Path, stop: CancellationToken) -> Result<Arc<Mutex<Sim>>, DemoError> {
     let mut sim = Sim::new(demo_machines());
     sim.put(
         "hello.service",
@@ -175,8 +232,9 @@ fn start_simulator(socket: &Path, stop: CancellationToken) -> Result<(), DemoErr
         "binding the simulator's socket {}",
         socket.display()
     )))?;
-    tokio::spawn(crate::sim::serve(listener, Arc::new(Mutex::new(sim)), stop));
-    Ok(())
+    let sim = Arc::new(Mutex::new(sim));
+    tokio::spawn(crate::sim::serve(listener, sim.clone(), stop));
+    Ok(sim)
 }
 
 /// The in-process SSH server on a free loopback port; returns the port.
@@ -254,17 +312,26 @@ impl Demo {
             .map_err(at("creating a temporary directory"))?;
         let stop = CancellationToken::new();
         let fleet_socket = dir.path().join("fleet.sock");
-        start_simulator(&fleet_socket, stop.clone())?;
+        let sim = start_simulator(&fleet_socket, stop.clone())?;
         let host_key = random_ed25519();
         let user_key = random_ed25519();
         let agent_socket = dir.path().join("agent.sock");
         serve_agent(&agent_socket, &user_key, stop.clone()).await?;
+        let known_hosts = dir.path().join("known_hosts");
+        let mut machine_configs = std::collections::HashMap::new();
+        for m in demo_machines() {
+            let key = random_ed25519();
+            crate::known_hosts::append_pin(&known_hosts, &m.primary_ip, key.public_key(), false)
+                .map_err(at("pinning a demo machine's key"))?;
+            machine_configs.insert(m.primary_ip.clone(), machines::server_config(key));
+        }
         let handler = DemoSsh {
             user_key: user_key.public_key().clone(),
             fleet_socket: fleet_socket.display().to_string(),
+            sim,
+            machines: Arc::new(machine_configs),
         };
         let port = start_ssh_server(&host_key, handler, stop.clone()).await?;
-        let known_hosts = dir.path().join("known_hosts");
         let cluster = demo_cluster(port, &fleet_socket, known_hosts.clone());
         crate::known_hosts::append_pin(
             &known_hosts,
@@ -338,8 +405,8 @@ pub async fn get_unix(socket: &Path, path: &str) -> Result<(u16, Bytes), DemoErr
     Ok((status, body))
 }
 
-/// Prints how to use the demo cluster.
-fn print_usage(demo: &Demo) {
+/// Prints how to use the demo cluster; with `once`, says that they work while it serves.
+fn print_usage(demo: &Demo, once: bool) {
     let sock = demo.socket.display().to_string();
     println!("fleet-broker demo: cluster \"demo\" is served on {sock}");
     println!();
@@ -350,7 +417,12 @@ fn print_usage(demo: &Demo) {
         );
         println!("  export FLEET_BROKER_RUNTIME_DIR={}", dir.display());
     }
+    if once {
+        println!("  (these work while the demo serves: run `fleet-broker demo` without --once)");
+    }
     println!("  fleetctl --cluster demo list-machines");
+    println!("  fleetctl --cluster demo status hello.service");
+    println!("  fleetctl --cluster demo journal hello.service");
     println!("  export FLEETCTL_ENDPOINT=unix://{sock}");
     println!("  curl --unix-socket {sock} http://x/fleet/v1/machines");
     println!();
@@ -396,12 +468,34 @@ async fn show_machines(demo: &Demo) -> Result<(), DemoError> {
     }
 }
 
+/// Shows a unit's status, run on its machine through the daemon's exec sessions.
+async fn show_status(demo: &Demo) -> Result<(), DemoError> {
+    println!();
+    println!("$ fleetctl --cluster demo status hello.service");
+    let api = crate::fleet_client::FleetClient::new(&demo.socket, Duration::from_secs(20));
+    let sessions = crate::cli::remote::Sessions {
+        control: demo.daemon.control_socket.clone(),
+        cluster: Some("demo".into()),
+        user: None,
+        timeout_secs: Some(20.0),
+    };
+    match crate::cli::remote::status(&api, &sessions, &["hello.service".into()], None).await {
+        0 => Ok(()),
+        code => Err(DemoError::Answer(format!(
+            "status through the broker exited {code}"
+        ))),
+    }
+}
+
 /// Runs the demo: prints how to use it, shows the machines through the broker, and with
 /// `once` exits after checking that the broker's answer equals the simulator's.
 pub async fn run(once: bool) -> Result<(), DemoError> {
     let demo = Demo::start().await?;
-    print_usage(&demo);
-    let result = show_machines(&demo).await;
+    print_usage(&demo, once);
+    let mut result = show_machines(&demo).await;
+    if result.is_ok() {
+        result = show_status(&demo).await;
+    }
     if once || result.is_err() {
         demo.stop().await;
         return result;
