@@ -308,6 +308,34 @@ pub async fn trust_machine(
     )
 }
 
+/// Every machine of a cluster the running daemon serves, judged and pinned like
+/// [`trust_machine`] with the same confirmation: one outcome per machine.
+pub async fn trust_machines(
+    cluster: &ClusterConfig,
+    control: &std::path::Path,
+    confirm: &Confirm,
+) -> Result<Vec<Result<String, TrustError>>, TrustError> {
+    let list = crate::control::client::list_clusters(control)
+        .await
+        .map_err(TrustError::Daemon)?;
+    let Some(info) = list.clusters.into_iter().find(|c| c.name == cluster.name) else {
+        return Err(TrustError::Daemon(format!(
+            "the running daemon does not serve cluster {:?}",
+            cluster.name
+        )));
+    };
+    let api = crate::fleet_client::FleetClient::new(&info.socket, cluster.connect_timeout * 2);
+    let machines = api
+        .machines()
+        .await
+        .map_err(|e| TrustError::Daemon(format!("listing the machines: {e}")))?;
+    let mut out = Vec::new();
+    for m in machines {
+        out.push(trust_machine(cluster, control, &m.id, None, confirm).await);
+    }
+    Ok(out)
+}
+
 /// `fleet-broker trust CLUSTER --front-door`: pins the front door's host key (ours, read
 /// from our own 0600 file, so no question is asked) for the cluster's `front_door` address in
 /// `file`, the original fleetctl's known_hosts (`~/.fleetctl/known_hosts` by default), as a

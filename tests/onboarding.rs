@@ -272,3 +272,59 @@ fn doctor_passes_a_working_setup_and_reports_every_fault_of_a_broken_one() {
     }
     assert!(said.matches('✗').count() >= 7, "{said}");
 }
+
+/// With a daemon running, the import also pins the machines' keys, fetched through the tunnel.
+#[test]
+fn a_vagrant_import_pins_the_machines_through_a_running_daemon() {
+    let m = Machines::new();
+    let b = Broker::start(
+        &format!(
+            "# the daemon's config\n[defaults]\nmachine_ssh_port = {}\n",
+            m.m1.port
+        ),
+        Some(&m.agent.socket),
+    );
+    let vagrant = b.dir.path().join("vagrant-ssh-config");
+    std::fs::write(
+        &vagrant,
+        format!(
+            "Host core-01\n  HostName {}\n  User root\n  Port {}\n  StrictHostKeyChecking no\n  IdentityFile \"{}\"\n",
+            m.tunnel.ip,
+            m.tunnel.port,
+            m.keys.path().join("id_ed25519").display()
+        ),
+    )
+    .expect("vagrant");
+    let cfg = b.dir.path().join("config.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_fleet-broker"))
+        .args([
+            "import",
+            "vagrant",
+            "--name",
+            "lab",
+            "--trust-on-first-use",
+            "--endpoint",
+        ])
+        .arg(format!("unix://{}", m.sim.socket.display()))
+        .arg(&vagrant)
+        .env("FLEET_BROKER_CONFIG", &cfg)
+        .env("XDG_RUNTIME_DIR", b.dir.path().join("xdg"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("import");
+    assert!(out.status.success(), "{out:?}");
+    let said = text(&out.stdout);
+    assert!(
+        said.contains("the running daemon reloaded: 0 unchanged, 0 restarted, 1 added"),
+        "{said}"
+    );
+    let pins = b.dir.path().join("known_hosts.d/lab");
+    for sshd in [&m.tunnel, &m.m1, &m.m2] {
+        assert!(
+            sshd.is_pinned_in(&pins),
+            "{} not pinned: {said}",
+            sshd.tunnel()
+        );
+    }
+    assert_eq!(said.matches("pinned").count(), 3, "{said}");
+}

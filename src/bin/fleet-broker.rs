@@ -623,20 +623,29 @@ async fn tell_daemon_to_reconnect_failed() {
 }
 
 /// Asks a running daemon to reload, and says what happened.
-async fn tell_daemon_to_reload() {
+async fn tell_daemon_to_reload() -> bool {
     match control_request("POST", "/v1/reload").await {
-        Ok((200, body)) => println!(
-            "the running daemon reloaded: {}",
-            serde_json::from_slice::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v["reloaded"].as_str().map(str::to_string))
-                .unwrap_or_default()
-        ),
-        Ok((_, body)) => eprintln!(
-            "warning: the running daemon did not reload: {}",
-            error_text(&body)
-        ),
-        Err(_) => println!("no daemon is running; `fleet-broker serve` will use it"),
+        Ok((200, body)) => {
+            println!(
+                "the running daemon reloaded: {}",
+                serde_json::from_slice::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v["reloaded"].as_str().map(str::to_string))
+                    .unwrap_or_default()
+            );
+            true
+        }
+        Ok((_, body)) => {
+            eprintln!(
+                "warning: the running daemon did not reload: {}",
+                error_text(&body)
+            );
+            false
+        }
+        Err(_) => {
+            println!("no daemon is running; `fleet-broker serve` will use it");
+            false
+        }
     }
 }
 
@@ -715,7 +724,25 @@ async fn import(config: Option<PathBuf>, source: ImportSource) -> anyhow::Result
                 cluster.tunnel,
                 path.display()
             );
-            println!("pin the machines' keys with `fleet-broker trust {name} --machine ID` once the daemon runs");
+            // The machines' keys, fetched through the tunnel of a running daemon.
+            let added = find_cluster(&load_config(Some(path.clone()))?, &name)?.clone();
+            let control = fleet_broker::control::client::default_control_socket();
+            if !tell_daemon_to_reload().await {
+                println!("pin the machines' keys with `fleet-broker trust {name} --machine ID` once the daemon runs");
+                return Ok(());
+            }
+            match fleet_broker::trust::trust_machines(&added, &control, &confirm).await {
+                Ok(outcomes) => {
+                    for o in outcomes {
+                        match o {
+                            Ok(line) => println!("{line}"),
+                            Err(e) => eprintln!("warning: {e}"),
+                        }
+                    }
+                }
+                Err(e) => eprintln!("warning: the machines' keys were not pinned: {e}; `fleet-broker trust {name} --machine ID` pins one"),
+            }
+            return Ok(());
         }
         ImportSource::SshConfig {
             host,
@@ -753,7 +780,7 @@ async fn import(config: Option<PathBuf>, source: ImportSource) -> anyhow::Result
             }
         }
     }
-    tell_daemon_to_reload().await;
+    let _ = tell_daemon_to_reload().await;
     Ok(())
 }
 
