@@ -408,6 +408,15 @@ fn example_config_is_valid() {
     );
 }
 
+fn check_config(cfg: &std::path::Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_fleet-broker"))
+        .arg("check-config")
+        .arg("--config")
+        .arg(cfg)
+        .output()
+        .expect("check-config")
+}
+
 #[test]
 fn bad_config_names_file_line_and_column() {
     let dir = open_tempdir("fb-badcfg.");
@@ -417,12 +426,7 @@ fn bad_config_names_file_line_and_column() {
         "[clusters.a]\ntunnel = \"h\"\nconnect = \"sometimes\"\n",
     )
     .expect("write");
-    let out = Command::new(env!("CARGO_BIN_EXE_fleet-broker"))
-        .arg("check-config")
-        .arg("--config")
-        .arg(&cfg)
-        .output()
-        .expect("check-config");
+    let out = check_config(&cfg);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&format!("{}:3:11:", cfg.display())), "{err}");
@@ -436,12 +440,7 @@ fn bad_config_names_file_line_and_column() {
         ),
     )
     .expect("write");
-    let out = Command::new(env!("CARGO_BIN_EXE_fleet-broker"))
-        .arg("check-config")
-        .arg("--config")
-        .arg(&cfg)
-        .output()
-        .expect("check-config");
+    let out = check_config(&cfg);
     assert!(out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -451,12 +450,7 @@ fn bad_config_names_file_line_and_column() {
     assert!(err.contains("fleet-broker trust a"), "{err}");
     // No clusters: how to add the first.
     std::fs::write(&cfg, "[defaults]\nuser = \"core\"\n").expect("write");
-    let out = Command::new(env!("CARGO_BIN_EXE_fleet-broker"))
-        .arg("check-config")
-        .arg("--config")
-        .arg(&cfg)
-        .output()
-        .expect("check-config");
+    let out = check_config(&cfg);
     assert!(out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("fleet-broker import vagrant"),
