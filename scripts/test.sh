@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the integration tests need (OpenSSH server and client, curl, procps, iproute2
-# and nftables for the network fault tests) when missing,
+# and nftables for the network fault tests, man-db to render the man pages) when missing,
 # then runs the whole test suite. Works on a fresh Debian 12 machine as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +14,7 @@ command -v pgrep >/dev/null || need+=(procps)
 command -v script >/dev/null || need+=(bsdutils)
 command -v ip >/dev/null || need+=(iproute2)
 command -v nft >/dev/null || need+=(nftables)
+command -v man >/dev/null || need+=(man-db)
 if [ "${#need[@]}" -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "scripts/test.sh: please install: ${need[*]}" >&2

@@ -537,3 +537,90 @@ fn reload_keeps_unchanged_tunnels_and_rejects_bad_files_whole() {
     };
     assert_eq!(names, vec!["c2".to_string()]);
 }
+
+#[test]
+fn status_exits_non_zero_while_a_cluster_is_down() {
+    let mut w = World::new();
+    let b = w.broker("connect_timeout = \"1s\"");
+    assert_eq!(
+        http(&b.socket("c1"), "GET", "/fleet/v1/machines", None).0,
+        200
+    );
+    assert!(b.cli(&["status"]).status.success());
+    w.sshd.kill();
+    // The next request finds the tunnel gone; the supervisor leaves `ready`.
+    let _ = try_http(&b.socket("c1"), "GET", "/fleet/v1/machines", None);
+    wait_until("the cluster to be down", DEADLINE, || {
+        b.cluster_info("c1")["state"] != "ready"
+    });
+    let out = b.cli(&["status"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("CLUSTER"),
+        "the table is still printed: {out:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not ready: c1"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn completions_parse_and_man_pages_render() {
+    let bin = env!("CARGO_BIN_EXE_fleet-broker");
+    for (shell, fleetctl) in [
+        ("bash", false),
+        ("bash", true),
+        ("zsh", false),
+        ("fish", true),
+    ] {
+        let mut cmd = Command::new(bin);
+        cmd.args(["completions", shell]);
+        if fleetctl {
+            cmd.arg("--fleetctl");
+        }
+        let out = cmd.output().expect("completions");
+        assert!(out.status.success(), "{out:?}");
+        let script = String::from_utf8_lossy(&out.stdout).into_owned();
+        let name = if fleetctl { "fleetctl" } else { "fleet-broker" };
+        assert!(script.contains(name), "{shell}: {script}");
+        if shell == "bash" {
+            let dir = open_tempdir("fb-compl.");
+            let f = dir.path().join("c.bash");
+            std::fs::write(&f, &script).expect("write");
+            let check = Command::new("bash")
+                .arg("-n")
+                .arg(&f)
+                .output()
+                .expect("bash -n");
+            assert!(check.status.success(), "bash -n: {check:?}");
+        }
+    }
+    let dir = open_tempdir("fb-man.");
+    let out = Command::new(bin)
+        .arg("man")
+        .arg(dir.path())
+        .output()
+        .expect("man");
+    assert!(out.status.success(), "{out:?}");
+    for page in [
+        "fleet-broker.1",
+        "fleetctl.1",
+        "fleet-broker-import.1",
+        "fleetctl-list-units.1",
+    ] {
+        let out = Command::new("man")
+            .arg("-l")
+            .arg(dir.path().join(page))
+            .env("MANPAGER", "cat")
+            .env("MANWIDTH", "80")
+            .output()
+            .expect("man -l");
+        assert!(out.status.success(), "{page}: {out:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("NAME") && text.contains("SYNOPSIS"),
+            "{page}: {text}"
+        );
+    }
+}

@@ -140,6 +140,20 @@ enum Cmd {
         /// Only this cluster
         cluster: Option<String>,
     },
+    /// Print a shell completion script (for fleet-broker, or with --fleetctl for fleetctl)
+    Completions {
+        /// The shell
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+        /// For our fleetctl instead
+        #[arg(long)]
+        fleetctl: bool,
+    },
+    /// Write man pages of fleet-broker and fleetctl (and their subcommands) into DIR
+    Man {
+        /// Where to write the pages (e.g. ~/.local/share/man/man1)
+        dir: PathBuf,
+    },
     /// Remove a cluster from the config (and tell a running daemon)
     Remove { cluster: String },
     /// Print shell commands that point fleetctl at a cluster: eval "$(fleet-broker env NAME)"
@@ -283,11 +297,45 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     String::from_utf8_lossy(&body)
                 );
             }
+            let list: ClusterList = serde_json::from_slice(&body)?;
             if json {
                 println!("{}", String::from_utf8_lossy(&body));
             } else {
-                print_table(&serde_json::from_slice(&body)?);
+                print_table(&list);
             }
+            // 0 only when every cluster is ready or idle: scripts and monitors can rely on it.
+            use fleet_broker::tunnel::State;
+            let unwell: Vec<&str> = list
+                .clusters
+                .iter()
+                .filter(|c| !matches!(c.status.state, State::Ready | State::Idle))
+                .map(|c| c.name.as_str())
+                .collect();
+            if !unwell.is_empty() {
+                anyhow::bail!("not ready: {}", unwell.join(", "));
+            }
+            Ok(())
+        }
+        Cmd::Completions { shell, fleetctl } => {
+            let (mut cmd, name) = if fleetctl {
+                (fleet_broker::cli::command(), "fleetctl")
+            } else {
+                (<Cli as clap::CommandFactory>::command(), "fleet-broker")
+            };
+            clap_complete::generate(shell, &mut cmd, name, &mut std::io::stdout());
+            Ok(())
+        }
+        Cmd::Man { dir } => {
+            std::fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+            let mut written = 0;
+            for (cmd, name) in [
+                (<Cli as clap::CommandFactory>::command(), "fleet-broker"),
+                (fleet_broker::cli::command(), "fleetctl"),
+            ] {
+                let cmd = cmd.name(name);
+                written += write_man_pages(&dir, &cmd, name)?;
+            }
+            println!("wrote {written} man pages to {}", dir.display());
             Ok(())
         }
         Cmd::Connect { cluster } | Cmd::Disconnect { cluster }
@@ -620,6 +668,34 @@ async fn tell_daemon_to_reconnect_failed() {
             println!("asked the running daemon to retry cluster {:?}", c.name);
         }
     }
+}
+
+/// Writes `NAME.1` for `cmd` and `NAME-SUB.1` for each visible subcommand; returns how many.
+fn write_man_pages(
+    dir: &std::path::Path,
+    cmd: &clap::Command,
+    name: &str,
+) -> anyhow::Result<usize> {
+    let mut n = 0;
+    let mut page = Vec::new();
+    clap_mangen::Man::new(cmd.clone()).render(&mut page)?;
+    let path = dir.join(format!("{name}.1"));
+    std::fs::write(&path, page).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    n += 1;
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let full = format!("{name}-{}", sub.get_name());
+        let mut page = Vec::new();
+        clap_mangen::Man::new(
+            sub.clone()
+                .display_name(full.clone())
+                .bin_name(format!("{name} {}", sub.get_name())),
+        )
+        .render(&mut page)?;
+        let path = dir.join(format!("{full}.1"));
+        std::fs::write(&path, page).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        n += 1;
+    }
+    Ok(n)
 }
 
 /// Asks a running daemon to reload, and says what happened.

@@ -41,6 +41,11 @@ fn version_line() -> String {
     )
 }
 
+/// fleetctl's command line, for completions and man pages.
+pub fn command() -> clap::Command {
+    Cli::command()
+}
+
 /// Runs fleetctl with `argv` (including the program name); returns the exit code.
 pub async fn run(argv: Vec<OsString>) -> i32 {
     let (mut cmd, matches, cli) = match parse(argv) {
