@@ -278,6 +278,15 @@ impl Daemon {
         Ok(summary)
     }
 
+    /// Every served cluster as the control socket reports it.
+    pub fn cluster_infos(&self) -> Vec<crate::protocol::ClusterInfo> {
+        self.registry
+            .all()
+            .iter()
+            .map(|c| crate::control::info(&c.tunnel, &c.socket))
+            .collect()
+    }
+
     /// Stops accepting, drains in-flight requests (bounded) and removes the sockets.
     pub async fn shutdown(self) {
         self.shutdown.cancel();

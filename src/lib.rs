@@ -25,6 +25,7 @@ pub(crate) mod http;
 pub mod import;
 pub mod known_hosts;
 pub mod local;
+pub mod notify;
 pub mod passphrase;
 pub(crate) mod pattern;
 pub mod protocol;

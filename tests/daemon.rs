@@ -624,3 +624,53 @@ fn completions_parse_and_man_pages_render() {
         );
     }
 }
+
+/// The service manager's side of `Type=notify`: a datagram socket the test binds as
+/// `NOTIFY_SOCKET`, where systemd would.
+#[test]
+fn the_service_manager_is_told_ready_reloading_and_stopping_in_order() {
+    let w = World::new();
+    let dir = open_tempdir("fb-notify.");
+    let sock_path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).expect("bind");
+    sock.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    let next = || {
+        let mut buf = [0u8; 4096];
+        let n = sock
+            .recv(&mut buf)
+            .expect("a notification within the deadline");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let mut b = Broker::start_with_env(
+        &w.config(""),
+        Some(&w.agent.socket),
+        &[("NOTIFY_SOCKET", &sock_path)],
+    );
+    let ready = next();
+    assert!(ready.starts_with("READY=1\n"), "{ready}");
+    assert!(
+        ready.contains(&format!("MAINPID={}", b.pid().expect("pid"))),
+        "{ready}"
+    );
+    assert!(ready.contains("STATUS=1 cluster: 1 idle"), "{ready}");
+    // Ready means every socket accepts.
+    assert_eq!(
+        http(&b.socket("c1"), "GET", "/fleet/v1/machines", None).0,
+        200
+    );
+    let out = b.cli(&["reload"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(next(), "RELOADING=1\nSTATUS=reloading the config");
+    assert_eq!(next(), "READY=1\nSTATUS=1 cluster: 1 ready");
+    // A bad config: the reload fails visibly, the manager is told it is ready again.
+    std::fs::write(b.dir.path().join("config.toml"), "[clusters.x]\n").expect("config");
+    let out = b.cli(&["reload"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(next(), "RELOADING=1\nSTATUS=reloading the config");
+    assert_eq!(
+        next(),
+        "READY=1\nSTATUS=1 cluster: 1 ready (last reload failed)"
+    );
+    assert!(b.terminate(), "clean exit");
+    assert_eq!(next(), "STOPPING=1\nSTATUS=stopping");
+}

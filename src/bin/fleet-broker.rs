@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use fleet_broker::config::{default_config_path, Config};
 use fleet_broker::control::client::error_text;
 use fleet_broker::daemon::{Daemon, DaemonOptions};
+use fleet_broker::notify::{notify, summary};
 use fleet_broker::protocol::{ClusterInfo, ClusterList};
 
 #[derive(Parser)]
@@ -551,27 +552,44 @@ async fn serve(path: PathBuf) -> anyhow::Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
     let mut daemon = Daemon::start(&config, &opts).await?;
     tracing::info!(control = %daemon.control_socket.display(), clusters = config.clusters.len(), "fleet-broker ready");
+    // Every socket accepts now.
+    notify(&format!(
+        "READY=1\nMAINPID={}\nSTATUS={}",
+        std::process::id(),
+        summary(&daemon.cluster_infos())
+    ));
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {
-                if let Err(e) = reload(&daemon, &path).await {
-                    tracing::error!(error = %e, "config not reloaded; the running config stays");
-                }
+                let _ = reload_notified(&daemon, &path).await;
             }
             Some(reply) = daemon.reload_rx.recv() => {
-                let result = reload(&daemon, &path).await;
-                if let Err(e) = &result {
-                    tracing::error!(error = %e, "config not reloaded; the running config stays");
-                }
+                let result = reload_notified(&daemon, &path).await;
                 let _ = reply.send(result);
             }
         }
     }
     tracing::info!("shutting down");
+    notify("STOPPING=1\nSTATUS=stopping");
     daemon.shutdown().await;
     Ok(())
+}
+
+/// A reload between `RELOADING=1` and `READY=1`; a failure is logged and said in `STATUS=`.
+async fn reload_notified(daemon: &Daemon, path: &std::path::Path) -> Result<String, String> {
+    notify("RELOADING=1\nSTATUS=reloading the config");
+    let result = reload(daemon, path).await;
+    let status = summary(&daemon.cluster_infos());
+    match &result {
+        Ok(_) => notify(&format!("READY=1\nSTATUS={status}")),
+        Err(e) => {
+            tracing::error!(error = %e, "config not reloaded; the running config stays");
+            notify(&format!("READY=1\nSTATUS={status} (last reload failed)"));
+        }
+    }
+    result
 }
 
 /// A configured cluster, or an error listing the configured ones.

@@ -95,7 +95,8 @@ async fn exec(exec: Arc<crate::exec::Exec>, req: Request<Incoming>) -> Response<
     resp
 }
 
-fn info(t: &Tunnel, socket: &std::path::Path) -> ClusterInfo {
+/// What the control socket reports of one cluster.
+pub(crate) fn info(t: &Tunnel, socket: &std::path::Path) -> ClusterInfo {
     ClusterInfo {
         name: t.config.name.clone(),
         tunnel: t.config.tunnel.to_string(),

@@ -618,6 +618,20 @@ impl Broker {
 
     /// Starts it as `uid` (via setpriv) when given.
     pub fn start_as(config: &str, agent: Option<&Path>, uid: Option<u32>) -> Broker {
+        Broker::launch(config, agent, uid, &[])
+    }
+
+    /// Starts it with these extra environment variables.
+    pub fn start_with_env(config: &str, agent: Option<&Path>, env: &[(&str, &Path)]) -> Broker {
+        Broker::launch(config, agent, None, env)
+    }
+
+    fn launch(
+        config: &str,
+        agent: Option<&Path>,
+        uid: Option<u32>,
+        env: &[(&str, &Path)],
+    ) -> Broker {
         let dir = open_tempdir("fb-broker.");
         let cfg = dir.path().join("config.toml");
         std::fs::write(&cfg, config).expect("config");
@@ -661,6 +675,9 @@ impl Broker {
             .stdout(Stdio::null());
         if let Some(a) = agent {
             cmd.env("SSH_AUTH_SOCK", a);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
         }
         let log = std::fs::File::create(dir.path().join("broker.log")).expect("log");
         cmd.stderr(log);
