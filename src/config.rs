@@ -303,11 +303,27 @@ pub struct Config {
     pub path: PathBuf,
     /// The clusters, by name.
     pub clusters: BTreeMap<String, ClusterConfig>,
+    /// Where mutating requests and exec sessions are recorded (`audit_log`).
+    pub audit_log: AuditLogSetting,
+}
+
+/// `audit_log`: where the audit trail goes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum AuditLogSetting {
+    /// `audit.jsonl` in the state directory.
+    #[default]
+    Default,
+    /// No audit trail (`audit_log = "off"`).
+    Off,
+    /// This file.
+    File(PathBuf),
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFile {
+    /// `"off"`, or the audit log's path (default: the state directory's audit.jsonl).
+    audit_log: Option<String>,
     #[serde(default)]
     defaults: RawSettings,
     #[serde(default)]
@@ -635,6 +651,11 @@ impl Config {
         Ok(Config {
             path: path.to_path_buf(),
             clusters,
+            audit_log: match raw.audit_log.as_deref() {
+                None => AuditLogSetting::Default,
+                Some("off") => AuditLogSetting::Off,
+                Some(p) => AuditLogSetting::File(expand_tilde(p)),
+            },
         })
     }
 }

@@ -71,6 +71,8 @@ pub struct Daemon {
     opts: DaemonOptions,
     /// Cancelled on shutdown; every cluster's token is a child of it.
     shutdown: CancellationToken,
+    /// The audit trail, shared by every cluster and the control socket.
+    audit: Arc<crate::audit::AuditLog>,
     control_task: JoinHandle<()>,
     /// Reload requests from the control socket, for the owner of the daemon to act on.
     pub reload_rx: mpsc::Receiver<ReloadRequest>,
@@ -95,9 +97,14 @@ impl Daemon {
         let control_socket = local::control_socket(runtime_dir);
         let shutdown = CancellationToken::new();
         let registry = Arc::new(Registry::default());
+        let audit = Arc::new(crate::audit::AuditLog::new(match &config.audit_log {
+            crate::config::AuditLogSetting::Default => Some(opts.state_dir.join("audit.jsonl")),
+            crate::config::AuditLogSetting::Off => None,
+            crate::config::AuditLogSetting::File(p) => Some(p.clone()),
+        }));
         let mut started = Vec::new();
         for c in config.clusters.values() {
-            match Self::start_cluster(c, opts, shutdown.child_token()).await {
+            match Self::start_cluster(c, opts, shutdown.child_token(), audit.clone()).await {
                 Ok(rt) => {
                     started.push(rt.socket.clone());
                     registry.set(c.name.clone(), Some(rt));
@@ -120,6 +127,7 @@ impl Daemon {
         let control = Arc::new(Control {
             registry: registry.clone(),
             reload_tx,
+            audit: audit.clone(),
         });
         let control_task = tokio::spawn(crate::http::serve(
             control_listener,
@@ -133,6 +141,7 @@ impl Daemon {
             registry,
             opts: opts.clone(),
             shutdown,
+            audit,
             control_task,
             reload_rx,
         })
@@ -142,6 +151,7 @@ impl Daemon {
         cfg: &ClusterConfig,
         opts: &DaemonOptions,
         stop: CancellationToken,
+        audit: Arc<crate::audit::AuditLog>,
     ) -> Result<Arc<ClusterRuntime>, LocalError> {
         let path = local::cluster_socket(&opts.runtime_dir, &cfg.name);
         let listener = local::bind_socket(&path).await?;
@@ -173,7 +183,7 @@ impl Daemon {
                 span.clone(),
             )));
         }
-        let proxy = Proxy::new(tunnel.clone());
+        let proxy = Proxy::new(tunnel.clone(), audit);
         let task = tokio::spawn(
             crate::http::serve(
                 listener,
@@ -266,7 +276,13 @@ impl Daemon {
         }
         for (name, c) in &config.clusters {
             if self.registry.get(name).is_none() {
-                let rt = Self::start_cluster(c, &self.opts, self.shutdown.child_token()).await?;
+                let rt = Self::start_cluster(
+                    c,
+                    &self.opts,
+                    self.shutdown.child_token(),
+                    self.audit.clone(),
+                )
+                .await?;
                 self.registry.set(name.clone(), Some(rt));
                 added += 1;
             }

@@ -109,13 +109,18 @@ pub async fn serve<S, F>(
                         continue;
                     }
                 };
-                if let Err(why) = peer_allowed(&stream) {
-                    tracing::warn!(socket = %label, reason = %why, "refused local connection");
-                    drop(stream);
-                    continue;
-                }
+                let peer = match peer_allowed(&stream) {
+                    Ok(p) => p,
+                    Err(why) => {
+                        tracing::warn!(socket = %label, reason = %why, "refused local connection");
+                        drop(stream);
+                        continue;
+                    }
+                };
                 let h = handler.clone();
-                let svc = hyper::service::service_fn(move |req| {
+                // Each request carries who sent it (for the audit log).
+                let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                    req.extensions_mut().insert(peer);
                     let h = h.clone();
                     async move { Ok::<_, Infallible>(h(req).await) }
                 });

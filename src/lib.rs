@@ -6,6 +6,7 @@
 
 #![warn(missing_docs)]
 
+pub(crate) mod audit;
 pub mod auth;
 pub mod cli;
 pub mod config;

@@ -287,9 +287,12 @@ pub(crate) async fn bind_socket(path: &Path) -> Result<UnixListener, LocalError>
 }
 
 /// Whether the peer of an accepted connection is our own uid (SO_PEERCRED).
-pub(crate) fn peer_allowed(stream: &UnixStream) -> Result<(), String> {
+pub(crate) fn peer_allowed(stream: &UnixStream) -> Result<crate::audit::Peer, String> {
     match stream.peer_cred() {
-        Ok(cred) if cred.uid() == my_uid() => Ok(()),
+        Ok(cred) if cred.uid() == my_uid() => Ok(crate::audit::Peer {
+            uid: cred.uid(),
+            pid: cred.pid(),
+        }),
         Ok(cred) => Err(format!(
             "uid {} (pid {}) is not the broker's uid {}",
             cred.uid(),

@@ -113,6 +113,7 @@ impl tower_service::Service<Uri> for ChannelConnector {
 pub struct Proxy {
     tunnel: Arc<Tunnel>,
     client: Client<ChannelConnector, UpBody>,
+    audit: Arc<crate::audit::AuditLog>,
 }
 
 const HOP_BY_HOP: [&str; 8] = [
@@ -150,14 +151,18 @@ fn strip_hop_by_hop(headers: &mut hyper::HeaderMap) {
 }
 
 impl Proxy {
-    pub fn new(tunnel: Arc<Tunnel>) -> Proxy {
+    pub fn new(tunnel: Arc<Tunnel>, audit: Arc<crate::audit::AuditLog>) -> Proxy {
         let client = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(POOL_MAX_IDLE)
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .build(ChannelConnector {
                 tunnel: tunnel.clone(),
             });
-        Proxy { tunnel, client }
+        Proxy {
+            tunnel,
+            client,
+            audit,
+        }
     }
 
     /// A 503 in fleet's error shape naming the cluster once, marked with
@@ -215,7 +220,41 @@ impl Proxy {
     }
 
     /// Handles one local request.
-    pub async fn handle(&self, mut req: Request<Incoming>) -> Response<Body> {
+    /// Handles one local request; anything but GET and HEAD is recorded in the audit log
+    /// with who sent it and what came of it.
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        if is_read(req.method()) {
+            return self.forward(req).await;
+        }
+        let started = Instant::now();
+        let peer = req.extensions().get::<crate::audit::Peer>().copied();
+        let method = req.method().to_string();
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or_else(|| "/".to_string(), |p| p.to_string());
+        let request_bytes = req
+            .headers()
+            .get(hyper::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let resp = self.forward(req).await;
+        self.audit.record(
+            peer,
+            serde_json::json!({
+                "kind": "api",
+                "cluster": self.tunnel.name(),
+                "method": method,
+                "path": path,
+                "status": resp.status().as_u16(),
+                "duration_ms": started.elapsed().as_millis() as u64,
+                "request_bytes": request_bytes,
+            }),
+        );
+        resp
+    }
+
+    async fn forward(&self, mut req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
         if req.method() == hyper::Method::CONNECT {
             let mut resp = fleet_error(

@@ -674,3 +674,75 @@ fn the_service_manager_is_told_ready_reloading_and_stopping_in_order() {
     assert!(b.terminate(), "clean exit");
     assert_eq!(next(), "STOPPING=1\nSTATUS=stopping");
 }
+
+#[test]
+fn mutating_requests_are_audited_with_who_sent_them_and_reads_are_not() {
+    let w = World::new();
+    let b = w.broker("");
+    let unit = r#"{"desiredState":"inactive","options":[{"section":"Service","name":"ExecStart","value":"/bin/true"}]}"#;
+    assert_eq!(http(&b.socket("c1"), "GET", "/fleet/v1/units", None).0, 200);
+    assert_eq!(
+        http(
+            &b.socket("c1"),
+            "PUT",
+            "/fleet/v1/units/audited.service",
+            Some(unit)
+        )
+        .0,
+        201
+    );
+    assert_eq!(
+        http(
+            &b.socket("c1"),
+            "DELETE",
+            "/fleet/v1/units/audited.service",
+            None
+        )
+        .0,
+        204
+    );
+    let log = b.dir.path().join("state/fleet-broker/audit.jsonl");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&log)
+            .expect("audit log")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .expect("audit log")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let me = std::env::current_exe().expect("exe");
+    for (l, (method, status)) in lines.iter().zip([("PUT", 201), ("DELETE", 204)]) {
+        assert_eq!(l["kind"], "api");
+        assert_eq!(l["cluster"], "c1");
+        assert_eq!(l["method"], method);
+        assert_eq!(l["path"], "/fleet/v1/units/audited.service");
+        assert_eq!(l["status"], status);
+        assert_eq!(l["pid"], std::process::id());
+        assert_eq!(l["uid"], nix::unistd::geteuid().as_raw());
+        assert_eq!(l["exe"], me.display().to_string());
+        assert!(l["time"].as_str().is_some_and(|t| t.ends_with('Z')), "{l}");
+    }
+    assert!(
+        !std::fs::read_to_string(&log)
+            .expect("log")
+            .contains("ExecStart"),
+        "never bodies"
+    );
+    let out = b.cli(&["audit", "--since", "1h"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(text.lines().count(), 2, "{text}");
+    assert!(
+        text.contains("PUT /fleet/v1/units/audited.service -> 201"),
+        "{text}"
+    );
+    let out = b.cli(&["audit", "--cluster", "other"]);
+    assert!(out.stdout.is_empty(), "{out:?}");
+}

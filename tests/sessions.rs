@@ -847,3 +847,28 @@ fn nested_machine_connections_carry_an_interactive_session_unless_off() {
     // The session has ended; its connection stays pooled, without an interactive session.
     assert!(!runs_cat_on_a_pty(&e.m.m2));
 }
+
+#[test]
+fn exec_sessions_are_audited_with_the_caller_and_the_command() {
+    let e = env();
+    let r = e.run(&["status", "hello"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let log = e.b.dir.path().join("state/fleet-broker/audit.jsonl");
+    let text = std::fs::read_to_string(&log).expect("audit log");
+    let line: serde_json::Value =
+        serde_json::from_str(text.lines().last().expect("a line")).expect("json");
+    assert_eq!(line["kind"], "exec");
+    assert_eq!(line["cluster"], "c1");
+    assert_eq!(
+        line["command"],
+        "systemctl 'status' '-l' '--' 'hello.service'"
+    );
+    assert_eq!(line["status"], 101);
+    assert!(
+        line["exe"]
+            .as_str()
+            .is_some_and(|x| x.ends_with("/fleetctl")),
+        "{line}"
+    );
+    assert!(!text.contains("Active:"), "never session output");
+}

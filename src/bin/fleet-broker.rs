@@ -155,6 +155,15 @@ enum Cmd {
         /// Where to write the pages (e.g. ~/.local/share/man/man1)
         dir: PathBuf,
     },
+    /// Print the audit trail: mutating API requests and exec sessions, who asked, what came of it
+    Audit {
+        /// Only this cluster
+        #[arg(long)]
+        cluster: Option<String>,
+        /// Only the last DURATION (e.g. 1h, 30m)
+        #[arg(long, value_name = "DURATION")]
+        since: Option<humantime::Duration>,
+    },
     /// Remove a cluster from the config (and tell a running daemon)
     Remove { cluster: String },
     /// Print shell commands that point fleetctl at a cluster: eval "$(fleet-broker env NAME)"
@@ -385,6 +394,67 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Import(source) => import(cli.config, source).await,
+        Cmd::Audit { cluster, since } => {
+            let config = load_config(cli.config)?;
+            let path = match config.audit_log {
+                fleet_broker::config::AuditLogSetting::Off => {
+                    anyhow::bail!(
+                        "the audit log is off (audit_log = \"off\" in {})",
+                        config.path.display()
+                    )
+                }
+                fleet_broker::config::AuditLogSetting::File(p) => p,
+                fleet_broker::config::AuditLogSetting::Default => {
+                    DaemonOptions::from_env().state_dir.join("audit.jsonl")
+                }
+            };
+            let cutoff = since.map(|d| std::time::SystemTime::now() - *d);
+            let mut text = String::new();
+            let mut old = path.clone().into_os_string();
+            old.push(".1");
+            for f in [PathBuf::from(old), path.clone()] {
+                if let Ok(t) = std::fs::read_to_string(&f) {
+                    text.push_str(&t);
+                }
+            }
+            for line in text.lines() {
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                    continue;
+                };
+                let s = |k: &str| v[k].as_str().unwrap_or("").to_string();
+                if cluster.as_deref().is_some_and(|c| c != s("cluster")) {
+                    continue;
+                }
+                if let Some(cut) = cutoff {
+                    match humantime::parse_rfc3339(&s("time")) {
+                        Ok(t) if t >= cut => {}
+                        _ => continue,
+                    }
+                }
+                let what = if s("kind") == "exec" {
+                    format!(
+                        "exec {} {}",
+                        v["target"],
+                        v["command"].as_str().unwrap_or("(shell)")
+                    )
+                } else {
+                    format!("{} {}", s("method"), s("path"))
+                };
+                println!(
+                    "{}  {}  uid {} pid {} {}  {what} -> {}{}",
+                    s("time"),
+                    s("cluster"),
+                    v["uid"],
+                    v["pid"],
+                    v["exe"].as_str().unwrap_or("?"),
+                    v["status"],
+                    v["duration_ms"]
+                        .as_u64()
+                        .map_or_else(String::new, |ms| format!(" ({ms} ms)"))
+                );
+            }
+            Ok(())
+        }
         Cmd::Doctor { cluster } => {
             let path = cli.config.unwrap_or_else(default_config_path);
             let agent = std::env::var_os("SSH_AUTH_SOCK")

@@ -26,6 +26,8 @@ pub(crate) struct Control {
     pub(crate) registry: Arc<crate::registry::Registry>,
     /// Asks the daemon's owner to reload the config.
     pub(crate) reload_tx: tokio::sync::mpsc::Sender<crate::registry::ReloadRequest>,
+    /// Where exec sessions are recorded.
+    pub(crate) audit: Arc<crate::audit::AuditLog>,
 }
 
 fn exec_error(e: &crate::protocol::exec::ExecError) -> Response<Body> {
@@ -38,8 +40,14 @@ fn exec_error(e: &crate::protocol::exec::ExecError) -> Response<Body> {
 }
 
 /// `POST /v1/clusters/NAME/exec`: starts the session, then upgrades to the frame stream.
-async fn exec(exec: Arc<crate::exec::Exec>, req: Request<Incoming>) -> Response<Body> {
+async fn exec(
+    exec: Arc<crate::exec::Exec>,
+    audit: Arc<crate::audit::AuditLog>,
+    cluster: String,
+    req: Request<Incoming>,
+) -> Response<Body> {
     use http_body_util::BodyExt;
+    let peer = req.extensions().get::<crate::audit::Peer>().copied();
     let wants_upgrade = req
         .headers()
         .get(hyper::header::UPGRADE)
@@ -72,9 +80,33 @@ async fn exec(exec: Arc<crate::exec::Exec>, req: Request<Incoming>) -> Response<
         Ok(r) => r,
         Err(e) => return exec_error(&e),
     };
+    // Every session asked for is recorded, started or not; never its output.
+    let record = |status: u16| {
+        audit.record(
+            peer,
+            serde_json::json!({
+                "kind": "exec",
+                "cluster": cluster,
+                "target": request.target,
+                "command": request
+                    .action
+                    .as_ref()
+                    .map(|a| a.command_line())
+                    .or_else(|| request.command.clone()),
+                "pty": request.pty.is_some(),
+                "status": status,
+            }),
+        )
+    };
     let session = match exec.start(&request).await {
-        Ok(s) => s,
-        Err(e) => return exec_error(&e),
+        Ok(s) => {
+            record(101);
+            s
+        }
+        Err(e) => {
+            record(e.kind.http_status());
+            return exec_error(&e);
+        }
     };
     tokio::spawn(tracing::Instrument::in_current_span(async move {
         match on_upgrade.await {
@@ -262,7 +294,16 @@ impl Control {
                         let _ = t.link().await;
                         to_json(&info(t, sock))
                     }
-                    (&Method::POST, ["exec"]) => exec(rt.exec.clone(), req).instrument(span).await,
+                    (&Method::POST, ["exec"]) => {
+                        exec(
+                            rt.exec.clone(),
+                            self.audit.clone(),
+                            t.name().to_string(),
+                            req,
+                        )
+                        .instrument(span)
+                        .await
+                    }
                     (&Method::GET, ["host-key"]) => {
                         let query = req.uri().query().unwrap_or("");
                         let param = |k: &str| {

@@ -341,6 +341,7 @@ impl Demo {
         )
         .map_err(at("pinning the demo server's key"))?;
         let config = Config {
+            audit_log: crate::config::AuditLogSetting::Off,
             path: dir.path().join("config.toml"),
             clusters: [("demo".to_string(), cluster)].into_iter().collect(),
         };

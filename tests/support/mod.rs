@@ -713,6 +713,7 @@ impl Broker {
             .args(args)
             .env("FLEET_BROKER_CONFIG", self.dir.path().join("config.toml"))
             .env("XDG_RUNTIME_DIR", self.dir.path().join("xdg"))
+            .env("XDG_STATE_HOME", self.dir.path().join("state"))
             .stdin(Stdio::null())
             .output()
             .expect("fleet-broker")
