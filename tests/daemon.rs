@@ -746,3 +746,32 @@ fn mutating_requests_are_audited_with_who_sent_them_and_reads_are_not() {
     let out = b.cli(&["audit", "--cluster", "other"]);
     assert!(out.stdout.is_empty(), "{out:?}");
 }
+
+#[test]
+fn rust_log_keeps_russh_quiet_unless_asked_and_reports_an_invalid_filter() {
+    let w = World::new();
+    let debug = std::path::Path::new("debug");
+    let b = Broker::start_with_env(&w.config(""), Some(&w.agent.socket), &[("RUST_LOG", debug)]);
+    assert_eq!(
+        http(&b.socket("c1"), "GET", "/fleet/v1/machines", None).0,
+        200
+    );
+    let log = b.log();
+    assert!(log.contains("DEBUG"), "our debug lines: {log}");
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("DEBUG") && l.contains("russh")),
+        "russh's debug only when asked: {log}"
+    );
+    drop(b);
+    let bad = std::path::Path::new("fleet_broker=loud");
+    let b = Broker::start_with_env(&w.config(""), Some(&w.agent.socket), &[("RUST_LOG", bad)]);
+    wait_until("the warning", DEADLINE, || {
+        b.log().contains("is not a valid log filter")
+    });
+    assert!(
+        b.log().contains("RUST_LOG=\"fleet_broker=loud\""),
+        "{}",
+        b.log()
+    );
+}

@@ -187,15 +187,39 @@ enum Cmd {
     },
 }
 
+/// The log filter: `RUST_LOG`, where russh's packet-level messages stay at `warn` unless the
+/// filter names russh itself; an invalid `RUST_LOG` is reported and `info` used instead.
+fn log_filter(env: Option<&str>) -> (String, Option<String>) {
+    let Some(raw) = env.map(str::trim).filter(|v| !v.is_empty()) else {
+        return ("info,russh=warn".into(), None);
+    };
+    let wanted = if raw.contains("russh") {
+        raw.to_string()
+    } else {
+        format!("{raw},russh=warn")
+    };
+    match tracing_subscriber::EnvFilter::try_new(&wanted) {
+        Ok(_) => (wanted, None),
+        Err(e) => (
+            "info,russh=warn".into(),
+            Some(format!(
+                "RUST_LOG={raw:?} is not a valid log filter ({e}); logging at info"
+            )),
+        ),
+    }
+}
+
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (filter, problem) = log_filter(std::env::var("RUST_LOG").ok().as_deref());
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    if let Some(p) = problem {
+        tracing::warn!("{p}");
+    }
 }
 
 fn load_config(path: Option<PathBuf>) -> anyhow::Result<Config> {
