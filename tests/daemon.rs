@@ -775,3 +775,56 @@ fn rust_log_keeps_russh_quiet_unless_asked_and_reports_an_invalid_filter() {
         b.log()
     );
 }
+
+#[test]
+fn status_counts_attempts_and_shortens_long_errors_keeping_them_whole_in_json() {
+    let w = World::new();
+    let dir = open_tempdir("fb-nopins.");
+    let empty = dir.path().join("known_hosts");
+    std::fs::write(&empty, "").expect("pins");
+    let b = Broker::start(
+        &cluster_toml(
+            "c1",
+            &w.sshd,
+            &format!("unix://{}", w.sim.socket.display()),
+            "root",
+            &empty,
+            "",
+        ),
+        Some(&w.agent.socket),
+    );
+    // The unpinned host: refused, the cluster waits for `trust`.
+    assert_eq!(
+        http(&b.socket("c1"), "GET", "/fleet/v1/machines", None).0,
+        503
+    );
+    let out = b.cli(&["status"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        table
+            .lines()
+            .next()
+            .is_some_and(|h| h.contains(" ATTEMPTS ")),
+        "{table}"
+    );
+    assert!(table.contains("… (whole text: status --json)"), "{table}");
+    let out = b.cli(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let c = &v["clusters"][0];
+    assert!(
+        c["connect_attempts"].as_u64().is_some_and(|n| n >= 1),
+        "{c}"
+    );
+    let whole = c["last_error"].as_str().expect("last_error");
+    assert!(
+        whole.chars().count() > 100 && whole.contains("fleet-broker trust c1"),
+        "{whole}"
+    );
+    let (_, metrics) = http(&b.control_socket(), "GET", "/metrics", None);
+    assert!(
+        String::from_utf8_lossy(&metrics)
+            .contains("fleet_broker_connect_attempts_total{cluster=\"c1\"} "),
+        "metric"
+    );
+}

@@ -234,10 +234,13 @@ async fn control_request(method: &str, path: &str) -> anyhow::Result<(u16, bytes
         .map_err(anyhow::Error::msg)
 }
 
+/// Longest LAST ERROR shown in the table; `--json` has the whole text.
+const ERROR_WIDTH: usize = 100;
+
 fn print_table(list: &ClusterList) {
     println!(
-        "{:<16} {:<11} {:<24} {:<10} {:>8} {:>10} {:>9}  LAST ERROR",
-        "CLUSTER", "STATE", "TUNNEL", "USER", "REQUESTS", "RECONNECTS", "P50 MS"
+        "{:<16} {:<11} {:<24} {:<10} {:>8} {:>8} {:>10} {:>9}  LAST ERROR",
+        "CLUSTER", "STATE", "TUNNEL", "USER", "REQUESTS", "ATTEMPTS", "RECONNECTS", "P50 MS"
     );
     for c in &list.clusters {
         let ClusterInfo {
@@ -247,18 +250,24 @@ fn print_table(list: &ClusterList) {
             status,
             ..
         } = c;
+        let error = status.last_error.as_deref().unwrap_or("-");
+        let error = match error.char_indices().nth(ERROR_WIDTH) {
+            Some((cut, _)) => format!("{}… (whole text: status --json)", &error[..cut]),
+            None => error.to_string(),
+        };
         println!(
-            "{:<16} {:<11} {:<24} {:<10} {:>8} {:>10} {:>9}  {}",
+            "{:<16} {:<11} {:<24} {:<10} {:>8} {:>8} {:>10} {:>9}  {}",
             name,
             status.state.to_string(),
             tunnel,
             user,
             status.requests,
+            status.connect_attempts,
             status.reconnects,
             status
                 .latency_p50_ms
                 .map_or("-".into(), |v| format!("{v:.2}")),
-            status.last_error.as_deref().unwrap_or("-")
+            error
         );
     }
 }

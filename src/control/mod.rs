@@ -205,6 +205,12 @@ impl Control {
             &|s| Some(s.reconnects as f64),
         );
         family(
+            "fleet_broker_connect_attempts_total",
+            "counter",
+            "Tunnel connection attempts, successful or not.",
+            &|s| Some(s.connect_attempts as f64),
+        );
+        family(
             "fleet_broker_requests_total",
             "counter",
             "Requests forwarded to the fleet API.",

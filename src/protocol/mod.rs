@@ -38,6 +38,9 @@ pub struct Status {
     pub last_error: Option<String>,
     /// Connections lost and re-established.
     pub reconnects: u64,
+    /// Connection attempts made, successful or not.
+    #[serde(default)]
+    pub connect_attempts: u64,
     /// Requests forwarded to the fleet API.
     pub requests: u64,
     /// Response bytes from the fleet API.

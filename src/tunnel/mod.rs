@@ -88,6 +88,7 @@ struct Stats {
     connected_since: Option<SystemTime>,
     last_error: Option<String>,
     reconnects: u64,
+    connect_attempts: u64,
     requests: u64,
     bytes_in: u64,
     bytes_out: u64,
@@ -149,6 +150,7 @@ impl Tunnel {
                 connected_since: None,
                 last_error: None,
                 reconnects: 0,
+                connect_attempts: 0,
                 requests: 0,
                 bytes_in: 0,
                 bytes_out: 0,
@@ -284,6 +286,7 @@ impl Tunnel {
                     .map(|t| humantime::format_rfc3339_seconds(t).to_string()),
                 last_error: s.last_error.clone(),
                 reconnects: s.reconnects,
+                connect_attempts: s.connect_attempts,
                 requests: s.requests,
                 bytes_in: s.bytes_in,
                 bytes_out: s.bytes_out,
@@ -448,6 +451,7 @@ impl Supervisor {
             t.link_tx.send_replace(Link::Down);
         }
         let spec = t.dial_spec();
+        t.with_stats(|s| s.connect_attempts += 1);
         let started = Instant::now();
         let result = tokio::select! {
             r = tokio::time::timeout(t.config.connect_timeout, dial::dial(&spec)) => r,
