@@ -828,3 +828,46 @@ fn status_counts_attempts_and_shortens_long_errors_keeping_them_whole_in_json() 
         "metric"
     );
 }
+
+#[test]
+fn install_service_writes_the_unit_with_this_binary() {
+    let bin = env!("CARGO_BIN_EXE_fleet-broker");
+    let home = open_tempdir("fb-unit.");
+    let out = Command::new(bin)
+        .args(["install-service", "--dry-run"])
+        .env("XDG_CONFIG_HOME", home.path())
+        .output()
+        .expect("install-service");
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("ExecStart={bin} serve\n")), "{text}");
+    assert!(
+        text.contains(&format!("ExecReload={bin} reload\n")),
+        "{text}"
+    );
+    assert!(text.contains("Type=notify\n"), "{text}");
+    assert!(
+        text.contains("# would run: systemctl --user enable --now fleet-broker"),
+        "{text}"
+    );
+    let dest = home.path().join("systemd/user/fleet-broker.service");
+    assert!(!dest.exists(), "a dry run writes nothing");
+    // For real: the unit is written; without a user manager here, systemctl's failure is
+    // named with what to do.
+    let out = Command::new(bin)
+        .arg("install-service")
+        .env("XDG_CONFIG_HOME", home.path())
+        .env("DBUS_SESSION_BUS_ADDRESS", "unix:path=/nonexistent")
+        .env("XDG_RUNTIME_DIR", home.path())
+        .output()
+        .expect("install-service");
+    let written = std::fs::read_to_string(&dest).expect("unit written");
+    assert!(
+        written.contains(&format!("ExecStart={bin} serve\n")),
+        "{written}"
+    );
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("systemctl"), "{err}");
+    }
+}

@@ -164,6 +164,12 @@ enum Cmd {
         #[arg(long, value_name = "DURATION")]
         since: Option<humantime::Duration>,
     },
+    /// Install the systemd user unit with this binary's path, reload the user manager, enable and start it
+    InstallService {
+        /// Print the unit and the commands instead
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Remove a cluster from the config (and tell a running daemon)
     Remove { cluster: String },
     /// Print shell commands that point fleetctl at a cluster: eval "$(fleet-broker env NAME)"
@@ -427,6 +433,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Import(source) => import(cli.config, source).await,
+        Cmd::InstallService { dry_run } => install_service(dry_run),
         Cmd::Audit { cluster, since } => {
             let config = load_config(cli.config)?;
             let path = match config.audit_log {
@@ -817,6 +824,66 @@ fn write_man_pages(
         n += 1;
     }
     Ok(n)
+}
+
+/// The shipped user unit with this binary's real path in `ExecStart` and `ExecReload`.
+fn service_unit() -> anyhow::Result<String> {
+    let exe = std::env::current_exe()?;
+    let exe = exe.display().to_string();
+    let quoted = if exe.contains(char::is_whitespace) {
+        format!("\"{}\"", exe.replace('\\', "\\\\").replace('"', "\\\""))
+    } else {
+        exe
+    };
+    Ok(include_str!("../../systemd/fleet-broker.service")
+        .replace("%h/.cargo/bin/fleet-broker", &quoted))
+}
+
+/// `fleet-broker install-service`: the unit in the user manager's directory, then
+/// `systemctl --user daemon-reload` and `enable --now`.
+fn install_service(dry_run: bool) -> anyhow::Result<()> {
+    let unit = service_unit()?;
+    let dir = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| fleet_broker::config::expand_tilde("~/.config"))
+        .join("systemd/user");
+    let dest = dir.join("fleet-broker.service");
+    let steps: [&[&str]; 2] = [
+        &["--user", "daemon-reload"],
+        &["--user", "enable", "--now", "fleet-broker"],
+    ];
+    if dry_run {
+        println!("# would write {}:", dest.display());
+        print!("{unit}");
+        for s in steps {
+            println!("# would run: systemctl {}", s.join(" "));
+        }
+        return Ok(());
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+    std::fs::write(&dest, &unit).map_err(|e| anyhow::anyhow!("{}: {e}", dest.display()))?;
+    println!("wrote {}", dest.display());
+    for s in steps {
+        let out = std::process::Command::new("systemctl")
+            .args(s)
+            .stdin(std::process::Stdio::null())
+            .output();
+        match out {
+            Ok(o) if o.status.success() => println!("ran: systemctl {}", s.join(" ")),
+            Ok(o) => anyhow::bail!(
+                "`systemctl {}` failed: {}; is a user manager running for you? (`loginctl enable-linger $USER` keeps one without a login session)",
+                s.join(" "),
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+            Err(e) => anyhow::bail!(
+                "cannot run `systemctl {}` ({e}); on a system without systemd, run `fleet-broker serve` another way",
+                s.join(" ")
+            ),
+        }
+    }
+    println!("fleet-broker runs as a user service: `systemctl --user status fleet-broker`");
+    Ok(())
 }
 
 /// Asks a running daemon to reload, and says what happened.
