@@ -20,7 +20,7 @@ use fleet_broker::protocol::{ClusterInfo, ClusterList};
 )]
 struct Cli {
     /// Config file (default: $FLEET_BROKER_CONFIG or $XDG_CONFIG_HOME/fleet-broker/config.toml)
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Global options")]
     config: Option<PathBuf>,
     #[command(subcommand)]
     command: Cmd,
@@ -99,11 +99,18 @@ enum Cmd {
         json: bool,
     },
     /// Ask the daemon to connect a cluster now (also clears a failed state)
-    Connect { cluster: String },
+    Connect {
+        /// The cluster's name in the config
+        cluster: String,
+    },
     /// Ask the daemon to close a cluster's tunnel
-    Disconnect { cluster: String },
+    Disconnect {
+        /// The cluster's name in the config
+        cluster: String,
+    },
     /// Show a cluster's host key and pin it in its first known_hosts file
     Trust {
+        /// The cluster's name in the config
         cluster: String,
         /// A machine of the cluster (ID or unique prefix), reached through the running daemon
         #[arg(long, value_name = "ID")]
@@ -171,7 +178,10 @@ enum Cmd {
         dry_run: bool,
     },
     /// Remove a cluster from the config (and tell a running daemon)
-    Remove { cluster: String },
+    Remove {
+        /// The cluster's name in the config
+        cluster: String,
+    },
     /// Print shell commands that point fleetctl at a cluster: eval "$(fleet-broker env NAME)"
     Env {
         /// The cluster fleetctl should use
@@ -1062,4 +1072,45 @@ fn confirm_mode(
     };
     confirm.check_usable()?;
     Ok(confirm)
+}
+
+#[cfg(test)]
+mod help_tests {
+    use super::*;
+
+    /// Every visible positional argument of every (sub)command has a description, and global
+    /// options sit under their own heading.
+    fn check(cmd: &clap::Command, path: &str) {
+        for a in cmd.get_positionals().filter(|a| !a.is_hide_set()) {
+            assert!(
+                a.get_help().is_some(),
+                "{path}: positional {} has no description",
+                a.get_id()
+            );
+        }
+        for a in cmd
+            .get_arguments()
+            .filter(|a| a.is_global_set() && !a.is_hide_set())
+        {
+            assert_eq!(
+                a.get_help_heading(),
+                Some("Global options"),
+                "{path}: --{}",
+                a.get_id()
+            );
+        }
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            check(sub, &format!("{path} {}", sub.get_name()));
+        }
+    }
+
+    #[test]
+    fn help_describes_every_positional_and_groups_global_options() {
+        let mut broker = <Cli as clap::CommandFactory>::command();
+        broker.build();
+        check(&broker, "fleet-broker");
+        let mut fleetctl = fleet_broker::cli::command();
+        fleetctl.build();
+        check(&fleetctl, "fleetctl");
+    }
 }

@@ -19,6 +19,7 @@ pub(crate) struct Cli {
 }
 
 #[derive(Debug, Args, Clone, Default)]
+#[command(next_help_heading = "Global options")]
 pub(crate) struct GlobalFlags {
     /// Broker cluster to talk to (see `fleet-broker status`)
     #[arg(long, global = true, env = "FLEETCTL_CLUSTER", value_name = "NAME")]
@@ -352,8 +353,14 @@ pub(crate) enum Cmd {
         ignored: Vec<String>,
     },
     /// Help about any command
-    Help { command: Vec<String> },
+    Help {
+        /// The command to explain
+        command: Vec<String>,
+    },
     /// DEPRECATED - No longer works
     #[command(hide = true)]
-    Verify { units: Vec<String> },
+    Verify {
+        /// Ignored
+        units: Vec<String>,
+    },
 }
