@@ -177,11 +177,7 @@ impl russh::server::Handler for Machine {
         _user: &str,
         offer: russh::server::PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
-        Ok(if offer.public_key.key_data() == self.user_key.key_data() {
-            Auth::Accept
-        } else {
-            Auth::reject()
-        })
+        Ok(super::key_auth(&self.user_key, offer.public_key))
     }
 
     async fn auth_publickey(
@@ -189,11 +185,7 @@ impl russh::server::Handler for Machine {
         _user: &str,
         key: russh::server::VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
-        Ok(if key.public_key.key_data() == self.user_key.key_data() {
-            Auth::Accept
-        } else {
-            Auth::reject()
-        })
+        Ok(super::key_auth(&self.user_key, key.public_key))
     }
 
     async fn channel_open_session(

@@ -35,6 +35,15 @@ struct DemoSsh {
     machines: Arc<std::collections::HashMap<String, Arc<russh::server::Config>>>,
 }
 
+/// The demo's servers (tunnel host and machines) accept the demo agent's key and no other.
+fn key_auth(user_key: &PublicKey, offered: &PublicKey) -> Auth {
+    if offered.key_data() == user_key.key_data() {
+        Auth::Accept
+    } else {
+        Auth::reject()
+    }
+}
+
 impl russh::server::Handler for DemoSsh {
     type Error = russh::Error;
 
@@ -43,11 +52,7 @@ impl russh::server::Handler for DemoSsh {
         _user: &str,
         offer: russh::server::PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
-        Ok(if offer.public_key.key_data() == self.user_key.key_data() {
-            Auth::Accept
-        } else {
-            Auth::reject()
-        })
+        Ok(key_auth(&self.user_key, offer.public_key))
     }
 
     async fn auth_publickey(
@@ -55,11 +60,7 @@ impl russh::server::Handler for DemoSsh {
         _user: &str,
         key: russh::server::VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
-        Ok(if key.public_key.key_data() == self.user_key.key_data() {
-            Auth::Accept
-        } else {
-            Auth::reject()
-        })
+        Ok(key_auth(&self.user_key, key.public_key))
     }
 
     /// A machine's sshd (`primaryIP:22`), served in-process on the channel.
