@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the integration tests need (OpenSSH server and client, curl, procps, iproute2
-# and nftables for the network fault tests, man-db to render the man pages) when missing,
+# and nftables for the network fault tests, man-db to render the man pages, systemd for
+# systemd-socket-activate and systemd-analyze; it is not started) when missing,
 # then runs the whole test suite. Works on a fresh Debian 12 machine as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,7 @@ command -v script >/dev/null || need+=(bsdutils)
 command -v ip >/dev/null || need+=(iproute2)
 command -v nft >/dev/null || need+=(nftables)
 command -v man >/dev/null || need+=(man-db)
+command -v systemd-socket-activate >/dev/null || need+=(systemd)
 if [ "${#need[@]}" -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "scripts/test.sh: please install: ${need[*]}" >&2

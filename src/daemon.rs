@@ -46,6 +46,9 @@ pub struct DaemonOptions {
     pub agent_socket: Option<PathBuf>,
     /// Private directory for what outlives a run (the front door's host key).
     pub state_dir: PathBuf,
+    /// The control socket passed by the service manager (socket activation), already
+    /// checked to be bound at `runtime_dir/control.sock`; `None`: the daemon binds it.
+    pub control_fd: Option<Arc<std::os::fd::OwnedFd>>,
 }
 
 impl DaemonOptions {
@@ -57,6 +60,7 @@ impl DaemonOptions {
                 .filter(|s| !s.is_empty())
                 .map(PathBuf::from),
             state_dir: local::default_state_dir(),
+            control_fd: None,
         }
     }
 }
@@ -116,7 +120,15 @@ impl Daemon {
             }
         }
         // Bound last: once the control socket answers, every cluster socket is listening.
-        let control_listener = match local::bind_socket(&control_socket).await {
+        // A socket passed by the service manager has queued the requests that started us.
+        let control_listener = match &opts.control_fd {
+            Some(fd) => crate::activation::listener(fd).map_err(|source| LocalError::Io {
+                path: control_socket.clone(),
+                source,
+            }),
+            None => local::bind_socket(&control_socket).await,
+        };
+        let control_listener = match control_listener {
             Ok(l) => l,
             Err(e) => {
                 abandon(&registry, &started);
@@ -317,7 +329,11 @@ impl Daemon {
         for rt in self.registry.all() {
             let _ = std::fs::remove_file(&rt.socket);
         }
-        let _ = std::fs::remove_file(&self.control_socket);
+        // A passed control socket stays: its manager keeps listening and starts us again on
+        // the next request.
+        if self.opts.control_fd.is_none() {
+            let _ = std::fs::remove_file(&self.control_socket);
+        }
         tracing::info!("fleet-broker stopped");
     }
 }

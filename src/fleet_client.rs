@@ -134,13 +134,55 @@ impl tower_service::Service<hyper::Uri> for CheckedUnix {
     fn call(&mut self, _uri: hyper::Uri) -> Self::Future {
         let socket = self.socket.clone();
         Box::pin(async move {
-            match crate::local::connect(&socket).await {
+            let mut connected = crate::local::connect(&socket).await;
+            // No cluster socket yet: a socket-activated daemon starts on a control request.
+            if matches!(&connected, Err(crate::local::LocalError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound)
+                && wake_for(&socket).await
+            {
+                connected = crate::local::connect(&socket).await;
+            }
+            match connected {
                 Ok(s) => Ok(CheckedStream(TokioIo::new(s))),
                 Err(crate::local::LocalError::Io { source, .. }) => Err(source),
                 Err(e) => Err(std::io::Error::other(e.to_string())),
             }
         })
     }
+}
+
+/// For a cluster socket that is not there (`RUNTIME/clusters/NAME.sock`): asks the control
+/// socket beside it for the cluster list, which starts a socket-activated daemon (the service
+/// manager holds the control socket; the daemon answers once every cluster socket is bound).
+/// True when the daemon answered, so connecting again may succeed.
+async fn wake_for(cluster_socket: &Path) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Some(runtime_dir) = cluster_socket
+        .parent()
+        .filter(|d| d.file_name().is_some_and(|n| n == "clusters"))
+        .and_then(Path::parent)
+    else {
+        return false;
+    };
+    let control = crate::local::control_socket(runtime_dir);
+    if std::fs::symlink_metadata(&control).is_err() {
+        return false;
+    }
+    let ask = async {
+        let mut s = crate::local::connect(&control).await.ok()?;
+        s.write_all(
+            b"GET /v1/clusters HTTP/1.1\r\nHost: fleet-broker\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .ok()?;
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).await.ok()?;
+        Some(head.starts_with(b"HTTP/1.1 200"))
+    };
+    tokio::time::timeout(Duration::from_secs(10), ask)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
 }
 
 /// A fleet API client bound to one unix socket.

@@ -66,7 +66,7 @@ pub fn cluster_socket(runtime_dir: &Path, cluster: &str) -> PathBuf {
 }
 
 /// The control socket path inside a runtime dir.
-pub(crate) fn control_socket(runtime_dir: &Path) -> PathBuf {
+pub fn control_socket(runtime_dir: &Path) -> PathBuf {
     runtime_dir.join("control.sock")
 }
 

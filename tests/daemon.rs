@@ -675,6 +675,76 @@ fn the_service_manager_is_told_ready_reloading_and_stopping_in_order() {
     assert_eq!(next(), "STOPPING=1\nSTATUS=stopping");
 }
 
+fn exe_of(pid: u32) -> String {
+    std::fs::read_link(format!("/proc/{pid}/exe"))
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
+
+/// Socket activation as `fleet-broker.socket` does it, with `systemd-socket-activate`: the
+/// daemon is not running until the first request, which it then answers on the passed
+/// socket; the socket outlives the daemon.
+#[test]
+fn a_socket_activated_daemon_answers_on_the_passed_control_socket() {
+    let w = World::new();
+    let mut b = Broker::start_activated(&w.config(""), Some(&w.agent.socket), None);
+    let pid = b.pid().expect("pid");
+    assert!(
+        exe_of(pid).ends_with("systemd-socket-activate"),
+        "nothing started before a request: {}",
+        exe_of(pid)
+    );
+    assert!(!b.socket("c1").exists());
+    // fleetctl finds no cluster socket, asks the control socket, which starts the daemon;
+    // then its request is served.
+    let cwd = open_tempdir("fb-cli.");
+    let run = fleetctl(
+        &b,
+        cwd.path(),
+        &[],
+        &["--cluster", "c1", "list-machines", "--no-legend"],
+    );
+    assert_eq!(run.code, 0, "{run:?}\n{}", b.log());
+    assert!(run.stdout.contains("172.17.8.101"), "{run:?}");
+    assert!(exe_of(pid).ends_with("fleet-broker"), "{}", exe_of(pid));
+    // The control socket is the passed one, answering.
+    let out = b.cli(&["status", "--json"]);
+    assert!(out.status.success(), "{out:?}\n{}", b.log());
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(list["clusters"][0]["name"], "c1", "{list}");
+    assert!(
+        b.log()
+            .contains("serving the control socket the service manager passed"),
+        "{}",
+        b.log()
+    );
+    let control = b.control_socket();
+    assert!(b.terminate(), "clean exit; log:\n{}", b.log());
+    assert!(
+        std::fs::symlink_metadata(&control).is_ok(),
+        "the manager's socket is left for the next start"
+    );
+}
+
+/// A passed socket that is not this daemon's control socket is refused, naming the fix.
+#[test]
+fn a_passed_socket_at_another_path_is_refused_with_the_unit_line_to_fix() {
+    let w = World::new();
+    let other = open_tempdir("fb-activate.");
+    let listen = other.path().join("elsewhere.sock");
+    let mut b = Broker::start_activated(&w.config(""), Some(&w.agent.socket), Some(&listen));
+    // Connecting starts the daemon, which refuses the socket and exits.
+    let _ = std::os::unix::net::UnixStream::connect(&listen).expect("connect");
+    wait_until("the daemon to give up", DEADLINE, || {
+        b.log().contains("socket activation")
+    });
+    assert!(!b.terminate(), "exited with an error");
+    let log = b.log();
+    assert!(log.contains("elsewhere.sock"), "{log}");
+    assert!(log.contains("set ListenStream="), "{log}");
+    assert!(log.contains("control.sock"), "{log}");
+}
+
 #[test]
 fn mutating_requests_are_audited_with_who_sent_them_and_reads_are_not() {
     let w = World::new();
@@ -852,6 +922,23 @@ fn install_service_writes_the_unit_with_this_binary() {
     );
     let dest = home.path().join("systemd/user/fleet-broker.service");
     assert!(!dest.exists(), "a dry run writes nothing");
+    // With --socket: the socket unit too, and the socket is what gets enabled.
+    let out = Command::new(bin)
+        .args(["install-service", "--dry-run", "--socket"])
+        .env("XDG_CONFIG_HOME", home.path())
+        .output()
+        .expect("install-service");
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("fleet-broker.socket:\n"), "{text}");
+    assert!(
+        text.contains("ListenStream=%t/fleet-broker/control.sock\nFileDescriptorName=control\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# would run: systemctl --user enable --now fleet-broker.socket\n"),
+        "{text}"
+    );
     // For real: the unit is written; without a user manager here, systemctl's failure is
     // named with what to do.
     let out = Command::new(bin)

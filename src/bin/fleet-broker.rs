@@ -176,6 +176,9 @@ enum Cmd {
         /// Print the unit and the commands instead
         #[arg(long)]
         dry_run: bool,
+        /// Also install fleet-broker.socket and enable it instead of the service: the daemon starts on the first request to its control socket
+        #[arg(long)]
+        socket: bool,
     },
     /// Remove a cluster from the config (and tell a running daemon)
     Remove {
@@ -288,7 +291,7 @@ fn print_table(list: &ClusterList) {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli, passed: fleet_broker::activation::Passed) -> anyhow::Result<()> {
     let asks_daemon = match &cli.command {
         Cmd::Reload => Some("reload"),
         Cmd::Status { .. } => Some("status"),
@@ -303,7 +306,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         );
     }
     match cli.command {
-        Cmd::Serve => serve(cli.config.unwrap_or_else(default_config_path)).await,
+        Cmd::Serve => serve(cli.config.unwrap_or_else(default_config_path), passed).await,
         Cmd::Reload => {
             let (status, body) = control_request("POST", "/v1/reload").await?;
             if status != 200 {
@@ -443,7 +446,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Import(source) => import(cli.config, source).await,
-        Cmd::InstallService { dry_run } => install_service(dry_run),
+        Cmd::InstallService { dry_run, socket } => install_service(dry_run, socket),
         Cmd::Audit { cluster, since } => {
             let config = load_config(cli.config)?;
             let path = match config.audit_log {
@@ -643,6 +646,21 @@ fn main() -> ExitCode {
     if logs {
         init_logging();
     }
+    // Before any other thread: taking the passed descriptors removes their variables.
+    let passed = match cli.command {
+        Cmd::Serve => {
+            let control =
+                fleet_broker::local::control_socket(&fleet_broker::local::default_runtime_dir());
+            match fleet_broker::activation::take_from_env(&control) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("fleet-broker: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        _ => Default::default(),
+    };
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
@@ -650,7 +668,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli)) {
+    match rt.block_on(run(cli, passed)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("fleet-broker: {e:#}");
@@ -660,10 +678,17 @@ fn main() -> ExitCode {
 }
 
 /// Runs the daemon until SIGTERM/SIGINT; SIGHUP and `fleet-broker reload` re-read the config.
-async fn serve(path: PathBuf) -> anyhow::Result<()> {
+async fn serve(path: PathBuf, passed: fleet_broker::activation::Passed) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let config = Config::load(&path)?;
-    let opts = DaemonOptions::from_env();
+    let mut opts = DaemonOptions::from_env();
+    for other in &passed.ignored {
+        tracing::warn!(descriptor = %other, "ignoring a socket the service manager passed: only `{}` (the control socket) is used", fleet_broker::activation::CONTROL_NAME);
+    }
+    if passed.control.is_some() {
+        tracing::info!("serving the control socket the service manager passed");
+    }
+    opts.control_fd = passed.control.map(std::sync::Arc::new);
     if opts.agent_socket.is_none() {
         tracing::warn!("SSH_AUTH_SOCK is not set: only identity_files can authenticate");
     }
@@ -849,31 +874,44 @@ fn service_unit() -> anyhow::Result<String> {
         .replace("%h/.cargo/bin/fleet-broker", &quoted))
 }
 
-/// `fleet-broker install-service`: the unit in the user manager's directory, then
-/// `systemctl --user daemon-reload` and `enable --now`.
-fn install_service(dry_run: bool) -> anyhow::Result<()> {
-    let unit = service_unit()?;
+/// `fleet-broker install-service`: the unit (and with `--socket` the socket unit) in the user
+/// manager's directory, then `systemctl --user daemon-reload` and `enable --now` of the
+/// service, or of the socket that starts it on demand.
+fn install_service(dry_run: bool, socket: bool) -> anyhow::Result<()> {
+    let mut units = vec![("fleet-broker.service", service_unit()?)];
+    if socket {
+        units.push((
+            "fleet-broker.socket",
+            include_str!("../../systemd/fleet-broker.socket").to_string(),
+        ));
+    }
     let dir = std::env::var_os("XDG_CONFIG_HOME")
         .filter(|d| !d.is_empty())
         .map(PathBuf::from)
         .unwrap_or_else(|| fleet_broker::config::expand_tilde("~/.config"))
         .join("systemd/user");
-    let dest = dir.join("fleet-broker.service");
-    let steps: [&[&str]; 2] = [
-        &["--user", "daemon-reload"],
-        &["--user", "enable", "--now", "fleet-broker"],
-    ];
+    let enable: &[&str] = if socket {
+        &["--user", "enable", "--now", "fleet-broker.socket"]
+    } else {
+        &["--user", "enable", "--now", "fleet-broker"]
+    };
+    let steps: [&[&str]; 2] = [&["--user", "daemon-reload"], enable];
     if dry_run {
-        println!("# would write {}:", dest.display());
-        print!("{unit}");
+        for (name, text) in &units {
+            println!("# would write {}:", dir.join(name).display());
+            print!("{text}");
+        }
         for s in steps {
             println!("# would run: systemctl {}", s.join(" "));
         }
         return Ok(());
     }
     std::fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
-    std::fs::write(&dest, &unit).map_err(|e| anyhow::anyhow!("{}: {e}", dest.display()))?;
-    println!("wrote {}", dest.display());
+    for (name, text) in &units {
+        let dest = dir.join(name);
+        std::fs::write(&dest, text).map_err(|e| anyhow::anyhow!("{}: {e}", dest.display()))?;
+        println!("wrote {}", dest.display());
+    }
     for s in steps {
         let out = std::process::Command::new("systemctl")
             .args(s)
@@ -892,7 +930,11 @@ fn install_service(dry_run: bool) -> anyhow::Result<()> {
             ),
         }
     }
-    println!("fleet-broker runs as a user service: `systemctl --user status fleet-broker`");
+    if socket {
+        println!("fleet-broker starts on its first request: `systemctl --user status fleet-broker.socket fleet-broker`");
+    } else {
+        println!("fleet-broker runs as a user service: `systemctl --user status fleet-broker`");
+    }
     Ok(())
 }
 

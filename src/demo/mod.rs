@@ -362,6 +362,7 @@ impl Demo {
                 runtime_dir: runtime_dir.clone(),
                 agent_socket: Some(agent_socket),
                 state_dir: dir.path().join("state"),
+                control_fd: None,
             },
         )
         .await?;

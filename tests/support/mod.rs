@@ -618,12 +618,20 @@ impl Broker {
 
     /// Starts it as `uid` (via setpriv) when given.
     pub fn start_as(config: &str, agent: Option<&Path>, uid: Option<u32>) -> Broker {
-        Broker::launch(config, agent, uid, &[])
+        Broker::launch(config, agent, uid, &[], None)
     }
 
     /// Starts it with these extra environment variables.
     pub fn start_with_env(config: &str, agent: Option<&Path>, env: &[(&str, &Path)]) -> Broker {
-        Broker::launch(config, agent, None, env)
+        Broker::launch(config, agent, None, env, None)
+    }
+
+    /// Starts it the way a service manager's socket unit does: `systemd-socket-activate`
+    /// listens on `listen` (the control socket unless a test says otherwise) with the
+    /// descriptor named `control`, and execs the daemon in its own process on the first
+    /// connection. Returns once the socket listens, before anything has connected.
+    pub fn start_activated(config: &str, agent: Option<&Path>, listen: Option<&Path>) -> Broker {
+        Broker::launch(config, agent, None, &[], Some(listen))
     }
 
     fn launch(
@@ -631,6 +639,7 @@ impl Broker {
         agent: Option<&Path>,
         uid: Option<u32>,
         env: &[(&str, &Path)],
+        activated: Option<Option<&Path>>,
     ) -> Broker {
         let dir = open_tempdir("fb-broker.");
         let cfg = dir.path().join("config.toml");
@@ -680,9 +689,31 @@ impl Broker {
             cmd.env(k, v);
         }
         let log = std::fs::File::create(dir.path().join("broker.log")).expect("log");
-        cmd.stderr(log);
-        let child = cmd.spawn().expect("fleet-broker");
+        cmd.stderr(log.try_clone().expect("log"));
         let runtime_dir = xdg.join("fleet-broker");
+        if let Some(listen) = activated {
+            std::fs::create_dir(&runtime_dir).expect("runtime dir");
+            std::fs::set_permissions(&runtime_dir, std::fs::Permissions::from_mode(0o700))
+                .expect("chmod");
+            let listen = listen.map_or_else(|| runtime_dir.join("control.sock"), Path::to_path_buf);
+            cmd = activator(cmd, &listen, log);
+            let mut b = Broker {
+                dir,
+                runtime_dir,
+                child: Some(cmd.spawn().expect("systemd-socket-activate")),
+            };
+            wait_until("the activator to listen", DEADLINE, || {
+                std::fs::symlink_metadata(&listen).is_ok()
+            });
+            if let Some(Ok(Some(status))) = b.child.as_mut().map(|c| c.try_wait()) {
+                panic!(
+                    "systemd-socket-activate exited ({status}); log:\n{}",
+                    b.log()
+                );
+            }
+            return b;
+        }
+        let child = cmd.spawn().expect("fleet-broker");
         let mut b = Broker {
             dir,
             runtime_dir,
@@ -767,6 +798,31 @@ impl Broker {
         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
         serde_json::from_slice(&body).expect("json")
     }
+}
+
+/// `cmd` run by `systemd-socket-activate -l LISTEN --fdname=control`, which hands the
+/// program only the variables named with `-E`: every one `cmd` sets, plus PATH and HOME.
+fn activator(cmd: Command, listen: &Path, log: std::fs::File) -> Command {
+    let mut a = Command::new("systemd-socket-activate");
+    a.arg("-l").arg(listen).arg("--fdname=control");
+    for k in ["PATH", "HOME"] {
+        if let Some(v) = std::env::var_os(k) {
+            let mut kv = std::ffi::OsString::from(format!("{k}="));
+            kv.push(v);
+            a.arg("-E").arg(kv);
+        }
+    }
+    for (k, v) in cmd.get_envs() {
+        if let Some(v) = v {
+            let mut kv = k.to_os_string();
+            kv.push("=");
+            kv.push(v);
+            a.arg("-E").arg(kv);
+        }
+    }
+    a.arg(cmd.get_program()).args(cmd.get_args());
+    a.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+    a
 }
 
 impl Drop for Broker {
