@@ -27,6 +27,23 @@ impl Peer {
     }
 }
 
+/// A peer with its executable resolved while it runs: a session's end is recorded after the
+/// client has exited, under the name it had when it asked.
+#[derive(Debug, Clone)]
+pub(crate) struct Caller {
+    peer: Peer,
+    exe: Option<String>,
+}
+
+impl Caller {
+    pub(crate) fn of(peer: Peer) -> Caller {
+        Caller {
+            exe: peer.exe(),
+            peer,
+        }
+    }
+}
+
 /// The audit log, or none (`audit_log = "off"`).
 #[derive(Debug)]
 pub(crate) struct AuditLog {
@@ -43,7 +60,12 @@ impl AuditLog {
     }
 
     /// Appends one record: `fields` plus the time and the peer.
-    pub(crate) fn record(&self, peer: Option<Peer>, mut fields: serde_json::Value) {
+    pub(crate) fn record(&self, peer: Option<Peer>, fields: serde_json::Value) {
+        self.record_as(peer.map(Caller::of).as_ref(), fields)
+    }
+
+    /// Appends one record: `fields` plus the time and the caller.
+    pub(crate) fn record_as(&self, caller: Option<&Caller>, mut fields: serde_json::Value) {
         let Some(path) = &self.path else { return };
         if let Some(o) = fields.as_object_mut() {
             o.insert(
@@ -52,10 +74,10 @@ impl AuditLog {
                     .to_string()
                     .into(),
             );
-            if let Some(p) = peer {
-                o.insert("uid".into(), p.uid.into());
-                o.insert("pid".into(), p.pid.into());
-                o.insert("exe".into(), p.exe().into());
+            if let Some(c) = caller {
+                o.insert("uid".into(), c.peer.uid.into());
+                o.insert("pid".into(), c.peer.pid.into());
+                o.insert("exe".into(), c.exe.clone().into());
             }
         }
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -89,4 +111,101 @@ fn append(path: &Path, record: &serde_json::Value) -> std::io::Result<()> {
     let mut line = record.to_string();
     line.push('\n');
     f.write_all(line.as_bytes())
+}
+
+/// One audit line as `fleet-broker audit` prints it, or `None` when it is not JSON, is of
+/// another cluster than `cluster`, or older than `since`.
+pub fn readable(
+    line: &str,
+    cluster: Option<&str>,
+    since: Option<std::time::SystemTime>,
+) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    let s = |k: &str| v[k].as_str().unwrap_or("").to_string();
+    if cluster.is_some_and(|c| c != s("cluster")) {
+        return None;
+    }
+    if let Some(cut) = since {
+        match humantime::parse_rfc3339(&s("time")) {
+            Ok(t) if t >= cut => {}
+            _ => return None,
+        }
+    }
+    let bytes = |k: &str| v[k].as_u64().map(|n| format!("{n} B"));
+    let (what, result) = if s("kind") == "exec" {
+        let what = format!(
+            "exec {} {}",
+            v["target"],
+            v["command"].as_str().unwrap_or("(shell)")
+        );
+        let result = match s("phase").as_str() {
+            "start" => format!("started, session {}", s("session")),
+            "end" => {
+                let how = if let Some(code) = v["exit"].as_u64() {
+                    format!("exit {code}")
+                } else if let Some(sig) = v["signal"].as_str() {
+                    format!("signal {sig}")
+                } else {
+                    format!("ended: {}", s("error"))
+                };
+                format!(
+                    "{how}, session {}, {} in, {} out",
+                    s("session"),
+                    bytes("bytes_in").unwrap_or_else(|| "?".into()),
+                    bytes("bytes_out").unwrap_or_else(|| "?".into())
+                )
+            }
+            _ => format!("{} {}", v["status"], s("error"))
+                .trim_end()
+                .to_string(),
+        };
+        (what, result)
+    } else {
+        let mut result = v["status"].to_string();
+        if let Some(b) = bytes("request_bytes") {
+            result.push_str(&format!(", {b} sent"));
+        }
+        (format!("{} {}", s("method"), s("path")), result)
+    };
+    Some(format!(
+        "{}  {}  uid {} pid {} {}  {what} -> {result}{}",
+        s("time"),
+        s("cluster"),
+        v["uid"],
+        v["pid"],
+        v["exe"].as_str().unwrap_or("?"),
+        v["duration_ms"]
+            .as_u64()
+            .map_or_else(String::new, |ms| format!(" ({ms} ms)"))
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_read_as_who_did_what_and_how_it_ended() {
+        let api = r#"{"kind":"api","cluster":"prod","method":"PUT","path":"/fleet/v1/units/a.service","status":201,"duration_ms":7,"request_bytes":120,"time":"2026-11-26T10:00:00.000Z","uid":1000,"pid":42,"exe":"/usr/bin/fleetctl"}"#;
+        assert_eq!(
+            readable(api, None, None).as_deref(),
+            Some("2026-11-26T10:00:00.000Z  prod  uid 1000 pid 42 /usr/bin/fleetctl  PUT /fleet/v1/units/a.service -> 201, 120 B sent (7 ms)")
+        );
+        let end = r#"{"kind":"exec","phase":"end","session":"00ff","cluster":"prod","target":{"machine":"m1"},"command":"systemctl 'status'","status":101,"exit":3,"duration_ms":1500,"bytes_in":0,"bytes_out":512,"time":"2026-11-26T10:00:01.000Z","uid":1000,"pid":43,"exe":"/usr/bin/fleetctl"}"#;
+        let text = readable(end, Some("prod"), None).expect("prod");
+        assert!(
+            text.ends_with("exec {\"machine\":\"m1\"} systemctl 'status' -> exit 3, session 00ff, 0 B in, 512 B out (1500 ms)"),
+            "{text}"
+        );
+        assert_eq!(readable(end, Some("staging"), None), None);
+        let later = humantime::parse_rfc3339("2026-11-26T11:00:00Z").expect("time");
+        assert_eq!(readable(end, None, Some(later)), None);
+        assert_eq!(readable("not json", None, None), None);
+        let refused = r#"{"kind":"exec","phase":"refused","cluster":"prod","target":{"machine":"x"},"command":null,"status":404,"error":"no machine x","time":"t","uid":1,"pid":2,"exe":"e"}"#;
+        let text = readable(refused, None, None).expect("line");
+        assert!(
+            text.ends_with("exec {\"machine\":\"x\"} (shell) -> 404 no machine x"),
+            "{text}"
+        );
+    }
 }

@@ -7,7 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod activation;
-pub(crate) mod audit;
+pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod config;

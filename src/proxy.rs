@@ -239,6 +239,14 @@ impl Proxy {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         let resp = self.forward(req).await;
+        let response_bytes = hyper::body::Body::size_hint(resp.body())
+            .exact()
+            .or_else(|| {
+                resp.headers()
+                    .get(hyper::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+            });
         self.audit.record(
             peer,
             serde_json::json!({
@@ -249,6 +257,7 @@ impl Proxy {
                 "status": resp.status().as_u16(),
                 "duration_ms": started.elapsed().as_millis() as u64,
                 "request_bytes": request_bytes,
+                "response_bytes": response_bytes,
             }),
         );
         resp

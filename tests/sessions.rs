@@ -851,24 +851,50 @@ fn nested_machine_connections_carry_an_interactive_session_unless_off() {
 #[test]
 fn exec_sessions_are_audited_with_the_caller_and_the_command() {
     let e = env();
+    std::fs::write(e.m.stub(1).join("exit.hello.service"), "3").expect("write");
     let r = e.run(&["status", "hello"]);
-    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.code, 3, "{r:?}");
     let log = e.b.dir.path().join("state/fleet-broker/audit.jsonl");
+    let lines = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json"))
+            .collect()
+    };
+    // The end is recorded once the daemon has finished the session.
+    wait_until("the session's end in the audit log", DEADLINE, || {
+        lines().iter().any(|l| l["phase"] == "end")
+    });
+    let all = lines();
+    let start = all.iter().find(|l| l["phase"] == "start").expect("start");
+    let end = all.iter().find(|l| l["phase"] == "end").expect("end");
+    for line in [start, end] {
+        assert_eq!(line["kind"], "exec");
+        assert_eq!(line["cluster"], "c1");
+        assert_eq!(
+            line["command"],
+            "systemctl 'status' '-l' '--' 'hello.service'"
+        );
+        assert_eq!(line["status"], 101);
+        assert_eq!(line["session"], start["session"]);
+        assert!(
+            line["exe"]
+                .as_str()
+                .is_some_and(|x| x.ends_with("/fleetctl")),
+            "{line}"
+        );
+        assert!(line["pid"].as_u64().is_some_and(|p| p > 1), "{line}");
+    }
+    assert_eq!(end["exit"], 3, "{end}");
+    assert!(end["duration_ms"].is_u64(), "{end}");
+    assert_eq!(end["bytes_in"], 0, "{end}");
+    let out = end["bytes_out"].as_u64().expect("bytes_out");
+    assert!(out >= r.stdout.len() as u64 && out > 0, "{end} vs {r:?}");
     let text = std::fs::read_to_string(&log).expect("audit log");
-    let line: serde_json::Value =
-        serde_json::from_str(text.lines().last().expect("a line")).expect("json");
-    assert_eq!(line["kind"], "exec");
-    assert_eq!(line["cluster"], "c1");
-    assert_eq!(
-        line["command"],
-        "systemctl 'status' '-l' '--' 'hello.service'"
-    );
-    assert_eq!(line["status"], 101);
-    assert!(
-        line["exe"]
-            .as_str()
-            .is_some_and(|x| x.ends_with("/fleetctl")),
-        "{line}"
-    );
     assert!(!text.contains("Active:"), "never session output");
+    // `fleet-broker audit` reads it back.
+    let shown = e.b.cli(&["audit", "--cluster", "c1"]);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains("-> exit 3, session "), "{shown}");
 }

@@ -471,40 +471,9 @@ async fn run(cli: Cli, passed: fleet_broker::activation::Passed) -> anyhow::Resu
                 }
             }
             for line in text.lines() {
-                let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-                    continue;
-                };
-                let s = |k: &str| v[k].as_str().unwrap_or("").to_string();
-                if cluster.as_deref().is_some_and(|c| c != s("cluster")) {
-                    continue;
+                if let Some(l) = fleet_broker::audit::readable(line, cluster.as_deref(), cutoff) {
+                    println!("{l}");
                 }
-                if let Some(cut) = cutoff {
-                    match humantime::parse_rfc3339(&s("time")) {
-                        Ok(t) if t >= cut => {}
-                        _ => continue,
-                    }
-                }
-                let what = if s("kind") == "exec" {
-                    format!(
-                        "exec {} {}",
-                        v["target"],
-                        v["command"].as_str().unwrap_or("(shell)")
-                    )
-                } else {
-                    format!("{} {}", s("method"), s("path"))
-                };
-                println!(
-                    "{}  {}  uid {} pid {} {}  {what} -> {}{}",
-                    s("time"),
-                    s("cluster"),
-                    v["uid"],
-                    v["pid"],
-                    v["exe"].as_str().unwrap_or("?"),
-                    v["status"],
-                    v["duration_ms"]
-                        .as_u64()
-                        .map_or_else(String::new, |ms| format!(" ({ms} ms)"))
-                );
             }
             Ok(())
         }

@@ -47,7 +47,11 @@ async fn exec(
     req: Request<Incoming>,
 ) -> Response<Body> {
     use http_body_util::BodyExt;
-    let peer = req.extensions().get::<crate::audit::Peer>().copied();
+    let caller = req
+        .extensions()
+        .get::<crate::audit::Peer>()
+        .copied()
+        .map(crate::audit::Caller::of);
     let wants_upgrade = req
         .headers()
         .get(hyper::header::UPGRADE)
@@ -80,39 +84,76 @@ async fn exec(
         Ok(r) => r,
         Err(e) => return exec_error(&e),
     };
-    // Every session asked for is recorded, started or not; never its output.
-    let record = |status: u16| {
-        audit.record(
-            peer,
-            serde_json::json!({
-                "kind": "exec",
-                "cluster": cluster,
-                "target": request.target,
-                "command": request
-                    .action
-                    .as_ref()
-                    .map(|a| a.command_line())
-                    .or_else(|| request.command.clone()),
-                "pty": request.pty.is_some(),
-                "status": status,
-            }),
-        )
+    // Every session asked for is recorded, started or not, and again when it ends (so one
+    // that never ends is on record too); never its output.
+    let started = std::time::Instant::now();
+    let id = format!("{:016x}", rand::random::<u64>());
+    let what = serde_json::json!({
+        "kind": "exec",
+        "session": id,
+        "cluster": cluster,
+        "target": request.target,
+        "command": request
+            .action
+            .as_ref()
+            .map(|a| a.command_line())
+            .or_else(|| request.command.clone()),
+        "pty": request.pty.is_some(),
+    });
+    let record = move |fields: serde_json::Value| {
+        let mut line = what.clone();
+        if let (Some(o), Some(f)) = (line.as_object_mut(), fields.as_object()) {
+            o.extend(f.clone());
+        }
+        line
     };
     let session = match exec.start(&request).await {
         Ok(s) => {
-            record(101);
+            audit.record_as(
+                caller.as_ref(),
+                record(serde_json::json!({"phase": "start", "status": 101})),
+            );
             s
         }
         Err(e) => {
-            record(e.kind.http_status());
+            audit.record_as(
+                caller.as_ref(),
+                record(serde_json::json!({
+                    "phase": "refused",
+                    "status": e.kind.http_status(),
+                    "error": e.message,
+                    "duration_ms": started.elapsed().as_millis() as u64,
+                })),
+            );
             return exec_error(&e);
         }
     };
     tokio::spawn(tracing::Instrument::in_current_span(async move {
-        match on_upgrade.await {
+        let ended = match on_upgrade.await {
             Ok(upgraded) => session.run(hyper_util::rt::TokioIo::new(upgraded)).await,
-            Err(e) => tracing::warn!(error = %e, "exec upgrade failed; ending the session"),
-        }
+            Err(e) => {
+                tracing::warn!(error = %e, "exec upgrade failed; ending the session");
+                crate::exec::Ended {
+                    outcome: crate::exec::Outcome::Ended(format!("upgrade failed: {e}")),
+                    bytes_in: 0,
+                    bytes_out: 0,
+                }
+            }
+        };
+        let mut end = serde_json::json!({
+            "phase": "end",
+            "status": 101,
+            "duration_ms": started.elapsed().as_millis() as u64,
+            "bytes_in": ended.bytes_in,
+            "bytes_out": ended.bytes_out,
+        });
+        let (key, value) = match ended.outcome {
+            crate::exec::Outcome::Exit(code) => ("exit", serde_json::json!(code)),
+            crate::exec::Outcome::Signal(s) => ("signal", serde_json::json!(s)),
+            crate::exec::Outcome::Ended(why) => ("error", serde_json::json!(why)),
+        };
+        end[key] = value;
+        audit.record_as(caller.as_ref(), record(end));
     }));
     let mut resp = Response::new(crate::http::full(bytes::Bytes::new()));
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;

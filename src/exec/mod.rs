@@ -31,7 +31,7 @@ use crate::tunnel::Tunnel;
 
 use pool::{sweep, PoolKey, Pooled};
 use resolve::Place;
-pub(crate) use session::Session;
+pub(crate) use session::{Ended, Outcome, Session};
 
 /// Sessions one SSH connection carries at once (sshd's default `MaxSessions` is 10).
 pub(crate) const SESSIONS_PER_CONNECTION: usize = 8;

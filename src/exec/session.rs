@@ -1,5 +1,6 @@
 //! A started remote command and the pump between it and the client's frame stream.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use russh::client::Msg;
@@ -55,10 +56,40 @@ fn sig_name(s: &Sig) -> String {
     }
 }
 
+/// How a session ended, for the audit trail: never its output, only how much there was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Ended {
+    /// The remote command's exit status, its signal, or why the session ended without one.
+    pub(crate) outcome: Outcome,
+    /// Bytes of stdin delivered to the remote command.
+    pub(crate) bytes_in: u64,
+    /// Bytes of stdout and stderr sent to the client.
+    pub(crate) bytes_out: u64,
+}
+
+/// The last word of a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Exited with this status.
+    Exit(u32),
+    /// Killed by this signal.
+    Signal(String),
+    /// Ended without either: the client went away, the cluster stopped, the connection broke.
+    Ended(String),
+}
+
+/// Byte counts that survive the pump being cancelled.
+#[derive(Default)]
+struct Counts {
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+}
+
 impl Session {
     /// Pumps frames between `io` (the client) and the remote command until it exits, the
-    /// client goes away (which ends the remote command) or the cluster stops.
-    pub(crate) async fn run<IO>(self, io: IO)
+    /// client goes away (which ends the remote command) or the cluster stops; says how it
+    /// ended.
+    pub(crate) async fn run<IO>(self, io: IO) -> Ended
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -67,19 +98,26 @@ impl Session {
             _slot,
             stop,
         } = self;
-        tokio::select! {
-            _ = stop.cancelled() => {}
-            _ = pump(channel, _slot, io) => {}
+        let counts = Arc::new(Counts::default());
+        let outcome = tokio::select! {
+            _ = stop.cancelled() => Outcome::Ended("the cluster stopped".into()),
+            o = pump(channel, _slot, io, counts.clone()) => o,
+        };
+        Ended {
+            outcome,
+            bytes_in: counts.bytes_in.load(Ordering::Relaxed),
+            bytes_out: counts.bytes_out.load(Ordering::Relaxed),
         }
     }
 }
 
 /// The frame pump of [`Session::run`].
-async fn pump<IO>(channel: Channel<Msg>, _slot: Slot, io: IO)
+async fn pump<IO>(channel: Channel<Msg>, _slot: Slot, io: IO, counts: Arc<Counts>) -> Outcome
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     {
+        let input_counts = counts.clone();
         let (mut rd, mut wr) = tokio::io::split(io);
         let (mut read_half, write_half) = channel.split();
         let write_half = Arc::new(write_half);
@@ -89,9 +127,11 @@ where
             loop {
                 match read_frame(&mut rd).await {
                     Ok(Some(Frame::Stdin(b))) => {
+                        let n = b.len() as u64;
                         if input_half.data_bytes(b).await.is_err() {
                             return false;
                         }
+                        input_counts.bytes_in.fetch_add(n, Ordering::Relaxed);
                     }
                     Ok(Some(Frame::StdinEof)) => {
                         let _ = input_half.eof().await;
@@ -145,6 +185,11 @@ where
                 Some(_) => None,
             };
             if let Some(f) = frame {
+                if let Frame::Stdout(b) | Frame::Stderr(b) = &f {
+                    counts
+                        .bytes_out
+                        .fetch_add(b.len() as u64, Ordering::Relaxed);
+                }
                 if write_frame(&mut wr, &f).await.is_err() {
                     client_ok = false;
                     client_gone = true;
@@ -158,14 +203,22 @@ where
         }
         let _ = write_half.close().await;
         input.abort();
+        let last = exit.unwrap_or_else(|| {
+            Frame::Error(if client_gone && !client_ok {
+                "the client went away; the remote command was sent TERM and HUP".into()
+            } else {
+                "the SSH session ended without an exit status (connection lost?)".into()
+            })
+        });
         if client_ok {
-            let last = exit.unwrap_or_else(|| {
-                Frame::Error(
-                    "the SSH session ended without an exit status (connection lost?)".into(),
-                )
-            });
             let _ = write_frame(&mut wr, &last).await;
             let _ = tokio::io::AsyncWriteExt::shutdown(&mut wr).await;
+        }
+        match last {
+            Frame::Exit(code) => Outcome::Exit(code),
+            Frame::ExitSignal(name) => Outcome::Signal(name),
+            Frame::Error(e) => Outcome::Ended(e),
+            other => Outcome::Ended(format!("{other:?}")),
         }
     }
 }
