@@ -958,3 +958,115 @@ fn install_service_writes_the_unit_with_this_binary() {
         assert!(err.contains("systemctl"), "{err}");
     }
 }
+
+/// One journald native-protocol datagram as field → value (`KEY=value\n`, or `KEY\n`, a
+/// little-endian u64 length, the bytes and `\n`).
+fn journal_fields(mut d: &[u8]) -> std::collections::HashMap<String, String> {
+    let mut out = std::collections::HashMap::new();
+    while let Some(nl) = d.iter().position(|&b| b == b'\n') {
+        let line = &d[..nl];
+        if let Some(eq) = line.iter().position(|&b| b == b'=') {
+            out.insert(
+                String::from_utf8_lossy(&line[..eq]).into_owned(),
+                String::from_utf8_lossy(&line[eq + 1..]).into_owned(),
+            );
+            d = &d[nl + 1..];
+        } else {
+            let key = String::from_utf8_lossy(line).into_owned();
+            let rest = &d[nl + 1..];
+            let len = u64::from_le_bytes(rest[..8].try_into().expect("length")) as usize;
+            out.insert(key, String::from_utf8_lossy(&rest[8..8 + len]).into_owned());
+            d = &rest[8 + len + 1..];
+        }
+    }
+    out
+}
+
+/// Under journald (`JOURNAL_STREAM` names stderr) every event is a native journal entry with
+/// its priority and fields, the cluster among them, and nothing goes to stderr. journald's
+/// socket has a fixed path: a private mount namespace puts the test's socket there for the
+/// daemon alone.
+#[test]
+fn under_journald_logs_are_native_entries_with_priorities_and_the_cluster_as_a_field() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = open_tempdir("fb-journal.");
+    let journal = dir.path().join("journal.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&journal).expect("bind");
+    sock.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    let cfg = dir.path().join("config.toml");
+    std::fs::write(&cfg, "[clusters.c1]\ntunnel = \"127.0.0.1:1\"\n").expect("config");
+    let xdg = dir.path().join("xdg");
+    std::fs::create_dir(&xdg).expect("xdg");
+    std::fs::set_permissions(&xdg, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let stderr_path = dir.path().join("stderr.log");
+    let stderr = std::fs::File::create(&stderr_path).expect("stderr");
+    let meta = std::fs::metadata(&stderr_path).expect("stat");
+    let mut child = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg("mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/journal && ln -s \"$1\" /run/systemd/journal/socket && shift && exec \"$@\"")
+        .arg("sh")
+        .arg(&journal)
+        .arg(env!("CARGO_BIN_EXE_fleet-broker"))
+        .arg("serve")
+        .env("FLEET_BROKER_CONFIG", &cfg)
+        .env("XDG_RUNTIME_DIR", &xdg)
+        .env("XDG_STATE_HOME", dir.path().join("state"))
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .env("RUST_LOG", "info")
+        .env_remove("SSH_AUTH_SOCK")
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("unshare");
+    struct Reap<'a>(&'a mut std::process::Child);
+    impl Drop for Reap<'_> {
+        fn drop(&mut self) {
+            kill_child(self.0);
+        }
+    }
+    let child = Reap(&mut child);
+    let mut entries = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    // Until the daemon says it is ready: a bounded number of entries within the deadline.
+    for _ in 0..100 {
+        let n = sock.recv(&mut buf).unwrap_or_else(|e| {
+            panic!(
+                "no journal entry within the deadline ({e}); stderr:\n{}",
+                std::fs::read_to_string(&stderr_path).unwrap_or_default()
+            )
+        });
+        if n == 0 {
+            continue;
+        }
+        let fields = journal_fields(&buf[..n]);
+        let done = fields
+            .get("MESSAGE")
+            .is_some_and(|m| m == "fleet-broker ready");
+        entries.push(fields);
+        if done {
+            break;
+        }
+    }
+    let find = |msg: &str| {
+        entries
+            .iter()
+            .find(|e| e.get("MESSAGE").is_some_and(|m| m.contains(msg)))
+            .unwrap_or_else(|| panic!("no entry {msg:?} in {entries:#?}"))
+    };
+    let serving = find("serving cluster socket");
+    assert_eq!(serving["CLUSTER"], "c1", "{serving:?}");
+    assert_eq!(serving["PRIORITY"], "6", "{serving:?}");
+    assert_eq!(serving["SYSLOG_IDENTIFIER"], "fleet-broker", "{serving:?}");
+    assert!(serving["SOCKET"].ends_with("c1.sock"), "{serving:?}");
+    let warning = find("SSH_AUTH_SOCK is not set");
+    assert_eq!(warning["PRIORITY"], "4", "{warning:?}");
+    assert!(!warning.contains_key("CLUSTER"), "{warning:?}");
+    drop(child);
+    let text = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    assert!(
+        !text.contains("serving cluster socket"),
+        "not on stderr too: {text}"
+    );
+}

@@ -228,14 +228,63 @@ fn log_filter(env: Option<&str>) -> (String, Option<String>) {
     }
 }
 
+/// Whether stderr is the journal's stream: `JOURNAL_STREAM` names its device and inode
+/// (systemd sets it for a service whose output goes to the journal).
+fn stderr_is_journal() -> bool {
+    use std::os::fd::AsRawFd;
+    let Some((dev, ino)) = std::env::var("JOURNAL_STREAM").ok().and_then(|v| {
+        let (d, i) = v.split_once(':')?;
+        Some((d.parse::<u64>().ok()?, i.parse::<u64>().ok()?))
+    }) else {
+        return false;
+    };
+    nix::sys::stat::fstat(std::io::stderr().as_raw_fd())
+        .is_ok_and(|st| st.st_dev == dev && st.st_ino == ino)
+}
+
+/// Logs to stderr, or natively to the journal when stderr is the journal's stream: one entry
+/// per event with its priority, its fields as journal fields (`CLUSTER=prod`, `ERROR=…`) and
+/// no timestamp of our own. A journal that cannot be reached falls back to stderr.
 fn init_logging() {
-    let (filter, problem) = log_filter(std::env::var("RUST_LOG").ok().as_deref());
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let (filter, mut problem) = log_filter(std::env::var("RUST_LOG").ok().as_deref());
+    let filter = tracing_subscriber::EnvFilter::new(filter);
+    let journal = if stderr_is_journal() {
+        match tracing_journald::layer() {
+            Ok(l) => Some(
+                l.with_field_prefix(None)
+                    .with_syslog_identifier("fleet-broker".into())
+                    .with_priority_mappings(tracing_journald::PriorityMappings {
+                        info: tracing_journald::Priority::Informational,
+                        debug: tracing_journald::Priority::Debug,
+                        ..tracing_journald::PriorityMappings::new()
+                    }),
+            ),
+            Err(e) => {
+                problem = Some(format!(
+                    "JOURNAL_STREAM is set but the journal's socket cannot be used ({e}); logging to stderr"
+                ));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let registry = tracing_subscriber::registry().with(filter);
+    match journal {
+        Some(j) => registry.with(j).init(),
+        None => {
+            use std::io::IsTerminal;
+            registry
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .with_writer(std::io::stderr)
+                        .with_ansi(std::io::stderr().is_terminal()),
+                )
+                .init()
+        }
+    }
     if let Some(p) = problem {
         tracing::warn!("{p}");
     }

@@ -104,7 +104,7 @@ pub fn public_line(private: &Path) -> String {
         .join(" ")
 }
 
-fn kill_child(child: &mut Child) {
+pub fn kill_child(child: &mut Child) {
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
     let end = Instant::now() + Duration::from_secs(5);
