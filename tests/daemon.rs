@@ -565,6 +565,70 @@ fn status_exits_non_zero_while_a_cluster_is_down() {
     );
 }
 
+/// `status --watch`: redrawn in place on a terminal, frames appended elsewhere, one JSON line
+/// per refresh with `--json`, bounded by `--count`, and the last refresh decides the exit.
+#[test]
+fn status_watch_refreshes_in_place_on_a_terminal_and_appends_elsewhere() {
+    let mut w = World::new();
+    let b = w.broker("connect_timeout = \"1s\"");
+    let out = b.cli(&["status", "--watch", "0.1", "--count", "3", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line per refresh"))
+        .collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert!(
+        lines.iter().all(|l| l["clusters"][0]["name"] == "c1"),
+        "{text}"
+    );
+    // On a terminal (script(1) gives it one): cleared and redrawn each time.
+    let bin = env!("CARGO_BIN_EXE_fleet-broker");
+    let tty = Command::new("script")
+        .args([
+            "-qec",
+            &format!("{bin} status --watch 0.1 --count 2"),
+            "/dev/null",
+        ])
+        .env("FLEET_BROKER_CONFIG", b.dir.path().join("config.toml"))
+        .env("XDG_RUNTIME_DIR", b.dir.path().join("xdg"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("script");
+    assert!(tty.status.success(), "{tty:?}");
+    let screen = String::from_utf8_lossy(&tty.stdout);
+    assert_eq!(screen.matches("\x1b[H\x1b[2J").count(), 2, "{screen:?}");
+    assert_eq!(screen.matches("Every 0.1s: fleet-broker status").count(), 2);
+    // A cluster going down shows, and decides the exit status.
+    w.sshd.kill();
+    let _ = try_http(&b.socket("c1"), "GET", "/fleet/v1/machines", None);
+    wait_until("the cluster to be down", DEADLINE, || {
+        let s = b.cluster_info("c1")["state"].clone();
+        s != "ready" && s != "idle"
+    });
+    let out = b.cli(&["status", "--watch", "0.1", "--count", "2"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.matches("Every 0.1s: fleet-broker status").count(),
+        2,
+        "{text}"
+    );
+    assert!(!text.contains('\x1b'), "no escapes into a pipe: {text:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not ready: c1"),
+        "{out:?}"
+    );
+    // Nonsense periods are refused before anything runs.
+    let out = b.cli(&["status", "--watch", "0"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("between 0.1 and 86400"),
+        "{out:?}"
+    );
+}
+
 #[test]
 fn completions_parse_and_man_pages_render() {
     let bin = env!("CARGO_BIN_EXE_fleet-broker");

@@ -97,6 +97,12 @@ enum Cmd {
         /// Print JSON instead of a table
         #[arg(long)]
         json: bool,
+        /// Refresh every SECONDS (default 2) in place until Ctrl-C; with --json, one line per refresh
+        #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
+        watch: Option<f64>,
+        /// With --watch: stop after N refreshes
+        #[arg(long, value_name = "N", requires = "watch")]
+        count: Option<u64>,
     },
     /// Ask the daemon to connect a cluster now (also clears a failed state)
     Connect {
@@ -305,8 +311,11 @@ async fn control_request(method: &str, path: &str) -> anyhow::Result<(u16, bytes
 /// Longest LAST ERROR shown in the table; `--json` has the whole text.
 const ERROR_WIDTH: usize = 100;
 
-fn print_table(list: &ClusterList) {
-    println!(
+fn table(list: &ClusterList) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
         "{:<16} {:<11} {:<24} {:<10} {:>8} {:>8} {:>10} {:>9}  LAST ERROR",
         "CLUSTER", "STATE", "TUNNEL", "USER", "REQUESTS", "ATTEMPTS", "RECONNECTS", "P50 MS"
     );
@@ -323,7 +332,8 @@ fn print_table(list: &ClusterList) {
             Some((cut, _)) => format!("{}… (whole text: status --json)", &error[..cut]),
             None => error.to_string(),
         };
-        println!(
+        let _ = writeln!(
+            out,
             "{:<16} {:<11} {:<24} {:<10} {:>8} {:>8} {:>10} {:>9}  {}",
             name,
             status.state.to_string(),
@@ -338,6 +348,96 @@ fn print_table(list: &ClusterList) {
             error
         );
     }
+    out
+}
+
+/// One look at the daemon: what to print, and the clusters that are neither ready nor idle
+/// (or why the daemon could not be asked).
+async fn status_once(json: bool) -> (String, Result<(), String>) {
+    let (status, body) = match control_request("GET", "/v1/clusters").await {
+        Ok(r) => r,
+        Err(e) => return (format!("{e:#}\n"), Err(format!("{e:#}"))),
+    };
+    if status != 200 {
+        let e = format!(
+            "daemon answered {status}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        return (format!("{e}\n"), Err(e));
+    }
+    let list: ClusterList = match serde_json::from_slice(&body) {
+        Ok(l) => l,
+        Err(e) => {
+            let e = format!("the daemon's answer is not a cluster list: {e}");
+            return (format!("{e}\n"), Err(e));
+        }
+    };
+    let text = if json {
+        format!("{}\n", String::from_utf8_lossy(&body))
+    } else {
+        table(&list)
+    };
+    // Ok only when every cluster is ready or idle: scripts and monitors can rely on it.
+    use fleet_broker::tunnel::State;
+    let unwell: Vec<&str> = list
+        .clusters
+        .iter()
+        .filter(|c| !matches!(c.status.state, State::Ready | State::Idle))
+        .map(|c| c.name.as_str())
+        .collect();
+    let verdict = if unwell.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("not ready: {}", unwell.join(", ")))
+    };
+    (text, verdict)
+}
+
+/// `status --watch`: a refresh every `every` seconds, in place on a terminal (cleared and
+/// redrawn under a header, like watch(1)), appended elsewhere; a daemon that goes away is
+/// shown and asked again. Ends on Ctrl-C or after `count` refreshes with the last verdict.
+async fn watch_status(json: bool, every: f64, count: Option<u64>) -> anyhow::Result<()> {
+    use std::io::{IsTerminal, Write};
+    if !every.is_finite() || !(0.1..=86_400.0).contains(&every) {
+        anyhow::bail!("--watch takes a number of seconds between 0.1 and 86400, not {every}");
+    }
+    let tty = std::io::stdout().is_terminal();
+    let period = std::time::Duration::from_secs_f64(every);
+    let mut verdict: Result<(), String>;
+    let mut n = 0u64;
+    loop {
+        let (text, v) = status_once(json).await;
+        verdict = v;
+        n += 1;
+        let mut out = std::io::stdout().lock();
+        let frame = if json {
+            text
+        } else {
+            let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+            let head = format!("Every {every}s: fleet-broker status    {now}\n\n");
+            if tty {
+                format!("\x1b[H\x1b[2J{head}{text}")
+            } else {
+                format!("{head}{text}\n")
+            }
+        };
+        if out
+            .write_all(frame.as_bytes())
+            .and_then(|_| out.flush())
+            .is_err()
+        {
+            break; // stdout closed (a pipe's reader went away)
+        }
+        drop(out);
+        if count.is_some_and(|c| n >= c) {
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    verdict.map_err(anyhow::Error::msg)
 }
 
 async fn run(cli: Cli, passed: fleet_broker::activation::Passed) -> anyhow::Result<()> {
@@ -400,32 +500,21 @@ async fn run(cli: Cli, passed: fleet_broker::activation::Passed) -> anyhow::Resu
             }
             Ok(())
         }
-        Cmd::Status { json } => {
-            let (status, body) = control_request("GET", "/v1/clusters").await?;
-            if status != 200 {
-                anyhow::bail!(
-                    "daemon answered {status}: {}",
-                    String::from_utf8_lossy(&body)
-                );
+        Cmd::Status {
+            json,
+            watch: Some(every),
+            count,
+        } => watch_status(json, every, count).await,
+        Cmd::Status { json, .. } => {
+            let (text, verdict) = status_once(json).await;
+            match verdict {
+                // The daemon's own error is the whole message.
+                Err(e) if text.trim_end() == e => anyhow::bail!("{e}"),
+                v => {
+                    print!("{text}");
+                    v.map_err(anyhow::Error::msg)
+                }
             }
-            let list: ClusterList = serde_json::from_slice(&body)?;
-            if json {
-                println!("{}", String::from_utf8_lossy(&body));
-            } else {
-                print_table(&list);
-            }
-            // 0 only when every cluster is ready or idle: scripts and monitors can rely on it.
-            use fleet_broker::tunnel::State;
-            let unwell: Vec<&str> = list
-                .clusters
-                .iter()
-                .filter(|c| !matches!(c.status.state, State::Ready | State::Idle))
-                .map(|c| c.name.as_str())
-                .collect();
-            if !unwell.is_empty() {
-                anyhow::bail!("not ready: {}", unwell.join(", "));
-            }
-            Ok(())
         }
         Cmd::Completions { shell, fleetctl } => {
             let (mut cmd, name) = if fleetctl {
