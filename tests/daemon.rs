@@ -629,6 +629,77 @@ fn status_watch_refreshes_in_place_on_a_terminal_and_appends_elsewhere() {
     );
 }
 
+/// What `install-service --socket` writes passes `systemd-analyze verify` (unit syntax, the
+/// binary path, the man pages of Documentation=) and its sandbox rates OK in `systemd-analyze
+/// security`; the user manager is asked to reload and enable the socket (a stub systemctl on
+/// PATH records it: no user manager runs here).
+#[test]
+fn installed_units_verify_and_the_sandbox_rates_ok() {
+    let bin = env!("CARGO_BIN_EXE_fleet-broker");
+    let home = open_tempdir("fb-units.");
+    let stubs = home.path().join("bin");
+    std::fs::create_dir(&stubs).expect("stubs");
+    let calls = home.path().join("systemctl.log");
+    let stub = stubs.join("systemctl");
+    std::fs::write(
+        &stub,
+        format!("#!/bin/sh\necho \"$*\" >> '{}'\n", calls.display()),
+    )
+    .expect("stub");
+    std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let path = format!(
+        "{}:{}",
+        stubs.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new(bin)
+        .args(["install-service", "--socket"])
+        .env("XDG_CONFIG_HOME", home.path())
+        .env("PATH", &path)
+        .output()
+        .expect("install-service");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        std::fs::read_to_string(&calls).expect("systemctl called"),
+        "--user daemon-reload\n--user enable --now fleet-broker.socket\n"
+    );
+    let units = home.path().join("systemd/user");
+    let man = home.path().join("man");
+    let out = Command::new(bin)
+        .arg("man")
+        .arg(man.join("man1"))
+        .output()
+        .expect("man");
+    assert!(out.status.success(), "{out:?}");
+    let xdg = home.path().join("xdg");
+    std::fs::create_dir(&xdg).expect("xdg");
+    let verify = Command::new("systemd-analyze")
+        .args(["verify", "--user"])
+        .arg(units.join("fleet-broker.socket"))
+        .arg(units.join("fleet-broker.service"))
+        .env("MANPATH", &man)
+        .env("XDG_RUNTIME_DIR", &xdg)
+        .output()
+        .expect("systemd-analyze verify");
+    assert!(verify.status.success(), "{verify:?}");
+    assert!(verify.stderr.is_empty(), "{verify:?}");
+    let security = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--user", "--threshold=30"])
+        .arg(units.join("fleet-broker.service"))
+        .env("XDG_RUNTIME_DIR", &xdg)
+        .output()
+        .expect("systemd-analyze security");
+    let text = String::from_utf8_lossy(&security.stdout);
+    assert!(security.status.success(), "exposure above 3.0: {text}");
+    assert!(
+        text.lines().any(
+            |l| l.starts_with("→ Overall exposure level for fleet-broker.service: ")
+                && l.contains(" OK")
+        ),
+        "{text}"
+    );
+}
+
 #[test]
 fn completions_parse_and_man_pages_render() {
     let bin = env!("CARGO_BIN_EXE_fleet-broker");
