@@ -153,7 +153,8 @@ impl tower_service::Service<hyper::Uri> for CheckedUnix {
 /// For a cluster socket that is not there (`RUNTIME/clusters/NAME.sock`): asks the control
 /// socket beside it for the cluster list, which starts a socket-activated daemon (the service
 /// manager holds the control socket; the daemon answers once every cluster socket is bound).
-/// True when the daemon answered, so connecting again may succeed.
+/// True when the daemon answered, so connecting again may succeed. One fixed request written
+/// by hand: `control::client` sits above this module (control → exec → fleet_client).
 async fn wake_for(cluster_socket: &Path) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Some(runtime_dir) = cluster_socket

@@ -351,27 +351,20 @@ fn table(list: &ClusterList) -> String {
     out
 }
 
-/// One look at the daemon: what to print, and the clusters that are neither ready nor idle
-/// (or why the daemon could not be asked).
-async fn status_once(json: bool) -> (String, Result<(), String>) {
-    let (status, body) = match control_request("GET", "/v1/clusters").await {
-        Ok(r) => r,
-        Err(e) => return (format!("{e:#}\n"), Err(format!("{e:#}"))),
-    };
+/// One look at the daemon: what to print and the verdict (`Err` naming the clusters that are
+/// neither ready nor idle); the outer `Err` says why the daemon could not be asked.
+async fn status_once(json: bool) -> Result<(String, Result<(), String>), String> {
+    let (status, body) = control_request("GET", "/v1/clusters")
+        .await
+        .map_err(|e| format!("{e:#}"))?;
     if status != 200 {
-        let e = format!(
+        return Err(format!(
             "daemon answered {status}: {}",
             String::from_utf8_lossy(&body)
-        );
-        return (format!("{e}\n"), Err(e));
+        ));
     }
-    let list: ClusterList = match serde_json::from_slice(&body) {
-        Ok(l) => l,
-        Err(e) => {
-            let e = format!("the daemon's answer is not a cluster list: {e}");
-            return (format!("{e}\n"), Err(e));
-        }
-    };
+    let list: ClusterList = serde_json::from_slice(&body)
+        .map_err(|e| format!("the daemon's answer is not a cluster list: {e}"))?;
     let text = if json {
         format!("{}\n", String::from_utf8_lossy(&body))
     } else {
@@ -390,7 +383,7 @@ async fn status_once(json: bool) -> (String, Result<(), String>) {
     } else {
         Err(format!("not ready: {}", unwell.join(", ")))
     };
-    (text, verdict)
+    Ok((text, verdict))
 }
 
 /// `status --watch`: a refresh every `every` seconds, in place on a terminal (cleared and
@@ -406,8 +399,17 @@ async fn watch_status(json: bool, every: f64, count: Option<u64>) -> anyhow::Res
     let mut verdict: Result<(), String>;
     let mut n = 0u64;
     loop {
-        let (text, v) = status_once(json).await;
-        verdict = v;
+        let text = match status_once(json).await {
+            Ok((text, v)) => {
+                verdict = v;
+                text
+            }
+            Err(e) => {
+                let shown = format!("{e}\n");
+                verdict = Err(e);
+                shown
+            }
+        };
         n += 1;
         let mut out = std::io::stdout().lock();
         let frame = if json {
@@ -506,15 +508,9 @@ async fn run(cli: Cli, passed: fleet_broker::activation::Passed) -> anyhow::Resu
             count,
         } => watch_status(json, every, count).await,
         Cmd::Status { json, .. } => {
-            let (text, verdict) = status_once(json).await;
-            match verdict {
-                // The daemon's own error is the whole message.
-                Err(e) if text.trim_end() == e => anyhow::bail!("{e}"),
-                v => {
-                    print!("{text}");
-                    v.map_err(anyhow::Error::msg)
-                }
-            }
+            let (text, verdict) = status_once(json).await.map_err(anyhow::Error::msg)?;
+            print!("{text}");
+            verdict.map_err(anyhow::Error::msg)
         }
         Cmd::Completions { shell, fleetctl } => {
             let (mut cmd, name) = if fleetctl {
