@@ -10,11 +10,14 @@ use std::sync::Mutex;
 /// Rotated to `audit.jsonl.1` past this size.
 pub const MAX_BYTES: u64 = 8 * 1024 * 1024;
 
-/// Who is on the other end of a local socket, from SO_PEERCRED.
+/// Who is on the other end of a local socket: from SO_PEERCRED on a unix socket, from the
+/// kernel's socket diagnostics on the front door.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Peer {
     pub uid: u32,
     pub pid: Option<i32>,
+    /// The client's TCP address when it came through the cluster's front door.
+    pub door: Option<std::net::SocketAddr>,
 }
 
 impl Peer {
@@ -78,6 +81,9 @@ impl AuditLog {
                 o.insert("uid".into(), c.peer.uid.into());
                 o.insert("pid".into(), c.peer.pid.into());
                 o.insert("exe".into(), c.exe.clone().into());
+                if let Some(addr) = c.peer.door {
+                    o.insert("front_door_client".into(), addr.to_string().into());
+                }
             }
         }
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());

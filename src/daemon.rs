@@ -179,10 +179,11 @@ impl Daemon {
             opts.agent_socket.clone(),
             stop.clone(),
         );
+        let proxy = Proxy::new(tunnel.clone(), audit.clone());
         let mut tasks = Vec::new();
         if let Some(addr) = cfg.front_door {
             // A front door that cannot be served fails the start: nothing half-served remains.
-            let (listener, door) = match Self::front_door(cfg, opts, &tunnel, &path, addr) {
+            let (listener, door) = match Self::front_door(cfg, opts, &proxy, &audit, &path, addr) {
                 Ok(d) => d,
                 Err(e) => {
                     stop.cancel();
@@ -195,7 +196,6 @@ impl Daemon {
                 span.clone(),
             )));
         }
-        let proxy = Proxy::new(tunnel.clone(), audit);
         let task = tokio::spawn(
             crate::http::serve(
                 listener,
@@ -220,7 +220,8 @@ impl Daemon {
     fn front_door(
         cfg: &ClusterConfig,
         opts: &DaemonOptions,
-        tunnel: &Arc<Tunnel>,
+        proxy: &Proxy,
+        audit: &Arc<crate::audit::AuditLog>,
         socket: &std::path::Path,
         addr: std::net::SocketAddr,
     ) -> Result<(tokio::net::TcpListener, Arc<crate::front_door::Door>), LocalError> {
@@ -240,7 +241,8 @@ impl Daemon {
             })?;
         tracing::info!(%addr, "serving the front door");
         let door = crate::front_door::Door::new(
-            tunnel.clone(),
+            proxy.clone(),
+            audit.clone(),
             socket.to_path_buf(),
             opts.agent_socket.clone(),
             key,

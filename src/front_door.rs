@@ -11,28 +11,44 @@
 //! Everything else (a shell, other commands, other addresses, port forwarding) is refused,
 //! with a message where the protocol has room for one. Authentication is public key only,
 //! and only the user's own keys: the agent's, the cluster's `identity_files`' and those of
-//! `front_door_authorized_keys`. Loopback TCP is reachable by every local user, so a
-//! connection whose socket belongs to another uid is closed before the handshake when the
-//! kernel's socket diagnostics can tell (`local::tcp_peer_uid`).
+//! `front_door_authorized_keys`, never a key whose private half is public knowledge
+//! (Vagrant's insecure keys).
+//!
+//! Loopback TCP is reachable by every local user, so the door keeps the rules of the
+//! cluster socket: a connection is served only when the kernel's socket diagnostics
+//! (`sock_diag`) say that its client socket belongs to the broker's uid or root; one whose
+//! owner cannot be established is refused (fail closed). Refusals are logged at most once a
+//! second ([`Throttle`]). At most [`MAX_CONNECTIONS`] connections at once, each with
+//! [`LOGIN_GRACE_TIME`] to authenticate and closed after [`UNUSED_TIMEOUT`] without an open
+//! channel (OpenSSH's `UnusedConnectionTimeout`); dead clients are found by keepalives.
+//! Fleet API requests through `fd-forward` or streamlocal are served as HTTP by the
+//! cluster's [`Proxy`], so `read_only`, the audit trail and the request checks apply as on
+//! the cluster socket; a `direct-tcpip` channel to a machine counts as an ssh session:
+//! refused on a `read_only` cluster, audited at start and end.
 //!
 //! The host key is generated once, in the state directory (0600), and shared by every
 //! cluster's front door; `fleet-broker trust --front-door NAME` pins it in
 //! `~/.fleetctl/known_hosts`, the original's default file.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use russh::keys::{PrivateKey, PublicKey};
 use russh::server::{Auth, ChannelOpenHandle, Msg, Session};
 use russh::{Channel, ChannelId, ChannelOpenFailure};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::audit::{AuditLog, Peer};
 use crate::config::Endpoint;
 use crate::fleet_client::FleetClient;
+use crate::proxy::Proxy;
+use crate::throttle::Throttle;
 use crate::tunnel::channel::DrainedChannel;
 use crate::tunnel::Tunnel;
 
@@ -40,6 +56,38 @@ use crate::tunnel::Tunnel;
 const DEFAULT_FLEET_SOCKET: &str = "/var/run/fleet.sock";
 /// Bound on the machine lookup that decides whether a `direct-tcpip` target is a machine.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once per front door; more wait in the kernel's backlog.
+pub(crate) const MAX_CONNECTIONS: usize = 64;
+/// How long a client may take from connecting to being authenticated (sshd's
+/// `LoginGraceTime`, shorter: the client is local).
+pub(crate) const LOGIN_GRACE_TIME: Duration = Duration::from_secs(10);
+/// An authenticated connection without any open channel for this long is closed.
+pub(crate) const UNUSED_TIMEOUT: Duration = Duration::from_secs(60);
+/// Keepalives to a silent client; it is dead after [`KEEPALIVE_MAX`] unanswered ones.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
+const KEEPALIVE_MAX: usize = 3;
+/// Bound on finding who owns a connection (a netlink query and a `/proc` scan).
+const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long in-flight API requests may run after the door starts closing.
+const DRAIN_TIMEOUT: Duration = crate::http::DRAIN_TIMEOUT;
+/// Longest pause after a failed accept (EMFILE).
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Keys whose private halves are published, so anyone holding them proves nothing: Vagrant's
+/// insecure keys (RSA, and ed25519 since Vagrant 2.3), which `vagrant ssh-config` names as
+/// the IdentityFile of boxes that still use them.
+const PUBLIC_KNOWLEDGE_KEYS: [&str; 2] = [
+    "ssh-rsa AAAAB3NzaC1yc2EAAAABIwAAAQEA6NF8iallvQVp22WDkTkyrtvp9eWW6A8YVr+kz4TjGYe7gHzIw+niNltGEFHzD8+v1I2YJ6oXevct1YeS0o9HZyN1Q9qgCgzUFtdOKLv6IedplqoPkcmF0aYet2PkEDo3MlTBckFXPITAMzF8dJSIFo9D8HfdOV0IAdx4O7PtixWKn5y2hMNG0zQPyUecp4pzC6kivAIhyfHilFR61RGL+GPXQ2MWZWFYbAGjyiYJnAmCP3NOTd0jMZEnDkbUvxhMmBYSdETk1rRgm+R4LOzFUGaHqHDLKLX+FIPKcF96hrucXzcWyLbIbEgE98OHlnVYCzRdK8jlqm8tehUc9c9WhQ==",
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIN1YdxBpNlzxDqfJyw/QKow1F+wvG9hXGoqiysfJOn5Y",
+];
+
+/// Whether `key` is one whose private half is public knowledge.
+pub(crate) fn is_public_knowledge(key: &PublicKey) -> bool {
+    PUBLIC_KNOWLEDGE_KEYS
+        .iter()
+        .filter_map(|l| PublicKey::from_openssh(l).ok())
+        .any(|k| k.key_data() == key.key_data())
+}
 /// File name of the host key in the state directory.
 const HOST_KEY_FILE: &str = "front_door_ed25519_key";
 
@@ -96,12 +144,20 @@ pub(crate) struct Door {
     socket: PathBuf,
     agent: Option<PathBuf>,
     config: Arc<russh::server::Config>,
+    /// The cluster socket's request handling: fleet API requests through the door get the
+    /// same policy, checks and audit.
+    proxy: Proxy,
+    /// Where sessions to machines are recorded.
+    audit: Arc<AuditLog>,
+    /// Refused connections, logged at most once a second.
+    refusals: Throttle,
 }
 
 impl Door {
     /// A front door for the cluster behind `tunnel`, with `host_key`.
     pub(crate) fn new(
-        tunnel: Arc<Tunnel>,
+        proxy: Proxy,
+        audit: Arc<AuditLog>,
         socket: PathBuf,
         agent: Option<PathBuf>,
         host_key: PrivateKey,
@@ -112,14 +168,19 @@ impl Door {
             auth_rejection_time: Duration::from_millis(100),
             auth_rejection_time_initial: Some(Duration::ZERO),
             inactivity_timeout: None,
+            keepalive_interval: Some(KEEPALIVE_INTERVAL),
+            keepalive_max: KEEPALIVE_MAX,
             nodelay: true,
             ..Default::default()
         });
         Arc::new(Door {
-            tunnel,
+            tunnel: proxy.tunnel().clone(),
             socket,
             agent,
             config,
+            proxy,
+            audit,
+            refusals: Throttle::default(),
         })
     }
 
@@ -132,7 +193,8 @@ impl Door {
         }
     }
 
-    /// The keys this user may log in with, read now (the agent's keys change).
+    /// The keys this user may log in with, read now (the agent's keys change), less those
+    /// whose private halves are public knowledge. Files are read off the runtime's thread.
     async fn user_keys(&self) -> Vec<PublicKey> {
         let mut keys = Vec::new();
         if let Some(agent) = &self.agent {
@@ -144,30 +206,50 @@ impl Door {
                 }
             }
         }
-        for file in &self.tunnel.config.identity_files {
-            let public = PathBuf::from(format!("{}.pub", file.display()));
-            match std::fs::read_to_string(&public)
-                .ok()
-                .and_then(|t| PublicKey::from_openssh(t.trim()).ok())
-            {
-                Some(k) => keys.push(k),
-                None => {
-                    if let Ok(k) = russh::keys::load_secret_key(file, None) {
-                        keys.push(k.public_key().clone());
-                    }
-                }
-            }
+        let identity_files = self.tunnel.config.identity_files.clone();
+        let authorized = self.tunnel.config.front_door_authorized_keys.clone();
+        match tokio::task::spawn_blocking(move || key_files(&identity_files, authorized.as_deref()))
+            .await
+        {
+            Ok(k) => keys.extend(k),
+            Err(e) => tracing::warn!(error = %e, "front door: reading key files failed"),
         }
-        if let Some(file) = &self.tunnel.config.front_door_authorized_keys {
-            match std::fs::read_to_string(file) {
-                Ok(text) => keys.extend(authorized_keys(&text)),
-                Err(e) => {
-                    tracing::warn!(file = %file.display(), error = %e, "cannot read front_door_authorized_keys")
-                }
-            }
+        let before = keys.len();
+        keys.retain(|k| !is_public_knowledge(k));
+        if keys.len() != before {
+            tracing::warn!("front door: Vagrant's insecure key is among the user's keys; it is public knowledge and never accepted here");
         }
         keys
     }
+}
+
+/// The public keys of the cluster's identity files and of `front_door_authorized_keys`
+/// (blocking reads).
+fn key_files(identity_files: &[PathBuf], authorized: Option<&Path>) -> Vec<PublicKey> {
+    let mut keys = Vec::new();
+    for file in identity_files {
+        let public = PathBuf::from(format!("{}.pub", file.display()));
+        match std::fs::read_to_string(&public)
+            .ok()
+            .and_then(|t| PublicKey::from_openssh(t.trim()).ok())
+        {
+            Some(k) => keys.push(k),
+            None => {
+                if let Ok(k) = russh::keys::load_secret_key(file, None) {
+                    keys.push(k.public_key().clone());
+                }
+            }
+        }
+    }
+    if let Some(file) = authorized {
+        match std::fs::read_to_string(file) {
+            Ok(text) => keys.extend(authorized_keys(&text)),
+            Err(e) => {
+                tracing::warn!(file = %crate::escape::display(&file.display().to_string()), error = %e, "cannot read front_door_authorized_keys")
+            }
+        }
+    }
+    keys
 }
 
 /// The keys of an authorized_keys file (options before a key are allowed and ignored; the
@@ -189,60 +271,216 @@ fn fd_forward_path(command: &str) -> Option<&str> {
     (!rest.is_empty() && !rest.contains(char::is_whitespace)).then_some(rest)
 }
 
-/// Accepts local connections until `stop` is cancelled.
+/// Accepts local connections until `stop` is cancelled, then lets in-flight API requests
+/// finish for up to [`DRAIN_TIMEOUT`].
 pub(crate) async fn serve(listener: TcpListener, door: Arc<Door>, stop: CancellationToken) {
-    let me = crate::local::my_uid();
+    let mut conns = tokio::task::JoinSet::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let accept_errors = Throttle::default();
+    let mut pause = Duration::ZERO;
     loop {
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                tracing::warn!("front door: {MAX_CONNECTIONS} connections open; new ones wait");
+                tokio::select! {
+                    p = slots.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                    _ = stop.cancelled() => break,
+                }
+            }
+        };
         let (stream, peer) = tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => break,
             r = listener.accept() => match r {
-                Ok(a) => a,
+                Ok(a) => {
+                    pause = Duration::ZERO;
+                    a
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "front door: accept failed");
+                    pause = (pause * 2).clamp(Duration::from_millis(5), ACCEPT_BACKOFF_MAX);
+                    if let Some(suppressed) = accept_errors.admit() {
+                        tracing::warn!(error = %e, suppressed, "front door: accept failed; pausing {pause:?}");
+                    }
                     tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(pause) => continue,
                     }
                 }
             },
         };
-        if let Ok(local) = stream.local_addr() {
-            if let Some(uid) = crate::local::tcp_peer_uid(peer, local) {
-                if uid != me && uid != 0 {
-                    tracing::warn!(%peer, uid, "front door: refused a connection of another user");
-                    continue;
-                }
-            }
+        conns.spawn(tracing::Instrument::in_current_span(connection(
+            door.clone(),
+            stream,
+            peer,
+            stop.clone(),
+            slot,
+        )));
+        while conns.try_join_next().is_some() {}
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_TIMEOUT + Duration::from_secs(1), async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        conns.abort_all();
+    }
+}
+
+/// Whether a connection whose client socket belongs to `uid` may be served: only the
+/// broker's own user and root, as on the cluster sockets.
+fn admit(uid: u32, me: u32) -> Result<(), String> {
+    if uid == me || uid == 0 {
+        Ok(())
+    } else {
+        Err(format!("uid {uid} is not the broker's uid {me}"))
+    }
+}
+
+/// Who opened the connection from `peer` to `local`: its uid and, for the audit, its pid.
+/// An owner that cannot be established is an error (the connection is refused).
+async fn identify(peer: SocketAddr, local: SocketAddr) -> Result<Peer, String> {
+    use crate::sock_diag::{holder, owner, Owner};
+    let me = crate::local::my_uid();
+    let lookup = tokio::task::spawn_blocking(move || match owner(peer, local) {
+        Owner::Uid { uid, inode } => {
+            admit(uid, me)?;
+            let pid = if uid == me { holder(uid, inode) } else { None };
+            Ok((uid, pid))
         }
-        let _ = stream.set_nodelay(true);
-        let handler = Connection {
-            door: door.clone(),
-            keys: None,
-            sessions: HashMap::new(),
-        };
-        let config = door.config.clone();
-        let stop = stop.clone();
-        tokio::spawn(tracing::Instrument::in_current_span(async move {
-            let run = async {
-                if let Ok(session) = russh::server::run_stream(config, stream, handler).await {
-                    let _ = session.await;
-                }
-            };
-            tokio::select! {
-                _ = stop.cancelled() => {}
-                _ = run => {}
+        Owner::Unknown(why) => Err(format!("its owner cannot be established: {why}")),
+    });
+    let (uid, pid) = match tokio::time::timeout(IDENTIFY_TIMEOUT, lookup).await {
+        Ok(Ok(r)) => r?,
+        Ok(Err(e)) => return Err(format!("its owner cannot be established: {e}")),
+        Err(_) => {
+            return Err(format!(
+                "its owner cannot be established within {IDENTIFY_TIMEOUT:?}"
+            ))
+        }
+    };
+    Ok(Peer {
+        uid,
+        pid,
+        door: Some(peer),
+    })
+}
+
+/// One accepted connection: identified, then served as SSH within the door's limits.
+async fn connection(
+    door: Arc<Door>,
+    stream: TcpStream,
+    peer_addr: SocketAddr,
+    stop: CancellationToken,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+) {
+    let identified = match stream.local_addr() {
+        Ok(local) => identify(peer_addr, local).await,
+        Err(e) => Err(format!("its local address is unknown: {e}")),
+    };
+    let peer = match identified {
+        Ok(p) => p,
+        Err(why) => {
+            if let Some(suppressed) = door.refusals.admit() {
+                tracing::warn!(peer = %peer_addr, reason = %why, suppressed, "front door: refused a connection");
             }
-        }));
+            return;
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let (authed_tx, authed_rx) = oneshot::channel();
+    let (active_tx, active_rx) = watch::channel(0usize);
+    let handler = Connection {
+        door: door.clone(),
+        peer,
+        keys: None,
+        sessions: HashMap::new(),
+        authed: Some(authed_tx),
+        active: Arc::new(active_tx),
+        stop: stop.clone(),
+    };
+    let run = async move {
+        if let Ok(session) = russh::server::run_stream(door.config.clone(), stream, handler).await {
+            let _ = session.await;
+        }
+    };
+    tokio::pin!(run);
+    let mut idle_rx = active_rx.clone();
+    tokio::select! {
+        _ = &mut run => {}
+        why = limits(authed_rx, active_rx) => {
+            tracing::debug!(peer = %peer_addr, reason = why, "front door: closing a connection");
+        }
+        _ = stop.cancelled() => {
+            // API requests in flight were told to finish; the connection carries them.
+            let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
+                tokio::select! {
+                    _ = &mut run => {}
+                    _ = idle_rx.wait_for(|n| *n == 0) => {}
+                }
+            })
+            .await;
+        }
+    }
+}
+
+/// Resolves when a connection has overstayed: not authenticated within
+/// [`LOGIN_GRACE_TIME`], or without an open channel for [`UNUSED_TIMEOUT`]; says which.
+async fn limits(authed: oneshot::Receiver<()>, mut active: watch::Receiver<usize>) -> &'static str {
+    match tokio::time::timeout(LOGIN_GRACE_TIME, authed).await {
+        Ok(Ok(())) => {}
+        // The handler is gone: the connection ends by itself.
+        Ok(Err(_)) => std::future::pending().await,
+        Err(_) => return "not authenticated within the login grace time",
+    }
+    loop {
+        if *active.borrow_and_update() == 0 {
+            match tokio::time::timeout(UNUSED_TIMEOUT, active.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) => std::future::pending().await,
+                Err(_) => return "no channel open for the unused-connection timeout",
+            }
+        } else if active.changed().await.is_err() {
+            std::future::pending().await
+        }
+    }
+}
+
+/// Counts an open channel of a connection while it lives.
+struct Active(Arc<watch::Sender<usize>>);
+
+impl Active {
+    fn new(tx: &Arc<watch::Sender<usize>>) -> Active {
+        tx.send_modify(|n| *n += 1);
+        Active(tx.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 
 /// One SSH connection to the front door.
 struct Connection {
     door: Arc<Door>,
+    /// Who opened it (uid, pid, address), for the policy and the audit trail.
+    peer: Peer,
     /// The user's keys, read at the first authentication attempt.
     keys: Option<Vec<PublicKey>>,
-    /// Session channels waiting for their exec request.
-    sessions: HashMap<ChannelId, Channel<Msg>>,
+    /// Session channels waiting for their exec request, each counted as open.
+    sessions: HashMap<ChannelId, (Channel<Msg>, Active)>,
+    /// Told once the client has authenticated (ends the login grace time).
+    authed: Option<oneshot::Sender<()>>,
+    /// The number of open channels, for the unused-connection timeout.
+    active: Arc<watch::Sender<usize>>,
+    /// The cluster's stop token: channels end with it.
+    stop: CancellationToken,
 }
 
 impl Connection {
@@ -256,18 +494,49 @@ impl Connection {
     }
 
     /// Ends a session channel with a message on its stderr and exit status 1.
-    fn refuse(session: &mut Session, id: ChannelId, message: &str) -> Result<(), russh::Error> {
+    fn refuse(
+        &mut self,
+        session: &mut Session,
+        id: ChannelId,
+        message: &str,
+    ) -> Result<(), russh::Error> {
+        self.sessions.remove(&id);
         session.extended_data(id, 1, format!("fleet-broker front door: {message}\r\n"))?;
         session.exit_status_request(id, 1)?;
         session.eof(id)?;
         session.close(id)
     }
+
+    /// Serves the cluster's fleet API as HTTP on `channel` (through the cluster socket's
+    /// proxy: the same policy, checks and audit) until the client is done or the cluster
+    /// stops; `active` is held until then.
+    async fn serve_api(
+        door: Arc<Door>,
+        peer: Peer,
+        channel: Channel<Msg>,
+        stop: CancellationToken,
+        active: Active,
+    ) {
+        let proxy = door.proxy.clone();
+        crate::http::serve_connection(
+            hyper_util::rt::TokioIo::new(channel.into_stream()),
+            peer,
+            move |req| {
+                let p = proxy.clone();
+                async move { p.handle(req).await }
+            },
+            stop,
+            true,
+            active,
+        )
+        .await;
+    }
 }
 
-/// Copies between a client's channel and an upstream stream. The client may close its side
-/// first (the upstream then sees end of input and may still answer); once the upstream has
-/// nothing more to say the bridge ends, whatever the client's side still has open.
-async fn bridge<S>(channel: Channel<Msg>, upstream: S)
+/// Copies between a client's channel and an upstream stream until the upstream has nothing
+/// more to say (the client may close its side first; the upstream may still answer) or
+/// `stop`. Returns the bytes sent upstream and to the client.
+async fn bridge<S>(channel: Channel<Msg>, upstream: S, stop: &CancellationToken) -> (u64, u64)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -275,28 +544,45 @@ where
     let stream = channel.into_stream();
     let (mut client_rd, mut client_wr) = tokio::io::split(stream);
     let (mut up_rd, mut up_wr) = tokio::io::split(upstream);
+    let sent_up = AtomicU64::new(0);
+    let sent_down = AtomicU64::new(0);
     let to_upstream = async {
-        let _ = tokio::io::copy(&mut client_rd, &mut up_wr).await;
+        pump(&mut client_rd, &mut up_wr, &sent_up).await;
         let _ = up_wr.shutdown().await;
         std::future::pending::<()>().await
     };
-    let to_client = async {
-        let _ = tokio::io::copy(&mut up_rd, &mut client_wr).await;
-        let _ = client_wr.flush().await;
-    };
+    let to_client = pump(&mut up_rd, &mut client_wr, &sent_down);
     tokio::select! {
         _ = to_upstream => {}
         _ = to_client => {}
+        _ = stop.cancelled() => {}
     }
+    (
+        sent_up.load(Ordering::Relaxed),
+        sent_down.load(Ordering::Relaxed),
+    )
 }
 
-/// A stream to the cluster's fleet API through the warm tunnel.
-async fn fleet_stream(tunnel: &Tunnel) -> Result<DrainedChannel, String> {
-    let handle = tunnel.link().await.map_err(|e| e.to_string())?;
-    let ch = crate::proxy::open_endpoint(&handle, &tunnel.config.endpoint)
-        .await
-        .map_err(|e| format!("cannot open a channel to {}: {e}", tunnel.config.endpoint))?;
-    Ok(DrainedChannel::new(ch))
+/// Copies `rd` to `wr` until either ends, counting what was written.
+async fn pump<R, W>(rd: &mut R, wr: &mut W, count: &AtomicU64)
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        match rd.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if wr.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+                count.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }
+    }
+    let _ = wr.flush().await;
 }
 
 impl russh::server::Handler for Connection {
@@ -319,11 +605,13 @@ impl russh::server::Handler for Connection {
         _user: &str,
         key: russh::server::VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
-        Ok(if self.is_users(key.public_key).await {
-            Auth::Accept
-        } else {
-            Auth::reject()
-        })
+        if !self.is_users(key.public_key).await {
+            return Ok(Auth::reject());
+        }
+        if let Some(tx) = self.authed.take() {
+            let _ = tx.send(());
+        }
+        Ok(Auth::Accept)
     }
 
     async fn channel_open_session(
@@ -332,7 +620,8 @@ impl russh::server::Handler for Connection {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.sessions.insert(channel.id(), channel);
+        let active = Active::new(&self.active);
+        self.sessions.insert(channel.id(), (channel, active));
         reply.accept().await;
         Ok(())
     }
@@ -346,33 +635,22 @@ impl russh::server::Handler for Connection {
         let command = String::from_utf8_lossy(data).into_owned();
         session.channel_success(id)?;
         let Some(path) = fd_forward_path(&command).filter(|p| self.door.is_fleet_socket(p)) else {
-            tracing::warn!(command = %command, "front door: refused a command");
-            return Self::refuse(
+            tracing::warn!(command = %crate::escape::display(&command), "front door: refused a command");
+            return self.refuse(
                 session,
                 id,
                 "only `fleetctl fd-forward` to the cluster's fleet socket is served here",
             );
         };
-        let Some(channel) = self.sessions.remove(&id) else {
-            return Self::refuse(session, id, "no such session");
+        let Some((channel, active)) = self.sessions.remove(&id) else {
+            return self.refuse(session, id, "no such session");
         };
-        tracing::debug!(path, "front door: fd-forward");
-        let tunnel = self.door.tunnel.clone();
+        tracing::debug!(path = %crate::escape::display(path), "front door: fd-forward");
         let handle = session.handle();
+        let (door, peer, stop) = (self.door.clone(), self.peer, self.stop.clone());
         tokio::spawn(tracing::Instrument::in_current_span(async move {
-            let code = match fleet_stream(&tunnel).await {
-                Ok(up) => {
-                    bridge(channel, up).await;
-                    0
-                }
-                Err(e) => {
-                    let _ = handle
-                        .extended_data(id, 1, format!("fleet-broker front door: {e}\r\n"))
-                        .await;
-                    1
-                }
-            };
-            let _ = handle.exit_status_request(id, code).await;
+            Self::serve_api(door, peer, channel, stop, active).await;
+            let _ = handle.exit_status_request(id, 0).await;
             let _ = handle.eof(id).await;
             let _ = handle.close(id).await;
         }));
@@ -385,7 +663,7 @@ impl russh::server::Handler for Connection {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         session.channel_success(id)?;
-        Self::refuse(
+        self.refuse(
             session,
             id,
             "no shell here; this is the broker's tunnel for fleetctl",
@@ -419,7 +697,7 @@ impl russh::server::Handler for Connection {
     ) -> Result<(), Self::Error> {
         if !self.door.is_fleet_socket(socket_path) {
             tracing::warn!(
-                path = socket_path,
+                path = %crate::escape::display(socket_path),
                 "front door: refused a socket other than the fleet API's"
             );
             reply
@@ -427,16 +705,15 @@ impl russh::server::Handler for Connection {
                 .await;
             return Ok(());
         }
-        match fleet_stream(&self.door.tunnel).await {
-            Ok(up) => {
-                reply.accept().await;
-                tokio::spawn(tracing::Instrument::in_current_span(bridge(channel, up)));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "front door: cannot reach the fleet API");
-                reply.reject(ChannelOpenFailure::ConnectFailed).await;
-            }
-        }
+        reply.accept().await;
+        let active = Active::new(&self.active);
+        tokio::spawn(tracing::Instrument::in_current_span(Self::serve_api(
+            self.door.clone(),
+            self.peer,
+            channel,
+            self.stop.clone(),
+            active,
+        )));
         Ok(())
     }
 
@@ -453,15 +730,34 @@ impl russh::server::Handler for Connection {
         let cfg = &self.door.tunnel.config;
         let port_ok = port_to_connect == 22 || port_to_connect == u32::from(cfg.machine_ssh_port);
         let machine = match host_to_connect.parse::<IpAddr>() {
-            Ok(ip) if port_ok => is_machine(&self.door.socket, ip).await,
-            _ => false,
+            Ok(ip) if port_ok => machine_at(&self.door.socket, ip).await,
+            _ => None,
         };
-        if !machine {
+        let Some(machine) = machine else {
             tracing::warn!(
-                host = host_to_connect,
+                host = %crate::escape::display(host_to_connect),
                 port = port_to_connect,
                 "front door: refused an address that is not a machine's sshd"
             );
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        };
+        let record = ForwardRecord::new(
+            &self.door,
+            self.peer,
+            &machine,
+            host_to_connect,
+            port_to_connect,
+        );
+        if cfg.read_only {
+            tracing::warn!(machine = %machine, "front door: refused a session to a machine of a read-only cluster");
+            record.write(serde_json::json!({
+                "phase": "refused",
+                "status": 403,
+                "error": "the cluster is read-only in the broker's config",
+            }));
             reply
                 .reject(ChannelOpenFailure::AdministrativelyProhibited)
                 .await;
@@ -474,33 +770,92 @@ impl russh::server::Handler for Connection {
                 .map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
-        match upstream {
-            Ok(ch) => {
-                reply.accept().await;
-                tokio::spawn(tracing::Instrument::in_current_span(bridge(
-                    channel,
-                    DrainedChannel::new(ch),
-                )));
-            }
+        let ch = match upstream {
+            Ok(ch) => ch,
             Err(e) => {
-                tracing::warn!(host = host_to_connect, error = %e, "front door: the tunnel host could not connect");
+                tracing::warn!(host = %host_to_connect, error = %e, "front door: the tunnel host could not connect");
+                record.write(serde_json::json!({
+                    "phase": "refused",
+                    "status": 502,
+                    "error": e,
+                }));
                 reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                return Ok(());
             }
-        }
+        };
+        reply.accept().await;
+        record.write(serde_json::json!({"phase": "start", "status": 101}));
+        let active = Active::new(&self.active);
+        let stop = self.stop.clone();
+        tokio::spawn(tracing::Instrument::in_current_span(async move {
+            let _active = active;
+            let (up, down) = bridge(channel, DrainedChannel::new(ch), &stop).await;
+            let how = if stop.is_cancelled() {
+                "the cluster stopped"
+            } else {
+                "the connection ended"
+            };
+            record.write(serde_json::json!({
+                "phase": "end",
+                "status": 101,
+                "error": how,
+                "bytes_in": up,
+                "bytes_out": down,
+            }));
+        }));
         Ok(())
     }
 }
 
-/// Whether `ip` is the `primaryIP` of a machine of the cluster.
-async fn is_machine(socket: &Path, ip: IpAddr) -> bool {
+/// The audit lines of one `direct-tcpip` session to a machine: one `session` id, the
+/// machine, the address, who asked and when it started.
+struct ForwardRecord {
+    audit: Arc<AuditLog>,
+    caller: crate::audit::Caller,
+    what: serde_json::Value,
+    started: Instant,
+}
+
+impl ForwardRecord {
+    fn new(door: &Door, peer: Peer, machine: &str, host: &str, port: u32) -> ForwardRecord {
+        ForwardRecord {
+            audit: door.audit.clone(),
+            caller: crate::audit::Caller::of(peer),
+            what: serde_json::json!({
+                "kind": "forward",
+                "session": format!("{:016x}", rand::random::<u64>()),
+                "cluster": door.tunnel.name(),
+                "target": {"machine": machine},
+                "address": format!("{host}:{port}"),
+            }),
+            started: Instant::now(),
+        }
+    }
+
+    fn write(&self, fields: serde_json::Value) {
+        let mut line = self.what.clone();
+        if let (Some(o), Some(f)) = (line.as_object_mut(), fields.as_object()) {
+            o.extend(f.clone());
+            o.insert(
+                "duration_ms".into(),
+                (self.started.elapsed().as_millis() as u64).into(),
+            );
+        }
+        self.audit.record_as(Some(&self.caller), line);
+    }
+}
+
+/// The ID of the machine of the cluster whose `primaryIP` is `ip`, if there is one.
+async fn machine_at(socket: &Path, ip: IpAddr) -> Option<String> {
     let api = FleetClient::new(socket, LOOKUP_TIMEOUT);
     match api.machines().await {
         Ok(ms) => ms
-            .iter()
-            .any(|m| m.primary_ip.parse::<IpAddr>().is_ok_and(|p| p == ip)),
+            .into_iter()
+            .find(|m| m.primary_ip.parse::<IpAddr>().is_ok_and(|p| p == ip))
+            .map(|m| m.id),
         Err(e) => {
             tracing::warn!(error = %e, "front door: cannot list the cluster's machines");
-            false
+            None
         }
     }
 }

@@ -17,7 +17,9 @@ use hyper_util::rt::TokioIo;
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::audit::Peer;
 use crate::local::peer_allowed;
+use crate::throttle::Throttle;
 
 /// How long in-flight requests may run after shutdown begins.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -66,8 +68,8 @@ pub async fn serve<S, F>(
     let mut conns = tokio::task::JoinSet::new();
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut pause = Duration::ZERO;
-    let mut last_warn: Option<tokio::time::Instant> = None;
-    let mut suppressed = 0u64;
+    let accept_errors = Throttle::default();
+    let refusals = Throttle::default();
     loop {
         // At the cap, stop accepting until a connection ends.
         let slot = match slots.clone().try_acquire_owned() {
@@ -94,13 +96,8 @@ pub async fn serve<S, F>(
                         // EMFILE and friends: back off (5 ms doubling to 1 s) rather than
                         // spin, and say so at most once a second.
                         pause = (pause * 2).clamp(Duration::from_millis(5), ACCEPT_BACKOFF_MAX);
-                        let now = tokio::time::Instant::now();
-                        if last_warn.is_none_or(|t| now - t >= Duration::from_secs(1)) {
+                        if let Some(suppressed) = accept_errors.admit() {
                             tracing::warn!(socket = %label, error = %e, suppressed, "accept failed; pausing {pause:?}");
-                            last_warn = Some(now);
-                            suppressed = 0;
-                        } else {
-                            suppressed += 1;
                         }
                         tokio::select! {
                             _ = tokio::time::sleep(pause) => {}
@@ -112,38 +109,21 @@ pub async fn serve<S, F>(
                 let peer = match peer_allowed(&stream) {
                     Ok(p) => p,
                     Err(why) => {
-                        tracing::warn!(socket = %label, reason = %why, "refused local connection");
+                        if let Some(suppressed) = refusals.admit() {
+                            tracing::warn!(socket = %label, reason = %why, suppressed, "refused local connection");
+                        }
                         drop(stream);
                         continue;
                     }
                 };
-                let h = handler.clone();
-                // Each request carries who sent it (for the audit log).
-                let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-                    req.extensions_mut().insert(peer);
-                    let h = h.clone();
-                    async move { Ok::<_, Infallible>(h(req).await) }
-                });
-                let stop = shutdown.clone();
-                conns.spawn(tracing::Instrument::in_current_span(async move {
-                    let _slot = slot;
-                    let conn = hyper::server::conn::http1::Builder::new()
-                        .timer(hyper_util::rt::TokioTimer::new())
-                        .header_read_timeout(HEADER_READ_TIMEOUT)
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .with_upgrades();
-                    tokio::pin!(conn);
-                    let result = tokio::select! {
-                        r = conn.as_mut() => r,
-                        _ = stop.cancelled() => {
-                            conn.as_mut().graceful_shutdown();
-                            conn.await
-                        }
-                    };
-                    if let Err(e) = result {
-                        tracing::debug!(error = %e, "local connection ended with an error");
-                    }
-                }));
+                conns.spawn(tracing::Instrument::in_current_span(serve_connection(
+                    TokioIo::new(stream),
+                    peer,
+                    handler.clone(),
+                    shutdown.clone(),
+                    false,
+                    slot,
+                )));
                 // Reap finished connection tasks as we go.
                 while conns.try_join_next().is_some() {}
             }
@@ -158,5 +138,47 @@ pub async fn serve<S, F>(
     if drained.is_err() {
         tracing::warn!(socket = %label, "in-flight requests still running after {:?}; closing them", DRAIN_TIMEOUT);
         conns.abort_all();
+    }
+}
+
+/// Serves HTTP/1.1 on one accepted connection of `peer` until it ends; when `stop` is
+/// cancelled, the request in flight (an upgrade included) may finish. `slot` is held until
+/// then. Shared by the local sockets and the front door's fleet API channels, whose clients
+/// may close their sending side before the answer (`half_close`).
+pub(crate) async fn serve_connection<I, S, F>(
+    io: I,
+    peer: Peer,
+    handler: S,
+    stop: CancellationToken,
+    half_close: bool,
+    slot: impl Send + 'static,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let _slot = slot;
+    // Each request carries who sent it (for the audit log and the policy).
+    let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        req.extensions_mut().insert(peer);
+        let h = handler.clone();
+        async move { Ok::<_, Infallible>(h(req).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .half_close(half_close)
+        .serve_connection(io, svc)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "local connection ended with an error");
     }
 }

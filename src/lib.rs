@@ -17,6 +17,7 @@ pub mod daemon;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod doctor;
+pub mod escape;
 pub(crate) mod exec;
 pub mod fleet;
 pub(crate) mod fleet_client;
@@ -36,6 +37,8 @@ pub(crate) mod registry;
 pub mod remote_command;
 #[cfg(feature = "demo")]
 pub mod sim;
+pub(crate) mod sock_diag;
+pub(crate) mod throttle;
 pub mod trust;
 pub mod tunnel;
 

@@ -292,6 +292,7 @@ pub(crate) fn peer_allowed(stream: &UnixStream) -> Result<crate::audit::Peer, St
         Ok(cred) if cred.uid() == my_uid() => Ok(crate::audit::Peer {
             uid: cred.uid(),
             pid: cred.pid(),
+            door: None,
         }),
         Ok(cred) => Err(format!(
             "uid {} (pid {}) is not the broker's uid {}",
@@ -332,102 +333,5 @@ pub(crate) fn default_state_dir() -> PathBuf {
     match std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
         Some(d) => PathBuf::from(d).join("fleet-broker"),
         None => crate::config::expand_tilde("~/.local/state/fleet-broker"),
-    }
-}
-
-/// The uid owning the local TCP socket at `peer` connected to our `local`, as the kernel's
-/// socket diagnostics (`ss -p`) report it; `None` when the kernel does not tell.
-pub(crate) fn tcp_peer_uid(peer: std::net::SocketAddr, local: std::net::SocketAddr) -> Option<u32> {
-    use std::net::SocketAddr;
-    const SOCK_DIAG_BY_FAMILY: u16 = 20;
-    const NLM_F_REQUEST: u16 = 1;
-    const NLMSG_ERROR: u16 = 2;
-    const NETLINK_SOCK_DIAG: i32 = 4;
-    let (family, src, dst) = match (peer, local) {
-        (SocketAddr::V4(p), SocketAddr::V4(l)) => {
-            let mut s = [0u8; 16];
-            let mut d = [0u8; 16];
-            s[..4].copy_from_slice(&p.ip().octets());
-            d[..4].copy_from_slice(&l.ip().octets());
-            (nix::libc::AF_INET as u8, s, d)
-        }
-        (SocketAddr::V6(p), SocketAddr::V6(l)) => {
-            (nix::libc::AF_INET6 as u8, p.ip().octets(), l.ip().octets())
-        }
-        _ => return None,
-    };
-    // nlmsghdr (16) + inet_diag_req_v2 (56): the client's socket is the one whose source is
-    // the peer and whose destination is us.
-    let mut req = Vec::with_capacity(72);
-    req.extend_from_slice(&72u32.to_ne_bytes());
-    req.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-    req.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
-    req.extend_from_slice(&1u32.to_ne_bytes());
-    req.extend_from_slice(&0u32.to_ne_bytes());
-    req.push(family);
-    req.push(nix::libc::IPPROTO_TCP as u8);
-    req.push(0); // ext
-    req.push(0); // pad
-    req.extend_from_slice(&u32::MAX.to_ne_bytes()); // every state
-    req.extend_from_slice(&peer.port().to_be_bytes());
-    req.extend_from_slice(&local.port().to_be_bytes());
-    req.extend_from_slice(&src);
-    req.extend_from_slice(&dst);
-    req.extend_from_slice(&0u32.to_ne_bytes()); // interface
-    req.extend_from_slice(&u32::MAX.to_ne_bytes()); // INET_DIAG_NOCOOKIE
-    req.extend_from_slice(&u32::MAX.to_ne_bytes());
-    // SAFETY: plain socket calls on a descriptor we own, with buffers of the sizes passed.
-    unsafe {
-        let fd = nix::libc::socket(
-            nix::libc::AF_NETLINK,
-            nix::libc::SOCK_DGRAM | nix::libc::SOCK_CLOEXEC,
-            NETLINK_SOCK_DIAG,
-        );
-        if fd < 0 {
-            return None;
-        }
-        let fd = <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd);
-        let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
-        let tv = nix::libc::timeval {
-            tv_sec: 1,
-            tv_usec: 0,
-        };
-        nix::libc::setsockopt(
-            raw,
-            nix::libc::SOL_SOCKET,
-            nix::libc::SO_RCVTIMEO,
-            std::ptr::addr_of!(tv).cast(),
-            std::mem::size_of::<nix::libc::timeval>() as nix::libc::socklen_t,
-        );
-        let mut sa: nix::libc::sockaddr_nl = std::mem::zeroed();
-        sa.nl_family = nix::libc::AF_NETLINK as u16;
-        let sent = nix::libc::sendto(
-            raw,
-            req.as_ptr().cast(),
-            req.len(),
-            0,
-            std::ptr::addr_of!(sa).cast(),
-            std::mem::size_of::<nix::libc::sockaddr_nl>() as nix::libc::socklen_t,
-        );
-        if sent != req.len() as isize {
-            return None;
-        }
-        let mut buf = [0u8; 512];
-        let n = nix::libc::recv(raw, buf.as_mut_ptr().cast(), buf.len(), 0);
-        if n < 16 + 4 + 48 + 16 {
-            return None;
-        }
-        let kind = u16::from_ne_bytes([buf[4], buf[5]]);
-        if kind == NLMSG_ERROR || kind != SOCK_DIAG_BY_FAMILY {
-            return None;
-        }
-        // inet_diag_msg: family, state, timer, retrans, id (48), expires, rqueue, wqueue, uid.
-        let at = 16 + 4 + 48 + 12;
-        Some(u32::from_ne_bytes([
-            buf[at],
-            buf[at + 1],
-            buf[at + 2],
-            buf[at + 3],
-        ]))
     }
 }

@@ -165,6 +165,11 @@ impl Proxy {
         }
     }
 
+    /// The cluster's tunnel.
+    pub(crate) fn tunnel(&self) -> &Arc<Tunnel> {
+        &self.tunnel
+    }
+
     /// A 503 in fleet's error shape naming the cluster once, marked with
     /// [`BROKER_ERROR_HEADER`] so that our fleetctl can tell a tunnel fault from fleetd's.
     fn unavailable(&self, cause: &str) -> Response<Body> {

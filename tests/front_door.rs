@@ -302,7 +302,8 @@ fn only_the_users_keys_and_the_users_connections_get_in() {
         "{err}"
     );
     wait_until("the refusal in the log", DEADLINE, || {
-        e.b.log().contains("refused a connection of another user")
+        e.b.log().contains("front door: refused a connection")
+            && e.b.log().contains("uid 65534 is not the broker's uid")
     });
 }
 
