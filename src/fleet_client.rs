@@ -25,6 +25,15 @@ const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b':');
 /// Upper bound on pages followed, so a misbehaving server cannot loop us forever.
 const MAX_PAGES: usize = 100_000;
+/// The largest response body read. fleet's largest page is 100 units with their unit files
+/// (`token_limit`), a few MiB at most; anything larger is a broken or hostile server, and
+/// reading it whole would let that server fill our memory.
+pub const MAX_RESPONSE_BYTES: usize = 16 << 20;
+/// The largest listing read, all its pages together.
+pub const MAX_LISTING_BYTES: usize = 64 << 20;
+/// The largest answer the daemon reads for its own lookups (the machine list, one unit):
+/// a page of 100 machines is tens of KiB, a unit a few KiB.
+pub const LOOKUP_MAX_BYTES: usize = 4 << 20;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ApiError {
@@ -54,6 +63,13 @@ pub enum ApiError {
         code: u16,
         cluster: String,
         message: String,
+    },
+    /// The server sent more than a fleet API answer can be.
+    #[error("{method} \"{url}\": the answer is larger than {limit} bytes, more than fleet ever sends; the server is broken or not fleetd")]
+    TooLarge {
+        method: String,
+        url: String,
+        limit: usize,
     },
     #[error("{method} \"{url}\": cannot decode response: {reason}")]
     Decode {
@@ -192,6 +208,8 @@ pub struct FleetClient {
     socket: PathBuf,
     client: Client<CheckedUnix, Full<Bytes>>,
     timeout: Duration,
+    /// The largest response body read ([`MAX_RESPONSE_BYTES`] unless limited further).
+    max_response: usize,
     /// Log each request as fleetctl's debug mode does.
     pub debug: bool,
 }
@@ -240,8 +258,15 @@ impl FleetClient {
             socket: socket.to_path_buf(),
             client,
             timeout,
+            max_response: MAX_RESPONSE_BYTES,
             debug: false,
         }
+    }
+
+    /// The same client reading at most `bytes` of any one answer and of a listing.
+    pub fn limit_responses(mut self, bytes: usize) -> FleetClient {
+        self.max_response = bytes.min(MAX_RESPONSE_BYTES);
+        self
     }
 
     /// One request; returns status and body. `path_query` starts with `/fleet/v1/`.
@@ -293,11 +318,20 @@ impl FleetClient {
                 .get(crate::proxy::BROKER_ERROR_HEADER)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string);
-            let bytes = resp
-                .into_body()
+            let bytes = http_body_util::Limited::new(resp.into_body(), self.max_response)
                 .collect()
                 .await
-                .map_err(|e| transport(e.to_string()))?
+                .map_err(|e| {
+                    if e.is::<http_body_util::LengthLimitError>() {
+                        ApiError::TooLarge {
+                            method: go_method(&method),
+                            url: url.clone(),
+                            limit: self.max_response,
+                        }
+                    } else {
+                        transport(e.to_string())
+                    }
+                })?
                 .to_bytes();
             if let Some(cluster) = broker {
                 let message = match Self::check(status, &bytes) {
@@ -351,13 +385,22 @@ impl FleetClient {
         &self,
         path_query: &str,
     ) -> Result<T, ApiError> {
+        Ok(self.get_json_sized(path_query).await?.0)
+    }
+
+    /// A GET decoded, with the size of the body it was decoded from.
+    async fn get_json_sized<T: serde::de::DeserializeOwned>(
+        &self,
+        path_query: &str,
+    ) -> Result<(T, usize), ApiError> {
         let (status, body) = self.request(Method::GET, path_query, None).await?;
         Self::check(status, &body)?;
-        serde_json::from_slice(&body).map_err(|e| ApiError::Decode {
+        let value = serde_json::from_slice(&body).map_err(|e| ApiError::Decode {
             method: "Get".into(),
             url: format!("http://domain-sock{path_query}"),
             reason: e.to_string(),
-        })
+        })?;
+        Ok((value, body.len()))
     }
 
     async fn pages<P, T>(
@@ -371,6 +414,7 @@ impl FleetClient {
     {
         let mut out = Vec::new();
         let mut token = String::new();
+        let mut read = 0usize;
         for _ in 0..MAX_PAGES {
             let mut params: Vec<(String, String)> = vec![("alt".into(), "json".into())];
             for (k, v) in extra {
@@ -384,7 +428,17 @@ impl FleetClient {
                 .iter()
                 .map(|(k, v)| format!("{k}={}", utf8_percent_encode(v, NON_ALPHANUMERIC)))
                 .collect();
-            let page: P = self.get_json(&format!("{base}?{}", q.join("&"))).await?;
+            let path_query = format!("{base}?{}", q.join("&"));
+            let (page, size): (P, usize) = self.get_json_sized(&path_query).await?;
+            read += size;
+            let most = MAX_LISTING_BYTES.min(self.max_response * 4);
+            if read > most {
+                return Err(ApiError::TooLarge {
+                    method: "Get".into(),
+                    url: format!("http://domain-sock{base}"),
+                    limit: most,
+                });
+            }
             let (items, next) = take(page);
             out.extend(items);
             if next.is_empty() {

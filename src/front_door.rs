@@ -847,14 +847,21 @@ impl ForwardRecord {
 
 /// The ID of the machine of the cluster whose `primaryIP` is `ip`, if there is one.
 async fn machine_at(socket: &Path, ip: IpAddr) -> Option<String> {
-    let api = FleetClient::new(socket, LOOKUP_TIMEOUT);
-    match api.machines().await {
-        Ok(ms) => ms
+    let api = FleetClient::new(socket, LOOKUP_TIMEOUT)
+        .limit_responses(crate::fleet_client::LOOKUP_MAX_BYTES);
+    match tokio::time::timeout(LOOKUP_TIMEOUT, api.machines()).await {
+        Ok(Ok(ms)) => ms
             .into_iter()
             .find(|m| m.primary_ip.parse::<IpAddr>().is_ok_and(|p| p == ip))
             .map(|m| m.id),
-        Err(e) => {
+        Ok(Err(e)) => {
             tracing::warn!(error = %e, "front door: cannot list the cluster's machines");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(
+                "front door: the cluster's machine list did not come within {LOOKUP_TIMEOUT:?}"
+            );
             None
         }
     }

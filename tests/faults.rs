@@ -747,3 +747,135 @@ fn a_killed_agent_is_named_and_a_new_one_on_its_socket_is_enough() {
     w.agent.restart(&[&key]);
     wait_until_served(&b, "the tunnel to come back by itself");
 }
+
+/// A fleetd that answers `/fleet/v1/machines` with a body that never ends (and `{}` to
+/// everything else), on a unix socket the test serves. Returns the socket and a flag that
+/// stops it.
+fn endless_fleetd(
+    dir: &std::path::Path,
+) -> (
+    std::path::PathBuf,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::io::{BufRead, BufReader, Write};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let socket = dir.join("endless.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let stopped = stop.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            if stopped.load(Ordering::Relaxed) {
+                return;
+            }
+            let Ok(conn) = conn else { continue };
+            let stopped = stopped.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+                let mut out = conn;
+                loop {
+                    let mut first = String::new();
+                    if reader.read_line(&mut first).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let mut line = String::new();
+                    while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                        line.clear();
+                    }
+                    if !first.contains("/fleet/v1/machines") {
+                        let _ = out.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}");
+                        continue;
+                    }
+                    let _ = out.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n");
+                    let item =
+                        r#"{"id":"a1a1a1a1000000000000000000000001","primaryIP":"127.0.0.1"},"#;
+                    let chunk = format!("{{\"machines\":[{}", item.repeat(1000));
+                    let framed = format!("{:x}\r\n{chunk}\r\n", chunk.len());
+                    // Bounded: 8 GiB, or until the reader goes away or the test ends.
+                    for _ in 0..(8u64 << 30) / framed.len() as u64 {
+                        if stopped.load(Ordering::Relaxed)
+                            || out.write_all(framed.as_bytes()).is_err()
+                        {
+                            return;
+                        }
+                    }
+                    return;
+                }
+            });
+        }
+    });
+    (socket, stop)
+}
+
+/// The daemon's own lookups read a bounded amount: a fleetd whose machine list never ends
+/// gets a `fleetctl ssh` an error naming the cluster, and the daemon's memory returns to
+/// where it was (the old daemon read it whole: 1.5 GB took it to 2.7 GB).
+#[test]
+fn an_endless_answer_to_the_daemons_own_lookup_is_cut_and_memory_comes_back() {
+    let w = World::new();
+    let (socket, stop) = endless_fleetd(w.keys.path());
+    let config = cluster_toml(
+        "c1",
+        &w.sshd,
+        &format!("unix://{}", socket.display()),
+        "root",
+        &w.known_hosts,
+        "",
+    );
+    let b = Broker::start(&config, Some(&w.agent.socket));
+    let pid = b.pid().expect("pid");
+    let cwd = open_tempdir("fb-cwd.");
+    // Warm: the tunnel is up, a request has gone through it and a session has run (on the
+    // tunnel host, which needs no lookup).
+    assert_eq!(http(&b.socket("c1"), "GET", "/fleet/v1/units", None).0, 200);
+    let tunnel = w.sshd.tunnel();
+    let warm = fleetctl(
+        &b,
+        cwd.path(),
+        &[],
+        &["--cluster", "c1", "ssh", &tunnel, "true"],
+    );
+    assert_eq!(warm.code, 0, "{warm:?}");
+    let before = rss_kb(pid);
+    let mut peak = before;
+    for _ in 0..3 {
+        let run = fleetctl(
+            &b,
+            cwd.path(),
+            &[],
+            &["--cluster", "c1", "ssh", "a1a1", "true"],
+        );
+        peak = peak.max(rss_kb(pid));
+        assert_ne!(run.code, 0, "{run:?}");
+        assert!(
+            run.stderr.contains("cluster \"c1\"") && run.stderr.contains("larger than"),
+            "{run:?}"
+        );
+    }
+    // The cluster keeps working.
+    assert_eq!(http(&b.socket("c1"), "GET", "/fleet/v1/units", None).0, 200);
+    // What the tunnel still carries of the answers in flight is let go as their channels
+    // close: wait for the memory to come back, within a deadline.
+    let mut after = rss_kb(pid);
+    let end = Instant::now() + Duration::from_secs(20);
+    while after * 10 > before * 12 && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(100));
+        after = rss_kb(pid);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    eprintln!(
+        "daemon RSS: {before} kB before, {peak} kB at most, {after} kB after three endless answers"
+    );
+    if after * 10 > before * 12 {
+        eprintln!(
+            "DIAG buffered {} smaps:\n{}",
+            buffered_bytes(&b),
+            std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default()
+        );
+        eprintln!("{}", b.log());
+    }
+    assert!(
+        after * 10 <= before * 12,
+        "RSS {before} kB before, {after} kB after"
+    );
+}

@@ -28,6 +28,10 @@ fn free_port() -> u16 {
 }
 
 fn env() -> Env {
+    env_with("")
+}
+
+fn env_with(extra: &str) -> Env {
     let m = Machines::new();
     m.sim.put(
         "hello.service",
@@ -38,7 +42,7 @@ fn env() -> Env {
         "launched",
     );
     let port = free_port();
-    let b = m.broker(&format!("front_door = \"127.0.0.1:{port}\"\n"));
+    let b = m.broker(&format!("front_door = \"127.0.0.1:{port}\"\n{extra}"));
     // The cluster works, so the front door is bound.
     assert_eq!(
         http(&b.socket("c1"), "GET", "/fleet/v1/machines", None).0,
@@ -76,6 +80,15 @@ fn env() -> Env {
 }
 
 impl Env {
+    /// The audit trail's lines, parsed.
+    fn audit(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.b.dir.path().join("state/fleet-broker/audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("an audit line is JSON"))
+            .collect()
+    }
+
     fn ssh(&self) -> Command {
         let mut c = Command::new("ssh");
         c.arg("-F")
@@ -360,5 +373,346 @@ fn a_reload_that_restarts_the_cluster_keeps_the_front_door() {
     assert!(
         text(&out.stdout).starts_with("HTTP/1.1 200 OK\r\n"),
         "{out:?}"
+    );
+}
+
+/// A unit that runs a command on a machine, as an attacker would submit it.
+fn put_unit_request(name: &str) -> Vec<u8> {
+    let body = r#"{"desiredState":"launched","options":[{"section":"Service","name":"ExecStart","value":"/bin/sh -c id"}]}"#;
+    format!(
+        "PUT /fleet/v1/units/{name} HTTP/1.1\r\nHost: domain-sock\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// `ssh` run as uid 65534 (another local user), with `key` (which that user holds too),
+/// its TCP socket bound to `lo` with SO_BINDTODEVICE by socat.
+fn ssh_as_another_user_bound_to_lo(port: u16, key: &std::path::Path) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "ssh",
+        "-F",
+        "/dev/null",
+    ])
+    .args([
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "StrictHostKeyChecking=no",
+    ])
+    .args([
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "IdentityAgent=none",
+        "-o",
+        "LogLevel=ERROR",
+    ])
+    .args(["-o", "IdentitiesOnly=yes", "-o", "ConnectTimeout=10", "-i"])
+    .arg(key)
+    .arg("-o")
+    .arg("ProxyCommand=socat - TCP:127.0.0.1:%p,so-bindtodevice=lo")
+    .arg("-p")
+    .arg(port.to_string())
+    .env("HOME", "/nonexistent");
+    c
+}
+
+/// The bypass of the uid check: another user's socket bound to a device is not found by
+/// the kernel's exact lookup. With a key the door accepts (a shared Vagrant-style key that
+/// the other user holds too), that user must still be refused before the handshake.
+#[test]
+fn another_user_bound_to_a_device_is_refused_even_with_a_key_the_door_accepts() {
+    let shared = open_tempdir("fb-shared.");
+    let key = keygen(shared.path(), "shared", "ed25519");
+    let authorized = shared.path().join("authorized_keys");
+    std::fs::write(&authorized, public_line(&key)).expect("authorized_keys");
+    for f in [key.clone(), key.with_extension("pub")] {
+        nix::unistd::chown(&f, Some(nix::unistd::Uid::from_raw(65534)), None).expect("chown");
+    }
+    let e = env_with(&format!(
+        "front_door_authorized_keys = \"{}\"\n",
+        authorized.display()
+    ));
+    // The key gets in from the broker's own user: it is a key the door accepts.
+    let mut c = e.ssh();
+    c.args(["-o", "IdentityAgent=none", "-o", "IdentitiesOnly=yes", "-i"])
+        .arg(&key)
+        .arg("127.0.0.1")
+        .arg("fleetctl fd-forward /var/run/fleet.sock");
+    let _ = std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600));
+    let own = run_keeping_stdin(c, GET_MACHINES);
+    assert!(
+        text(&own.stdout).starts_with("HTTP/1.1 200 OK"),
+        "the shared key works for the broker's user: {own:?}"
+    );
+    for (what, args) in [
+        (
+            "fd-forward",
+            vec!["127.0.0.1", "fleetctl fd-forward /var/run/fleet.sock"],
+        ),
+        ("-W to a machine", vec!["-W", "MACHINE", "127.0.0.1"]),
+    ] {
+        let mut c = ssh_as_another_user_bound_to_lo(e.port, &key);
+        let target = format!("{}:{}", e.m.m1.ip, e.m.m1.port);
+        c.args(
+            args.iter()
+                .map(|a| if *a == "MACHINE" { target.as_str() } else { a }),
+        );
+        let out = run(c, &put_unit_request("evil.service"));
+        assert_eq!(out.status.code(), Some(255), "{what}: {out:?}");
+        assert!(out.stdout.is_empty(), "{what}: {}", text(&out.stdout));
+    }
+    assert!(e
+        .m
+        .sim
+        .sim
+        .lock()
+        .expect("sim")
+        .unit("evil.service")
+        .is_none());
+    wait_until("the refusal in the log", DEADLINE, || {
+        e.b.log().contains("front door: refused a connection")
+            && e.b.log().contains("uid 65534 is not the broker's uid")
+    });
+}
+
+/// A client that connects and never authenticates is closed after the login grace time,
+/// so such connections cannot pile up.
+#[test]
+fn a_connection_that_never_authenticates_is_closed() {
+    use std::io::Read;
+    let e = env();
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", e.port)).expect("connect");
+    s.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    let mut seen = Vec::new();
+    match s.read_to_end(&mut seen) {
+        Ok(_) => {}
+        Err(err) => assert_eq!(
+            err.kind(),
+            std::io::ErrorKind::ConnectionReset,
+            "still open after {DEADLINE:?}: {err}"
+        ),
+    }
+    assert!(text(&seen).starts_with("SSH-2.0-"), "{}", text(&seen));
+}
+
+/// 1 100 connections held open by another user, each socket bound to `lo`, against a
+/// daemon allowed 1 024 descriptors: every door keeps serving, and the refusals cost a log
+/// line a second, not one a connection.
+#[test]
+fn a_flood_of_device_bound_connections_from_another_user_leaves_every_door_serving() {
+    let e = env();
+    let pid = e.b.pid().expect("daemon pid");
+    let out = Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg("--nofile=1024:1024")
+        .output()
+        .expect("prlimit");
+    assert!(out.status.success(), "{out:?}");
+    let script = format!(
+        r#"use Socket; $| = 1; my @s;
+for my $i (1..1100) {{
+  socket(my $fh, PF_INET, SOCK_STREAM, 0) or die "socket: $!";
+  setsockopt($fh, SOL_SOCKET, 25, "lo") or die "SO_BINDTODEVICE: $!";
+  connect($fh, sockaddr_in({}, inet_aton("127.0.0.1"))) or die "connect $i: $!";
+  push @s, $fh;
+}}
+print "open\n"; <STDIN>;"#,
+        e.port
+    );
+    let started = std::time::Instant::now();
+    let mut flood = Command::new("prlimit")
+        .args([
+            "--nofile=4096:4096",
+            "--",
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+        ])
+        .args(["--clear-groups", "perl", "-e", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("perl");
+    let lines = line_reader(flood.stdout.take().expect("stdout"));
+    let opened = lines.recv_timeout(DEADLINE * 2);
+    if opened.is_err() {
+        kill_child(&mut flood);
+        let out = flood.wait_with_output().expect("perl");
+        panic!("the flood did not open its connections: {out:?}");
+    }
+    // While all of them are held: the cluster socket answers, and so does the door.
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fds")
+        .count();
+    let api = try_http(&e.b.socket("c1"), "GET", "/fleet/v1/machines", None);
+    let mut c = e.ssh();
+    c.arg("127.0.0.1")
+        .arg("fleetctl fd-forward /var/run/fleet.sock");
+    let door = run_keeping_stdin(c, GET_MACHINES);
+    drop(flood.stdin.take());
+    let _ = flood.wait();
+    let elapsed = started.elapsed();
+    assert!(fds < 512, "the daemon holds {fds} descriptors");
+    assert_eq!(api.map(|r| r.0).ok(), Some(200));
+    assert!(
+        text(&door.stdout).starts_with("HTTP/1.1 200 OK"),
+        "{door:?}"
+    );
+    let log = e.b.log();
+    let refusals: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("front door: refused a connection"))
+        .collect();
+    eprintln!(
+        "{} refusal lines in {elapsed:?}:\n{}",
+        refusals.len(),
+        refusals.join("\n")
+    );
+    assert!(!refusals.is_empty());
+    assert!(
+        refusals.len() as u64 <= elapsed.as_secs() + 2,
+        "{} lines in {elapsed:?}",
+        refusals.len()
+    );
+}
+
+/// read_only holds at the front door as at the cluster socket: writes through fd-forward
+/// and `ssh -L` are answered 403, a session to a machine is refused; all of it is audited.
+#[test]
+fn read_only_and_the_audit_hold_at_the_front_door() {
+    let e = env_with("read_only = true\n");
+    let mut c = e.ssh();
+    c.arg("127.0.0.1")
+        .arg("fleetctl fd-forward /var/run/fleet.sock");
+    let out = run_keeping_stdin(c, &put_unit_request("evil.service"));
+    let said = text(&out.stdout);
+    assert!(said.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{out:?}");
+    assert!(said.contains("read-only"), "{said}");
+    // DELETE through a forwarded socket.
+    let local = e.b.dir.path().join("fwd.sock");
+    let mut c = e.ssh();
+    c.args(["-N", "-o", "ExitOnForwardFailure=yes", "-L"])
+        .arg(format!("{}:/var/run/fleet.sock", local.display()))
+        .arg("127.0.0.1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = c.spawn().expect("ssh -L");
+    wait_until("the forwarded socket", DEADLINE, || local.exists());
+    let deleted = try_http(&local, "DELETE", "/fleet/v1/units/hello.service", None);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(deleted.expect("DELETE").0, 403);
+    assert!(e
+        .m
+        .sim
+        .sim
+        .lock()
+        .expect("sim")
+        .unit("hello.service")
+        .is_some());
+    assert!(e
+        .m
+        .sim
+        .sim
+        .lock()
+        .expect("sim")
+        .unit("evil.service")
+        .is_none());
+    // A session to a machine.
+    let mut c = e.ssh();
+    c.arg("-W")
+        .arg(format!("{}:{}", e.m.m1.ip, e.m.m1.port))
+        .arg("127.0.0.1");
+    let out = run(c, b"");
+    assert_eq!(out.status.code(), Some(255), "{out:?}");
+    assert!(
+        text(&out.stderr).contains("administratively prohibited"),
+        "{}",
+        text(&out.stderr)
+    );
+    let audit = e.audit();
+    let find = |pred: &dyn Fn(&serde_json::Value) -> bool| audit.iter().find(|l| pred(l)).cloned();
+    let put = find(&|l| l["method"] == "PUT").expect("the PUT is audited");
+    assert_eq!(put["status"], 403);
+    assert_eq!(put["path"], "/fleet/v1/units/evil.service");
+    assert!(
+        put["front_door_client"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("127.0.0.1:")),
+        "{put}"
+    );
+    assert!(
+        put["exe"].as_str().is_some_and(|x| x.ends_with("/ssh")),
+        "{put}"
+    );
+    let delete = find(&|l| l["method"] == "DELETE").expect("the DELETE is audited");
+    assert_eq!(delete["status"], 403);
+    let fwd = find(&|l| l["kind"] == "forward").expect("the session is audited");
+    assert_eq!(fwd["phase"], "refused");
+    assert_eq!(fwd["status"], 403);
+    assert_eq!(fwd["target"]["machine"], M1);
+}
+
+/// What arrives through the front door is on record: API writes with who sent them, and a
+/// session to a machine at its start and its end.
+#[test]
+fn writes_and_sessions_through_the_front_door_are_audited() {
+    let e = env();
+    let mut c = e.ssh();
+    c.arg("127.0.0.1")
+        .arg("fleetctl fd-forward /var/run/fleet.sock");
+    let out = run_keeping_stdin(c, &put_unit_request("new.service"));
+    assert!(
+        text(&out.stdout).starts_with("HTTP/1.1 201 Created\r\n"),
+        "{out:?}"
+    );
+    let mut c = Command::new("ssh");
+    c.arg("-F")
+        .arg(&e.ssh_config)
+        .arg("-J")
+        .arg(format!("127.0.0.1:{}", e.port))
+        .arg("-p")
+        .arg(e.m.m1.port.to_string())
+        .arg(format!("root@{}", e.m.m1.ip))
+        .arg("systemctl status -l -- hello.service");
+    let out = run(c, b"");
+    assert!(out.status.success(), "{out:?}");
+    wait_until("the session's end in the audit", DEADLINE, || {
+        e.audit()
+            .iter()
+            .any(|l| l["kind"] == "forward" && l["phase"] == "end")
+    });
+    let audit = e.audit();
+    let put = audit.iter().find(|l| l["method"] == "PUT").expect("PUT");
+    assert_eq!(put["status"], 201);
+    assert_eq!(put["uid"], nix::unistd::geteuid().as_raw());
+    let fwd: Vec<&serde_json::Value> = audit.iter().filter(|l| l["kind"] == "forward").collect();
+    assert_eq!(fwd.len(), 2, "{fwd:?}");
+    assert_eq!(fwd[0]["phase"], "start");
+    assert_eq!(fwd[0]["session"], fwd[1]["session"]);
+    assert_eq!(fwd[0]["target"]["machine"], M1);
+    assert_eq!(fwd[0]["address"], format!("{}:{}", e.m.m1.ip, e.m.m1.port));
+    assert!(
+        fwd[1]["bytes_in"].as_u64().is_some_and(|n| n > 0),
+        "{}",
+        fwd[1]
+    );
+    assert!(
+        fwd[1]["bytes_out"].as_u64().is_some_and(|n| n > 0),
+        "{}",
+        fwd[1]
+    );
+    assert!(
+        fwd[0]["exe"].as_str().is_some_and(|x| x.ends_with("/ssh")),
+        "{}",
+        fwd[0]
     );
 }

@@ -1,7 +1,7 @@
 //! Target resolution: which machine (or the tunnel host) a session runs on, from the
 //! cluster's fleet API, with fleetctl's messages.
 
-use crate::fleet_client::FleetClient;
+use crate::fleet_client::{ApiError, FleetClient};
 use crate::protocol::exec::{ExecError, ExecTarget};
 
 use super::{Exec, LOOKUP_TIMEOUT};
@@ -45,20 +45,42 @@ impl Exec {
                 return Ok(Place::Tunnel);
             }
         }
-        let api = FleetClient::new(&self.socket, LOOKUP_TIMEOUT);
+        let api = FleetClient::new(&self.socket, LOOKUP_TIMEOUT)
+            .limit_responses(crate::fleet_client::LOOKUP_MAX_BYTES);
         // A unit target needs the unit and the machine list; both are asked at once.
         let unit_name = match target {
             ExecTarget::Unit(name) => Some(name.clone()),
             ExecTarget::Auto(s) => Some(crate::fleet::names::unit_name_mangle(s)),
             _ => None,
         };
-        let (machines, unit) = tokio::join!(api.machines(), async {
-            match &unit_name {
-                Some(name) => Some(api.unit(name).await),
-                None => None,
+        let lookups = async {
+            tokio::join!(api.machines(), async {
+                match &unit_name {
+                    Some(name) => Some(api.unit(name).await),
+                    None => None,
+                }
+            })
+        };
+        let cluster = self.tunnel.name();
+        let (machines, unit) = tokio::time::timeout(LOOKUP_TIMEOUT, lookups)
+            .await
+            .map_err(|_| {
+                ExecError::resolve(format!(
+                    "cluster {cluster:?}: the fleet API did not answer within {}",
+                    humantime::format_duration(LOOKUP_TIMEOUT)
+                ))
+            })?;
+        // An answer too large for any fleetd says so with the cluster's name.
+        let named = |e: ApiError| match e {
+            e @ ApiError::TooLarge { .. } => {
+                ExecError::resolve(format!("cluster {cluster:?}: {e}"))
             }
-        });
-        let machines = machines.map_err(|e| ExecError::resolve(e.to_string()))?;
+            e => ExecError::resolve(e.to_string()),
+        };
+        let machines = machines.map_err(named)?;
+        if let Some(Err(e @ ApiError::TooLarge { .. })) = &unit {
+            return Err(named(e.clone()));
+        }
         let by_machine = |prefix: &str| -> Result<Option<Place>, ExecError> {
             let mut found = machines.iter().filter(|m| m.id.starts_with(prefix));
             let Some(m) = found.next() else {
