@@ -181,9 +181,12 @@ impl Daemon {
         );
         let proxy = Proxy::new(tunnel.clone(), audit.clone());
         let mut tasks = Vec::new();
+        let mut door_state = None;
         if let Some(addr) = cfg.front_door {
-            // A front door that cannot be served fails the start: nothing half-served remains.
-            let (listener, door) = match Self::front_door(cfg, opts, &proxy, &audit, &path, addr) {
+            // Without its host key no door can be served: that fails the start, and nothing
+            // half-served remains. A port that cannot be bound (another program holds it)
+            // fails this door only, which keeps trying.
+            let door = match Self::front_door(opts, &proxy, &audit, &path) {
                 Ok(d) => d,
                 Err(e) => {
                     stop.cancel();
@@ -191,8 +194,11 @@ impl Daemon {
                     return Err(e);
                 }
             };
+            let first = crate::front_door::bind(addr);
+            let state = Arc::new(crate::front_door::DoorState::new(addr, &first));
+            door_state = Some(state.clone());
             tasks.push(tokio::spawn(tracing::Instrument::instrument(
-                crate::front_door::serve(listener, door, stop.clone()),
+                crate::front_door::run(addr, first, door, state, stop.clone()),
                 span.clone(),
             )));
         }
@@ -211,35 +217,22 @@ impl Daemon {
         tracing::info!(socket = %path.display(), "serving cluster socket");
         tasks.push(task);
         Ok(Arc::new(ClusterRuntime::new(
-            tunnel, exec, path, stop, tasks,
+            tunnel, exec, path, door_state, stop, tasks,
         )))
     }
 
-    /// Binds a cluster's front door (loopback only, checked by the config) with the shared
-    /// host key.
+    /// A cluster's front door with the shared host key.
     fn front_door(
-        cfg: &ClusterConfig,
         opts: &DaemonOptions,
         proxy: &Proxy,
         audit: &Arc<crate::audit::AuditLog>,
         socket: &std::path::Path,
-        addr: std::net::SocketAddr,
-    ) -> Result<(tokio::net::TcpListener, Arc<crate::front_door::Door>), LocalError> {
+    ) -> Result<Arc<crate::front_door::Door>, LocalError> {
         let key =
             crate::front_door::host_key(&opts.state_dir).map_err(|message| LocalError::Unsafe {
                 path: opts.state_dir.clone(),
                 message,
             })?;
-        let listener = std::net::TcpListener::bind(addr)
-            .and_then(|l| {
-                l.set_nonblocking(true)?;
-                tokio::net::TcpListener::from_std(l)
-            })
-            .map_err(|source| LocalError::Io {
-                path: PathBuf::from(format!("front door {addr} of cluster {:?}", cfg.name)),
-                source,
-            })?;
-        tracing::info!(%addr, "serving the front door");
         let door = crate::front_door::Door::new(
             proxy.clone(),
             audit.clone(),
@@ -247,7 +240,7 @@ impl Daemon {
             opts.agent_socket.clone(),
             key,
         );
-        Ok((listener, door))
+        Ok(door)
     }
 
     /// Stops a cluster: its socket drains (bounded) and is removed.
@@ -313,7 +306,7 @@ impl Daemon {
         self.registry
             .all()
             .iter()
-            .map(|c| crate::control::info(&c.tunnel, &c.socket))
+            .map(|c| crate::control::info(c))
             .collect()
     }
 

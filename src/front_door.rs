@@ -271,6 +271,98 @@ fn fd_forward_path(command: &str) -> Option<&str> {
     (!rest.is_empty() && !rest.contains(char::is_whitespace)).then_some(rest)
 }
 
+/// What `status` shows of a front door: listening, or why not.
+pub(crate) struct DoorState {
+    info: std::sync::Mutex<crate::protocol::FrontDoorInfo>,
+}
+
+impl DoorState {
+    /// The state of a door on `addr` after its first bind.
+    pub(crate) fn new(addr: SocketAddr, bound: &std::io::Result<TcpListener>) -> DoorState {
+        DoorState {
+            info: std::sync::Mutex::new(crate::protocol::FrontDoorInfo {
+                address: addr.to_string(),
+                listening: bound.is_ok(),
+                error: bound.as_ref().err().map(|e| bind_error(addr, e)),
+            }),
+        }
+    }
+
+    pub(crate) fn info(&self) -> crate::protocol::FrontDoorInfo {
+        self.info.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set(&self, listening: bool, error: Option<String>) {
+        let mut i = self.info.lock().unwrap_or_else(|p| p.into_inner());
+        i.listening = listening;
+        i.error = error;
+    }
+}
+
+/// First and longest wait between attempts to bind a front door's port.
+const BIND_RETRY_MIN: Duration = Duration::from_secs(1);
+const BIND_RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// Binds a door's loopback port (at once, without waiting on the runtime).
+pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let l = std::net::TcpListener::bind(addr)?;
+    l.set_nonblocking(true)?;
+    TcpListener::from_std(l)
+}
+
+/// What `status` and the log say when a door's port cannot be bound.
+fn bind_error(addr: SocketAddr, e: &std::io::Error) -> String {
+    if e.kind() == std::io::ErrorKind::AddrInUse {
+        format!(
+            "front door {addr}: the port is taken by another program (`ss -ltnp sport = :{}` shows which); the door is tried again until it is free, or choose another `front_door` port",
+            addr.port()
+        )
+    } else {
+        format!("front door {addr}: {e}; tried again until it works")
+    }
+}
+
+/// Serves the door on `first` (the bind the daemon made at start) until `stop`. A port that
+/// cannot be bound (another program, perhaps another user's, holds it) fails this door
+/// only: the error is logged and shown by `status`, and binding is tried again, 1 s doubling
+/// to a minute apart.
+pub(crate) async fn run(
+    addr: SocketAddr,
+    first: std::io::Result<TcpListener>,
+    door: Arc<Door>,
+    state: Arc<DoorState>,
+    stop: CancellationToken,
+) {
+    let mut wait = BIND_RETRY_MIN;
+    let mut said: Option<String> = None;
+    let mut attempt = first;
+    loop {
+        match attempt {
+            Ok(listener) => {
+                state.set(true, None);
+                tracing::info!(%addr, "serving the front door");
+                serve(listener, door, stop).await;
+                state.set(false, None);
+                return;
+            }
+            Err(e) => {
+                let why = bind_error(addr, &e);
+                if said.as_deref() != Some(why.as_str()) {
+                    tracing::error!(error = %why, "the front door cannot listen; the cluster socket still serves");
+                    said = Some(why.clone());
+                }
+                state.set(false, Some(why));
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        wait = (wait * 2).min(BIND_RETRY_MAX);
+        attempt = bind(addr);
+    }
+}
+
 /// Accepts local connections until `stop` is cancelled, then lets in-flight API requests
 /// finish for up to [`DRAIN_TIMEOUT`].
 pub(crate) async fn serve(listener: TcpListener, door: Arc<Door>, stop: CancellationToken) {

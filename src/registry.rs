@@ -20,6 +20,8 @@ pub(crate) struct ClusterRuntime {
     pub(crate) exec: Arc<Exec>,
     /// The local cluster socket.
     pub(crate) socket: PathBuf,
+    /// The front door's state, when the cluster has one.
+    pub(crate) front_door: Option<Arc<crate::front_door::DoorState>>,
     /// Cancelled to stop everything of this cluster (a child of the daemon's token).
     stop: CancellationToken,
     /// The cluster socket's accept loop, and the front door's if there is one.
@@ -32,6 +34,7 @@ impl ClusterRuntime {
         tunnel: Arc<Tunnel>,
         exec: Arc<Exec>,
         socket: PathBuf,
+        front_door: Option<Arc<crate::front_door::DoorState>>,
         stop: CancellationToken,
         tasks: Vec<JoinHandle<()>>,
     ) -> ClusterRuntime {
@@ -39,6 +42,7 @@ impl ClusterRuntime {
             tunnel,
             exec,
             socket,
+            front_door,
             stop,
             tasks: Mutex::new(tasks),
         }

@@ -716,3 +716,64 @@ fn writes_and_sessions_through_the_front_door_are_audited() {
         fwd[0]
     );
 }
+
+/// Another program holding a cluster's front door port fails that door only: both cluster
+/// sockets serve, `status` names the taken port (and exits 1), and the door comes up by
+/// itself once the port is free.
+#[test]
+fn a_squatted_port_fails_that_door_only_and_the_door_comes_up_when_it_is_free() {
+    use std::io::Read;
+    let m = Machines::new();
+    let port = free_port();
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", port)).expect("squat");
+    let config = format!(
+        "{}{}",
+        m.config(&format!("front_door = \"127.0.0.1:{port}\"\n")),
+        cluster_toml(
+            "c2",
+            &m.tunnel,
+            &format!("unix://{}", m.sim.socket.display()),
+            "root",
+            &m.known_hosts,
+            ""
+        )
+    );
+    let b = Broker::start(&config, Some(&m.agent.socket));
+    for c in ["c1", "c2"] {
+        assert_eq!(
+            http(&b.socket(c), "GET", "/fleet/v1/machines", None).0,
+            200,
+            "{c}"
+        );
+    }
+    let door = &b.cluster_info("c1")["front_door"];
+    assert_eq!(door["listening"], false, "{door}");
+    assert!(
+        door["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("taken by another program")),
+        "{door}"
+    );
+    let status = b.cli(&["status"]);
+    assert_eq!(status.status.code(), Some(1), "{status:?}");
+    assert!(
+        text(&status.stdout).contains(&format!("front door 127.0.0.1:{port}: the port is taken")),
+        "{}",
+        text(&status.stdout)
+    );
+    assert!(
+        b.log().contains("the front door cannot listen"),
+        "{}",
+        b.log()
+    );
+    drop(squatter);
+    wait_until("the door to listen", DEADLINE, || {
+        b.cluster_info("c1")["front_door"]["listening"] == true
+    });
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    let mut banner = [0u8; 8];
+    s.read_exact(&mut banner).expect("banner");
+    assert_eq!(&banner, b"SSH-2.0-");
+    assert_eq!(b.cli(&["status"]).status.code(), Some(0));
+}

@@ -327,7 +327,13 @@ fn table(list: &ClusterList) -> String {
             status,
             ..
         } = c;
-        let error = status.last_error.as_deref().unwrap_or("-");
+        let door = c.front_door.as_ref().and_then(|d| d.error.as_deref());
+        let error = match (status.last_error.as_deref(), door) {
+            (Some(e), Some(d)) => format!("{e}; {d}"),
+            (Some(e), None) | (None, Some(e)) => e.to_string(),
+            (None, None) => "-".to_string(),
+        };
+        let error = fleet_broker::escape::display(&error);
         let error = match error.char_indices().nth(ERROR_WIDTH) {
             Some((cut, _)) => format!("{}… (whole text: status --json)", &error[..cut]),
             None => error.to_string(),
@@ -375,7 +381,10 @@ async fn status_once(json: bool) -> Result<(String, Result<(), String>), String>
     let unwell: Vec<&str> = list
         .clusters
         .iter()
-        .filter(|c| !matches!(c.status.state, State::Ready | State::Idle))
+        .filter(|c| {
+            !matches!(c.status.state, State::Ready | State::Idle)
+                || c.front_door.as_ref().is_some_and(|d| !d.listening)
+        })
         .map(|c| c.name.as_str())
         .collect();
     let verdict = if unwell.is_empty() {

@@ -16,7 +16,7 @@ use tracing::Instrument;
 use crate::http::{fleet_error, json_response, Body};
 use crate::protocol::frame;
 use crate::protocol::{ClusterInfo, ClusterList};
-use crate::tunnel::{Command, State, Status, Tunnel};
+use crate::tunnel::{Command, State, Status};
 
 /// How long `disconnect` waits for the tunnel to be closed before it answers.
 const DISCONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -169,7 +169,8 @@ async fn exec(
 }
 
 /// What the control socket reports of one cluster.
-pub(crate) fn info(t: &Tunnel, socket: &std::path::Path) -> ClusterInfo {
+pub(crate) fn info(rt: &crate::registry::ClusterRuntime) -> ClusterInfo {
+    let (t, socket) = (&rt.tunnel, &rt.socket);
     ClusterInfo {
         name: t.config.name.clone(),
         tunnel: t.config.tunnel.to_string(),
@@ -178,6 +179,7 @@ pub(crate) fn info(t: &Tunnel, socket: &std::path::Path) -> ClusterInfo {
         socket: socket.to_path_buf(),
         connect_timeout_secs: t.config.connect_timeout.as_secs_f64(),
         status: t.status(),
+        front_door: rt.front_door.as_ref().map(|d| d.info()),
     }
 }
 
@@ -300,12 +302,7 @@ impl Control {
         let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         match (req.method(), segs.as_slice()) {
             (&Method::GET, ["v1", "clusters"]) => to_json(&ClusterList {
-                clusters: self
-                    .registry
-                    .all()
-                    .iter()
-                    .map(|c| info(&c.tunnel, &c.socket))
-                    .collect(),
+                clusters: self.registry.all().iter().map(|c| info(c)).collect(),
             }),
             (&Method::GET, ["metrics"]) => self.metrics(),
             (&Method::POST, ["v1", "reload"]) => {
@@ -332,14 +329,14 @@ impl Control {
                         ),
                     );
                 };
-                let (t, sock) = (&rt.tunnel, &rt.socket);
+                let t = &rt.tunnel;
                 let span = tracing::info_span!("cluster", cluster = %t.name());
                 match (m, rest) {
-                    (&Method::GET, []) => to_json(&info(t, sock)),
+                    (&Method::GET, []) => to_json(&info(&rt)),
                     (&Method::POST, ["connect"]) => {
                         t.command(Command::Connect).await;
                         let _ = t.link().await;
-                        to_json(&info(t, sock))
+                        to_json(&info(&rt))
                     }
                     (&Method::POST, ["exec"]) => {
                         exec(
@@ -373,7 +370,7 @@ impl Control {
                     (&Method::POST, ["disconnect"]) => {
                         t.command(Command::Disconnect).await;
                         t.wait_for_state(State::Idle, DISCONNECT_WAIT).await;
-                        to_json(&info(t, sock))
+                        to_json(&info(&rt))
                     }
                     _ => fleet_error(StatusCode::NOT_FOUND, &format!("no route {m} {path}")),
                 }

@@ -75,6 +75,20 @@ pub struct ClusterInfo {
     /// The tunnel's state and counters.
     #[serde(flatten)]
     pub status: Status,
+    /// The cluster's SSH front door, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub front_door: Option<FrontDoorInfo>,
+}
+
+/// A cluster's front door as the control socket reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrontDoorInfo {
+    /// The loopback `address:port` it is configured on.
+    pub address: String,
+    /// Whether it is accepting connections.
+    pub listening: bool,
+    /// Why it is not, while it is not (it keeps trying).
+    pub error: Option<String>,
 }
 
 /// `GET /v1/clusters`.
