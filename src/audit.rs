@@ -138,12 +138,21 @@ pub fn readable(
         }
     }
     let bytes = |k: &str| v[k].as_u64().map(|n| format!("{n} B"));
-    let (what, result) = if s("kind") == "exec" {
-        let what = format!(
-            "exec {} {}",
-            v["target"],
-            v["command"].as_str().unwrap_or("(shell)")
-        );
+    let kind = s("kind");
+    let (what, result) = if kind == "exec" || kind == "forward" {
+        let what = if kind == "exec" {
+            format!(
+                "exec {} {}",
+                v["target"],
+                v["command"].as_str().unwrap_or("(shell)")
+            )
+        } else {
+            format!(
+                "ssh to {} {} through the front door",
+                v["target"],
+                s("address")
+            )
+        };
         let result = match s("phase").as_str() {
             "start" => format!("started, session {}", s("session")),
             "end" => {
@@ -173,7 +182,7 @@ pub fn readable(
         }
         (format!("{} {}", s("method"), s("path")), result)
     };
-    Some(format!(
+    let line = format!(
         "{}  {}  uid {} pid {} {}  {what} -> {result}{}",
         s("time"),
         s("cluster"),
@@ -183,7 +192,9 @@ pub fn readable(
         v["duration_ms"]
             .as_u64()
             .map_or_else(String::new, |ms| format!(" ({ms} ms)"))
-    ))
+    );
+    // Paths, commands and errors came from clients and servers: one line, nothing hidden.
+    Some(crate::escape::display(&line).into_owned())
 }
 
 #[cfg(test)]
@@ -207,6 +218,18 @@ mod tests {
         let later = humantime::parse_rfc3339("2026-11-26T11:00:00Z").expect("time");
         assert_eq!(readable(end, None, Some(later)), None);
         assert_eq!(readable("not json", None, None), None);
+        let fwd = r#"{"kind":"forward","phase":"refused","session":"01","cluster":"prod","target":{"machine":"m1"},"address":"10.0.0.1:22","status":403,"error":"read-only","time":"t","uid":1,"pid":2,"exe":"/usr/bin/ssh","front_door_client":"127.0.0.1:5"}"#;
+        let text = readable(fwd, None, None).expect("line");
+        assert!(
+            text.ends_with(
+                "ssh to {\"machine\":\"m1\"} 10.0.0.1:22 through the front door -> 403 read-only"
+            ),
+            "{text}"
+        );
+        let hostile = r#"{"kind":"api","cluster":"prod","method":"PUT","path":"/x\u001b[2J\r","status":201,"time":"t","uid":1,"pid":2,"exe":"/tmp/e\nvil"}"#;
+        let text = readable(hostile, None, None).expect("line");
+        assert!(!text.contains(['\x1b', '\r', '\n']), "{text:?}");
+        assert!(text.contains("/x\\x1b[2J\\r"), "{text}");
         let refused = r#"{"kind":"exec","phase":"refused","cluster":"prod","target":{"machine":"x"},"command":null,"status":404,"error":"no machine x","time":"t","uid":1,"pid":2,"exe":"e"}"#;
         let text = readable(refused, None, None).expect("line");
         assert!(

@@ -27,6 +27,24 @@ pub fn display(s: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// A text of several lines (a unit file) for a terminal: each line as [`display`] makes it,
+/// its line breaks and tabs kept.
+pub fn display_text(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+        return Cow::Borrowed(s);
+    }
+    let lines: Vec<String> = s
+        .split('\n')
+        .map(|l| {
+            l.split('\t')
+                .map(|part| display(part).into_owned())
+                .collect::<Vec<_>>()
+                .join("\t")
+        })
+        .collect();
+    Cow::Owned(lines.join("\n"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -38,6 +56,11 @@ mod tests {
         assert_eq!(
             display("evil\x1b[2J\rok\n\t\x07\x7f\u{9b}é"),
             "evil\\x1b[2J\\rok\\n\\t\\x07\\x7f\\u{9b}é"
+        );
+        assert!(matches!(display_text("[Unit]\n\tA=b\n"), Cow::Borrowed(_)));
+        assert_eq!(
+            display_text("[Service]\nExecStart=/bin/echo \x1b]0;owned\x07\r\n"),
+            "[Service]\nExecStart=/bin/echo \\x1b]0;owned\\x07\\r\n"
         );
     }
 }

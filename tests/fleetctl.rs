@@ -810,3 +810,88 @@ fn fleetctl_cluster_demo_works_against_fleet_broker_demo() {
         "{ssh:?}"
     );
 }
+
+/// Whoever can write fleet's registry chooses unit names, unit files, states and machine
+/// metadata. Control characters in them are shown escaped in every table and in `cat` on a
+/// terminal, so they cannot hide or rewrite rows; `cat` into a pipe gives the file as it is.
+#[test]
+fn control_characters_from_the_cluster_are_shown_escaped() {
+    let keys = open_tempdir("fb-keys.");
+    let key = keygen(keys.path(), "id_ed25519", "ed25519");
+    let sshd = Sshd::start(&["root"], &[&key]);
+    let agent = Agent::start(&[&key]);
+    let mut machines = fleet_broker::sim::demo_machines();
+    machines[0]
+        .metadata
+        .insert("role".into(), "web\x1b[2K\rfake".into());
+    let sim = SimServer::with(machines, false);
+    let known_hosts = keys.path().join("known_hosts");
+    std::fs::write(&known_hosts, sshd.known_hosts_line()).expect("known_hosts");
+    let b = Broker::start(
+        &cluster_toml(
+            "c1",
+            &sshd,
+            &format!("unix://{}", sim.socket.display()),
+            "root",
+            &known_hosts,
+            "",
+        ),
+        Some(&agent.socket),
+    );
+    let unit = "evil\x1b[8m.service";
+    sim.put(
+        unit,
+        vec![opt("Service", "ExecStart", "/bin/echo \x1b]0;pwned\x07")],
+        "launched",
+    );
+    let cwd = open_tempdir("fb-cli.");
+    for args in [
+        vec!["list-machines"],
+        vec!["list-units"],
+        vec!["list-unit-files"],
+    ] {
+        let r = fleetctl(&b, cwd.path(), &[], &args);
+        ok(&r);
+        assert!(
+            !r.stdout.contains(['\x1b', '\r', '\x07']),
+            "{args:?}: {:?}",
+            r.stdout
+        );
+        let shown = if args[0] == "list-machines" {
+            "role=web\\x1b[2K\\rfake"
+        } else {
+            "evil\\x1b[8m.service"
+        };
+        assert!(r.stdout.contains(shown), "{args:?}: {}", r.stdout);
+    }
+    // Into a pipe: the unit file byte for byte.
+    let r = fleetctl(&b, cwd.path(), &[], &["cat", unit]);
+    ok(&r);
+    assert_eq!(
+        r.stdout,
+        "[Service]\nExecStart=/bin/echo \x1b]0;pwned\x07\n"
+    );
+    // On a terminal (script(1) gives it one): escaped.
+    let tty = Command::new("script")
+        .args([
+            "-qec",
+            &format!(
+                "{} --cluster c1 cat 'evil\x1b[8m.service'",
+                env!("CARGO_BIN_EXE_fleetctl")
+            ),
+            "/dev/null",
+        ])
+        .env("XDG_RUNTIME_DIR", b.dir.path().join("xdg"))
+        .env_remove("FLEETCTL_ENDPOINT")
+        .env_remove("FLEETCTL_TUNNEL")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("script");
+    let screen = String::from_utf8_lossy(&tty.stdout);
+    assert!(tty.status.success(), "{tty:?}");
+    assert!(!screen.contains('\x1b'), "{screen:?}");
+    assert!(
+        screen.contains("ExecStart=/bin/echo \\x1b]0;pwned\\x07"),
+        "{screen:?}"
+    );
+}

@@ -60,12 +60,18 @@ async fn machines_or_report(api: &FleetClient) -> Result<Vec<Machine>, ()> {
         .map_err(|e| eprintln!("Error retrieving list of active machines: {e}"))
 }
 
+/// The table of `rows` under a legend of `keys`; control characters in cells (cluster data:
+/// unit names, states, metadata) are shown escaped, so no row can hide or rewrite another.
 fn table(keys: &[String], rows: Vec<Vec<String>>, no_legend: bool) -> String {
     let mut all = Vec::with_capacity(rows.len() + 1);
     if !no_legend {
         all.push(keys.iter().map(|k| k.to_uppercase()).collect());
     }
-    all.extend(rows);
+    all.extend(rows.into_iter().map(|row| {
+        row.into_iter()
+            .map(|cell| crate::escape::display(&cell).into_owned())
+            .collect()
+    }));
     render(&all)
 }
 

@@ -22,7 +22,7 @@ fn machine_place(m: &crate::fleet::schema::Machine) -> Place {
         Ok(ip) => ip.to_string(),
         Err(_) => {
             if !m.primary_ip.is_empty() {
-                tracing::warn!(machine = %m.id, primary_ip = ?m.primary_ip, "the fleet API reports a primaryIP that is not an IP address; not dialling it");
+                tracing::warn!(machine = %crate::escape::display(&m.id), primary_ip = ?m.primary_ip, "the fleet API reports a primaryIP that is not an IP address; not dialling it");
             }
             String::new()
         }

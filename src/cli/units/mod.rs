@@ -78,9 +78,17 @@ pub(crate) async fn run_cat(ctx: &Ctx, args: &[String]) -> i32 {
     let name = unit_name_mangle(&args[0]);
     match ctx.api.unit(&name).await {
         Ok(Some(u)) => {
-            use std::io::Write;
+            use std::io::{IsTerminal, Write};
+            let text = unit_file::serialize(&u.options);
+            // On a terminal, control characters are shown escaped; a script gets the file
+            // as it is.
+            let text = if std::io::stdout().is_terminal() {
+                crate::escape::display_text(&text)
+            } else {
+                std::borrow::Cow::Borrowed(text.as_str())
+            };
             let mut out = std::io::stdout().lock();
-            let _ = out.write_all(unit_file::serialize(&u.options).as_bytes());
+            let _ = out.write_all(text.as_bytes());
             let _ = out.flush();
             0
         }
