@@ -52,13 +52,21 @@ impl Caller {
 pub(crate) struct AuditLog {
     path: Option<PathBuf>,
     lock: Mutex<()>,
+    /// Failed writes, logged at most once a second.
+    failures: crate::throttle::Throttle,
 }
 
 impl AuditLog {
+    /// Where it is written, if anywhere.
+    pub(crate) fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
     pub(crate) fn new(path: Option<PathBuf>) -> AuditLog {
         AuditLog {
             path,
             lock: Mutex::new(()),
+            failures: crate::throttle::Throttle::default(),
         }
     }
 
@@ -88,13 +96,70 @@ impl AuditLog {
         }
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(e) = append(path, &fields) {
-            tracing::warn!(file = %path.display(), error = %e, "cannot write the audit log");
+            if let Some(suppressed) = self.failures.admit() {
+                tracing::warn!(file = %crate::escape::display(&path.display().to_string()), error = %e, suppressed, "cannot write the audit log");
+            }
         }
     }
 }
 
-fn append(path: &Path, record: &serde_json::Value) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
+/// Opens the audit log for appending, creating it (0600) if need be, never through a
+/// symlink (`O_NOFOLLOW`), and refuses a file another user owns or that group or others can
+/// write: in a shared directory someone else may have planted it to read or forge the trail.
+fn open_checked(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(nix::libc::ELOOP) {
+                std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    "is a symlink; the audit log is never written through one",
+                )
+            } else {
+                e
+            }
+        })?;
+    let meta = f.metadata()?;
+    let me = crate::local::my_uid();
+    if meta.uid() != me {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "is owned by uid {}, not the broker's uid {me}; remove it or name another file in `audit_log`",
+                meta.uid()
+            ),
+        ));
+    }
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "is not a regular file",
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "is writable by group or others (mode {:o}); `chmod 600` it",
+                meta.mode() & 0o777
+            ),
+        ));
+    }
+    Ok(f)
+}
+
+/// Checks that the audit log can be written under [`open_checked`]'s rules (at start).
+pub(crate) fn check(path: &Path) -> std::io::Result<()> {
+    make_dir(path)?;
+    open_checked(path).map(drop)
+}
+
+fn make_dir(path: &Path) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         if !dir.exists() {
             use std::os::unix::fs::DirBuilderExt;
@@ -104,16 +169,18 @@ fn append(path: &Path, record: &serde_json::Value) -> std::io::Result<()> {
                 .create(dir)?;
         }
     }
-    if std::fs::metadata(path).is_ok_and(|m| m.len() >= MAX_BYTES) {
+    Ok(())
+}
+
+fn append(path: &Path, record: &serde_json::Value) -> std::io::Result<()> {
+    make_dir(path)?;
+    let mut f = open_checked(path)?;
+    if f.metadata()?.len() >= MAX_BYTES {
         let mut old = path.as_os_str().to_owned();
         old.push(".1");
         std::fs::rename(path, PathBuf::from(old))?;
+        f = open_checked(path)?;
     }
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .open(path)?;
     let mut line = record.to_string();
     line.push('\n');
     f.write_all(line.as_bytes())

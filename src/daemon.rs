@@ -106,6 +106,13 @@ impl Daemon {
             crate::config::AuditLogSetting::Off => None,
             crate::config::AuditLogSetting::File(p) => Some(p.clone()),
         }));
+        // An audit log that cannot be kept safely stops the start, with the reason.
+        if let Some(path) = audit.path() {
+            crate::audit::check(path).map_err(|e| LocalError::Unsafe {
+                path: path.to_path_buf(),
+                message: format!("the audit log {e}"),
+            })?;
+        }
         let mut started = Vec::new();
         for c in config.clusters.values() {
             match Self::start_cluster(c, opts, shutdown.child_token(), audit.clone()).await {

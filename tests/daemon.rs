@@ -1205,3 +1205,69 @@ fn under_journald_logs_are_native_entries_with_priorities_and_the_cluster_as_a_f
         "not on stderr too: {text}"
     );
 }
+
+/// A configured audit log in a shared directory that another user planted (theirs, or a
+/// symlink, or writable by others) is refused with the reason, and nothing is appended to
+/// it or through it.
+#[test]
+fn an_audit_log_someone_else_could_read_or_forge_is_refused() {
+    let w = World::new();
+    let shared = open_tempdir("fb-shared.");
+    std::fs::set_permissions(shared.path(), std::fs::Permissions::from_mode(0o1777))
+        .expect("chmod");
+    let theirs = shared.path().join("theirs.jsonl");
+    std::fs::write(&theirs, "").expect("plant");
+    std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    nix::unistd::chown(&theirs, Some(nix::unistd::Uid::from_raw(65534)), None).expect("chown");
+    let target = shared.path().join("target");
+    std::fs::write(&target, "").expect("target");
+    let link = shared.path().join("link.jsonl");
+    std::os::unix::fs::symlink(&target, &link).expect("symlink");
+    let open = shared.path().join("open.jsonl");
+    std::fs::write(&open, "").expect("open");
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    for (file, why) in [
+        (&theirs, "is owned by uid 65534"),
+        (&link, "is a symlink"),
+        (&open, "is writable by group or others (mode 666)"),
+    ] {
+        let dir = open_tempdir("fb-audit.");
+        let cfg = dir.path().join("config.toml");
+        std::fs::write(
+            &cfg,
+            format!("audit_log = \"{}\"\n{}", file.display(), w.config("")),
+        )
+        .expect("config");
+        let xdg = dir.path().join("xdg");
+        std::fs::create_dir(&xdg).expect("xdg");
+        std::fs::set_permissions(&xdg, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fleet-broker"))
+            .arg("serve")
+            .env("FLEET_BROKER_CONFIG", &cfg)
+            .env("XDG_RUNTIME_DIR", &xdg)
+            .env("XDG_STATE_HOME", dir.path().join("state"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("daemon");
+        // It must stop by itself; one that serves is killed and the test fails.
+        let end = std::time::Instant::now() + DEADLINE;
+        while child.try_wait().expect("wait").is_none() && std::time::Instant::now() < end {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        if child.try_wait().expect("wait").is_none() {
+            kill_child(&mut child);
+        }
+        let out = child.wait_with_output().expect("daemon");
+        assert!(!out.status.success(), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&file.display().to_string()) && err.contains(why),
+            "{why}: {err}"
+        );
+    }
+    for f in [&theirs, &target, &open] {
+        assert_eq!(std::fs::read(f).expect("read"), b"", "{}", f.display());
+    }
+}
