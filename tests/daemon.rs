@@ -1271,3 +1271,71 @@ fn an_audit_log_someone_else_could_read_or_forge_is_refused() {
         assert_eq!(std::fs::read(f).expect("read"), b"", "{}", f.display());
     }
 }
+
+/// A binary installed under a path with `%` and a space gets a unit systemd reads back as
+/// that path (`systemd-analyze verify` finds the binary: an unescaped `%n` would expand to
+/// the unit's name); a symlink planted at the unit's path is refused and its target left
+/// alone.
+#[test]
+fn install_service_escapes_the_binary_path_and_never_writes_through_a_symlink() {
+    let home = open_tempdir("fb-unit.");
+    let odd = home.path().join("50%n off");
+    std::fs::create_dir(&odd).expect("dir");
+    let bin = odd.join("fleet-broker");
+    let cp = Command::new("cp")
+        .arg(env!("CARGO_BIN_EXE_fleet-broker"))
+        .arg(&bin)
+        .status()
+        .expect("cp");
+    assert!(cp.success());
+    let stubs = home.path().join("bin");
+    std::fs::create_dir(&stubs).expect("stubs");
+    let stub = stubs.join("systemctl");
+    std::fs::write(&stub, "#!/bin/sh\nexit 0\n").expect("stub");
+    std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let path = format!(
+        "{}:{}",
+        stubs.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let units = home.path().join("systemd/user");
+    std::fs::create_dir_all(&units).expect("units");
+    let target = home.path().join("elsewhere");
+    std::fs::write(&target, "keep\n").expect("target");
+    std::os::unix::fs::symlink(&target, units.join("fleet-broker.service")).expect("symlink");
+    let install = || {
+        Command::new(&bin)
+            .arg("install-service")
+            .env("XDG_CONFIG_HOME", home.path())
+            .env("PATH", &path)
+            .output()
+            .expect("install-service")
+    };
+    let out = install();
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is a symlink"),
+        "{out:?}"
+    );
+    assert_eq!(std::fs::read_to_string(&target).expect("target"), "keep\n");
+    std::fs::remove_file(units.join("fleet-broker.service")).expect("rm");
+    let out = install();
+    assert!(out.status.success(), "{out:?}");
+    let unit = std::fs::read_to_string(units.join("fleet-broker.service")).expect("unit");
+    let word = format!("\"{}\"", bin.display().to_string().replace('%', "%%"));
+    assert!(
+        unit.contains(&format!("ExecStart={word} serve\n")),
+        "{unit}"
+    );
+    let xdg = home.path().join("xdg");
+    std::fs::create_dir(&xdg).expect("xdg");
+    let verify = Command::new("systemd-analyze")
+        .args(["verify", "--user", "--man=no"])
+        .arg(units.join("fleet-broker.service"))
+        .env("XDG_RUNTIME_DIR", &xdg)
+        .output()
+        .expect("systemd-analyze verify");
+    let said = String::from_utf8_lossy(&verify.stderr);
+    assert!(verify.status.success(), "{said}");
+    assert!(!said.contains("fleet-broker.service:"), "{said}");
+}

@@ -976,14 +976,53 @@ fn write_man_pages(
 /// The shipped user unit with this binary's real path in `ExecStart` and `ExecReload`.
 fn service_unit() -> anyhow::Result<String> {
     let exe = std::env::current_exe()?;
-    let exe = exe.display().to_string();
-    let quoted = if exe.contains(char::is_whitespace) {
-        format!("\"{}\"", exe.replace('\\', "\\\\").replace('"', "\\\""))
-    } else {
-        exe
-    };
+    let exe = exe.to_str().ok_or_else(|| {
+        anyhow::anyhow!(
+            "{}: the path of this binary is not UTF-8; install it where the path is",
+            exe.display()
+        )
+    })?;
     Ok(include_str!("../../systemd/fleet-broker.service")
-        .replace("%h/.cargo/bin/fleet-broker", &quoted))
+        .replace("%h/.cargo/bin/fleet-broker", &systemd_word(exe)))
+}
+
+/// `word` as one word of a unit's command line: `%` doubled (systemd expands specifiers),
+/// `$` doubled (and environment variables), and quoted when it holds a space, a quote or a
+/// backslash.
+fn systemd_word(word: &str) -> String {
+    let escaped = word.replace('%', "%%").replace('$', "$$");
+    if escaped.contains(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '\\')) {
+        format!("\"{}\"", escaped.replace('\\', "\\\\").replace('"', "\\\""))
+    } else {
+        escaped
+    }
+}
+
+/// Writes a unit file at `dest` (0644), never through a symlink: one there is refused, and the
+/// file is replaced by a rename, so nothing someone else placed is followed or written into.
+fn write_unit(dest: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    if std::fs::symlink_metadata(dest).is_ok_and(|m| m.file_type().is_symlink()) {
+        anyhow::bail!(
+            "{}: is a symlink; not writing through it (remove it, then run install-service again)",
+            dest.display()
+        );
+    }
+    let dir = dest.parent().unwrap_or(std::path::Path::new("."));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".fleet-broker-unit.")
+        .tempfile_in(dir)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    tmp.write_all(text.as_bytes())
+        .and_then(|()| {
+            tmp.as_file()
+                .set_permissions(std::fs::Permissions::from_mode(0o644))
+        })
+        .map_err(|e| anyhow::anyhow!("{}: {e}", dest.display()))?;
+    tmp.persist(dest)
+        .map_err(|e| anyhow::anyhow!("{}: {}", dest.display(), e.error))?;
+    Ok(())
 }
 
 /// `fleet-broker install-service`: the unit (and with `--socket` the socket unit) in the user
@@ -1021,7 +1060,7 @@ fn install_service(dry_run: bool, socket: bool) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
     for (name, text) in &units {
         let dest = dir.join(name);
-        std::fs::write(&dest, text).map_err(|e| anyhow::anyhow!("{}: {e}", dest.display()))?;
+        write_unit(&dest, text)?;
         println!("wrote {}", dest.display());
     }
     for s in steps {
@@ -1266,5 +1305,24 @@ mod help_tests {
         let mut fleetctl = fleet_broker::cli::command();
         fleetctl.build();
         check(&fleetctl, "fleetctl");
+    }
+}
+
+#[cfg(test)]
+mod unit_tests {
+    use super::*;
+
+    #[test]
+    fn unit_words_escape_specifiers_variables_and_spaces() {
+        assert_eq!(
+            systemd_word("/usr/bin/fleet-broker"),
+            "/usr/bin/fleet-broker"
+        );
+        assert_eq!(systemd_word("/opt/50%/fb"), "/opt/50%%/fb");
+        assert_eq!(systemd_word("/opt/$HOME/fb"), "/opt/$$HOME/fb");
+        assert_eq!(
+            systemd_word("/home/a b/\"q\"/fb"),
+            "\"/home/a b/\\\"q\\\"/fb\""
+        );
     }
 }
