@@ -313,3 +313,37 @@ pub(crate) async fn authenticate<H: Handler>(
         tried: tried.join(", "),
     })
 }
+
+/// Keys whose private halves are published, so anyone holding them proves nothing: Vagrant's
+/// insecure keys (RSA, and ed25519 since Vagrant 2.3), which `vagrant ssh-config` names as
+/// the IdentityFile of boxes that still use them.
+const PUBLIC_KNOWLEDGE_KEYS: [&str; 2] = [
+    "ssh-rsa AAAAB3NzaC1yc2EAAAABIwAAAQEA6NF8iallvQVp22WDkTkyrtvp9eWW6A8YVr+kz4TjGYe7gHzIw+niNltGEFHzD8+v1I2YJ6oXevct1YeS0o9HZyN1Q9qgCgzUFtdOKLv6IedplqoPkcmF0aYet2PkEDo3MlTBckFXPITAMzF8dJSIFo9D8HfdOV0IAdx4O7PtixWKn5y2hMNG0zQPyUecp4pzC6kivAIhyfHilFR61RGL+GPXQ2MWZWFYbAGjyiYJnAmCP3NOTd0jMZEnDkbUvxhMmBYSdETk1rRgm+R4LOzFUGaHqHDLKLX+FIPKcF96hrucXzcWyLbIbEgE98OHlnVYCzRdK8jlqm8tehUc9c9WhQ==",
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIN1YdxBpNlzxDqfJyw/QKow1F+wvG9hXGoqiysfJOn5Y",
+];
+
+/// Whether `key` is one whose private half is public knowledge.
+pub(crate) fn is_public_knowledge(key: &russh::keys::PublicKey) -> bool {
+    PUBLIC_KNOWLEDGE_KEYS
+        .iter()
+        .filter_map(|l| russh::keys::PublicKey::from_openssh(l).ok())
+        .any(|k| k.key_data() == key.key_data())
+}
+
+#[cfg(test)]
+mod public_knowledge_tests {
+    use super::*;
+
+    #[test]
+    fn vagrants_insecure_keys_are_public_knowledge_and_others_are_not() {
+        for line in PUBLIC_KNOWLEDGE_KEYS {
+            let k = russh::keys::PublicKey::from_openssh(line).expect("a valid key");
+            assert!(is_public_knowledge(&k));
+        }
+        let other = russh::keys::PublicKey::from_openssh(
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJdD7y3aLq454yWBdwLWbieU1ebz9/cu7/QEXn9OIeZJ",
+        )
+        .expect("key");
+        assert!(!is_public_knowledge(&other));
+    }
+}

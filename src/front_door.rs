@@ -73,21 +73,6 @@ const DRAIN_TIMEOUT: Duration = crate::http::DRAIN_TIMEOUT;
 /// Longest pause after a failed accept (EMFILE).
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-/// Keys whose private halves are published, so anyone holding them proves nothing: Vagrant's
-/// insecure keys (RSA, and ed25519 since Vagrant 2.3), which `vagrant ssh-config` names as
-/// the IdentityFile of boxes that still use them.
-const PUBLIC_KNOWLEDGE_KEYS: [&str; 2] = [
-    "ssh-rsa AAAAB3NzaC1yc2EAAAABIwAAAQEA6NF8iallvQVp22WDkTkyrtvp9eWW6A8YVr+kz4TjGYe7gHzIw+niNltGEFHzD8+v1I2YJ6oXevct1YeS0o9HZyN1Q9qgCgzUFtdOKLv6IedplqoPkcmF0aYet2PkEDo3MlTBckFXPITAMzF8dJSIFo9D8HfdOV0IAdx4O7PtixWKn5y2hMNG0zQPyUecp4pzC6kivAIhyfHilFR61RGL+GPXQ2MWZWFYbAGjyiYJnAmCP3NOTd0jMZEnDkbUvxhMmBYSdETk1rRgm+R4LOzFUGaHqHDLKLX+FIPKcF96hrucXzcWyLbIbEgE98OHlnVYCzRdK8jlqm8tehUc9c9WhQ==",
-    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIN1YdxBpNlzxDqfJyw/QKow1F+wvG9hXGoqiysfJOn5Y",
-];
-
-/// Whether `key` is one whose private half is public knowledge.
-pub(crate) fn is_public_knowledge(key: &PublicKey) -> bool {
-    PUBLIC_KNOWLEDGE_KEYS
-        .iter()
-        .filter_map(|l| PublicKey::from_openssh(l).ok())
-        .any(|k| k.key_data() == key.key_data())
-}
 /// File name of the host key in the state directory.
 const HOST_KEY_FILE: &str = "front_door_ed25519_key";
 
@@ -215,7 +200,7 @@ impl Door {
             Err(e) => tracing::warn!(error = %e, "front door: reading key files failed"),
         }
         let before = keys.len();
-        keys.retain(|k| !is_public_knowledge(k));
+        keys.retain(|k| !crate::auth::is_public_knowledge(k));
         if keys.len() != before {
             tracing::warn!("front door: Vagrant's insecure key is among the user's keys; it is public knowledge and never accepted here");
         }

@@ -129,6 +129,32 @@ pub fn from_vagrant(
     })
 }
 
+/// Warnings for identity files of `cluster` whose keys are public knowledge (Vagrant's
+/// insecure key): anyone can log in where they are accepted. Reads the files (blocking).
+pub fn public_knowledge_identities(cluster: &NewCluster) -> Vec<String> {
+    cluster
+        .identity_files
+        .iter()
+        .filter(|f| {
+            let path = crate::config::expand_tilde(f);
+            let public = std::fs::read_to_string(format!("{}.pub", path.display()))
+                .ok()
+                .and_then(|t| russh::keys::PublicKey::from_openssh(t.trim()).ok())
+                .or_else(|| {
+                    russh::keys::load_secret_key(&path, None)
+                        .ok()
+                        .map(|k| k.public_key().clone())
+                });
+            public.is_some_and(|k| crate::auth::is_public_knowledge(&k))
+        })
+        .map(|f| {
+            format!(
+                "{f} is Vagrant's insecure key: its private half is published, so anyone who can reach the VM can log in as this user. Let Vagrant replace it (`config.ssh.insert_key = true`, the default) or put your own key on the box; the broker's front door never accepts it"
+            )
+        })
+        .collect()
+}
+
 /// What an import has to tell the user besides the cluster.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Notes {
@@ -207,6 +233,13 @@ pub fn from_ssh_g(
                     }
                     jump.push(hop.trim().to_string());
                 }
+            }
+            // The broker dials the tunnel host itself; a command in between would be silently
+            // skipped, dialling HostName directly where `ssh` does not.
+            "proxycommand" if v != "none" => {
+                return Err(format!(
+                    "ProxyCommand {v:?}: not supported; the broker dials the tunnel host itself. If it is `ssh -W %h:%p HOST`, write `ProxyJump HOST` in its place and import again"
+                ));
             }
             "stricthostkeychecking" => match v {
                 "false" | "no" | "off" => {
@@ -356,6 +389,43 @@ mod tests {
         assert!(notes.needs_trust);
         assert_eq!(notes.warnings.len(), 2);
         assert!(from_ssh_g("hostname h\nproxyjump ssh://x\n", "p", None).is_err());
+    }
+
+    #[test]
+    fn a_proxy_command_is_refused_not_skipped() {
+        let err = from_ssh_g(
+            "hostname 10.0.0.5\nproxycommand ssh -W %h:%p gw\n",
+            "p",
+            None,
+        )
+        .expect_err("a ProxyCommand is refused");
+        assert!(
+            err.contains("ProxyCommand") && err.contains("ProxyJump"),
+            "{err}"
+        );
+        assert!(from_ssh_g("hostname h\nproxycommand none\n", "p", None).is_ok());
+    }
+
+    #[test]
+    fn vagrants_insecure_key_is_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let insecure = dir.path().join("insecure_private_key");
+        std::fs::write(
+            format!("{}.pub", insecure.display()),
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIN1YdxBpNlzxDqfJyw/QKow1F+wvG9hXGoqiysfJOn5Y vagrant insecure public key\n",
+        )
+        .expect("pub");
+        let own = dir.path().join("id_ed25519");
+        std::fs::write(
+            format!("{}.pub", own.display()),
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJdD7y3aLq454yWBdwLWbieU1ebz9/cu7/QEXn9OIeZJ me\n",
+        )
+        .expect("pub");
+        let mut c = from_ssh_g("hostname h\n", "p", None).expect("cluster").0;
+        c.identity_files = vec![insecure.display().to_string(), own.display().to_string()];
+        let warnings = public_knowledge_identities(&c);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].starts_with(&insecure.display().to_string()));
     }
 
     #[test]

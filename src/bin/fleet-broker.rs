@@ -1172,6 +1172,9 @@ async fn import(config: Option<PathBuf>, source: ImportSource) -> anyhow::Result
             let known_hosts = import::known_hosts_file(&path, &name);
             let cluster = import::from_vagrant(&hosts, &name, endpoint, &known_hosts)
                 .map_err(anyhow::Error::msg)?;
+            for w in import::public_knowledge_identities(&cluster) {
+                eprintln!("warning: {w}");
+            }
             let confirm = if trust_on_first_use {
                 fleet_broker::trust::Confirm::TrustOnFirstUse
             } else {
