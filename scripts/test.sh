@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the integration tests need (OpenSSH server and client, curl, procps, iproute2
 # and nftables for the network fault tests, man-db to render the man pages, systemd for
-# systemd-socket-activate and systemd-analyze; it is not started) when missing,
+# systemd-socket-activate and systemd-analyze; it is not started; socat, whose
+# so-bindtodevice plays another user's device-bound client of the front door) when missing,
 # then runs the whole test suite. Works on a fresh Debian 12 machine as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,8 @@ command -v ip >/dev/null || need+=(iproute2)
 command -v nft >/dev/null || need+=(nftables)
 command -v man >/dev/null || need+=(man-db)
 command -v systemd-socket-activate >/dev/null || need+=(systemd)
+command -v socat >/dev/null || need+=(socat)
+command -v perl >/dev/null || need+=(perl-base)
 if [ "${#need[@]}" -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "scripts/test.sh: please install: ${need[*]}" >&2

@@ -103,10 +103,22 @@ impl AuditLog {
     }
 }
 
+/// Why the audit log could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum FileError {
+    /// The file is there but someone else could have planted it or can change it: never
+    /// written (the reason says what to do).
+    #[error("{0}")]
+    Unsafe(String),
+    /// The system refused (no such directory, read-only, permission).
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
 /// Opens the audit log for appending, creating it (0600) if need be, never through a
 /// symlink (`O_NOFOLLOW`), and refuses a file another user owns or that group or others can
 /// write: in a shared directory someone else may have planted it to read or forge the trail.
-fn open_checked(path: &Path) -> std::io::Result<std::fs::File> {
+fn open_checked(path: &Path) -> Result<std::fs::File, FileError> {
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let f = std::fs::OpenOptions::new()
         .append(true)
@@ -116,45 +128,33 @@ fn open_checked(path: &Path) -> std::io::Result<std::fs::File> {
         .open(path)
         .map_err(|e| {
             if e.raw_os_error() == Some(nix::libc::ELOOP) {
-                std::io::Error::new(
-                    std::io::ErrorKind::PermissionDenied,
-                    "is a symlink; the audit log is never written through one",
-                )
+                FileError::Unsafe("is a symlink; the audit log is never written through one".into())
             } else {
-                e
+                FileError::Io(e)
             }
         })?;
     let meta = f.metadata()?;
     let me = nix::unistd::geteuid().as_raw();
     if meta.uid() != me {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::PermissionDenied,
-            format!(
-                "is owned by uid {}, not the broker's uid {me}; remove it or name another file in `audit_log`",
-                meta.uid()
-            ),
-        ));
+        return Err(FileError::Unsafe(format!(
+            "is owned by uid {}, not the broker's uid {me}; remove it or name another file in `audit_log`",
+            meta.uid()
+        )));
     }
     if !meta.is_file() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::PermissionDenied,
-            "is not a regular file",
-        ));
+        return Err(FileError::Unsafe("is not a regular file".into()));
     }
     if meta.mode() & 0o022 != 0 {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::PermissionDenied,
-            format!(
-                "is writable by group or others (mode {:o}); `chmod 600` it",
-                meta.mode() & 0o777
-            ),
-        ));
+        return Err(FileError::Unsafe(format!(
+            "is writable by group or others (mode {:o}); `chmod 600` it",
+            meta.mode() & 0o777
+        )));
     }
     Ok(f)
 }
 
 /// Checks that the audit log can be written under [`open_checked`]'s rules (at start).
-pub(crate) fn check(path: &Path) -> std::io::Result<()> {
+pub(crate) fn check(path: &Path) -> Result<(), FileError> {
     make_dir(path)?;
     open_checked(path).map(drop)
 }
@@ -172,7 +172,7 @@ fn make_dir(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-fn append(path: &Path, record: &serde_json::Value) -> std::io::Result<()> {
+fn append(path: &Path, record: &serde_json::Value) -> Result<(), FileError> {
     make_dir(path)?;
     let mut f = open_checked(path)?;
     if f.metadata()?.len() >= MAX_BYTES {
@@ -183,7 +183,7 @@ fn append(path: &Path, record: &serde_json::Value) -> std::io::Result<()> {
     }
     let mut line = record.to_string();
     line.push('\n');
-    f.write_all(line.as_bytes())
+    Ok(f.write_all(line.as_bytes())?)
 }
 
 /// One audit line as `fleet-broker audit` prints it, or `None` when it is not JSON, is of

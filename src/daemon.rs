@@ -106,12 +106,22 @@ impl Daemon {
             crate::config::AuditLogSetting::Off => None,
             crate::config::AuditLogSetting::File(p) => Some(p.clone()),
         }));
-        // An audit log that cannot be kept safely stops the start, with the reason.
+        // An audit log someone else could read or forge stops the start, with the reason;
+        // one the system will not let us write (a read-only home under systemd) is said once
+        // and requests are still served, as each failed write is said again.
         if let Some(path) = audit.path() {
-            crate::audit::check(path).map_err(|e| LocalError::Unsafe {
-                path: path.to_path_buf(),
-                message: format!("the audit log {e}"),
-            })?;
+            match crate::audit::check(path) {
+                Ok(()) => {}
+                Err(crate::audit::FileError::Unsafe(message)) => {
+                    return Err(LocalError::Unsafe {
+                        path: path.to_path_buf(),
+                        message: format!("the audit log {message}"),
+                    })
+                }
+                Err(crate::audit::FileError::Io(e)) => {
+                    tracing::warn!(file = %path.display(), error = %e, "the audit log cannot be written; mutating requests are served but not recorded until it can")
+                }
+            }
         }
         let mut started = Vec::new();
         for c in config.clusters.values() {

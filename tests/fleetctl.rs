@@ -816,28 +816,13 @@ fn fleetctl_cluster_demo_works_against_fleet_broker_demo() {
 /// terminal, so they cannot hide or rewrite rows; `cat` into a pipe gives the file as it is.
 #[test]
 fn control_characters_from_the_cluster_are_shown_escaped() {
-    let keys = open_tempdir("fb-keys.");
-    let key = keygen(keys.path(), "id_ed25519", "ed25519");
-    let sshd = Sshd::start(&["root"], &[&key]);
-    let agent = Agent::start(&[&key]);
     let mut machines = fleet_broker::sim::demo_machines();
     machines[0]
         .metadata
         .insert("role".into(), "web\x1b[2K\rfake".into());
-    let sim = SimServer::with(machines, false);
-    let known_hosts = keys.path().join("known_hosts");
-    std::fs::write(&known_hosts, sshd.known_hosts_line()).expect("known_hosts");
-    let b = Broker::start(
-        &cluster_toml(
-            "c1",
-            &sshd,
-            &format!("unix://{}", sim.socket.display()),
-            "root",
-            &known_hosts,
-            "",
-        ),
-        Some(&agent.socket),
-    );
+    let w = World::with_machines(machines);
+    let b = w.broker("");
+    let sim = &w.sim;
     let unit = "evil\x1b[8m.service";
     sim.put(
         unit,

@@ -80,6 +80,20 @@ fn env_with(extra: &str) -> Env {
 }
 
 impl Env {
+    /// Waits until the log says that a connection of uid 65534 was refused.
+    fn wait_for_the_refusal_of_uid_65534(&self) {
+        wait_until("the refusal in the log", DEADLINE, || {
+            let log = self.b.log();
+            log.contains("front door: refused a connection")
+                && log.contains("uid 65534 is not the broker's uid")
+        });
+    }
+
+    /// Whether the simulated cluster has a unit of this name.
+    fn has_unit(&self, name: &str) -> bool {
+        self.m.sim.sim.lock().expect("sim").unit(name).is_some()
+    }
+
     /// The audit trail's lines, parsed.
     fn audit(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(self.b.dir.path().join("state/fleet-broker/audit.jsonl"))
@@ -314,10 +328,7 @@ fn only_the_users_keys_and_the_users_connections_get_in() {
         err.contains("Connection closed") || err.contains("Connection reset"),
         "{err}"
     );
-    wait_until("the refusal in the log", DEADLINE, || {
-        e.b.log().contains("front door: refused a connection")
-            && e.b.log().contains("uid 65534 is not the broker's uid")
-    });
+    e.wait_for_the_refusal_of_uid_65534();
 }
 
 /// The host key is made once and survives a restart; the pin stays valid.
@@ -467,18 +478,8 @@ fn another_user_bound_to_a_device_is_refused_even_with_a_key_the_door_accepts() 
         assert_eq!(out.status.code(), Some(255), "{what}: {out:?}");
         assert!(out.stdout.is_empty(), "{what}: {}", text(&out.stdout));
     }
-    assert!(e
-        .m
-        .sim
-        .sim
-        .lock()
-        .expect("sim")
-        .unit("evil.service")
-        .is_none());
-    wait_until("the refusal in the log", DEADLINE, || {
-        e.b.log().contains("front door: refused a connection")
-            && e.b.log().contains("uid 65534 is not the broker's uid")
-    });
+    assert!(!e.has_unit("evil.service"));
+    e.wait_for_the_refusal_of_uid_65534();
 }
 
 /// A client that connects and never authenticates is closed after the login grace time,
@@ -610,22 +611,8 @@ fn read_only_and_the_audit_hold_at_the_front_door() {
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(deleted.expect("DELETE").0, 403);
-    assert!(e
-        .m
-        .sim
-        .sim
-        .lock()
-        .expect("sim")
-        .unit("hello.service")
-        .is_some());
-    assert!(e
-        .m
-        .sim
-        .sim
-        .lock()
-        .expect("sim")
-        .unit("evil.service")
-        .is_none());
+    assert!(e.has_unit("hello.service"));
+    assert!(!e.has_unit("evil.service"));
     // A session to a machine.
     let mut c = e.ssh();
     c.arg("-W")

@@ -941,11 +941,16 @@ impl World {
     /// sshd authorising one ed25519 key for root, an agent holding it, the simulator, and a
     /// known_hosts file pinning the server.
     pub fn new() -> World {
+        World::with_machines(demo_machines())
+    }
+
+    /// The same, with the simulator reporting these machines.
+    pub fn with_machines(machines: Vec<Machine>) -> World {
         let keys = open_tempdir("fb-keys.");
         let key = keygen(keys.path(), "id_ed25519", "ed25519");
         let sshd = Sshd::start(&["root"], &[&key]);
         let agent = Agent::start(&[&key]);
-        let sim = SimServer::start();
+        let sim = SimServer::with(machines, false);
         let known_hosts = keys.path().join("known_hosts");
         std::fs::write(&known_hosts, sshd.known_hosts_line()).expect("known_hosts");
         World {
