@@ -323,6 +323,7 @@ impl FleetClient {
                 .await
                 .map_err(|e| {
                     if e.is::<http_body_util::LengthLimitError>() {
+                        crate::memory::trim_soon();
                         ApiError::TooLarge {
                             method: go_method(&method),
                             url: url.clone(),
@@ -433,6 +434,7 @@ impl FleetClient {
             read += size;
             let most = MAX_LISTING_BYTES.min(self.max_response * 4);
             if read > most {
+                crate::memory::trim_soon();
                 return Err(ApiError::TooLarge {
                     method: "Get".into(),
                     url: format!("http://domain-sock{base}"),

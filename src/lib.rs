@@ -28,6 +28,7 @@ pub(crate) mod http;
 pub mod import;
 pub mod known_hosts;
 pub mod local;
+pub(crate) mod memory;
 pub mod notify;
 pub mod passphrase;
 pub(crate) mod pattern;

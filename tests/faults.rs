@@ -393,10 +393,15 @@ fn clients_that_vanish_mid_response_leave_nothing_behind() {
 
 /// Resident set size of a process, in kB.
 fn rss_kb(pid: u32) -> u64 {
+    status_kb(pid, "VmRSS:")
+}
+
+/// A `/proc/PID/status` figure in kB (`VmRSS:`, `RssAnon:`, …).
+fn status_kb(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
@@ -749,7 +754,8 @@ fn a_killed_agent_is_named_and_a_new_one_on_its_socket_is_enough() {
 }
 
 /// A fleetd that answers `/fleet/v1/machines` with a body that never ends (and `{}` to
-/// everything else), on a unix socket the test serves. Returns the socket and a flag that
+/// everything else), on a unix socket the test serves; the first machine list is an
+/// ordinary one (one machine at 127.0.0.1), for a warm-up. Returns the socket and a flag that
 /// stops it.
 fn endless_fleetd(
     dir: &std::path::Path,
@@ -763,6 +769,7 @@ fn endless_fleetd(
     let listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
     let stop = std::sync::Arc::new(AtomicBool::new(false));
     let stopped = stop.clone();
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             if stopped.load(Ordering::Relaxed) {
@@ -770,6 +777,7 @@ fn endless_fleetd(
             }
             let Ok(conn) = conn else { continue };
             let stopped = stopped.clone();
+            let answered = answered.clone();
             std::thread::spawn(move || {
                 let mut reader = BufReader::new(conn.try_clone().expect("clone"));
                 let mut out = conn;
@@ -789,6 +797,13 @@ fn endless_fleetd(
                     let _ = out.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n");
                     let item =
                         r#"{"id":"a1a1a1a1000000000000000000000001","primaryIP":"127.0.0.1"},"#;
+                    if answered.fetch_add(1, Ordering::Relaxed) == 0 {
+                        let page = format!("{{\"machines\":[{}]}}", item.trim_end_matches(','));
+                        let _ = out.write_all(
+                            format!("{:x}\r\n{page}\r\n0\r\n\r\n", page.len()).as_bytes(),
+                        );
+                        continue;
+                    }
                     let chunk = format!("{{\"machines\":[{}", item.repeat(1000));
                     let framed = format!("{:x}\r\n{chunk}\r\n", chunk.len());
                     // Bounded: 8 GiB, or until the reader goes away or the test ends.
@@ -820,13 +835,15 @@ fn an_endless_answer_to_the_daemons_own_lookup_is_cut_and_memory_comes_back() {
         &format!("unix://{}", socket.display()),
         "root",
         &w.known_hosts,
-        "",
+        // Nothing listens there: the warm-up's session fails fast after its lookup.
+        "machine_ssh_port = 1\n",
     );
     let b = Broker::start(&config, Some(&w.agent.socket));
     let pid = b.pid().expect("pid");
     let cwd = open_tempdir("fb-cwd.");
-    // Warm: the tunnel is up, a request has gone through it and a session has run (on the
-    // tunnel host, which needs no lookup).
+    // Warm: the tunnel is up, a request has gone through it, a session has run (on the
+    // tunnel host, which needs no lookup) and a lookup has been answered (its session then
+    // fails: no sshd on the machine's port).
     assert_eq!(http(&b.socket("c1"), "GET", "/fleet/v1/units", None).0, 200);
     let tunnel = w.sshd.tunnel();
     let warm = fleetctl(
@@ -836,7 +853,15 @@ fn an_endless_answer_to_the_daemons_own_lookup_is_cut_and_memory_comes_back() {
         &["--cluster", "c1", "ssh", &tunnel, "true"],
     );
     assert_eq!(warm.code, 0, "{warm:?}");
+    let looked_up = fleetctl(
+        &b,
+        cwd.path(),
+        &[],
+        &["--cluster", "c1", "ssh", "a1a1", "true"],
+    );
+    assert!(!looked_up.stderr.contains("larger than"), "{looked_up:?}");
     let before = rss_kb(pid);
+    let anon_before = status_kb(pid, "RssAnon:");
     let mut peak = before;
     for _ in 0..3 {
         let run = fleetctl(
@@ -864,7 +889,8 @@ fn an_endless_answer_to_the_daemons_own_lookup_is_cut_and_memory_comes_back() {
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     eprintln!(
-        "daemon RSS: {before} kB before, {peak} kB at most, {after} kB after three endless answers"
+        "daemon RSS: {before} kB before, {peak} kB at most, {after} kB after three endless answers; anonymous {anon_before} kB before, {} kB after",
+        status_kb(pid, "RssAnon:")
     );
     if after * 10 > before * 12 {
         eprintln!(
