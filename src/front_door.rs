@@ -70,8 +70,6 @@ const KEEPALIVE_MAX: usize = 3;
 const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long in-flight API requests may run after the door starts closing.
 const DRAIN_TIMEOUT: Duration = crate::http::DRAIN_TIMEOUT;
-/// Longest pause after a failed accept (EMFILE).
-const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// File name of the host key in the state directory.
 const HOST_KEY_FILE: &str = "front_door_ed25519_key";
@@ -348,64 +346,21 @@ pub(crate) async fn run(
     }
 }
 
-/// Accepts local connections until `stop` is cancelled, then lets in-flight API requests
-/// finish for up to [`DRAIN_TIMEOUT`].
+/// Accepts local connections until `stop` is cancelled, with the accept discipline of the
+/// cluster sockets ([`crate::http::accept_loop`]), then lets in-flight API requests finish
+/// for up to [`DRAIN_TIMEOUT`].
 pub(crate) async fn serve(listener: TcpListener, door: Arc<Door>, stop: CancellationToken) {
-    let mut conns = tokio::task::JoinSet::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let accept_errors = Throttle::default();
-    let mut pause = Duration::ZERO;
-    loop {
-        let slot = match slots.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) => {
-                tracing::warn!("front door: {MAX_CONNECTIONS} connections open; new ones wait");
-                tokio::select! {
-                    p = slots.clone().acquire_owned() => match p {
-                        Ok(p) => p,
-                        Err(_) => break,
-                    },
-                    _ = stop.cancelled() => break,
-                }
-            }
-        };
-        let (stream, peer) = tokio::select! {
-            _ = stop.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(a) => {
-                    pause = Duration::ZERO;
-                    a
-                }
-                Err(e) => {
-                    pause = (pause * 2).clamp(Duration::from_millis(5), ACCEPT_BACKOFF_MAX);
-                    if let Some(suppressed) = accept_errors.admit() {
-                        tracing::warn!(error = %e, suppressed, "front door: accept failed; pausing {pause:?}");
-                    }
-                    tokio::select! {
-                        _ = stop.cancelled() => break,
-                        _ = tokio::time::sleep(pause) => continue,
-                    }
-                }
-            },
-        };
-        conns.spawn(tracing::Instrument::in_current_span(connection(
-            door.clone(),
-            stream,
-            peer,
-            stop.clone(),
-            slot,
-        )));
-        while conns.try_join_next().is_some() {}
-    }
-    drop(listener);
-    if tokio::time::timeout(DRAIN_TIMEOUT + Duration::from_secs(1), async {
-        while conns.join_next().await.is_some() {}
-    })
-    .await
-    .is_err()
-    {
-        conns.abort_all();
-    }
+    let label = listener
+        .local_addr()
+        .map_or_else(|_| "front door".to_string(), |a| format!("front door {a}"));
+    crate::http::accept_loop(
+        &label,
+        MAX_CONNECTIONS,
+        listener,
+        &stop,
+        |(stream, peer), slot| Some(connection(door.clone(), stream, peer, stop.clone(), slot)),
+    )
+    .await;
 }
 
 /// Whether a connection whose client socket belongs to `uid` may be served: only the

@@ -65,17 +65,62 @@ pub async fn serve<S, F>(
     S: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
+    let refusals = Throttle::default();
+    let stop = shutdown.clone();
+    accept_loop(
+        &label,
+        MAX_CONNECTIONS,
+        listener,
+        &shutdown,
+        |(stream, _), slot| {
+            let peer = match peer_allowed(&stream) {
+                Ok(p) => p,
+                Err(why) => {
+                    if let Some(suppressed) = refusals.admit() {
+                        tracing::warn!(socket = %label, reason = %why, suppressed, "refused local connection");
+                    }
+                    return None;
+                }
+            };
+            Some(serve_connection(
+                TokioIo::new(stream),
+                peer,
+                handler.clone(),
+                stop.clone(),
+                false,
+                slot,
+            ))
+        },
+    )
+    .await;
+}
+
+/// The accept discipline of every local door: at most `max` connections at once (more wait
+/// in the kernel's backlog), accept errors (EMFILE) backed off 5 ms doubling to 1 s and
+/// logged at most once a second, one task per connection from `handle` (which may refuse a
+/// connection by returning `None`), and on `shutdown` the listener closed and the tasks given
+/// [`DRAIN_TIMEOUT`] to finish before they are aborted.
+pub(crate) async fn accept_loop<L, H, HF>(
+    label: &str,
+    max: usize,
+    listener: L,
+    shutdown: &CancellationToken,
+    mut handle: H,
+) where
+    L: Listen,
+    H: FnMut(L::Conn, tokio::sync::OwnedSemaphorePermit) -> Option<HF>,
+    HF: Future<Output = ()> + Send + 'static,
+{
     let mut conns = tokio::task::JoinSet::new();
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(max));
     let mut pause = Duration::ZERO;
     let accept_errors = Throttle::default();
-    let refusals = Throttle::default();
     loop {
         // At the cap, stop accepting until a connection ends.
         let slot = match slots.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
-                tracing::warn!(socket = %label, "{MAX_CONNECTIONS} local connections open; new ones wait");
+                tracing::warn!(socket = %label, "{max} connections open; new ones wait");
                 tokio::select! {
                     p = slots.clone().acquire_owned() => match p {
                         Ok(p) => p,
@@ -85,51 +130,34 @@ pub async fn serve<S, F>(
                 }
             }
         };
-        tokio::select! {
-            accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((s, _)) => {
-                        pause = Duration::ZERO;
-                        s
-                    }
-                    Err(e) => {
-                        // EMFILE and friends: back off (5 ms doubling to 1 s) rather than
-                        // spin, and say so at most once a second.
-                        pause = (pause * 2).clamp(Duration::from_millis(5), ACCEPT_BACKOFF_MAX);
-                        if let Some(suppressed) = accept_errors.admit() {
-                            tracing::warn!(socket = %label, error = %e, suppressed, "accept failed; pausing {pause:?}");
-                        }
-                        tokio::select! {
-                            _ = tokio::time::sleep(pause) => {}
-                            _ = shutdown.cancelled() => break,
-                        }
-                        continue;
-                    }
-                };
-                let peer = match peer_allowed(&stream) {
-                    Ok(p) => p,
-                    Err(why) => {
-                        if let Some(suppressed) = refusals.admit() {
-                            tracing::warn!(socket = %label, reason = %why, suppressed, "refused local connection");
-                        }
-                        drop(stream);
-                        continue;
-                    }
-                };
-                conns.spawn(tracing::Instrument::in_current_span(serve_connection(
-                    TokioIo::new(stream),
-                    peer,
-                    handler.clone(),
-                    shutdown.clone(),
-                    false,
-                    slot,
-                )));
+        let accepted = tokio::select! {
+            a = listener.accept_one() => a,
+            _ = shutdown.cancelled() => break,
+        };
+        match accepted {
+            Ok(conn) => {
+                pause = Duration::ZERO;
+                if let Some(task) = handle(conn, slot) {
+                    conns.spawn(tracing::Instrument::in_current_span(task));
+                }
                 // Reap finished connection tasks as we go.
                 while conns.try_join_next().is_some() {}
             }
-            _ = shutdown.cancelled() => break,
+            Err(e) => {
+                // EMFILE and friends: back off rather than spin, and say so at most once a
+                // second.
+                pause = (pause * 2).clamp(Duration::from_millis(5), ACCEPT_BACKOFF_MAX);
+                if let Some(suppressed) = accept_errors.admit() {
+                    tracing::warn!(socket = %label, error = %e, suppressed, "accept failed; pausing {pause:?}");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = shutdown.cancelled() => break,
+                }
+            }
         }
     }
+    // No new connections while the ones in flight finish.
     drop(listener);
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
         while conns.join_next().await.is_some() {}
@@ -138,6 +166,28 @@ pub async fn serve<S, F>(
     if drained.is_err() {
         tracing::warn!(socket = %label, "in-flight requests still running after {:?}; closing them", DRAIN_TIMEOUT);
         conns.abort_all();
+    }
+}
+
+/// A listening socket [`accept_loop`] takes connections from.
+pub(crate) trait Listen {
+    /// An accepted connection (with its peer's address).
+    type Conn;
+    /// The next connection.
+    fn accept_one(&self) -> impl Future<Output = std::io::Result<Self::Conn>> + Send;
+}
+
+impl Listen for UnixListener {
+    type Conn = (tokio::net::UnixStream, tokio::net::unix::SocketAddr);
+    fn accept_one(&self) -> impl Future<Output = std::io::Result<Self::Conn>> + Send {
+        self.accept()
+    }
+}
+
+impl Listen for tokio::net::TcpListener {
+    type Conn = (tokio::net::TcpStream, std::net::SocketAddr);
+    fn accept_one(&self) -> impl Future<Output = std::io::Result<Self::Conn>> + Send {
+        self.accept()
     }
 }
 
