@@ -47,11 +47,15 @@ pub fn set(path: &Path, passphrase: &Zeroizing<String>) -> Result<(), String> {
         .map_err(|e| at(format!("cannot store the passphrase: {e}")))
 }
 
-/// Forgets the passphrase of `path`; false when none was stored.
+/// Forgets the passphrase of `path` (the entry is invalidated, so it leaves every keyring it
+/// is linked in); false when none was stored.
 pub fn forget(path: &Path) -> Result<bool, String> {
     match entry(path)?.delete_credential() {
         Ok(()) => Ok(true),
-        Err(keyring::Error::NoEntry) => Ok(false),
+        Err(keyring::Error::NoEntry) => match why_no_entry(path) {
+            None => Ok(false),
+            Some(why) => Err(format!("{}: {why}", path.display())),
+        },
         Err(e) => Err(format!("{}: {e}", path.display())),
     }
 }
@@ -60,7 +64,36 @@ pub fn forget(path: &Path) -> Result<bool, String> {
 pub(crate) fn get(path: &Path) -> Result<Option<Zeroizing<String>>, String> {
     match entry(path)?.get_password() {
         Ok(p) => Ok(Some(Zeroizing::new(p))),
-        Err(keyring::Error::NoEntry) => Ok(None),
+        Err(keyring::Error::NoEntry) => match why_no_entry(path) {
+            None => Ok(None),
+            Some(why) => Err(format!("the keyring: {why}")),
+        },
         Err(e) => Err(format!("the keyring: {e}")),
+    }
+}
+
+/// When the `keyring` crate answers "no entry", what the kernel says: that crate folds
+/// "permission denied", "revoked" and "expired" into that answer, which would tell the user
+/// that nothing is stored when something is. `None`: there is truly no entry.
+fn why_no_entry(path: &Path) -> Option<String> {
+    use linux_keyutils::{KeyError, KeyRing, KeyRingIdentifier};
+    let description = format!("keyring-rs:{}@{SERVICE}", account(path).display());
+    let session = match KeyRing::from_special_id(KeyRingIdentifier::Session, false) {
+        Ok(k) => k,
+        Err(e) => return Some(format!("the session keyring cannot be used: {e}")),
+    };
+    let denied = "the kernel keyring denied access (EACCES): an entry is there, but this process may not use it (its permissions were changed, or it belongs to another user's or session's keyring); `keyctl show @s` shows it; `fleet-broker passphrase forget` and `set` in your own session replace it";
+    match session.search(&description) {
+        Err(KeyError::KeyDoesNotExist) => None,
+        Err(KeyError::AccessDenied) => Some(denied.into()),
+        Err(KeyError::KeyRevoked) | Err(KeyError::KeyExpired) => Some(
+            "the stored passphrase was revoked or has expired; store it again with `fleet-broker passphrase set`".into(),
+        ),
+        Err(e) => Some(format!("the kernel keyring: {e}")),
+        // Found: the crate's failure came after the search (relinking or reading it).
+        Ok(key) => match key.read_to_vec() {
+            Err(KeyError::AccessDenied) | Ok(_) => Some(denied.into()),
+            Err(e) => Some(format!("the kernel keyring: {e}")),
+        },
     }
 }

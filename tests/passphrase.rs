@@ -133,3 +133,58 @@ fn an_unencrypted_key_needs_no_passphrase() {
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("not encrypted"), "{out:?}");
 }
+
+/// The `keyring` crate answers "no entry" when the kernel said "permission denied": a
+/// passphrase that is stored but may not be used is named as such, never reported as absent.
+#[test]
+fn a_stored_passphrase_the_kernel_denies_is_not_reported_as_absent() {
+    throwaway_keyring();
+    let w = World::new();
+    let b = w.broker("");
+    let keys = open_tempdir("fb-locked.");
+    let key = encrypted_key(keys.path());
+    let path = key.display().to_string();
+    let out = passphrase(&b, &["set", &path, "--stdin"], &format!("{SECRET}\n"));
+    assert!(out.status.success(), "{out:?}");
+    // Take every permission away from the stored entry (as another session's or user's
+    // entry would be to us).
+    const KEYCTL_SETPERM: nix::libc::c_long = 5;
+    const KEYCTL_SEARCH: nix::libc::c_long = 10;
+    const KEY_SPEC_SESSION_KEYRING: nix::libc::c_long = -3;
+    let canonical = std::fs::canonicalize(&key).expect("canonical");
+    let description = std::ffi::CString::new(format!(
+        "keyring-rs:{}@fleet-broker identity file",
+        canonical.display()
+    ))
+    .expect("description");
+    let kind = std::ffi::CString::new("user").expect("type");
+    // SAFETY: keyctl(2) with NUL-terminated strings that outlive the calls.
+    let id = unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_keyctl,
+            KEYCTL_SEARCH,
+            KEY_SPEC_SESSION_KEYRING,
+            kind.as_ptr(),
+            description.as_ptr(),
+            0 as nix::libc::c_long,
+        )
+    };
+    assert!(id > 0, "the stored entry is found");
+    // SAFETY: as above.
+    let r = unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_keyctl,
+            KEYCTL_SETPERM,
+            id,
+            0 as nix::libc::c_long,
+        )
+    };
+    assert_eq!(r, 0, "setperm");
+    let out = passphrase(&b, &["forget", &path], "");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        text(&out.stderr).contains("denied access (EACCES)"),
+        "{out:?}"
+    );
+    assert!(!text(&out.stdout).contains("no passphrase"), "{out:?}");
+}
