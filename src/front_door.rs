@@ -711,6 +711,16 @@ impl russh::server::Handler for Connection {
         session.channel_failure(id)
     }
 
+    async fn channel_close(
+        &mut self,
+        id: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // A session closed before (or without) its exec request no longer counts as open.
+        self.sessions.remove(&id);
+        Ok(())
+    }
+
     async fn agent_request(
         &mut self,
         _id: ChannelId,
@@ -902,6 +912,33 @@ async fn machine_at(socket: &Path, ip: IpAddr) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The login grace time ends a connection that never authenticates; once authenticated,
+    /// only a connection without an open channel for the unused-connection timeout ends.
+    #[tokio::test(start_paused = true)]
+    async fn connections_end_unauthenticated_or_unused_not_while_a_channel_is_open() {
+        let (_authed_tx, authed_rx) = oneshot::channel::<()>();
+        let (_active_tx, active_rx) = watch::channel(0usize);
+        let started = tokio::time::Instant::now();
+        let why = limits(authed_rx, active_rx).await;
+        assert_eq!(started.elapsed(), LOGIN_GRACE_TIME);
+        assert!(why.contains("login grace"), "{why}");
+
+        let (authed_tx, authed_rx) = oneshot::channel::<()>();
+        let active_tx = Arc::new(watch::channel(0usize).0);
+        let active_rx = active_tx.subscribe();
+        let _ = authed_tx.send(());
+        let channel = Active::new(&active_tx);
+        let limit = tokio::spawn(limits(authed_rx, active_rx));
+        // Ten minutes with a channel open: still served.
+        tokio::time::sleep(UNUSED_TIMEOUT * 10).await;
+        assert!(!limit.is_finished());
+        drop(channel);
+        let closed_at = tokio::time::Instant::now();
+        let why = limit.await.expect("limits");
+        assert_eq!(closed_at.elapsed(), UNUSED_TIMEOUT);
+        assert!(why.contains("no channel open"), "{why}");
+    }
 
     #[test]
     fn only_fd_forward_with_one_path_is_recognised() {

@@ -103,6 +103,22 @@ impl Env {
             .collect()
     }
 
+    /// `ssh -N -L LOCAL:/var/run/fleet.sock` through the door, once the local socket is
+    /// there: its path and the ssh process.
+    fn forward_fleet_socket(&self) -> (PathBuf, std::process::Child) {
+        let local = self.b.dir.path().join("fwd.sock");
+        let mut c = self.ssh();
+        c.args(["-N", "-o", "ExitOnForwardFailure=yes", "-L"])
+            .arg(format!("{}:/var/run/fleet.sock", local.display()))
+            .arg("127.0.0.1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = c.spawn().expect("ssh -L");
+        wait_until("the forwarded socket", DEADLINE, || local.exists());
+        (local, child)
+    }
+
     fn ssh(&self) -> Command {
         let mut c = Command::new("ssh");
         c.arg("-F")
@@ -211,16 +227,7 @@ fn fd_forward_carries_the_fleet_api_and_other_commands_are_refused() {
 #[test]
 fn streamlocal_forwarding_reaches_only_the_fleet_socket() {
     let e = env();
-    let local = e.b.dir.path().join("fwd.sock");
-    let mut c = e.ssh();
-    c.args(["-N", "-o", "ExitOnForwardFailure=yes", "-L"])
-        .arg(format!("{}:/var/run/fleet.sock", local.display()))
-        .arg("127.0.0.1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let mut child = c.spawn().expect("ssh -L");
-    wait_until("the forwarded socket", DEADLINE, || local.exists());
+    let (local, mut child) = e.forward_fleet_socket();
     let got = http(&local, "GET", "/fleet/v1/machines", None);
     let want = http(&e.m.sim.socket, "GET", "/fleet/v1/machines", None);
     let _ = child.kill();
@@ -597,16 +604,7 @@ fn read_only_and_the_audit_hold_at_the_front_door() {
     assert!(said.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{out:?}");
     assert!(said.contains("read-only"), "{said}");
     // DELETE through a forwarded socket.
-    let local = e.b.dir.path().join("fwd.sock");
-    let mut c = e.ssh();
-    c.args(["-N", "-o", "ExitOnForwardFailure=yes", "-L"])
-        .arg(format!("{}:/var/run/fleet.sock", local.display()))
-        .arg("127.0.0.1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let mut child = c.spawn().expect("ssh -L");
-    wait_until("the forwarded socket", DEADLINE, || local.exists());
+    let (local, mut child) = e.forward_fleet_socket();
     let deleted = try_http(&local, "DELETE", "/fleet/v1/units/hello.service", None);
     let _ = child.kill();
     let _ = child.wait();
