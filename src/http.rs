@@ -1,9 +1,11 @@
-//! The accept loop shared by the cluster sockets and the control socket: peer uid check on
-//! every connection, one task per connection serving HTTP/1.1, and graceful shutdown (stop
-//! accepting, let in-flight requests finish for up to [`DRAIN_TIMEOUT`]). Bounded: at most
-//! [`MAX_CONNECTIONS`] connections per socket (more wait in the kernel's backlog), request
-//! headers must arrive within [`HEADER_READ_TIMEOUT`], and accept errors (EMFILE) back off
-//! instead of spinning, logged at most once a second.
+//! The accept discipline of every local door ([`accept_loop`]: the cluster sockets, the
+//! control socket and the front door) and HTTP/1.1 on the unix sockets: peer uid check on
+//! every connection (refusals logged at most once a second), one task per connection, and
+//! graceful shutdown (stop accepting, let in-flight requests finish for up to
+//! [`DRAIN_TIMEOUT`]). Bounded: at most [`MAX_CONNECTIONS`] connections per socket (more
+//! wait in the kernel's backlog), request headers must arrive within
+//! [`HEADER_READ_TIMEOUT`], and accept errors (EMFILE) back off instead of spinning, logged
+//! at most once a second.
 
 use std::convert::Infallible;
 use std::future::Future;
