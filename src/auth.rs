@@ -60,21 +60,6 @@ pub enum AuthError {
     },
 }
 
-/// A key we may offer, and who signs with it.
-enum Candidate {
-    Agent(PublicKey),
-    File(Arc<PrivateKey>),
-}
-
-impl Candidate {
-    fn public(&self) -> PublicKey {
-        match self {
-            Candidate::Agent(k) => k.clone(),
-            Candidate::File(k) => k.public_key().clone(),
-        }
-    }
-}
-
 /// Where keys come from for one connection.
 #[derive(Debug, Clone, Default)]
 pub struct KeySource {
@@ -147,25 +132,55 @@ fn check_permissions(path: &Path) -> Result<Option<Unusable>, AuthError> {
     Ok(None)
 }
 
-fn load_file_key(path: &Path) -> Result<Result<PrivateKey, Unusable>, AuthError> {
+/// Identity files decoded (and decrypted) once per content: the key stays in memory, its
+/// secret zeroized when dropped, until the file changes. A connect then costs no KDF (a key
+/// made with `ssh-keygen -a 256` takes seconds to decrypt).
+static FILE_KEYS: std::sync::LazyLock<std::sync::Mutex<FileKeys>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// Decoded identity files by path, with the SHA-256 of the content they were decoded from.
+type FileKeys = std::collections::HashMap<PathBuf, ([u8; 32], Arc<PrivateKey>)>;
+
+/// The key of an identity file, decoded and if need be decrypted with its stored passphrase;
+/// from [`FILE_KEYS`] when the file is unchanged. Blocks (file, keyring, KDF): call it off the
+/// runtime's thread.
+fn load_file_key(path: &Path) -> Result<Result<Arc<PrivateKey>, Unusable>, AuthError> {
+    use sha2::Digest;
     if let Some(u) = check_permissions(path)? {
         return Ok(Err(u));
     }
-    match russh::keys::load_secret_key(path, None) {
-        Ok(k) => Ok(Ok(k)),
-        Err(russh::keys::Error::KeyIsEncrypted) => Ok(decrypt(path)),
-        Err(e) => Err(AuthError::IdentityFile {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        }),
+    let unreadable = |reason: String| AuthError::IdentityFile {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let text = zeroize::Zeroizing::new(
+        std::fs::read_to_string(path).map_err(|e| unreadable(e.to_string()))?,
+    );
+    let digest: [u8; 32] = sha2::Sha256::digest(text.as_bytes()).into();
+    let cache = || FILE_KEYS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((d, k)) = cache().get(path) {
+        if *d == digest {
+            return Ok(Ok(k.clone()));
+        }
     }
+    let key = match russh::keys::decode_secret_key(&text, None) {
+        Ok(k) => k,
+        Err(russh::keys::Error::KeyIsEncrypted) => match decrypt(path, &text) {
+            Ok(k) => k,
+            Err(u) => return Ok(Err(u)),
+        },
+        Err(e) => return Err(unreadable(e.to_string())),
+    };
+    let key = Arc::new(key);
+    cache().insert(path.to_path_buf(), (digest, key.clone()));
+    Ok(Ok(key))
 }
 
-/// An encrypted identity file decrypted in memory with its stored passphrase.
-fn decrypt(path: &Path) -> Result<PrivateKey, Unusable> {
+/// An encrypted identity file (`text`) decrypted in memory with its stored passphrase.
+fn decrypt(path: &Path, text: &str) -> Result<PrivateKey, Unusable> {
     match crate::passphrase::get(path) {
         Ok(Some(p)) => {
-            russh::keys::load_secret_key(path, Some(&p)).map_err(|_| Unusable::WrongPassphrase)
+            russh::keys::decode_secret_key(text, Some(&p)).map_err(|_| Unusable::WrongPassphrase)
         }
         Ok(None) => Err(Unusable::Encrypted(None)),
         Err(e) => Err(Unusable::Encrypted(Some(e))),
@@ -194,124 +209,193 @@ async fn agent_keys(path: &Path) -> Result<(AgentClient<UnixStream>, Vec<PublicK
     Ok((agent, keys))
 }
 
-/// Orders the candidates: agent keys that match configured files, other agent keys, then
-/// file keys the agent does not hold.
-async fn candidates(
-    source: &KeySource,
-) -> Result<(Option<AgentClient<UnixStream>>, Vec<Candidate>), AuthError> {
-    let (agent, agent_pubs) = match &source.agent {
-        Some(p) => {
-            let (a, k) = agent_keys(p).await?;
-            (Some(a), k)
-        }
-        None => (None, Vec::new()),
-    };
-    let mut wanted: Vec<PublicKey> = Vec::new();
-    let mut files: Vec<Candidate> = Vec::new();
-    let mut skipped: Option<(PathBuf, String)> = None;
-    for path in &source.identity_files {
-        let pubkey = public_of_file(path);
-        let in_agent = pubkey
-            .as_ref()
-            .is_some_and(|pk| agent_pubs.iter().any(|a| a.key_data() == pk.key_data()));
-        if let Some(pk) = &pubkey {
-            wanted.push(pk.clone());
-        }
-        if in_agent {
-            continue;
-        }
-        match load_file_key(path)? {
-            Ok(k) => {
-                if !agent_pubs
-                    .iter()
-                    .any(|a| a.key_data() == k.public_key().key_data())
-                {
-                    wanted.push(k.public_key().clone());
-                    files.push(Candidate::File(Arc::new(k)));
-                }
-            }
-            Err(why) => {
-                let reason = why.reason(path);
-                tracing::warn!(file = %path.display(), "identity file skipped: {reason}");
-                skipped.get_or_insert((path.clone(), reason));
-            }
-        }
-    }
-    let (first, rest): (Vec<PublicKey>, Vec<PublicKey>) = agent_pubs
-        .into_iter()
-        .partition(|a| wanted.iter().any(|w| w.key_data() == a.key_data()));
-    let mut out: Vec<Candidate> = first.into_iter().map(Candidate::Agent).collect();
-    out.extend(rest.into_iter().map(Candidate::Agent));
-    out.extend(files);
-    if out.is_empty() {
-        return Err(match (skipped, &source.agent) {
-            (Some((path, reason)), _) => AuthError::IdentityFile { path, reason },
-            (None, None) => AuthError::NoAgent,
-            (None, Some(p)) => AuthError::EmptyAgent(p.clone()),
-        });
-    }
-    Ok((agent, out))
+/// The public halves of the identity files (`KEY.pub`), read off the runtime's thread.
+async fn file_publics(files: &[PathBuf]) -> Vec<(PathBuf, Option<PublicKey>)> {
+    let files = files.to_vec();
+    tokio::task::spawn_blocking(move || {
+        files
+            .into_iter()
+            .map(|f| {
+                let public = public_of_file(&f);
+                (f, public)
+            })
+            .collect()
+    })
+    .await
+    .unwrap_or_default()
 }
 
-/// Authenticates `user` on `handle`; `target` names the server in errors.
+/// Authenticates `user` on `handle`; `target` names the server in errors. Agent keys that
+/// match configured files go first, then the agent's other keys, then the files the agent
+/// does not hold: a file is read, and decrypted, only when its turn comes, off the runtime's
+/// thread, and at most once while it is unchanged.
 pub(crate) async fn authenticate<H: Handler>(
     handle: &mut Handle<H>,
     user: &str,
     source: &KeySource,
     target: &str,
 ) -> Result<(), AuthError> {
-    let (mut agent, keys) = candidates(source).await?;
-    let transport = |reason: String| AuthError::Transport {
-        target: target.to_string(),
-        reason,
+    let (mut agent, agent_pubs) = match &source.agent {
+        Some(p) => {
+            let (a, k) = agent_keys(p).await?;
+            (Some(a), k)
+        }
+        None => (None, Vec::new()),
     };
-    let mut rsa_hash: Option<Option<HashAlg>> = None;
-    let mut tried = Vec::new();
-    for cand in keys {
-        let public = cand.public();
-        let hash = if matches!(public.algorithm(), Algorithm::Rsa { .. }) {
-            if rsa_hash.is_none() {
-                let best = handle
-                    .best_supported_rsa_hash()
-                    .await
-                    .map_err(|e| transport(e.to_string()))?;
-                // No server-sig-algs: assume a modern server (rsa-sha2-256 is RFC 8332's).
-                rsa_hash = Some(best.unwrap_or(Some(HashAlg::Sha256)));
-            }
-            rsa_hash.flatten()
-        } else {
-            None
-        };
-        tried.push(fingerprint_sha256(&public));
-        let result = match (&cand, agent.as_mut()) {
-            (Candidate::Agent(k), Some(agent)) => handle
-                .authenticate_publickey_with(user, k.clone(), hash, agent)
-                .await
-                .map_err(|e| transport(format!("ssh-agent could not sign: {e}")))?,
-            (Candidate::File(k), _) => handle
-                .authenticate_publickey(user, PrivateKeyWithHashAlg::new(k.clone(), hash))
-                .await
-                .map_err(|e| transport(e.to_string()))?,
-            (Candidate::Agent(_), None) => continue,
-        };
-        match result {
-            AuthResult::Success => return Ok(()),
-            AuthResult::Failure {
-                remaining_methods, ..
-            } => {
-                if !remaining_methods.contains(&russh::MethodKind::PublicKey)
-                    && !remaining_methods.is_empty()
-                {
-                    break;
-                }
-            }
+    let files = file_publics(&source.identity_files).await;
+    let in_agent = |k: &PublicKey| agent_pubs.iter().any(|a| a.key_data() == k.key_data());
+    let wanted = |a: &PublicKey| {
+        files
+            .iter()
+            .any(|(_, p)| p.as_ref().is_some_and(|p| p.key_data() == a.key_data()))
+    };
+    let (first, rest): (Vec<&PublicKey>, Vec<&PublicKey>) =
+        agent_pubs.iter().partition(|a| wanted(a));
+    let mut signer = Signer {
+        handle,
+        user,
+        target,
+        rsa_hash: None,
+        tried: Vec::new(),
+    };
+    for key in first.into_iter().chain(rest) {
+        let Some(agent) = agent.as_mut() else { break };
+        match signer.try_agent(key, agent).await? {
+            Tried::Accepted => return Ok(()),
+            Tried::NoMorePublicKey => return Err(signer.refused()),
+            Tried::Refused => {}
         }
     }
-    Err(AuthError::Refused {
-        target: target.to_string(),
-        user: user.to_string(),
-        tried: tried.join(", "),
-    })
+    let mut skipped: Option<(PathBuf, String)> = None;
+    for (path, public) in files {
+        if public.as_ref().is_some_and(in_agent) {
+            continue;
+        }
+        let loading = path.clone();
+        let loaded = tokio::task::spawn_blocking(move || load_file_key(&loading))
+            .await
+            .map_err(|e| AuthError::IdentityFile {
+                path: path.clone(),
+                reason: format!("loading it failed: {e}"),
+            })??;
+        let key = match loaded {
+            Ok(k) => k,
+            Err(why) => {
+                let reason = why.reason(&path);
+                tracing::warn!(file = %path.display(), "identity file skipped: {reason}");
+                skipped.get_or_insert((path, reason));
+                continue;
+            }
+        };
+        if in_agent(key.public_key()) {
+            continue;
+        }
+        match signer.try_file(key).await? {
+            Tried::Accepted => return Ok(()),
+            Tried::NoMorePublicKey => break,
+            Tried::Refused => {}
+        }
+    }
+    if signer.tried.is_empty() {
+        return Err(match (skipped, &source.agent) {
+            (Some((path, reason)), _) => AuthError::IdentityFile { path, reason },
+            (None, None) => AuthError::NoAgent,
+            (None, Some(p)) => AuthError::EmptyAgent(p.clone()),
+        });
+    }
+    Err(signer.refused())
+}
+
+/// What one offered key came to.
+enum Tried {
+    Accepted,
+    Refused,
+    /// The server takes no more public keys.
+    NoMorePublicKey,
+}
+
+/// Offers keys on one connection, remembering what was tried.
+struct Signer<'a, H: Handler> {
+    handle: &'a mut Handle<H>,
+    user: &'a str,
+    target: &'a str,
+    /// The RSA signature hash the server takes, asked once.
+    rsa_hash: Option<Option<HashAlg>>,
+    /// Fingerprints of the keys offered.
+    tried: Vec<String>,
+}
+
+impl<H: Handler> Signer<'_, H> {
+    fn transport(&self, reason: String) -> AuthError {
+        AuthError::Transport {
+            target: self.target.to_string(),
+            reason,
+        }
+    }
+
+    fn refused(&self) -> AuthError {
+        AuthError::Refused {
+            target: self.target.to_string(),
+            user: self.user.to_string(),
+            tried: self.tried.join(", "),
+        }
+    }
+
+    async fn hash_for(&mut self, public: &PublicKey) -> Result<Option<HashAlg>, AuthError> {
+        if !matches!(public.algorithm(), Algorithm::Rsa { .. }) {
+            return Ok(None);
+        }
+        if self.rsa_hash.is_none() {
+            let best = self
+                .handle
+                .best_supported_rsa_hash()
+                .await
+                .map_err(|e| self.transport(e.to_string()))?;
+            // No server-sig-algs: assume a modern server (rsa-sha2-256 is RFC 8332's).
+            self.rsa_hash = Some(best.unwrap_or(Some(HashAlg::Sha256)));
+        }
+        Ok(self.rsa_hash.flatten())
+    }
+
+    async fn try_agent(
+        &mut self,
+        key: &PublicKey,
+        agent: &mut AgentClient<UnixStream>,
+    ) -> Result<Tried, AuthError> {
+        let hash = self.hash_for(key).await?;
+        self.tried.push(fingerprint_sha256(key));
+        let result = self
+            .handle
+            .authenticate_publickey_with(self.user, key.clone(), hash, agent)
+            .await
+            .map_err(|e| self.transport(format!("ssh-agent could not sign: {e}")))?;
+        Ok(outcome(result))
+    }
+
+    async fn try_file(&mut self, key: Arc<PrivateKey>) -> Result<Tried, AuthError> {
+        let hash = self.hash_for(key.public_key()).await?;
+        self.tried.push(fingerprint_sha256(key.public_key()));
+        let result = self
+            .handle
+            .authenticate_publickey(self.user, PrivateKeyWithHashAlg::new(key, hash))
+            .await
+            .map_err(|e| self.transport(e.to_string()))?;
+        Ok(outcome(result))
+    }
+}
+
+fn outcome(result: AuthResult) -> Tried {
+    match result {
+        AuthResult::Success => Tried::Accepted,
+        AuthResult::Failure {
+            remaining_methods, ..
+        } if !remaining_methods.contains(&russh::MethodKind::PublicKey)
+            && !remaining_methods.is_empty() =>
+        {
+            Tried::NoMorePublicKey
+        }
+        AuthResult::Failure { .. } => Tried::Refused,
+    }
 }
 
 /// Keys whose private halves are published, so anyone holding them proves nothing: Vagrant's
