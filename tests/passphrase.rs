@@ -188,3 +188,80 @@ fn a_stored_passphrase_the_kernel_denies_is_not_reported_as_absent() {
     );
     assert!(!text(&out.stdout).contains("no passphrase"), "{out:?}");
 }
+
+/// An identity file made with `ssh-keygen -a 256` takes seconds to decrypt. While one
+/// cluster connects with it five times, another cluster's requests in a tight loop are not
+/// held up: the decryption runs off the daemon's thread, once per file content.
+#[test]
+fn decrypting_a_slow_key_for_one_cluster_does_not_hold_up_another() {
+    throwaway_keyring();
+    let w = World::new();
+    let keys = open_tempdir("fb-slow.");
+    let key = keys.path().join("id_slow");
+    let out = Command::new("ssh-keygen")
+        .args([
+            "-q", "-t", "ed25519", "-a", "256", "-N", SECRET, "-C", "slow", "-f",
+        ])
+        .arg(&key)
+        .output()
+        .expect("ssh-keygen");
+    assert!(out.status.success(), "{out:?}");
+    let sshd = Sshd::start_with(&["root"], &[&key], None, "");
+    let kh = keys.path().join("known_hosts");
+    std::fs::write(&kh, sshd.known_hosts_line()).expect("known_hosts");
+    let config = format!(
+        "{}{}",
+        w.config(""),
+        cluster_toml(
+            "c2",
+            &sshd,
+            &format!("unix://{}", w.sim.socket.display()),
+            "root",
+            &kh,
+            &format!("identity_files = [\"{}\"]\n", key.display()),
+        )
+    );
+    // The agent holds c1's key only: c2 needs the file.
+    let b = Broker::start(&config, Some(&w.agent.socket));
+    let out = passphrase(
+        &b,
+        &["set", &key.display().to_string(), "--stdin"],
+        &format!("{SECRET}\n"),
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        http(&b.socket("c1"), "GET", "/fleet/v1/machines", None).0,
+        200
+    );
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let looping = {
+        let (socket, done) = (b.socket("c1"), done.clone());
+        std::thread::spawn(move || {
+            let mut slowest = std::time::Duration::ZERO;
+            let mut count = 0u32;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = std::time::Instant::now();
+                let r = try_http(&socket, "GET", "/fleet/v1/machines", None);
+                slowest = slowest.max(t.elapsed());
+                assert_eq!(r.map(|r| r.0).ok(), Some(200));
+                count += 1;
+            }
+            (slowest, count)
+        })
+    };
+    for _ in 0..5 {
+        let out = b.cli(&["connect", "c2"]);
+        assert!(out.status.success(), "{out:?}\n{}", b.log());
+        let out = b.cli(&["disconnect", "c2"]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (slowest, count) = looping.join().expect("request loop");
+    eprintln!("c1: {count} requests while c2 connected five times, slowest {slowest:?}");
+    assert!(count > 10, "{count} requests");
+    // The decryption takes seconds; a request held up by it would show it.
+    assert!(
+        slowest < std::time::Duration::from_millis(500),
+        "c1's slowest request took {slowest:?}"
+    );
+}
