@@ -153,10 +153,14 @@ impl Daemon {
             }
         };
         let (reload_tx, reload_rx) = mpsc::channel(4);
+        // The lag probe runs for the daemon's life; its token is the daemon's.
+        let lag = Arc::new(crate::lag::Lag::default());
+        tokio::spawn(lag.clone().probe(shutdown.clone()));
         let control = Arc::new(Control {
             registry: registry.clone(),
             reload_tx,
             audit: audit.clone(),
+            lag,
         });
         let control_task = tokio::spawn(crate::http::serve(
             control_listener,

@@ -27,6 +27,7 @@ pub mod fuzzing;
 pub(crate) mod http;
 pub mod import;
 pub mod known_hosts;
+pub(crate) mod lag;
 pub mod local;
 pub(crate) mod memory;
 pub mod notify;

@@ -28,6 +28,8 @@ pub(crate) struct Control {
     pub(crate) reload_tx: tokio::sync::mpsc::Sender<crate::registry::ReloadRequest>,
     /// Where exec sessions are recorded.
     pub(crate) audit: Arc<crate::audit::AuditLog>,
+    /// How late the daemon's thread runs.
+    pub(crate) lag: Arc<crate::lag::Lag>,
 }
 
 fn exec_error(e: &crate::protocol::exec::ExecError) -> Response<Body> {
@@ -289,6 +291,32 @@ impl Control {
             crate::tunnel::channel::MAX_BUFFERED_TOTAL,
             crate::tunnel::channel::buffered_total()
         );
+        let lag = self.lag.snapshot();
+        let tick = crate::lag::TICK.as_millis();
+        let _ = writeln!(
+            out,
+            "# HELP fleet_broker_runtime_lag_max_seconds The longest a {tick} ms tick of the daemon's thread fired late.\n# TYPE fleet_broker_runtime_lag_max_seconds gauge\nfleet_broker_runtime_lag_max_seconds {}",
+            lag.max_seconds
+        );
+        let _ = writeln!(
+            out,
+            "# HELP fleet_broker_runtime_lag_seconds How late {tick} ms ticks of the daemon's thread fired: whatever blocked it held up every cluster.\n# TYPE fleet_broker_runtime_lag_seconds histogram"
+        );
+        let bounds = crate::lag::BUCKETS
+            .iter()
+            .map(|b| b.to_string())
+            .chain(std::iter::once("+Inf".to_string()));
+        for (bound, count) in bounds.zip(&lag.cumulative) {
+            let _ = writeln!(
+                out,
+                "fleet_broker_runtime_lag_seconds_bucket{{le=\"{bound}\"}} {count}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "fleet_broker_runtime_lag_seconds_sum {}\nfleet_broker_runtime_lag_seconds_count {}",
+            lag.sum_seconds, lag.count
+        );
         let mut r = Response::new(crate::http::full(out));
         r.headers_mut().insert(
             hyper::header::CONTENT_TYPE,
@@ -303,6 +331,7 @@ impl Control {
         match (req.method(), segs.as_slice()) {
             (&Method::GET, ["v1", "clusters"]) => to_json(&ClusterList {
                 clusters: self.registry.all().iter().map(|c| info(c)).collect(),
+                runtime_lag_max_ms: Some(self.lag.max_ms()),
             }),
             (&Method::GET, ["metrics"]) => self.metrics(),
             (&Method::POST, ["v1", "reload"]) => {

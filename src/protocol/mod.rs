@@ -96,6 +96,10 @@ pub struct FrontDoorInfo {
 pub struct ClusterList {
     /// Every served cluster, by name.
     pub clusters: Vec<ClusterInfo>,
+    /// The longest the daemon's thread has run late (its 10 ms lag probe), in milliseconds:
+    /// anything that blocked it held up every cluster that long.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_lag_max_ms: Option<f64>,
 }
 
 /// A presented host key and its standing, as the control socket reports it.
