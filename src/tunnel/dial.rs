@@ -119,7 +119,9 @@ pub struct ClientHandler {
     address: Option<String>,
     display_addr: String,
     policy: HostKeyPolicy,
-    known: KnownHosts,
+    /// The pins, shared with the blocking pool where keys are judged (hashed names cost a
+    /// HMAC per line).
+    known: Arc<KnownHosts>,
     pin_file: Option<PathBuf>,
     /// Why the host key was refused, for the error the dialer returns.
     refusal: Arc<Mutex<Option<String>>>,
@@ -133,6 +135,39 @@ pub struct ClientHandler {
     trust_hint: String,
     /// Dropped with the handler, i.e. when the connection is gone.
     _closed: watch::Sender<()>,
+}
+
+/// Pins `public` for `host` in `file` (accept-new), hashed if `ssh -G` says so: a child
+/// process and a file write, both run off the runtime's thread.
+async fn pin_off_thread(
+    file: &std::path::Path,
+    host: &HostId,
+    public: &russh::keys::PublicKey,
+) -> Result<(), String> {
+    let (file, host, public) = (file.to_path_buf(), host.clone(), public.clone());
+    tokio::task::spawn_blocking(move || {
+        let hashed = crate::local::hash_known_hosts(&host.principal);
+        known_hosts::append_pin(&file, &host.lookup, &public, hashed).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| format!("pinning failed: {e}"))?
+}
+
+/// The pins of `files`, read off the runtime's thread.
+async fn load_known_hosts(files: &[PathBuf]) -> Result<KnownHosts, DialError> {
+    let owned = files.to_vec();
+    match tokio::task::spawn_blocking(move || KnownHosts::load(&owned)).await {
+        Ok(r) => Ok(r?),
+        // Only a panic or a runtime shutting down ends the read early.
+        Err(e) => Err(DialError::Ssh {
+            target: files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            reason: format!("reading the pins was interrupted: {e}"),
+        }),
+    }
 }
 
 impl ClientHandler {
@@ -160,14 +195,29 @@ impl client::Handler for ClientHandler {
         &mut self,
         key: &PublicKeyOrCertificate,
     ) -> Result<bool, Self::Error> {
-        let (verdict, public) = match key {
+        // Judged off the runtime's thread: a large hashed known_hosts costs a HMAC a line.
+        let (known, host) = (self.known.clone(), self.host.clone());
+        let judged = match key {
             PublicKeyOrCertificate::PublicKey { key, .. } => {
-                (self.known.check(&self.host, key), key.clone())
+                let key = key.clone();
+                tokio::task::spawn_blocking(move || (known.check(&host, &key), key)).await
             }
-            PublicKeyOrCertificate::Certificate(cert) => (
-                self.known.check_certificate(&self.host, cert),
-                russh::keys::PublicKey::from(cert.public_key().clone()),
-            ),
+            PublicKeyOrCertificate::Certificate(cert) => {
+                let cert = cert.clone();
+                tokio::task::spawn_blocking(move || {
+                    (
+                        known.check_certificate(&host, &cert),
+                        russh::keys::PublicKey::from(cert.public_key().clone()),
+                    )
+                })
+                .await
+            }
+        };
+        let Ok((verdict, public)) = judged else {
+            if let Ok(mut r) = self.refusal.lock() {
+                *r = Some(format!("{}: judging the host key failed", self.label));
+            }
+            return Ok(false);
         };
         if let Some(c) = &self.capture {
             if let Ok(mut c) = c.lock() {
@@ -211,12 +261,7 @@ impl client::Handler for ClientHandler {
                 false
             }
             (Verdict::Unknown, HostKeyPolicy::AcceptNew) => match &self.pin_file {
-                Some(file) => match known_hosts::append_pin(
-                    file,
-                    &self.host.lookup,
-                    &public,
-                    crate::local::hash_known_hosts(&self.host.principal),
-                ) {
+                Some(file) => match pin_off_thread(file, &self.host, &public).await {
                     Ok(()) => {
                         tracing::warn!(target_host = %self.display_addr, fingerprint = %fp, file = %file.display(), "pinned previously unknown host key (accept-new)");
                         true
@@ -385,7 +430,7 @@ pub(crate) async fn presented_key_over<S>(
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let known = KnownHosts::load(&spec.known_hosts)?;
+    let known = load_known_hosts(&spec.known_hosts).await?;
     let capture = Arc::new(Mutex::new(None));
     let tcp = stream;
     let host = spec.host_id();
@@ -398,7 +443,7 @@ where
         address: None,
         display_addr: spec.target.to_string(),
         policy: spec.policy,
-        known,
+        known: Arc::new(known),
         pin_file: None,
         refusal: Arc::new(Mutex::new(None)),
         accepted: Arc::new(Mutex::new(None)),
@@ -516,7 +561,7 @@ where
     let known = if spec.policy == HostKeyPolicy::Off {
         KnownHosts::default()
     } else {
-        KnownHosts::load(&spec.known_hosts)?
+        load_known_hosts(&spec.known_hosts).await?
     };
     let host = spec.host_id();
     let pinned = known.pinned_algorithms(&host);
@@ -530,7 +575,7 @@ where
         address: address.filter(|a| *a != spec.target.known_hosts_name()),
         display_addr: display_addr.clone(),
         policy: spec.policy,
-        known,
+        known: Arc::new(known),
         pin_file: spec.known_hosts.first().cloned(),
         refusal: refusal.clone(),
         accepted: accepted.clone(),
