@@ -5,7 +5,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Rotated to `audit.jsonl.1` past this size.
 pub const MAX_BYTES: u64 = 8 * 1024 * 1024;
@@ -71,13 +71,21 @@ impl AuditLog {
     }
 
     /// Appends one record: `fields` plus the time and the peer.
-    pub(crate) fn record(&self, peer: Option<Peer>, fields: serde_json::Value) {
-        self.record_as(peer.map(Caller::of).as_ref(), fields)
+    pub(crate) async fn record(self: &Arc<Self>, peer: Option<Peer>, fields: serde_json::Value) {
+        self.record_as(peer.map(Caller::of).as_ref(), fields).await
     }
 
-    /// Appends one record: `fields` plus the time and the caller.
-    pub(crate) fn record_as(&self, caller: Option<&Caller>, mut fields: serde_json::Value) {
-        let Some(path) = &self.path else { return };
+    /// Appends one record: `fields` plus the time and the caller. The file is written off
+    /// the runtime's thread; the call returns once the line is written (or failed), so a
+    /// request is on record before it is answered.
+    pub(crate) async fn record_as(
+        self: &Arc<Self>,
+        caller: Option<&Caller>,
+        mut fields: serde_json::Value,
+    ) {
+        if self.path.is_none() {
+            return;
+        }
         if let Some(o) = fields.as_object_mut() {
             o.insert(
                 "time".into(),
@@ -94,8 +102,17 @@ impl AuditLog {
                 }
             }
         }
+        let log = self.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || log.write(&fields)).await {
+            tracing::warn!(error = %e, "writing the audit log was interrupted");
+        }
+    }
+
+    /// Appends `record` (blocking).
+    fn write(&self, record: &serde_json::Value) {
+        let Some(path) = &self.path else { return };
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = append(path, &fields) {
+        if let Err(e) = append(path, record) {
             if let Some(suppressed) = self.failures.admit() {
                 tracing::warn!(file = %crate::escape::display(&path.display().to_string()), error = %e, suppressed, "cannot write the audit log");
             }

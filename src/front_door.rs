@@ -795,11 +795,13 @@ impl russh::server::Handler for Connection {
         );
         if cfg.read_only {
             tracing::warn!(machine = %machine, "front door: refused a session to a machine of a read-only cluster");
-            record.write(serde_json::json!({
-                "phase": "refused",
-                "status": 403,
-                "error": "the cluster is read-only in the broker's config",
-            }));
+            record
+                .write(serde_json::json!({
+                    "phase": "refused",
+                    "status": 403,
+                    "error": "the cluster is read-only in the broker's config",
+                }))
+                .await;
             reply
                 .reject(ChannelOpenFailure::AdministrativelyProhibited)
                 .await;
@@ -816,17 +818,21 @@ impl russh::server::Handler for Connection {
             Ok(ch) => ch,
             Err(e) => {
                 tracing::warn!(host = %host_to_connect, error = %e, "front door: the tunnel host could not connect");
-                record.write(serde_json::json!({
-                    "phase": "refused",
-                    "status": 502,
-                    "error": e,
-                }));
+                record
+                    .write(serde_json::json!({
+                        "phase": "refused",
+                        "status": 502,
+                        "error": e,
+                    }))
+                    .await;
                 reply.reject(ChannelOpenFailure::ConnectFailed).await;
                 return Ok(());
             }
         };
         reply.accept().await;
-        record.write(serde_json::json!({"phase": "start", "status": 101}));
+        record
+            .write(serde_json::json!({"phase": "start", "status": 101}))
+            .await;
         let active = Active::new(&self.active);
         let stop = self.stop.clone();
         tokio::spawn(tracing::Instrument::in_current_span(async move {
@@ -837,13 +843,15 @@ impl russh::server::Handler for Connection {
             } else {
                 "the connection ended"
             };
-            record.write(serde_json::json!({
-                "phase": "end",
-                "status": 101,
-                "error": how,
-                "bytes_in": up,
-                "bytes_out": down,
-            }));
+            record
+                .write(serde_json::json!({
+                    "phase": "end",
+                    "status": 101,
+                    "error": how,
+                    "bytes_in": up,
+                    "bytes_out": down,
+                }))
+                .await;
         }));
         Ok(())
     }
@@ -874,7 +882,7 @@ impl ForwardRecord {
         }
     }
 
-    fn write(&self, fields: serde_json::Value) {
+    async fn write(&self, fields: serde_json::Value) {
         let mut line = self.what.clone();
         if let (Some(o), Some(f)) = (line.as_object_mut(), fields.as_object()) {
             o.extend(f.clone());
@@ -883,7 +891,7 @@ impl ForwardRecord {
                 (self.started.elapsed().as_millis() as u64).into(),
             );
         }
-        self.audit.record_as(Some(&self.caller), line);
+        self.audit.record_as(Some(&self.caller), line).await;
     }
 }
 

@@ -252,19 +252,21 @@ impl Proxy {
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.parse::<u64>().ok())
             });
-        self.audit.record(
-            peer,
-            serde_json::json!({
-                "kind": "api",
-                "cluster": self.tunnel.name(),
-                "method": method,
-                "path": path,
-                "status": resp.status().as_u16(),
-                "duration_ms": started.elapsed().as_millis() as u64,
-                "request_bytes": request_bytes,
-                "response_bytes": response_bytes,
-            }),
-        );
+        self.audit
+            .record(
+                peer,
+                serde_json::json!({
+                    "kind": "api",
+                    "cluster": self.tunnel.name(),
+                    "method": method,
+                    "path": path,
+                    "status": resp.status().as_u16(),
+                    "duration_ms": started.elapsed().as_millis() as u64,
+                    "request_bytes": request_bytes,
+                    "response_bytes": response_bytes,
+                }),
+            )
+            .await;
         resp
     }
 

@@ -111,22 +111,26 @@ async fn exec(
     };
     let session = match exec.start(&request).await {
         Ok(s) => {
-            audit.record_as(
-                caller.as_ref(),
-                record(serde_json::json!({"phase": "start", "status": 101})),
-            );
+            audit
+                .record_as(
+                    caller.as_ref(),
+                    record(serde_json::json!({"phase": "start", "status": 101})),
+                )
+                .await;
             s
         }
         Err(e) => {
-            audit.record_as(
-                caller.as_ref(),
-                record(serde_json::json!({
-                    "phase": "refused",
-                    "status": e.kind.http_status(),
-                    "error": e.message,
-                    "duration_ms": started.elapsed().as_millis() as u64,
-                })),
-            );
+            audit
+                .record_as(
+                    caller.as_ref(),
+                    record(serde_json::json!({
+                        "phase": "refused",
+                        "status": e.kind.http_status(),
+                        "error": e.message,
+                        "duration_ms": started.elapsed().as_millis() as u64,
+                    })),
+                )
+                .await;
             return exec_error(&e);
         }
     };
@@ -155,7 +159,7 @@ async fn exec(
             crate::exec::Outcome::Ended(why) => ("error", serde_json::json!(why)),
         };
         end[key] = value;
-        audit.record_as(caller.as_ref(), record(end));
+        audit.record_as(caller.as_ref(), record(end)).await;
     }));
     let mut resp = Response::new(crate::http::full(bytes::Bytes::new()));
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
