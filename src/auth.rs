@@ -10,7 +10,7 @@ use std::sync::Arc;
 use russh::client::{AuthResult, Handle, Handler};
 use russh::keys::agent::client::AgentClient;
 use russh::keys::agent::AgentIdentity;
-use russh::keys::{Algorithm, HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKey};
+use russh::keys::{Algorithm, Certificate, HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKey};
 use tokio::net::UnixStream;
 
 use crate::known_hosts::fingerprint_sha256;
@@ -187,7 +187,13 @@ fn decrypt(path: &Path, text: &str) -> Result<PrivateKey, Unusable> {
     }
 }
 
-async fn agent_keys(path: &Path) -> Result<(AgentClient<UnixStream>, Vec<PublicKey>), AuthError> {
+/// What an agent holds: plain keys, and user certificates (each signed for with its key).
+struct AgentHolds {
+    keys: Vec<PublicKey>,
+    certificates: Vec<Certificate>,
+}
+
+async fn agent_keys(path: &Path) -> Result<(AgentClient<UnixStream>, AgentHolds), AuthError> {
     let unreachable = |reason: String| AuthError::AgentUnreachable {
         path: path.to_path_buf(),
         reason,
@@ -199,14 +205,70 @@ async fn agent_keys(path: &Path) -> Result<(AgentClient<UnixStream>, Vec<PublicK
         .request_identities()
         .await
         .map_err(|e| unreachable(e.to_string()))?;
-    let keys = ids
-        .into_iter()
-        .filter_map(|id| match id {
-            AgentIdentity::PublicKey { key, .. } => Some(key),
-            AgentIdentity::Certificate { .. } => None,
-        })
-        .collect();
-    Ok((agent, keys))
+    let mut holds = AgentHolds {
+        keys: Vec::new(),
+        certificates: Vec::new(),
+    };
+    for id in ids {
+        match id {
+            AgentIdentity::PublicKey { key, .. } => holds.keys.push(key),
+            AgentIdentity::Certificate { certificate, .. } => {
+                if usable_certificate(&certificate, "the ssh-agent") {
+                    holds.certificates.push(certificate);
+                }
+            }
+        }
+    }
+    Ok((agent, holds))
+}
+
+/// Whether a user certificate is valid now; one that is not is skipped with a warning that
+/// names it (as `ssh` skips it).
+fn usable_certificate(cert: &Certificate, from: &str) -> bool {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let id = crate::escape::display(cert.key_id()).into_owned();
+    if cert.cert_type() != russh::keys::ssh_key::certificate::CertType::User {
+        tracing::warn!(certificate = %id, from, "certificate skipped: it is not a user certificate");
+        return false;
+    }
+    if now < cert.valid_after() || now >= cert.valid_before() {
+        let when = |t: u64| {
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(t.min(253_402_300_799)),
+            )
+            .to_string()
+        };
+        tracing::warn!(
+            certificate = %id,
+            from,
+            valid_after = %when(cert.valid_after()),
+            valid_before = %when(cert.valid_before()),
+            "certificate skipped: it is not valid now (expired or not yet valid); get a new one from your CA"
+        );
+        return false;
+    }
+    true
+}
+
+/// The certificate beside an identity file (`KEY-cert.pub`, as `ssh` finds it), if there
+/// is a usable one (blocking).
+fn certificate_of_file(path: &Path) -> Option<Certificate> {
+    let mut cert_path = path.as_os_str().to_owned();
+    cert_path.push("-cert.pub");
+    let cert_path = PathBuf::from(cert_path);
+    if !cert_path.exists() {
+        return None;
+    }
+    match russh::keys::load_openssh_certificate(&cert_path) {
+        Ok(c) if usable_certificate(&c, &cert_path.display().to_string()) => Some(c),
+        Ok(_) => None,
+        Err(e) => {
+            tracing::warn!(file = %cert_path.display(), error = %e, "certificate skipped: cannot read it");
+            None
+        }
+    }
 }
 
 /// The public halves of the identity files (`KEY.pub`), read off the runtime's thread.
@@ -235,13 +297,15 @@ pub(crate) async fn authenticate<H: Handler>(
     source: &KeySource,
     target: &str,
 ) -> Result<(), AuthError> {
-    let (mut agent, agent_pubs) = match &source.agent {
+    let (mut agent, holds) = match &source.agent {
         Some(p) => {
-            let (a, k) = agent_keys(p).await?;
-            (Some(a), k)
+            let (a, h) = agent_keys(p).await?;
+            (Some(a), Some(h))
         }
-        None => (None, Vec::new()),
+        None => (None, None),
     };
+    let (agent_pubs, agent_certs) =
+        holds.map_or_else(|| (Vec::new(), Vec::new()), |h| (h.keys, h.certificates));
     let files = file_publics(&source.identity_files).await;
     let in_agent = |k: &PublicKey| agent_pubs.iter().any(|a| a.key_data() == k.key_data());
     let wanted = |a: &PublicKey| {
@@ -258,6 +322,16 @@ pub(crate) async fn authenticate<H: Handler>(
         rsa_hash: None,
         tried: Vec::new(),
     };
+    // Certificates first, as `ssh` offers what the agent lists: a server that trusts the CA
+    // has no authorized_keys line for the plain key.
+    for cert in &agent_certs {
+        let Some(agent) = agent.as_mut() else { break };
+        match signer.try_agent_certificate(cert, agent).await? {
+            Tried::Accepted => return Ok(()),
+            Tried::NoMorePublicKey => return Err(signer.refused()),
+            Tried::Refused => {}
+        }
+    }
     for key in first.into_iter().chain(rest) {
         let Some(agent) = agent.as_mut() else { break };
         match signer.try_agent(key, agent).await? {
@@ -272,13 +346,15 @@ pub(crate) async fn authenticate<H: Handler>(
             continue;
         }
         let loading = path.clone();
-        let loaded = tokio::task::spawn_blocking(move || load_file_key(&loading))
-            .await
-            .map_err(|e| AuthError::IdentityFile {
-                path: path.clone(),
-                reason: format!("loading it failed: {e}"),
-            })??;
-        let key = match loaded {
+        let loaded = tokio::task::spawn_blocking(move || {
+            load_file_key(&loading).map(|k| k.map(|k| (k, certificate_of_file(&loading))))
+        })
+        .await
+        .map_err(|e| AuthError::IdentityFile {
+            path: path.clone(),
+            reason: format!("loading it failed: {e}"),
+        })??;
+        let (key, certificate) = match loaded {
             Ok(k) => k,
             Err(why) => {
                 let reason = why.reason(&path);
@@ -287,6 +363,13 @@ pub(crate) async fn authenticate<H: Handler>(
                 continue;
             }
         };
+        if let Some(cert) = certificate {
+            match signer.try_file_certificate(key.clone(), cert).await? {
+                Tried::Accepted => return Ok(()),
+                Tried::NoMorePublicKey => break,
+                Tried::Refused => {}
+            }
+        }
         if in_agent(key.public_key()) {
             continue;
         }
@@ -369,6 +452,44 @@ impl<H: Handler> Signer<'_, H> {
             .authenticate_publickey_with(self.user, key.clone(), hash, agent)
             .await
             .map_err(|e| self.transport(format!("ssh-agent could not sign: {e}")))?;
+        Ok(outcome(result))
+    }
+
+    async fn try_agent_certificate(
+        &mut self,
+        cert: &Certificate,
+        agent: &mut AgentClient<UnixStream>,
+    ) -> Result<Tried, AuthError> {
+        let public = PublicKey::from(cert.public_key().clone());
+        let hash = self.hash_for(&public).await?;
+        self.tried.push(format!(
+            "{} (certificate {:?})",
+            fingerprint_sha256(&public),
+            crate::escape::display(cert.key_id())
+        ));
+        let result = self
+            .handle
+            .authenticate_certificate_with(self.user, cert.clone(), hash, agent)
+            .await
+            .map_err(|e| self.transport(format!("ssh-agent could not sign: {e}")))?;
+        Ok(outcome(result))
+    }
+
+    async fn try_file_certificate(
+        &mut self,
+        key: Arc<PrivateKey>,
+        cert: Certificate,
+    ) -> Result<Tried, AuthError> {
+        self.tried.push(format!(
+            "{} (certificate {:?})",
+            fingerprint_sha256(key.public_key()),
+            crate::escape::display(cert.key_id())
+        ));
+        let result = self
+            .handle
+            .authenticate_openssh_cert(self.user, key, cert)
+            .await
+            .map_err(|e| self.transport(e.to_string()))?;
         Ok(outcome(result))
     }
 

@@ -746,3 +746,118 @@ fn each_tunnel_connection_carries_an_interactive_session_unless_sshd_refuses_a_p
         b.log()
     );
 }
+
+/// `ssh-keygen -s CA` signs `KEY.pub` for `principal`, valid for `validity`: `KEY-cert.pub`.
+fn sign_user_key(ca: &std::path::Path, key: &std::path::Path, principal: &str, validity: &str) {
+    let out = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-s"])
+        .arg(ca)
+        .args(["-I", "fb-test", "-n", principal, "-V", validity])
+        .arg(format!("{}.pub", key.display()))
+        .output()
+        .expect("ssh-keygen -s");
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// A tunnel host that trusts a user CA and has no authorized_keys line: an agent-held
+/// certificate gets in where OpenSSH's `ssh` gets in (and so does a `KEY-cert.pub` beside an
+/// identity file), and is refused where `ssh` is refused (another principal, expired).
+#[test]
+fn user_certificates_get_in_where_ssh_does_and_not_where_it_does_not() {
+    let keys = open_tempdir("fb-cert.");
+    let ca = keygen(keys.path(), "ca", "ed25519");
+    let sim = SimServer::start();
+    let sshd = Sshd::start_with(
+        &["root"],
+        &[],
+        None,
+        &format!("TrustedUserCAKeys {}.pub\n", ca.display()),
+    );
+    let kh = keys.path().join("known_hosts");
+    std::fs::write(&kh, sshd.known_hosts_line()).expect("known_hosts");
+    let endpoint = format!("unix://{}", sim.socket.display());
+    for (name, principal, validity, gets_in) in [
+        ("good", "root", "-5m:+1h", true),
+        ("other", "someone-else", "-5m:+1h", false),
+        ("expired", "root", "-2h:-1h", false),
+    ] {
+        let key = keygen(keys.path(), name, "ed25519");
+        sign_user_key(&ca, &key, principal, validity);
+        // ssh-add loads KEY-cert.pub beside the key too.
+        let agent = Agent::start(&[&key]);
+        let ssh = std::process::Command::new("ssh")
+            .args([
+                "-F",
+                "/dev/null",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "StrictHostKeyChecking=yes",
+            ])
+            .arg("-o")
+            .arg(format!("UserKnownHostsFile={}", kh.display()))
+            .arg("-p")
+            .arg(sshd.port.to_string())
+            .arg(format!("root@{}", sshd.ip))
+            .arg("true")
+            .env("SSH_AUTH_SOCK", &agent.socket)
+            .env("HOME", keys.path())
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("ssh");
+        assert_eq!(
+            ssh.status.success(),
+            gets_in,
+            "{name}: ssh decides: {ssh:?}"
+        );
+        let b = Broker::start(
+            &cluster_toml(
+                "c1",
+                &sshd,
+                &endpoint,
+                "root",
+                &kh,
+                "connect_timeout = \"3s\"\n",
+            ),
+            Some(&agent.socket),
+        );
+        let (status, body) = http(&b.socket("c1"), "GET", "/fleet/v1/machines", None);
+        assert_eq!(
+            status == 200,
+            gets_in,
+            "{name}: {status} {}\n{}",
+            String::from_utf8_lossy(&body),
+            b.log()
+        );
+        if name == "expired" {
+            assert!(
+                b.log().contains("certificate skipped: it is not valid now"),
+                "{}",
+                b.log()
+            );
+        }
+        if gets_in {
+            // Without an agent: the identity file and the certificate beside it.
+            let b = Broker::start(
+                &cluster_toml(
+                    "c1",
+                    &sshd,
+                    &endpoint,
+                    "root",
+                    &kh,
+                    &format!(
+                        "connect_timeout = \"3s\"\nidentity_files = [\"{}\"]\n",
+                        key.display()
+                    ),
+                ),
+                None,
+            );
+            assert_eq!(
+                http(&b.socket("c1"), "GET", "/fleet/v1/machines", None).0,
+                200,
+                "{}",
+                b.log()
+            );
+        }
+    }
+}
