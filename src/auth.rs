@@ -67,6 +67,8 @@ pub struct KeySource {
     pub agent: Option<PathBuf>,
     /// Key files offered after the agent's keys (`identity_files`).
     pub identity_files: Vec<PathBuf>,
+    /// User certificates offered with their matching key (`certificate_files`).
+    pub certificate_files: Vec<PathBuf>,
 }
 
 impl KeySource {
@@ -77,6 +79,7 @@ impl KeySource {
                 .filter(|s| !s.is_empty())
                 .map(PathBuf::from),
             identity_files: identity_files.to_vec(),
+            certificate_files: Vec::new(),
         }
     }
 }
@@ -261,7 +264,12 @@ fn certificate_of_file(path: &Path) -> Option<Certificate> {
     if !cert_path.exists() {
         return None;
     }
-    match russh::keys::load_openssh_certificate(&cert_path) {
+    load_certificate(&cert_path)
+}
+
+/// A configured or found certificate file, if usable (blocking).
+fn load_certificate(cert_path: &Path) -> Option<Certificate> {
+    match russh::keys::load_openssh_certificate(cert_path) {
         Ok(c) if usable_certificate(&c, &cert_path.display().to_string()) => Some(c),
         Ok(_) => None,
         Err(e) => {
@@ -269,6 +277,17 @@ fn certificate_of_file(path: &Path) -> Option<Certificate> {
             None
         }
     }
+}
+
+/// The usable certificates of `certificate_files`, read off the runtime's thread.
+async fn configured_certificates(files: &[PathBuf]) -> Vec<Certificate> {
+    if files.is_empty() {
+        return Vec::new();
+    }
+    let files = files.to_vec();
+    tokio::task::spawn_blocking(move || files.iter().filter_map(|f| load_certificate(f)).collect())
+        .await
+        .unwrap_or_default()
 }
 
 /// The public halves of the identity files (`KEY.pub`), read off the runtime's thread.
@@ -307,6 +326,17 @@ pub(crate) async fn authenticate<H: Handler>(
     let (agent_pubs, agent_certs) =
         holds.map_or_else(|| (Vec::new(), Vec::new()), |h| (h.keys, h.certificates));
     let files = file_publics(&source.identity_files).await;
+    let configured = configured_certificates(&source.certificate_files).await;
+    // A configured certificate for a key the agent holds is signed for by the agent.
+    let agent_certs: Vec<Certificate> = agent_certs
+        .into_iter()
+        .chain(
+            configured
+                .iter()
+                .filter(|c| agent_pubs.iter().any(|k| k.key_data() == c.public_key()))
+                .cloned(),
+        )
+        .collect();
     let in_agent = |k: &PublicKey| agent_pubs.iter().any(|a| a.key_data() == k.key_data());
     let wanted = |a: &PublicKey| {
         files
@@ -355,7 +385,15 @@ pub(crate) async fn authenticate<H: Handler>(
             reason: format!("loading it failed: {e}"),
         })??;
         let (key, certificate) = match loaded {
-            Ok(k) => k,
+            Ok((k, beside)) => {
+                let cert = beside.or_else(|| {
+                    configured
+                        .iter()
+                        .find(|c| c.public_key() == k.public_key().key_data())
+                        .cloned()
+                });
+                (k, cert)
+            }
             Err(why) => {
                 let reason = why.reason(&path);
                 tracing::warn!(file = %path.display(), "identity file skipped: {reason}");

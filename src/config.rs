@@ -270,6 +270,9 @@ pub struct ClusterConfig {
     pub user: String,
     /// Tried after the agent; their agent twins are offered first.
     pub identity_files: Vec<PathBuf>,
+    /// User certificates (OpenSSH's `CertificateFile`), offered with the matching key of the
+    /// agent or of an identity file; `KEY-cert.pub` beside an identity file is found without.
+    pub certificate_files: Vec<PathBuf>,
     /// Pins are read from all; accept-new writes to the first.
     pub known_hosts: Vec<PathBuf>,
     /// What to do with hosts whose key is not pinned.
@@ -339,6 +342,7 @@ struct RawSettings {
     jump: Option<Vec<JumpHop>>,
     user: Option<String>,
     identity_files: Option<Vec<String>>,
+    certificate_files: Option<Vec<String>>,
     known_hosts: Option<Vec<String>>,
     host_key_checking: Option<HostKeyPolicy>,
     #[serde(default, deserialize_with = "de_keepalive_interval")]
@@ -682,6 +686,7 @@ fn merge(name: &str, tunnel: HostPort, s: RawSettings, d: &RawSettings) -> Clust
             .or_else(|| d.user.clone())
             .unwrap_or_else(|| DEFAULT_USER.into()),
         identity_files: paths(s.identity_files, &d.identity_files, &[]),
+        certificate_files: paths(s.certificate_files, &d.certificate_files, &[]),
         known_hosts: paths(s.known_hosts, &d.known_hosts, &DEFAULT_KNOWN_HOSTS),
         host_key_checking: s
             .host_key_checking
@@ -756,6 +761,10 @@ impl ClusterConfig {
             door = match self.front_door {
                 Some(a) => format!("front_door = \"{a}\"\n"),
                 None => String::new(),
+            } + &if self.certificate_files.is_empty() {
+                String::new()
+            } else {
+                format!("certificate_files = {}\n", list(&self.certificate_files))
             },
         )
     }

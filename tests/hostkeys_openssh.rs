@@ -170,6 +170,7 @@ impl Bench {
             keys: KeySource {
                 agent: None,
                 identity_files: vec![self.client_key.clone()],
+                ..Default::default()
             },
             known_hosts: vec![known_hosts.to_path_buf()],
             policy: HostKeyPolicy::Strict,

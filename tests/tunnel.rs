@@ -858,6 +858,30 @@ fn user_certificates_get_in_where_ssh_does_and_not_where_it_does_not() {
                 "{}",
                 b.log()
             );
+            // The same key elsewhere, its certificate named by `certificate_files`.
+            let moved = keys.path().join("moved");
+            std::fs::copy(&key, &moved).expect("copy key");
+            let cert = format!("{}-cert.pub", key.display());
+            let b = Broker::start(
+                &cluster_toml(
+                    "c1",
+                    &sshd,
+                    &endpoint,
+                    "root",
+                    &kh,
+                    &format!(
+                        "connect_timeout = \"3s\"\nidentity_files = [\"{}\"]\ncertificate_files = [\"{cert}\"]\n",
+                        moved.display()
+                    ),
+                ),
+                None,
+            );
+            assert_eq!(
+                http(&b.socket("c1"), "GET", "/fleet/v1/machines", None).0,
+                200,
+                "{}",
+                b.log()
+            );
         }
     }
 }

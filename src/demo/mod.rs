@@ -290,6 +290,7 @@ fn demo_cluster(port: u16, fleet_socket: &Path, known_hosts: PathBuf) -> Cluster
         endpoint: Endpoint::Unix(fleet_socket.display().to_string()),
         user: "core".into(),
         identity_files: vec![],
+        certificate_files: Vec::new(),
         known_hosts: vec![known_hosts],
         host_key_checking: HostKeyPolicy::Strict,
         keepalive_interval: Duration::from_secs(15),

@@ -89,6 +89,7 @@ impl Exec {
             keys: crate::auth::KeySource {
                 agent: self.agent.clone(),
                 identity_files: c.identity_files.clone(),
+                certificate_files: c.certificate_files.clone(),
             },
             known_hosts: c.known_hosts.clone(),
             policy: c.host_key_checking,

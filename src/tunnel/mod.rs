@@ -316,6 +316,7 @@ pub(crate) fn dial_spec(c: &ClusterConfig, agent: Option<PathBuf>) -> DialSpec {
         keys: crate::auth::KeySource {
             agent,
             identity_files: c.identity_files.clone(),
+            certificate_files: c.certificate_files.clone(),
         },
         known_hosts: c.known_hosts.clone(),
         policy: c.host_key_checking,
