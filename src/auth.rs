@@ -225,34 +225,51 @@ async fn agent_keys(path: &Path) -> Result<(AgentClient<UnixStream>, AgentHolds)
     Ok((agent, holds))
 }
 
-/// Whether a user certificate is valid now; one that is not is skipped with a warning that
-/// names it (as `ssh` skips it).
-fn usable_certificate(cert: &Certificate, from: &str) -> bool {
+/// A certificate as `doctor` shows it: its key ID, principals and validity, and whether it
+/// can be used now.
+pub(crate) fn describe_certificate(cert: &Certificate) -> (bool, String) {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let id = crate::escape::display(cert.key_id()).into_owned();
-    if cert.cert_type() != russh::keys::ssh_key::certificate::CertType::User {
-        tracing::warn!(certificate = %id, from, "certificate skipped: it is not a user certificate");
-        return false;
+    let when = |t: u64| {
+        humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(t.min(253_402_300_799)),
+        )
+        .to_string()
+    };
+    let principals = if cert.valid_principals().is_empty() {
+        "any principal".to_string()
+    } else {
+        cert.valid_principals().join(", ")
+    };
+    let user = cert.cert_type() == russh::keys::ssh_key::certificate::CertType::User;
+    let valid = now >= cert.valid_after() && now < cert.valid_before();
+    let state = match (user, valid) {
+        (false, _) => "not a user certificate",
+        (true, false) if now >= cert.valid_before() => "EXPIRED",
+        (true, false) => "not yet valid",
+        (true, true) => "valid",
+    };
+    (
+        user && valid,
+        format!(
+            "certificate {:?} of {} for {principals}, valid {} to {} ({state})",
+            crate::escape::display(cert.key_id()),
+            fingerprint_sha256(&PublicKey::from(cert.public_key().clone())),
+            when(cert.valid_after()),
+            when(cert.valid_before()),
+        ),
+    )
+}
+
+/// Whether a user certificate is valid now; one that is not is skipped with a warning that
+/// names it (as `ssh` skips it).
+fn usable_certificate(cert: &Certificate, from: &str) -> bool {
+    let (usable, text) = describe_certificate(cert);
+    if !usable {
+        tracing::warn!(certificate = %text, from, "certificate skipped; get a new one from your CA");
     }
-    if now < cert.valid_after() || now >= cert.valid_before() {
-        let when = |t: u64| {
-            humantime::format_rfc3339_seconds(
-                std::time::UNIX_EPOCH + std::time::Duration::from_secs(t.min(253_402_300_799)),
-            )
-            .to_string()
-        };
-        tracing::warn!(
-            certificate = %id,
-            from,
-            valid_after = %when(cert.valid_after()),
-            valid_before = %when(cert.valid_before()),
-            "certificate skipped: it is not valid now (expired or not yet valid); get a new one from your CA"
-        );
-        return false;
-    }
-    true
+    usable
 }
 
 /// The certificate beside an identity file (`KEY-cert.pub`, as `ssh` finds it), if there

@@ -101,6 +101,11 @@ async fn check_agent(r: &mut Report, agent: Option<&Path>) {
                 .map(|k| fingerprint_sha256(&k.public_key()))
                 .collect();
             r.ok(format!("agent {}: {}", path.display(), fps.join(", ")));
+            for id in &ids {
+                if let russh::keys::agent::AgentIdentity::Certificate { certificate, .. } = id {
+                    report_certificate(r, &format!("agent {}", path.display()), certificate);
+                }
+            }
         }
         Err(e) => r.bad(format!("agent {}: {e}", path.display())),
     }
@@ -144,10 +149,43 @@ fn check_identity_file(r: &mut Report, c: &ClusterConfig, file: &Path) {
     }
 }
 
+/// One certificate line: its principals and validity, ✗ when it cannot be used now.
+fn report_certificate(r: &mut Report, whose: &str, cert: &russh::keys::Certificate) {
+    let (usable, text) = crate::auth::describe_certificate(cert);
+    if usable {
+        r.ok(format!("{whose}: {text}"));
+    } else {
+        r.bad(format!(
+            "{whose}: {text}; it is skipped: get a new one from your CA"
+        ));
+    }
+}
+
+/// The certificates `identity_files` (`KEY-cert.pub`) and `certificate_files` name.
+fn check_certificates(r: &mut Report, c: &ClusterConfig) {
+    let beside = c.identity_files.iter().map(|f| {
+        let mut p = f.as_os_str().to_owned();
+        p.push("-cert.pub");
+        (PathBuf::from(p), false)
+    });
+    let named = c.certificate_files.iter().map(|f| (f.clone(), true));
+    for (file, configured) in beside.chain(named) {
+        let whose = format!("cluster {}: certificate file {}", c.name, file.display());
+        if !configured && !file.exists() {
+            continue;
+        }
+        match russh::keys::load_openssh_certificate(&file) {
+            Ok(cert) => report_certificate(r, &whose, &cert),
+            Err(e) => r.bad(format!("{whose}: {e}; fix the path in certificate_files")),
+        }
+    }
+}
+
 async fn check_cluster(r: &mut Report, c: &ClusterConfig, agent: Option<PathBuf>) {
     for f in &c.identity_files {
         check_identity_file(r, c, f);
     }
+    check_certificates(r, c);
     let spec = crate::tunnel::dial_spec(c, agent);
     let limit = c.connect_timeout;
     // The first hop is reachable from here: its key against the pins.

@@ -831,11 +831,32 @@ fn user_certificates_get_in_where_ssh_does_and_not_where_it_does_not() {
         );
         if name == "expired" {
             assert!(
-                b.log().contains("certificate skipped: it is not valid now"),
+                b.log().contains("certificate skipped") && b.log().contains("(EXPIRED)"),
                 "{}",
                 b.log()
             );
         }
+        // doctor shows the agent's certificate, its principals and validity.
+        let doctor = std::process::Command::new(env!("CARGO_BIN_EXE_fleet-broker"))
+            .args(["doctor", "c1"])
+            .env("FLEET_BROKER_CONFIG", b.dir.path().join("config.toml"))
+            .env("XDG_RUNTIME_DIR", b.dir.path().join("xdg"))
+            .env("SSH_AUTH_SOCK", &agent.socket)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("doctor");
+        let said = String::from_utf8_lossy(&doctor.stdout);
+        let state = if name == "expired" {
+            "(EXPIRED)"
+        } else {
+            "(valid)"
+        };
+        assert!(
+            said.lines().any(|l| l.contains("certificate \"fb-test\"")
+                && l.contains(&format!("for {principal}, valid"))
+                && l.contains(state)),
+            "{name}: {said}"
+        );
         if gets_in {
             // Without an agent: the identity file and the certificate beside it.
             let b = Broker::start(
