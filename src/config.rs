@@ -94,6 +94,19 @@ pub enum InteractiveSession {
     Off,
 }
 
+/// How the fleet API's unix socket is reached on the tunnel host (`transport`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Transport {
+    /// `direct-streamlocal@openssh.com`, and `fleetctl fd-forward` over an exec session when
+    /// the tunnel host refuses it (`AllowStreamLocalForwarding no`), as the original does.
+    Auto,
+    /// `direct-streamlocal@openssh.com` only.
+    Streamlocal,
+    /// `fleetctl fd-forward PATH` on the tunnel host only (one SSH session a connection).
+    FdForward,
+}
+
 /// `host[:port]` of an SSH server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostPort {
@@ -292,6 +305,8 @@ pub struct ClusterConfig {
     pub read_only: bool,
     /// Whether connections carry an interactive session (no Nagle delays on sshd's side).
     pub interactive_session: InteractiveSession,
+    /// How a unix `endpoint` is reached on the tunnel host.
+    pub transport: Transport,
     /// A loopback address where the unchanged original fleetctl can use the warm tunnel as
     /// its `--tunnel` (`front_door`).
     pub front_door: Option<std::net::SocketAddr>,
@@ -353,6 +368,7 @@ struct RawSettings {
     connect_timeout: Option<Duration>,
     connect: Option<ConnectMode>,
     interactive_session: Option<InteractiveSession>,
+    transport: Option<Transport>,
     machine_ssh_port: Option<u16>,
     read_only: Option<bool>,
     #[serde(default, deserialize_with = "de_endpoint")]
@@ -706,6 +722,7 @@ fn merge(name: &str, tunnel: HostPort, s: RawSettings, d: &RawSettings) -> Clust
             .or(d.connect_timeout)
             .unwrap_or(DEFAULT_CONNECT_TIMEOUT),
         connect: s.connect.or(d.connect).unwrap_or(ConnectMode::Lazy),
+        transport: s.transport.or(d.transport).unwrap_or(Transport::Auto),
         interactive_session: s
             .interactive_session
             .or(d.interactive_session)
@@ -761,6 +778,10 @@ impl ClusterConfig {
             door = match self.front_door {
                 Some(a) => format!("front_door = \"{a}\"\n"),
                 None => String::new(),
+            } + match self.transport {
+                Transport::Auto => "",
+                Transport::Streamlocal => "transport = \"streamlocal\"\n",
+                Transport::FdForward => "transport = \"fd-forward\"\n",
             } + &if self.certificate_files.is_empty() {
                 String::new()
             } else {

@@ -35,10 +35,62 @@ const OPEN_ATTEMPTS: u32 = 6;
 const POOL_MAX_IDLE: usize = 32;
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-impl Connection for DrainedChannel {
+/// An upstream connection: a drained channel, and for the fd-forward transport the session
+/// budget it holds until it closes.
+pub(crate) struct Upstream {
+    channel: DrainedChannel,
+    _session: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Connection for Upstream {
     fn connected(&self) -> Connected {
         Connected::new()
     }
+}
+
+impl tokio::io::AsyncRead for Upstream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.channel).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Upstream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.channel).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.channel).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.channel).poll_shutdown(cx)
+    }
+}
+
+/// `fleetctl fd-forward PATH` on the tunnel host over an exec session, as the original
+/// fleetctl's `--tunnel` reaches the fleet socket: the session's stdin and stdout are the
+/// socket's bytes. For tunnel hosts that refuse streamlocal (`AllowStreamLocalForwarding no`).
+async fn open_fd_forward(
+    handle: &russh::client::Handle<crate::tunnel::ClientHandler>,
+    path: &str,
+) -> Result<Channel<Msg>, russh::Error> {
+    let ch = handle.channel_open_session().await?;
+    ch.exec(
+        true,
+        format!(
+            "fleetctl fd-forward {}",
+            crate::remote_command::shell_quote(path)
+        ),
+    )
+    .await?;
+    Ok(ch)
 }
 
 /// Opens a byte stream to the cluster's fleet endpoint on the tunnel's SSH connection,
@@ -69,6 +121,97 @@ pub async fn open_endpoint(
     }
 }
 
+/// A new upstream connection to the cluster's fleet endpoint: streamlocal (or direct-tcpip),
+/// or `fleetctl fd-forward` within the session budget when the connection uses it. With
+/// `transport = "auto"`, a tunnel host that refuses streamlocal is remembered to need
+/// fd-forward until the next connection.
+async fn open_upstream(
+    tunnel: &Tunnel,
+    handle: &russh::client::Handle<crate::tunnel::ClientHandler>,
+) -> Result<Upstream, String> {
+    use crate::config::Transport;
+    let direct = |ch: Channel<Msg>| Upstream {
+        channel: DrainedChannel::new(ch),
+        _session: None,
+    };
+    let Endpoint::Unix(path) = &tunnel.config.endpoint else {
+        return open_endpoint(handle, &tunnel.config.endpoint)
+            .await
+            .map(direct)
+            .map_err(|e| e.to_string());
+    };
+    if !tunnel.uses_fd_forward() {
+        match open_endpoint(handle, &tunnel.config.endpoint).await {
+            Ok(ch) => return Ok(direct(ch)),
+            Err(russh::Error::ChannelOpenFailure(why))
+                if refused_by_policy(handle, path, &why).await =>
+            {
+                if tunnel.config.transport != Transport::Auto {
+                    return Err(format!("the tunnel host refuses streamlocal forwarding to {path}, which is there (sshd's AllowStreamLocalForwarding or DisableForwarding); set `transport = \"auto\"` or `\"fd-forward\"` to use `fleetctl fd-forward` there, as the original fleetctl does"));
+                }
+                tracing::info!("the tunnel host refuses streamlocal forwarding (AllowStreamLocalForwarding no?); using `fleetctl fd-forward` over exec sessions until the next connection");
+                tunnel.fall_back_to_fd_forward();
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    let session = tunnel
+        .fd_forward_sessions
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|e| e.to_string())?;
+    let ch = open_fd_forward(handle, path)
+        .await
+        .map_err(|e| format!("`fleetctl fd-forward {path}` on the tunnel host: {e}"))?;
+    Ok(Upstream {
+        channel: DrainedChannel::new(ch),
+        _session: Some(session),
+    })
+}
+
+/// Whether a refused streamlocal open was the tunnel host's policy rather than a fleet
+/// socket that is not there: sshd answers both with "connect failed", so for that answer the
+/// host is asked (`test -S PATH` over an exec session, bounded) whether the socket exists.
+async fn refused_by_policy(
+    handle: &russh::client::Handle<crate::tunnel::ClientHandler>,
+    path: &str,
+    why: &russh::ChannelOpenFailure,
+) -> bool {
+    use russh::ChannelOpenFailure::{
+        AdministrativelyProhibited, ConnectFailed, UnknownChannelType,
+    };
+    match why {
+        AdministrativelyProhibited | UnknownChannelType => true,
+        ConnectFailed => {
+            let probe = async {
+                let mut ch = handle.channel_open_session().await.ok()?;
+                ch.exec(
+                    true,
+                    format!("test -S {}", crate::remote_command::shell_quote(path)),
+                )
+                .await
+                .ok()?;
+                while let Some(msg) = ch.wait().await {
+                    if let russh::ChannelMsg::ExitStatus { exit_status } = msg {
+                        return Some(exit_status == 0);
+                    }
+                }
+                None
+            };
+            tokio::time::timeout(POLICY_PROBE_TIMEOUT, probe)
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or(false)
+        }
+        _ => false,
+    }
+}
+
+/// Bound on asking the tunnel host whether the fleet socket exists.
+const POLICY_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A local request body, counted as it streams upstream.
 type UpBody = http_body_util::combinators::MapFrame<
     Incoming,
@@ -84,7 +227,7 @@ struct ChannelConnector {
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl tower_service::Service<Uri> for ChannelConnector {
-    type Response = TokioIo<DrainedChannel>;
+    type Response = TokioIo<Upstream>;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
@@ -97,13 +240,13 @@ impl tower_service::Service<Uri> for ChannelConnector {
         Box::pin(async move {
             let handle = tunnel.link().await.map_err(|e| -> BoxError { e.into() })?;
             let endpoint = &tunnel.config.endpoint;
-            let ch = tokio::time::timeout(tunnel.config.connect_timeout, open_endpoint(&handle, endpoint))
+            let upstream = tokio::time::timeout(tunnel.config.connect_timeout, open_upstream(&tunnel, &handle))
                 .await
                 .map_err(|_| -> BoxError {
                     format!("the tunnel host did not open a channel to {endpoint} within {} (is the connection alive?)", humantime::format_duration(tunnel.config.connect_timeout)).into()
                 })?
                 .map_err(|e| -> BoxError { format!("cannot open a channel to {endpoint}: {e}").into() })?;
-            Ok(TokioIo::new(DrainedChannel::new(ch)))
+            Ok(TokioIo::new(upstream))
         })
     }
 }

@@ -906,3 +906,95 @@ fn user_certificates_get_in_where_ssh_does_and_not_where_it_does_not() {
         }
     }
 }
+
+/// A hardened tunnel host with `AllowStreamLocalForwarding no`: the API still works, through
+/// `fleetctl fd-forward PATH` over exec sessions, as the original fleetctl's `--tunnel`
+/// reaches it (a stub fleetctl relays with socat); status names the transport; twenty
+/// clients at once stay within the session budget; `transport = "streamlocal"` names the
+/// sshd setting that stands in the way.
+#[test]
+fn a_tunnel_host_without_streamlocal_forwarding_is_reached_through_fd_forward() {
+    use std::os::unix::fs::PermissionsExt;
+    let keys = open_tempdir("fb-keys.");
+    let key = keygen(keys.path(), "id_ed25519", "ed25519");
+    let stubs = open_tempdir("fb-stubs.");
+    let stub = stubs.path().join("fleetctl");
+    std::fs::write(
+        &stub,
+        "#!/bin/sh\n[ \"$1\" = fd-forward ] || exit 2\nexec socat - \"UNIX-CONNECT:$2\"\n",
+    )
+    .expect("stub");
+    std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let sshd = Sshd::start_with(
+        &["root"],
+        &[&key],
+        None,
+        &format!(
+            "AllowStreamLocalForwarding no\nSetEnv PATH={}:/usr/local/bin:/usr/bin:/bin\n",
+            stubs.path().display()
+        ),
+    );
+    let agent = Agent::start(&[&key]);
+    let sim = SimServer::start();
+    let kh = keys.path().join("known_hosts");
+    std::fs::write(&kh, sshd.known_hosts_line()).expect("known_hosts");
+    let endpoint = format!("unix://{}", sim.socket.display());
+    let b = Broker::start(
+        &cluster_toml("c1", &sshd, &endpoint, "root", &kh, ""),
+        Some(&agent.socket),
+    );
+    let want = http(&sim.socket, "GET", "/fleet/v1/machines", None);
+    assert_eq!(
+        http(&b.socket("c1"), "GET", "/fleet/v1/machines", None),
+        want
+    );
+    assert_eq!(b.cluster_info("c1")["transport"], "fd-forward");
+    let workers: Vec<_> = (0..20)
+        .map(|_| {
+            let socket = b.socket("c1");
+            std::thread::spawn(move || {
+                (0..5)
+                    .map(|_| try_http(&socket, "GET", "/fleet/v1/machines", None).ok())
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    for w in workers {
+        for got in w.join().expect("worker") {
+            assert_eq!(got.as_ref(), Some(&want));
+        }
+    }
+    let body = r#"{"desiredState":"inactive","options":[{"section":"Service","name":"ExecStart","value":"/bin/true"}]}"#;
+    assert_eq!(
+        http(
+            &b.socket("c1"),
+            "PUT",
+            "/fleet/v1/units/via-fd.service",
+            Some(body)
+        )
+        .0,
+        201
+    );
+    assert!(sim
+        .sim
+        .lock()
+        .expect("sim")
+        .unit("via-fd.service")
+        .is_some());
+    // Streamlocal only: refused, with the setting named.
+    let strict = Broker::start(
+        &cluster_toml(
+            "c1",
+            &sshd,
+            &endpoint,
+            "root",
+            &kh,
+            "transport = \"streamlocal\"\n",
+        ),
+        Some(&agent.socket),
+    );
+    let (status, body) = http(&strict.socket("c1"), "GET", "/fleet/v1/machines", None);
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("AllowStreamLocalForwarding"), "{body}");
+}

@@ -291,6 +291,7 @@ fn demo_cluster(port: u16, fleet_socket: &Path, known_hosts: PathBuf) -> Cluster
         user: "core".into(),
         identity_files: vec![],
         certificate_files: Vec::new(),
+        transport: crate::config::Transport::Auto,
         known_hosts: vec![known_hosts],
         host_key_checking: HostKeyPolicy::Strict,
         keepalive_interval: Duration::from_secs(15),

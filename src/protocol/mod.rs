@@ -55,6 +55,10 @@ pub struct Status {
     /// without Nagle delays (`interactive_session`).
     #[serde(default)]
     pub interactive_session: bool,
+    /// How the fleet API is reached on the tunnel host: `streamlocal`, `fd-forward` or
+    /// `direct-tcpip`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
 }
 
 /// One cluster as the control socket reports it.

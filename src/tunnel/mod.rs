@@ -85,6 +85,9 @@ struct Stats {
     state: State,
     fingerprint: Option<String>,
     interactive: bool,
+    /// The live connection reaches the fleet socket through `fleetctl fd-forward` (the
+    /// tunnel host refused streamlocal, or the config says so).
+    fd_forward: bool,
     connected_since: Option<SystemTime>,
     last_error: Option<String>,
     reconnects: u64,
@@ -106,7 +109,13 @@ pub(crate) struct Tunnel {
     wake: Notify,
     cmd_tx: mpsc::Sender<Command>,
     stats: Mutex<Stats>,
+    /// Exec sessions the fd-forward transport may hold at once, under sshd's `MaxSessions`
+    /// (10 by default; the interactive session takes one).
+    pub(crate) fd_forward_sessions: Arc<tokio::sync::Semaphore>,
 }
+
+/// Sessions the fd-forward transport holds at most on one connection.
+pub(crate) const FD_FORWARD_SESSIONS: usize = 8;
 
 fn percentile(sorted: &[u64], p: f64) -> Option<f64> {
     if sorted.is_empty() {
@@ -147,6 +156,7 @@ impl Tunnel {
                 state: State::Idle,
                 fingerprint: None,
                 interactive: false,
+                fd_forward: false,
                 connected_since: None,
                 last_error: None,
                 reconnects: 0,
@@ -157,6 +167,7 @@ impl Tunnel {
                 latencies_us: Vec::new(),
                 next_sample: 0,
             }),
+            fd_forward_sessions: Arc::new(tokio::sync::Semaphore::new(FD_FORWARD_SESSIONS)),
         });
         let sup = Supervisor {
             tunnel: tunnel.clone(),
@@ -274,6 +285,17 @@ impl Tunnel {
         });
     }
 
+    /// Whether the fleet socket is reached through `fleetctl fd-forward` on this connection.
+    pub(crate) fn uses_fd_forward(&self) -> bool {
+        self.config.transport == crate::config::Transport::FdForward
+            || self.with_stats(|s| s.fd_forward)
+    }
+
+    /// Remembers, until the next connection, that the tunnel host refused streamlocal.
+    pub(crate) fn fall_back_to_fd_forward(&self) {
+        self.with_stats(|s| s.fd_forward = true);
+    }
+
     pub(crate) fn status(&self) -> Status {
         self.with_stats(|s| {
             let mut lat = s.latencies_us.clone();
@@ -293,6 +315,18 @@ impl Tunnel {
                 latency_p50_ms: percentile(&lat, 0.50),
                 latency_p99_ms: percentile(&lat, 0.99),
                 interactive_session: s.interactive,
+                transport: Some(
+                    match (
+                        &self.config.endpoint,
+                        s.fd_forward
+                            || self.config.transport == crate::config::Transport::FdForward,
+                    ) {
+                        (crate::config::Endpoint::Http { .. }, _) => "direct-tcpip",
+                        (_, true) => "fd-forward",
+                        (_, false) => "streamlocal",
+                    }
+                    .to_string(),
+                ),
             }
         })
     }
@@ -528,6 +562,8 @@ impl Supervisor {
         t.set_state(State::Ready);
         let handle: SshHandle = Arc::new(conn.handle);
         let hops = conn.hops;
+        // A new connection tries streamlocal again (auto), before any request uses it.
+        t.with_stats(|s| s.fd_forward = false);
         t.link_tx.send_replace(Link::Up(handle.clone()));
         let mut closed = conn.closed;
         // Held for the connection's life: while it is open, sshd sends without Nagle delays.

@@ -420,7 +420,13 @@ impl Sshd {
     fn write_config(&self) -> PathBuf {
         let d = self.dir.path();
         let cfg = format!(
-            "ListenAddress {ip}:{port}\nHostKey {hk}\nPidFile {d}/sshd.pid\nAuthorizedKeysFile {d}/authorized_keys/%u\nStrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin yes\nAllowStreamLocalForwarding yes\nAllowTcpForwarding yes\nMaxStartups 200:30:400\nLogLevel VERBOSE\nUseDNS no\n{setenv}{extra}",
+            "ListenAddress {ip}:{port}\nHostKey {hk}\nPidFile {d}/sshd.pid\nAuthorizedKeysFile {d}/authorized_keys/%u\nStrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin yes\n{streamlocal}AllowTcpForwarding yes\nMaxStartups 200:30:400\nLogLevel VERBOSE\nUseDNS no\n{setenv}{extra}",
+            // sshd takes the first value of a keyword: a test's own setting must be the only one.
+            streamlocal = if self.extra.contains("AllowStreamLocalForwarding") {
+                ""
+            } else {
+                "AllowStreamLocalForwarding yes\n"
+            },
             // Remote commands must not run the machine's ~/.bashrc (bash sources it for sshd
             // children unless SHLVL says it is nested): a pyenv there once left a stale lock
             // behind a killed session and hung every later command.
