@@ -898,3 +898,88 @@ fn exec_sessions_are_audited_with_the_caller_and_the_command() {
     let shown = String::from_utf8_lossy(&shown.stdout);
     assert!(shown.contains("-> exit 3, session "), "{shown}");
 }
+
+/// A machine whose sshd allows one session per connection (`MaxSessions 1`), and which is
+/// the tunnel host too: the pooled connection's interactive session would hold the only
+/// slot, so it is given up for the user's command; the API, `ssh` and `status` all work.
+#[test]
+fn max_sessions_one_on_a_machine_that_is_the_tunnel_host_still_runs_commands() {
+    let keys = open_tempdir("fb-keys.");
+    let key = keygen(keys.path(), "id_ed25519", "ed25519");
+    let stubs = open_tempdir("fb-stubs.");
+    write_stubs(stubs.path(), "m1");
+    let sshd = Sshd::start_with(
+        &["root"],
+        &[&key],
+        None,
+        &format!(
+            "MaxSessions 1\nSetEnv PATH={}:/usr/local/bin:/usr/bin:/bin SHLVL=1\n",
+            stubs.path().display()
+        ),
+    );
+    let agent = Agent::start(&[&key]);
+    let machine = fleet_broker::fleet::schema::Machine {
+        id: M1.into(),
+        primary_ip: sshd.ip.clone(),
+        ..Default::default()
+    };
+    let sim = SimServer::with(vec![machine], false);
+    sim.put(
+        "hello.service",
+        vec![
+            opt("Service", "ExecStart", "/bin/sleep 1000"),
+            opt("X-Fleet", "MachineID", M1),
+        ],
+        "launched",
+    );
+    let kh = keys.path().join("known_hosts");
+    std::fs::write(&kh, sshd.known_hosts_line()).expect("known_hosts");
+    let b = Broker::start(
+        &cluster_toml(
+            "c1",
+            &sshd,
+            &format!("unix://{}", sim.socket.display()),
+            "root",
+            &kh,
+            &format!("machine_ssh_port = {}\n", sshd.port),
+        ),
+        Some(&agent.socket),
+    );
+    assert_eq!(
+        http(&b.socket("c1"), "GET", "/fleet/v1/machines", None).0,
+        200
+    );
+    let cwd = open_tempdir("fb-cwd.");
+    let run = fleetctl(
+        &b,
+        cwd.path(),
+        &[],
+        &["--cluster", "c1", "ssh", M1, "echo", "hi"],
+    );
+    assert_eq!(
+        (run.code, run.stdout.as_str()),
+        (0, "hi\n"),
+        "{run:?}\n{}",
+        b.log()
+    );
+    let run = fleetctl(
+        &b,
+        cwd.path(),
+        &[],
+        &["--cluster", "c1", "status", "hello.service"],
+    );
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stdout.contains("stub unit on m1"), "{run:?}");
+    // Again, on the same pooled connection.
+    let run = fleetctl(
+        &b,
+        cwd.path(),
+        &[],
+        &["--cluster", "c1", "ssh", M1, "echo", "again"],
+    );
+    assert_eq!((run.code, run.stdout.as_str()), (0, "again\n"), "{run:?}");
+    assert_eq!(
+        http(&b.socket("c1"), "GET", "/fleet/v1/machines", None).0,
+        200
+    );
+}

@@ -26,8 +26,24 @@ pub(super) struct Pooled {
     active: AtomicUsize,
     last_used: Mutex<Instant>,
     /// The connection's interactive session (`interactive_session`), which makes the
-    /// machine's sshd send without Nagle delays; held as long as the connection.
-    _interactive: Option<Channel<Msg>>,
+    /// machine's sshd send without Nagle delays; held as long as the connection, unless a
+    /// user's session needs its slot (sshd's `MaxSessions`).
+    interactive: Mutex<Option<Channel<Msg>>>,
+}
+
+impl Pooled {
+    /// Closes the interactive session, so that its slot under sshd's `MaxSessions` goes to a
+    /// user's session; false when there is none.
+    async fn give_up_interactive(&self) -> bool {
+        let taken = lock(&self.interactive).take();
+        match taken {
+            Some(ch) => {
+                let _ = ch.close().await;
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 /// Held while a session runs; frees its slot on drop.
@@ -175,7 +191,7 @@ impl Exec {
             handle: handle.clone(),
             active: AtomicUsize::new(1),
             last_used: Mutex::new(Instant::now()),
-            _interactive: interactive,
+            interactive: Mutex::new(interactive),
         });
         lock(&self.pool)
             .entry(key)
@@ -186,6 +202,16 @@ impl Exec {
 }
 
 impl Slot {
+    /// For a session that could not be opened on a pooled connection: gives up that
+    /// connection's interactive session (its slot under `MaxSessions`); true when one was
+    /// given up, so that opening again may succeed.
+    pub(super) async fn make_room(&self) -> bool {
+        match &self.pooled {
+            Some(p) => p.give_up_interactive().await,
+            None => false,
+        }
+    }
+
     fn own(h: SshHandle) -> Slot {
         Slot {
             pooled: None,
