@@ -80,8 +80,10 @@ impl tokio::io::AsyncWrite for Upstream {
 async fn open_fd_forward(
     handle: &russh::client::Handle<crate::tunnel::ClientHandler>,
     path: &str,
+    tunnel: &Tunnel,
 ) -> Result<Channel<Msg>, russh::Error> {
-    let ch = handle.channel_open_session().await?;
+    let ch =
+        crate::tunnel::open_session_making_room(handle, || tunnel.give_up_interactive()).await?;
     ch.exec(
         true,
         format!(
@@ -144,7 +146,7 @@ async fn open_upstream(
         match open_endpoint(handle, &tunnel.config.endpoint).await {
             Ok(ch) => return Ok(direct(ch)),
             Err(russh::Error::ChannelOpenFailure(why))
-                if refused_by_policy(handle, path, &why).await =>
+                if refused_by_policy(tunnel, handle, path, &why).await =>
             {
                 if tunnel.config.transport != Transport::Auto {
                     return Err(format!("the tunnel host refuses streamlocal forwarding to {path}, which is there (sshd's AllowStreamLocalForwarding or DisableForwarding); set `transport = \"auto\"` or `\"fd-forward\"` to use `fleetctl fd-forward` there, as the original fleetctl does"));
@@ -161,7 +163,7 @@ async fn open_upstream(
         .acquire_owned()
         .await
         .map_err(|e| e.to_string())?;
-    let ch = open_fd_forward(handle, path)
+    let ch = open_fd_forward(handle, path, tunnel)
         .await
         .map_err(|e| format!("`fleetctl fd-forward {path}` on the tunnel host: {e}"))?;
     Ok(Upstream {
@@ -174,6 +176,7 @@ async fn open_upstream(
 /// socket that is not there: sshd answers both with "connect failed", so for that answer the
 /// host is asked (`test -S PATH` over an exec session, bounded) whether the socket exists.
 async fn refused_by_policy(
+    tunnel: &Tunnel,
     handle: &russh::client::Handle<crate::tunnel::ClientHandler>,
     path: &str,
     why: &russh::ChannelOpenFailure,
@@ -185,7 +188,11 @@ async fn refused_by_policy(
         AdministrativelyProhibited | UnknownChannelType => true,
         ConnectFailed => {
             let probe = async {
-                let mut ch = handle.channel_open_session().await.ok()?;
+                let mut ch = crate::tunnel::open_session_making_room(handle, || {
+                    tunnel.give_up_interactive()
+                })
+                .await
+                .ok()?;
                 ch.exec(
                     true,
                     format!("test -S {}", crate::remote_command::shell_quote(path)),

@@ -998,3 +998,60 @@ fn a_tunnel_host_without_streamlocal_forwarding_is_reached_through_fd_forward() 
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("AllowStreamLocalForwarding"), "{body}");
 }
+
+/// The same hardened host allowing one session per connection (`MaxSessions 1`): the
+/// tunnel's interactive session is given up (status says so) so that fd-forward has the slot.
+#[test]
+fn max_sessions_one_without_streamlocal_gives_the_interactive_slot_to_fd_forward() {
+    use std::os::unix::fs::PermissionsExt;
+    let keys = open_tempdir("fb-keys.");
+    let key = keygen(keys.path(), "id_ed25519", "ed25519");
+    let stubs = open_tempdir("fb-stubs.");
+    let stub = stubs.path().join("fleetctl");
+    std::fs::write(
+        &stub,
+        "#!/bin/sh\n[ \"$1\" = fd-forward ] || exit 2\nexec socat - \"UNIX-CONNECT:$2\"\n",
+    )
+    .expect("stub");
+    std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let sshd = Sshd::start_with(
+        &["root"],
+        &[&key],
+        None,
+        &format!(
+            "AllowStreamLocalForwarding no\nMaxSessions 1\nSetEnv PATH={}:/usr/local/bin:/usr/bin:/bin\n",
+            stubs.path().display()
+        ),
+    );
+    let agent = Agent::start(&[&key]);
+    let sim = SimServer::start();
+    let kh = keys.path().join("known_hosts");
+    std::fs::write(&kh, sshd.known_hosts_line()).expect("known_hosts");
+    let b = Broker::start(
+        &cluster_toml(
+            "c1",
+            &sshd,
+            &format!("unix://{}", sim.socket.display()),
+            "root",
+            &kh,
+            "connect = \"eager\"\n",
+        ),
+        Some(&agent.socket),
+    );
+    wait_until("the interactive session", DEADLINE, || {
+        b.cluster_info("c1")["interactive_session"] == true
+    });
+    let want = http(&sim.socket, "GET", "/fleet/v1/machines", None);
+    for _ in 0..3 {
+        assert_eq!(
+            http(&b.socket("c1"), "GET", "/fleet/v1/machines", None),
+            want,
+            "{}",
+            b.log()
+        );
+    }
+    let info = b.cluster_info("c1");
+    assert_eq!(info["transport"], "fd-forward", "{info}");
+    assert_eq!(info["interactive_session"], false, "{info}");
+    assert_eq!(info["interactive_session_given_up"], true, "{info}");
+}

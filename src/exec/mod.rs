@@ -189,7 +189,7 @@ impl Exec {
                 .connection(&place, &user, port, req.forward_agent)
                 .await?;
             let fail = |what: &str, e: russh::Error| ExecError::ssh(format!("{what}: {e}"));
-            let channel = open_session(&handle, &slot)
+            let channel = crate::tunnel::open_session_making_room(&handle, || slot.make_room())
                 .await
                 .map_err(|e| fail("cannot open a session", e))?;
             if req.forward_agent {
@@ -262,34 +262,5 @@ fn host_key_report(machine: String, seen: &dial::PresentedKey) -> HostKeyReport 
         md5: fingerprint_md5(&seen.key),
         verdict,
         pins,
-    }
-}
-/// Attempts to open a session after the interactive session was given up: its close takes a
-/// round trip before sshd counts the slot free.
-const ROOM_ATTEMPTS: u32 = 10;
-
-/// Opens a session on `handle`. When sshd refuses it and the connection holds an interactive
-/// session (a machine with `MaxSessions 1`), that one is given up and opening is tried again
-/// (bounded), so the user's command gets the slot.
-async fn open_session(
-    handle: &russh::client::Handle<crate::tunnel::ClientHandler>,
-    slot: &pool::Slot,
-) -> Result<russh::Channel<russh::client::Msg>, russh::Error> {
-    match handle.channel_open_session().await {
-        Err(russh::Error::ChannelOpenFailure(_)) if slot.make_room().await => {
-            tracing::info!("the machine's sshd refused another session (MaxSessions); gave up the connection's interactive session for it");
-            let mut attempt = 0;
-            loop {
-                match handle.channel_open_session().await {
-                    Err(russh::Error::ChannelOpenFailure(_)) if attempt + 1 < ROOM_ATTEMPTS => {
-                        attempt += 1;
-                        tokio::time::sleep(std::time::Duration::from_millis(10 << attempt.min(5)))
-                            .await;
-                    }
-                    other => return other,
-                }
-            }
-        }
-        other => other,
     }
 }

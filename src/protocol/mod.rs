@@ -55,6 +55,10 @@ pub struct Status {
     /// without Nagle delays (`interactive_session`).
     #[serde(default)]
     pub interactive_session: bool,
+    /// The interactive session was closed so that a command could have its session slot
+    /// (the tunnel host's `MaxSessions`).
+    #[serde(default)]
+    pub interactive_session_given_up: bool,
     /// How the fleet API is reached on the tunnel host: `streamlocal`, `fd-forward` or
     /// `direct-tcpip`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

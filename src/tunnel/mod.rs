@@ -71,13 +71,16 @@ enum Link {
 }
 
 /// Commands for the supervisor.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub(crate) enum Command {
     Connect,
     Disconnect,
     /// A request stalled on the live connection: probe it now (a keepalive that must be
     /// answered within [`Tunnel::probe_timeout`]) and reconnect if it is not.
     Probe,
+    /// A session could not be opened (`MaxSessions`): close the interactive session so that
+    /// its slot is free; answers whether there was one.
+    GiveUpInteractive(tokio::sync::oneshot::Sender<bool>),
 }
 
 #[derive(Debug)]
@@ -88,6 +91,8 @@ struct Stats {
     /// The live connection reaches the fleet socket through `fleetctl fd-forward` (the
     /// tunnel host refused streamlocal, or the config says so).
     fd_forward: bool,
+    /// The interactive session was closed to free a session slot (`MaxSessions`).
+    interactive_given_up: bool,
     connected_since: Option<SystemTime>,
     last_error: Option<String>,
     reconnects: u64,
@@ -157,6 +162,7 @@ impl Tunnel {
                 fingerprint: None,
                 interactive: false,
                 fd_forward: false,
+                interactive_given_up: false,
                 connected_since: None,
                 last_error: None,
                 reconnects: 0,
@@ -291,6 +297,24 @@ impl Tunnel {
             || self.with_stats(|s| s.fd_forward)
     }
 
+    /// Asks the supervisor to close the live connection's interactive session (its slot
+    /// under the tunnel host's `MaxSessions`); true when it did.
+    pub(crate) async fn give_up_interactive(&self) -> bool {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        if self
+            .cmd_tx
+            .send(Command::GiveUpInteractive(reply))
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), answer).await,
+            Ok(Ok(true))
+        )
+    }
+
     /// Remembers, until the next connection, that the tunnel host refused streamlocal.
     pub(crate) fn fall_back_to_fd_forward(&self) {
         self.with_stats(|s| s.fd_forward = true);
@@ -315,6 +339,7 @@ impl Tunnel {
                 latency_p50_ms: percentile(&lat, 0.50),
                 latency_p99_ms: percentile(&lat, 0.99),
                 interactive_session: s.interactive,
+                interactive_session_given_up: s.interactive_given_up,
                 transport: Some(
                     match (
                         &self.config.endpoint,
@@ -402,6 +427,10 @@ impl Supervisor {
                         c = self.cmd_rx.recv() => match c {
                             Some(Command::Connect) => Step::Connecting,
                             Some(Command::Disconnect | Command::Probe) => Step::Idle,
+                            Some(Command::GiveUpInteractive(reply)) => {
+                                let _ = reply.send(false);
+                                Step::Idle
+                            }
                             None => Step::Stop,
                         },
                         _ = self.shutdown.cancelled() => Step::Stop,
@@ -451,6 +480,9 @@ impl Supervisor {
                                     break Step::Connecting;
                                 }
                                 Some(Command::Connect | Command::Probe) => continue,
+                                Some(Command::GiveUpInteractive(reply)) => {
+                                    let _ = reply.send(false);
+                                }
                                 Some(Command::Disconnect) => break Step::Idle,
                                 None => break Step::Stop,
                             },
@@ -467,6 +499,10 @@ impl Supervisor {
                                 Some(Command::Connect) => { attempt = 0; break Step::Connecting }
                                 Some(Command::Disconnect) => break Step::Idle,
                                 Some(Command::Probe) => continue,
+                                Some(Command::GiveUpInteractive(reply)) => {
+                                    let _ = reply.send(false);
+                                    continue;
+                                }
                                 None => break Step::Stop,
                             },
                             _ = self.shutdown.cancelled() => break Step::Stop,
@@ -563,11 +599,14 @@ impl Supervisor {
         let handle: SshHandle = Arc::new(conn.handle);
         let hops = conn.hops;
         // A new connection tries streamlocal again (auto), before any request uses it.
-        t.with_stats(|s| s.fd_forward = false);
+        t.with_stats(|s| {
+            s.fd_forward = false;
+            s.interactive_given_up = false;
+        });
         t.link_tx.send_replace(Link::Up(handle.clone()));
         let mut closed = conn.closed;
         // Held for the connection's life: while it is open, sshd sends without Nagle delays.
-        let interactive = match t.config.interactive_session {
+        let mut interactive = match t.config.interactive_session {
             InteractiveSession::Auto => open_interactive(&handle, t.probe_timeout()).await,
             InteractiveSession::Off => None,
         };
@@ -622,6 +661,21 @@ impl Supervisor {
                         });
                         break Step::Backoff;
                     }
+                    Some(Command::GiveUpInteractive(reply)) => {
+                        let had = match interactive.take() {
+                            Some(ch) => {
+                                let _ = ch.close().await;
+                                tracing::info!("gave up the interactive session: the tunnel host allows no more sessions (MaxSessions) and a command needs one");
+                                t.with_stats(|s| {
+                                    s.interactive = false;
+                                    s.interactive_given_up = true;
+                                });
+                                true
+                            }
+                            None => false,
+                        };
+                        let _ = reply.send(had);
+                    }
                     Some(Command::Disconnect) => break Step::Idle,
                     None => break Step::Stop,
                 },
@@ -651,6 +705,39 @@ impl Supervisor {
                 .await;
         }
         next
+    }
+}
+
+/// Attempts to open a session after the interactive session was given up: its close takes a
+/// round trip before sshd counts the slot free.
+const ROOM_ATTEMPTS: u32 = 10;
+
+/// Opens a session on `handle`. When sshd refuses it (`MaxSessions`) and `make_room` gives
+/// up the connection's interactive session, opening is tried again (bounded), so the user's
+/// command gets the slot.
+pub(crate) async fn open_session_making_room<F, Fut>(
+    handle: &russh::client::Handle<ClientHandler>,
+    make_room: F,
+) -> Result<russh::Channel<russh::client::Msg>, russh::Error>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    match handle.channel_open_session().await {
+        Err(russh::Error::ChannelOpenFailure(_)) if make_room().await => {
+            tracing::info!("sshd refused another session (MaxSessions); gave up the connection's interactive session for it");
+            let mut attempt = 0;
+            loop {
+                match handle.channel_open_session().await {
+                    Err(russh::Error::ChannelOpenFailure(_)) if attempt + 1 < ROOM_ATTEMPTS => {
+                        attempt += 1;
+                        tokio::time::sleep(Duration::from_millis(10 << attempt.min(5))).await;
+                    }
+                    other => return other,
+                }
+            }
+        }
+        other => other,
     }
 }
 
