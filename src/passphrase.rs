@@ -1,15 +1,19 @@
-//! Passphrases of encrypted identity files, kept in the OS keyring (the `keyring` crate's
-//! kernel keyutils store: the user's persistent keyring, so a daemon run by the user's
-//! service manager finds what a login shell stored), one entry per file under its canonical
-//! path. The daemon reads a
-//! passphrase when it needs the key, decrypts in memory and keeps only the key; passphrases
-//! are never logged and never in `Debug` output (they live in `Zeroizing` strings).
+//! Passphrases of encrypted identity files, kept in the kernel's keyutils store: the user's
+//! persistent keyring (`KEYCTL_GET_PERSISTENT`), which every session and service of the uid
+//! reaches, so a daemon run by the user's service manager finds what a login shell stored.
+//! The entry goes into that keyring directly, not through the session keyring: a session
+//! whose keyring is the per-uid default (`_uid_ses.N`, any login without pam_keyinit) may
+//! not add keys to it. One entry per file under its canonical path (the description the
+//! `keyring` crate used, so entries stored before are found). The daemon reads a passphrase
+//! when it needs the key, decrypts in memory and keeps only the key; passphrases are never
+//! logged and never in `Debug` output (they live in `Zeroizing` strings).
 
 use std::path::{Path, PathBuf};
 
+use linux_keyutils::{Key, KeyError, KeyRing, KeyRingIdentifier};
 use zeroize::Zeroizing;
 
-/// The keyring service name of every entry.
+/// The service part of every entry's description.
 const SERVICE: &str = "fleet-broker identity file";
 
 /// Where passphrases are kept, as the CLI says it.
@@ -20,9 +24,39 @@ fn account(path: &Path) -> PathBuf {
     std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
-fn entry(path: &Path) -> Result<keyring::Entry, String> {
-    keyring::Entry::new(SERVICE, &account(path).display().to_string())
-        .map_err(|e| format!("the keyring: {e}"))
+/// The entry's description.
+fn description(path: &Path) -> String {
+    format!("keyring-rs:{}@{SERVICE}", account(path).display())
+}
+
+/// The user's persistent keyring, attached to this process's keyring (possessed, whatever
+/// the session keyring is).
+fn persistent() -> Result<KeyRing, String> {
+    KeyRing::get_persistent(KeyRingIdentifier::Process).map_err(|e| {
+        format!(
+            "the kernel keyring: cannot reach your persistent keyring: {}",
+            said(e)
+        )
+    })
+}
+
+/// What the kernel said, in words a user can act on.
+fn said(e: KeyError) -> String {
+    match e {
+        KeyError::AccessDenied => "permission denied (EACCES): an entry is there, but this process may not use it (its permissions were changed, or it belongs to another user's or session's keyring); `fleet-broker passphrase forget` and `set` in your own session replace it".into(),
+        KeyError::KeyRevoked | KeyError::KeyExpired => "the stored passphrase was revoked or has expired; store it again with `fleet-broker passphrase set`".into(),
+        KeyError::QuotaExceeded => "your keyring quota is full (`/proc/key-users`); forget passphrases you no longer need".into(),
+        e => e.to_string(),
+    }
+}
+
+/// The stored entry of `path`, if there is one.
+fn find(path: &Path) -> Result<Option<Key>, String> {
+    match persistent()?.search(&description(path)) {
+        Ok(k) => Ok(Some(k)),
+        Err(KeyError::KeyDoesNotExist) => Ok(None),
+        Err(e) => Err(format!("the kernel keyring: {}", said(e))),
+    }
 }
 
 /// Stores the passphrase of `path` after checking that it decrypts the file.
@@ -42,58 +76,39 @@ pub fn set(path: &Path, passphrase: &Zeroizing<String>) -> Result<(), String> {
             "the passphrase does not decrypt this key; nothing stored".into(),
         ));
     }
-    entry(path)?
-        .set_password(passphrase)
-        .map_err(|e| at(format!("cannot store the passphrase: {e}")))
+    if passphrase.is_empty() {
+        return Err(at("an empty passphrase cannot be stored".into()));
+    }
+    persistent()
+        .map_err(at)?
+        .add_key(&description(path), passphrase.as_bytes())
+        .map(drop)
+        .map_err(|e| at(format!("cannot store the passphrase: {}", said(e))))
 }
 
 /// Forgets the passphrase of `path` (the entry is invalidated, so it leaves every keyring it
 /// is linked in); false when none was stored.
 pub fn forget(path: &Path) -> Result<bool, String> {
-    match entry(path)?.delete_credential() {
-        Ok(()) => Ok(true),
-        Err(keyring::Error::NoEntry) => match why_no_entry(path) {
-            None => Ok(false),
-            Some(why) => Err(format!("{}: {why}", path.display())),
-        },
-        Err(e) => Err(format!("{}: {e}", path.display())),
+    match find(path).map_err(|e| format!("{}: {e}", path.display()))? {
+        Some(key) => key
+            .invalidate()
+            .map(|()| true)
+            .map_err(|e| format!("{}: {}", path.display(), said(e))),
+        None => Ok(false),
     }
 }
 
 /// The stored passphrase of `path`, if any.
 pub(crate) fn get(path: &Path) -> Result<Option<Zeroizing<String>>, String> {
-    match entry(path)?.get_password() {
-        Ok(p) => Ok(Some(Zeroizing::new(p))),
-        Err(keyring::Error::NoEntry) => match why_no_entry(path) {
-            None => Ok(None),
-            Some(why) => Err(format!("the keyring: {why}")),
-        },
-        Err(e) => Err(format!("the keyring: {e}")),
-    }
-}
-
-/// When the `keyring` crate answers "no entry", what the kernel says: that crate folds
-/// "permission denied", "revoked" and "expired" into that answer, which would tell the user
-/// that nothing is stored when something is. `None`: there is truly no entry.
-fn why_no_entry(path: &Path) -> Option<String> {
-    use linux_keyutils::{KeyError, KeyRing, KeyRingIdentifier};
-    let description = format!("keyring-rs:{}@{SERVICE}", account(path).display());
-    let session = match KeyRing::from_special_id(KeyRingIdentifier::Session, false) {
-        Ok(k) => k,
-        Err(e) => return Some(format!("the session keyring cannot be used: {e}")),
+    let Some(key) = find(path)? else {
+        return Ok(None);
     };
-    let denied = "the kernel keyring denied access (EACCES): an entry is there, but this process may not use it (its permissions were changed, or it belongs to another user's or session's keyring); `keyctl show @s` shows it; `fleet-broker passphrase forget` and `set` in your own session replace it";
-    match session.search(&description) {
-        Err(KeyError::KeyDoesNotExist) => None,
-        Err(KeyError::AccessDenied) => Some(denied.into()),
-        Err(KeyError::KeyRevoked) | Err(KeyError::KeyExpired) => Some(
-            "the stored passphrase was revoked or has expired; store it again with `fleet-broker passphrase set`".into(),
-        ),
-        Err(e) => Some(format!("the kernel keyring: {e}")),
-        // Found: the crate's failure came after the search (relinking or reading it).
-        Ok(key) => match key.read_to_vec() {
-            Err(KeyError::AccessDenied) | Ok(_) => Some(denied.into()),
-            Err(e) => Some(format!("the kernel keyring: {e}")),
-        },
+    let bytes = Zeroizing::new(
+        key.read_to_vec()
+            .map_err(|e| format!("the kernel keyring: {}", said(e)))?,
+    );
+    match std::str::from_utf8(&bytes) {
+        Ok(s) => Ok(Some(Zeroizing::new(s.to_string()))),
+        Err(_) => Err("the kernel keyring: the stored passphrase is not UTF-8; store it again with `fleet-broker passphrase set`".into()),
     }
 }

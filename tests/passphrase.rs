@@ -147,10 +147,11 @@ fn a_stored_passphrase_the_kernel_denies_is_not_reported_as_absent() {
     let out = passphrase(&b, &["set", &path, "--stdin"], &format!("{SECRET}\n"));
     assert!(out.status.success(), "{out:?}");
     // Take every permission away from the stored entry (as another session's or user's
-    // entry would be to us).
+    // entry would be to us). It lives in the user's persistent keyring.
     const KEYCTL_SETPERM: nix::libc::c_long = 5;
     const KEYCTL_SEARCH: nix::libc::c_long = 10;
-    const KEY_SPEC_SESSION_KEYRING: nix::libc::c_long = -3;
+    const KEYCTL_GET_PERSISTENT: nix::libc::c_long = 22;
+    const KEY_SPEC_PROCESS_KEYRING: nix::libc::c_long = -2;
     let canonical = std::fs::canonicalize(&key).expect("canonical");
     let description = std::ffi::CString::new(format!(
         "keyring-rs:{}@fleet-broker identity file",
@@ -159,11 +160,21 @@ fn a_stored_passphrase_the_kernel_denies_is_not_reported_as_absent() {
     .expect("description");
     let kind = std::ffi::CString::new("user").expect("type");
     // SAFETY: keyctl(2) with NUL-terminated strings that outlive the calls.
+    let persistent = unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_keyctl,
+            KEYCTL_GET_PERSISTENT,
+            -1 as nix::libc::c_long,
+            KEY_SPEC_PROCESS_KEYRING,
+        )
+    };
+    assert!(persistent > 0, "the persistent keyring");
+    // SAFETY: as above.
     let id = unsafe {
         nix::libc::syscall(
             nix::libc::SYS_keyctl,
             KEYCTL_SEARCH,
-            KEY_SPEC_SESSION_KEYRING,
+            persistent,
             kind.as_ptr(),
             description.as_ptr(),
             0 as nix::libc::c_long,
@@ -183,7 +194,7 @@ fn a_stored_passphrase_the_kernel_denies_is_not_reported_as_absent() {
     let out = passphrase(&b, &["forget", &path], "");
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(
-        text(&out.stderr).contains("denied access (EACCES)"),
+        text(&out.stderr).contains("permission denied (EACCES)"),
         "{out:?}"
     );
     assert!(!text(&out.stdout).contains("no passphrase"), "{out:?}");
@@ -276,5 +287,65 @@ fn decrypting_a_slow_key_for_one_cluster_does_not_hold_up_another() {
     assert!(
         slowest < std::time::Duration::from_millis(500),
         "c1's slowest request took {slowest:?}"
+    );
+}
+
+/// Joins the per-uid default session keyring (`_uid_ses.UID`), what a login without
+/// pam_keyinit has (Debian's and Ubuntu's default PAM stack), for the calling thread and the
+/// processes it starts.
+fn uid_default_session_keyring() {
+    const KEYCTL_JOIN_SESSION_KEYRING: nix::libc::c_long = 1;
+    let name = std::ffi::CString::new(format!("_uid_ses.{}", nix::unistd::getuid())).expect("name");
+    // SAFETY: keyctl with a NUL-terminated name that outlives the call.
+    let r = unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_keyctl,
+            KEYCTL_JOIN_SESSION_KEYRING,
+            name.as_ptr(),
+        )
+    };
+    assert!(r >= 0, "keyctl(JOIN_SESSION_KEYRING, _uid_ses) failed");
+}
+
+/// `passphrase set` in a shell whose session keyring is the per-uid default stores the
+/// passphrase, and a daemon started in another session (its own session keyring, as under
+/// the service manager) finds it and connects.
+#[test]
+fn a_passphrase_set_in_the_default_session_keyring_is_found_by_a_daemon_elsewhere() {
+    throwaway_keyring();
+    let w = World::new();
+    let keys = open_tempdir("fb-locked.");
+    let key = encrypted_key(keys.path());
+    let sshd = Sshd::start_with(&["root"], &[&key], None, "");
+    let kh = keys.path().join("known_hosts");
+    std::fs::write(&kh, sshd.known_hosts_line()).expect("known_hosts");
+    // The daemon runs in this thread's throwaway session keyring.
+    let b = Broker::start(
+        &cluster_toml(
+            "c1",
+            &sshd,
+            &format!("unix://{}", w.sim.socket.display()),
+            "root",
+            &kh,
+            &format!(
+                "identity_files = [\"{}\"]\nconnect_timeout = \"3s\"\n",
+                key.display()
+            ),
+        ),
+        None,
+    );
+    // The CLI runs in the per-uid default session keyring.
+    uid_default_session_keyring();
+    let path = key.display().to_string();
+    let out = passphrase(&b, &["set", &path, "--stdin"], &format!("{SECRET}\n"));
+    assert!(out.status.success(), "{out:?}");
+    wait_until_served(
+        &b,
+        "the tunnel with the passphrase stored from another session",
+    );
+    let out = passphrase(&b, &["forget", &path], "");
+    assert!(
+        text(&out.stdout).contains("forgot the passphrase"),
+        "{out:?}"
     );
 }
