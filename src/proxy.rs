@@ -145,10 +145,16 @@ async fn open_upstream(
     if !tunnel.uses_fd_forward() {
         match open_endpoint(handle, &tunnel.config.endpoint).await {
             Ok(ch) => return Ok(direct(ch)),
+            // One request at a time asks why; those waiting find the answer made.
             Err(russh::Error::ChannelOpenFailure(why))
-                if refused_by_policy(tunnel, handle, path, &why).await =>
+                if {
+                    let _deciding = tunnel.transport_probe.lock().await;
+                    tunnel.uses_fd_forward() || refused_by_policy(tunnel, handle, path, &why).await
+                } =>
             {
-                if tunnel.config.transport != Transport::Auto {
+                if tunnel.uses_fd_forward() {
+                    // Another request found it out meanwhile.
+                } else if tunnel.config.transport != Transport::Auto {
                     return Err(format!("the tunnel host refuses streamlocal forwarding to {path}, which is there (sshd's AllowStreamLocalForwarding or DisableForwarding); set `transport = \"auto\"` or `\"fd-forward\"` to use `fleetctl fd-forward` there, as the original fleetctl does"));
                 }
                 tracing::info!("the tunnel host refuses streamlocal forwarding (AllowStreamLocalForwarding no?); using `fleetctl fd-forward` over exec sessions until the next connection");
@@ -157,19 +163,44 @@ async fn open_upstream(
             Err(e) => return Err(e.to_string()),
         }
     }
-    let session = tunnel
-        .fd_forward_sessions
-        .clone()
-        .acquire_owned()
-        .await
-        .map_err(|e| e.to_string())?;
-    let ch = open_fd_forward(handle, path, tunnel)
-        .await
-        .map_err(|e| format!("`fleetctl fd-forward {path}` on the tunnel host: {e}"))?;
-    Ok(Upstream {
-        channel: DrainedChannel::new(ch),
-        _session: Some(session),
-    })
+    // The budget starts at FD_FORWARD_SESSIONS and shrinks to what the host allows: a
+    // session the host refuses (MaxSessions) gives its permit up, and the request waits for
+    // one of the sessions that are open.
+    // At the smallest budget a refusal is a session still closing: sshd frees its slot a
+    // round trip after the close, so opening is tried again (bounded).
+    let mut retries = 0u32;
+    for _ in 0..crate::tunnel::FD_FORWARD_SESSIONS + FD_FORWARD_RETRIES as usize {
+        let session = tunnel
+            .fd_forward_sessions
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| e.to_string())?;
+        match open_fd_forward(handle, path, tunnel).await {
+            Ok(ch) => {
+                return Ok(Upstream {
+                    channel: DrainedChannel::new(ch),
+                    _session: Some(session),
+                })
+            }
+            Err(russh::Error::ChannelOpenFailure(_)) if tunnel.shrink_fd_forward_budget() => {
+                tracing::info!("the tunnel host allows no more sessions (MaxSessions); fd-forward now keeps one fewer open");
+                session.forget();
+            }
+            Err(russh::Error::ChannelOpenFailure(_)) if retries < FD_FORWARD_RETRIES => {
+                retries += 1;
+                tokio::time::sleep(Duration::from_millis(10 << retries.min(6))).await;
+            }
+            Err(e) => {
+                return Err(format!(
+                    "`fleetctl fd-forward {path}` on the tunnel host: {e}"
+                ))
+            }
+        }
+    }
+    Err(format!(
+        "`fleetctl fd-forward {path}` on the tunnel host: it allows no session (MaxSessions)"
+    ))
 }
 
 /// Whether a refused streamlocal open was the tunnel host's policy rather than a fleet
@@ -215,6 +246,9 @@ async fn refused_by_policy(
         _ => false,
     }
 }
+
+/// Attempts to open an fd-forward session at the smallest budget while others close.
+const FD_FORWARD_RETRIES: u32 = 10;
 
 /// Bound on asking the tunnel host whether the fleet socket exists.
 const POLICY_PROBE_TIMEOUT: Duration = Duration::from_secs(5);

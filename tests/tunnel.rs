@@ -999,10 +999,10 @@ fn a_tunnel_host_without_streamlocal_forwarding_is_reached_through_fd_forward() 
     assert!(body.contains("AllowStreamLocalForwarding"), "{body}");
 }
 
-/// The same hardened host allowing one session per connection (`MaxSessions 1`): the
-/// tunnel's interactive session is given up (status says so) so that fd-forward has the slot.
-#[test]
-fn max_sessions_one_without_streamlocal_gives_the_interactive_slot_to_fd_forward() {
+/// The same hardened host allowing `max_sessions` sessions per connection: the tunnel's
+/// interactive session is given up (status says so) and the fd-forward budget shrinks to what
+/// the host allows, so ten clients at once all get their answers.
+fn fd_forward_under_max_sessions(max_sessions: u32) {
     use std::os::unix::fs::PermissionsExt;
     let keys = open_tempdir("fb-keys.");
     let key = keygen(keys.path(), "id_ed25519", "ed25519");
@@ -1019,7 +1019,7 @@ fn max_sessions_one_without_streamlocal_gives_the_interactive_slot_to_fd_forward
         &[&key],
         None,
         &format!(
-            "AllowStreamLocalForwarding no\nMaxSessions 1\nSetEnv PATH={}:/usr/local/bin:/usr/bin:/bin\n",
+            "AllowStreamLocalForwarding no\nMaxSessions {max_sessions}\nSetEnv PATH={}:/usr/local/bin:/usr/bin:/bin\n",
             stubs.path().display()
         ),
     );
@@ -1042,16 +1042,35 @@ fn max_sessions_one_without_streamlocal_gives_the_interactive_slot_to_fd_forward
         b.cluster_info("c1")["interactive_session"] == true
     });
     let want = http(&sim.socket, "GET", "/fleet/v1/machines", None);
-    for _ in 0..3 {
-        assert_eq!(
-            http(&b.socket("c1"), "GET", "/fleet/v1/machines", None),
-            want,
-            "{}",
-            b.log()
-        );
+    let workers: Vec<_> = (0..10)
+        .map(|_| {
+            let socket = b.socket("c1");
+            std::thread::spawn(move || {
+                (0..5)
+                    .map(|_| try_http(&socket, "GET", "/fleet/v1/machines", None).ok())
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    for w in workers {
+        for got in w.join().expect("worker") {
+            assert_eq!(got.as_ref(), Some(&want), "{}", b.log());
+        }
     }
     let info = b.cluster_info("c1");
     assert_eq!(info["transport"], "fd-forward", "{info}");
-    assert_eq!(info["interactive_session"], false, "{info}");
-    assert_eq!(info["interactive_session_given_up"], true, "{info}");
+    if max_sessions == 1 {
+        assert_eq!(info["interactive_session"], false, "{info}");
+        assert_eq!(info["interactive_session_given_up"], true, "{info}");
+    }
+}
+
+#[test]
+fn max_sessions_one_without_streamlocal_gives_the_interactive_slot_to_fd_forward() {
+    fd_forward_under_max_sessions(1);
+}
+
+#[test]
+fn max_sessions_two_without_streamlocal_serves_ten_clients_at_once() {
+    fd_forward_under_max_sessions(2);
 }

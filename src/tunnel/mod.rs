@@ -93,6 +93,9 @@ struct Stats {
     fd_forward: bool,
     /// The interactive session was closed to free a session slot (`MaxSessions`).
     interactive_given_up: bool,
+    /// Permits taken out of `fd_forward_sessions` on this connection (the host's
+    /// `MaxSessions`), given back on the next.
+    fd_forward_forgotten: usize,
     connected_since: Option<SystemTime>,
     last_error: Option<String>,
     reconnects: u64,
@@ -117,6 +120,9 @@ pub(crate) struct Tunnel {
     /// Exec sessions the fd-forward transport may hold at once, under sshd's `MaxSessions`
     /// (10 by default; the interactive session takes one).
     pub(crate) fd_forward_sessions: Arc<tokio::sync::Semaphore>,
+    /// Held while a request finds out why streamlocal was refused, so that requests at once
+    /// ask the tunnel host one at a time (each question is an exec session).
+    pub(crate) transport_probe: tokio::sync::Mutex<()>,
 }
 
 /// Sessions the fd-forward transport holds at most on one connection.
@@ -163,6 +169,7 @@ impl Tunnel {
                 interactive: false,
                 fd_forward: false,
                 interactive_given_up: false,
+                fd_forward_forgotten: 0,
                 connected_since: None,
                 last_error: None,
                 reconnects: 0,
@@ -174,6 +181,7 @@ impl Tunnel {
                 next_sample: 0,
             }),
             fd_forward_sessions: Arc::new(tokio::sync::Semaphore::new(FD_FORWARD_SESSIONS)),
+            transport_probe: tokio::sync::Mutex::new(()),
         });
         let sup = Supervisor {
             tunnel: tunnel.clone(),
@@ -313,6 +321,18 @@ impl Tunnel {
             tokio::time::timeout(Duration::from_secs(5), answer).await,
             Ok(Ok(true))
         )
+    }
+
+    /// Takes one session out of the fd-forward budget (the host refused one); false when only
+    /// one is left, which stays. Restored on the next connection.
+    pub(crate) fn shrink_fd_forward_budget(&self) -> bool {
+        self.with_stats(|s| {
+            if s.fd_forward_forgotten + 1 >= FD_FORWARD_SESSIONS {
+                return false;
+            }
+            s.fd_forward_forgotten += 1;
+            true
+        })
     }
 
     /// Remembers, until the next connection, that the tunnel host refused streamlocal.
@@ -599,10 +619,12 @@ impl Supervisor {
         let handle: SshHandle = Arc::new(conn.handle);
         let hops = conn.hops;
         // A new connection tries streamlocal again (auto), before any request uses it.
-        t.with_stats(|s| {
+        let forgotten = t.with_stats(|s| {
             s.fd_forward = false;
             s.interactive_given_up = false;
+            std::mem::take(&mut s.fd_forward_forgotten)
         });
+        t.fd_forward_sessions.add_permits(forgotten);
         t.link_tx.send_replace(Link::Up(handle.clone()));
         let mut closed = conn.closed;
         // Held for the connection's life: while it is open, sshd sends without Nagle delays.
