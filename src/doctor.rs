@@ -275,9 +275,25 @@ async fn check_ssh_and_api(r: &mut Report, c: &ClusterConfig, spec: &DialSpec) {
 /// `GET /fleet/v1/machines` through the connection: how many machines answer.
 async fn fleet_api(conn: &dial::Connection, endpoint: &Endpoint) -> Result<String, String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let ch = crate::proxy::open_endpoint(&conn.handle, endpoint)
-        .await
-        .map_err(|e| format!("cannot open a channel: {e}"))?;
+    let (ch, via) = match (
+        crate::proxy::open_endpoint(&conn.handle, endpoint).await,
+        endpoint,
+    ) {
+        (Ok(ch), _) => (ch, ""),
+        // A tunnel host that refuses streamlocal is reached as the daemon reaches it.
+        (Err(russh::Error::ChannelOpenFailure(_)), Endpoint::Unix(path)) => {
+            let ch = crate::proxy::fd_forward_session(&conn.handle, path, || async { false })
+                .await
+                .map_err(|e| {
+                    format!("cannot open a channel, nor a session for `fleetctl fd-forward`: {e}")
+                })?;
+            (
+                ch,
+                " (through `fleetctl fd-forward`: the tunnel host refuses streamlocal forwarding)",
+            )
+        }
+        (Err(e), _) => return Err(format!("cannot open a channel: {e}")),
+    };
     let mut s = crate::tunnel::channel::DrainedChannel::new(ch);
     s.write_all(b"GET /fleet/v1/machines?alt=json HTTP/1.1\r\nHost: domain-sock\r\nConnection: close\r\n\r\n")
         .await
@@ -294,7 +310,7 @@ async fn fleet_api(conn: &dial::Connection, endpoint: &Endpoint) -> Result<Strin
         });
     }
     Ok(format!(
-        "answers, {} machine(s)",
+        "answers, {} machine(s){via}",
         text.matches("\"primaryIP\"").count()
     ))
 }

@@ -82,8 +82,21 @@ async fn open_fd_forward(
     path: &str,
     tunnel: &Tunnel,
 ) -> Result<Channel<Msg>, russh::Error> {
-    let ch =
-        crate::tunnel::open_session_making_room(handle, || tunnel.give_up_interactive()).await?;
+    fd_forward_session(handle, path, || tunnel.give_up_interactive()).await
+}
+
+/// An exec session running `fleetctl fd-forward PATH` (the path quoted for the remote
+/// shell); `make_room` may free a session slot when sshd refuses one (`MaxSessions`).
+pub(crate) async fn fd_forward_session<F, Fut>(
+    handle: &russh::client::Handle<crate::tunnel::ClientHandler>,
+    path: &str,
+    make_room: F,
+) -> Result<Channel<Msg>, russh::Error>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let ch = crate::tunnel::open_session_making_room(handle, make_room).await?;
     ch.exec(
         true,
         format!(

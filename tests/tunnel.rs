@@ -981,6 +981,21 @@ fn a_tunnel_host_without_streamlocal_forwarding_is_reached_through_fd_forward() 
         .expect("sim")
         .unit("via-fd.service")
         .is_some());
+    // doctor reaches the API the same way, and says so.
+    let doctor = std::process::Command::new(env!("CARGO_BIN_EXE_fleet-broker"))
+        .args(["doctor", "c1"])
+        .env("FLEET_BROKER_CONFIG", b.dir.path().join("config.toml"))
+        .env("XDG_RUNTIME_DIR", b.dir.path().join("xdg"))
+        .env("SSH_AUTH_SOCK", &agent.socket)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("doctor");
+    let said = String::from_utf8_lossy(&doctor.stdout);
+    assert!(
+        said.lines().any(|l| l.contains("fleet API")
+            && l.contains("answers, 3 machine(s) (through `fleetctl fd-forward`")),
+        "{said}"
+    );
     // Streamlocal only: refused, with the setting named.
     let strict = Broker::start(
         &cluster_toml(
