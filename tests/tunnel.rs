@@ -907,13 +907,18 @@ fn user_certificates_get_in_where_ssh_does_and_not_where_it_does_not() {
     }
 }
 
-/// A hardened tunnel host with `AllowStreamLocalForwarding no`: the API still works, through
-/// `fleetctl fd-forward PATH` over exec sessions, as the original fleetctl's `--tunnel`
-/// reaches it (a stub fleetctl relays with socat); status names the transport; twenty
-/// clients at once stay within the session budget; `transport = "streamlocal"` names the
-/// sshd setting that stands in the way.
-#[test]
-fn a_tunnel_host_without_streamlocal_forwarding_is_reached_through_fd_forward() {
+/// A tunnel host with `AllowStreamLocalForwarding no` (and `extra` sshd lines) whose PATH
+/// has a stub `fleetctl` relaying `fd-forward PATH` with socat, an agent with its key, the
+/// simulator and a known_hosts file pinning it.
+struct HardenedHost {
+    sshd: Sshd,
+    agent: Agent,
+    sim: SimServer,
+    kh: std::path::PathBuf,
+    _dirs: [tempfile::TempDir; 2],
+}
+
+fn hardened_host(extra: &str) -> HardenedHost {
     use std::os::unix::fs::PermissionsExt;
     let keys = open_tempdir("fb-keys.");
     let key = keygen(keys.path(), "id_ed25519", "ed25519");
@@ -930,7 +935,7 @@ fn a_tunnel_host_without_streamlocal_forwarding_is_reached_through_fd_forward() 
         &[&key],
         None,
         &format!(
-            "AllowStreamLocalForwarding no\nSetEnv PATH={}:/usr/local/bin:/usr/bin:/bin\n",
+            "AllowStreamLocalForwarding no\n{extra}SetEnv PATH={}:/usr/local/bin:/usr/bin:/bin\n",
             stubs.path().display()
         ),
     );
@@ -938,6 +943,29 @@ fn a_tunnel_host_without_streamlocal_forwarding_is_reached_through_fd_forward() 
     let sim = SimServer::start();
     let kh = keys.path().join("known_hosts");
     std::fs::write(&kh, sshd.known_hosts_line()).expect("known_hosts");
+    HardenedHost {
+        sshd,
+        agent,
+        sim,
+        kh,
+        _dirs: [keys, stubs],
+    }
+}
+
+/// A hardened tunnel host with `AllowStreamLocalForwarding no`: the API still works, through
+/// `fleetctl fd-forward PATH` over exec sessions, as the original fleetctl's `--tunnel`
+/// reaches it (a stub fleetctl relays with socat); status names the transport; twenty
+/// clients at once stay within the session budget; `transport = "streamlocal"` names the
+/// sshd setting that stands in the way.
+#[test]
+fn a_tunnel_host_without_streamlocal_forwarding_is_reached_through_fd_forward() {
+    let HardenedHost {
+        sshd,
+        agent,
+        sim,
+        kh,
+        _dirs,
+    } = hardened_host("");
     let endpoint = format!("unix://{}", sim.socket.display());
     let b = Broker::start(
         &cluster_toml("c1", &sshd, &endpoint, "root", &kh, ""),
@@ -1018,30 +1046,13 @@ fn a_tunnel_host_without_streamlocal_forwarding_is_reached_through_fd_forward() 
 /// interactive session is given up (status says so) and the fd-forward budget shrinks to what
 /// the host allows, so ten clients at once all get their answers.
 fn fd_forward_under_max_sessions(max_sessions: u32) {
-    use std::os::unix::fs::PermissionsExt;
-    let keys = open_tempdir("fb-keys.");
-    let key = keygen(keys.path(), "id_ed25519", "ed25519");
-    let stubs = open_tempdir("fb-stubs.");
-    let stub = stubs.path().join("fleetctl");
-    std::fs::write(
-        &stub,
-        "#!/bin/sh\n[ \"$1\" = fd-forward ] || exit 2\nexec socat - \"UNIX-CONNECT:$2\"\n",
-    )
-    .expect("stub");
-    std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let sshd = Sshd::start_with(
-        &["root"],
-        &[&key],
-        None,
-        &format!(
-            "AllowStreamLocalForwarding no\nMaxSessions {max_sessions}\nSetEnv PATH={}:/usr/local/bin:/usr/bin:/bin\n",
-            stubs.path().display()
-        ),
-    );
-    let agent = Agent::start(&[&key]);
-    let sim = SimServer::start();
-    let kh = keys.path().join("known_hosts");
-    std::fs::write(&kh, sshd.known_hosts_line()).expect("known_hosts");
+    let HardenedHost {
+        sshd,
+        agent,
+        sim,
+        kh,
+        _dirs,
+    } = hardened_host(&format!("MaxSessions {max_sessions}\n"));
     let b = Broker::start(
         &cluster_toml(
             "c1",
