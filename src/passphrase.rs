@@ -30,13 +30,16 @@ fn description(path: &Path) -> String {
 }
 
 /// The user's persistent keyring, attached to this process's keyring (possessed, whatever
-/// the session keyring is).
+/// the session keyring is); on a kernel without persistent keyrings, the session keyring.
 fn persistent() -> Result<KeyRing, String> {
-    KeyRing::get_persistent(KeyRingIdentifier::Process).map_err(|e| {
-        format!(
-            "the kernel keyring: cannot reach your persistent keyring: {}",
-            said(e)
-        )
+    KeyRing::get_persistent(KeyRingIdentifier::Process).or_else(|e| {
+        // A kernel without persistent keyrings (CONFIG_PERSISTENT_KEYRINGS): the session's.
+        KeyRing::from_special_id(KeyRingIdentifier::Session, false).map_err(|_| {
+            format!(
+                "the kernel keyring: cannot reach your persistent keyring: {}",
+                said(e)
+            )
+        })
     })
 }
 
