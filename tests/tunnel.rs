@@ -907,6 +907,24 @@ fn user_certificates_get_in_where_ssh_does_and_not_where_it_does_not() {
     }
 }
 
+/// `clients` threads each asking c1's socket for the machines five times: every answer.
+fn machines_from_clients_at_once(b: &Broker, clients: usize) -> Vec<Option<(u16, Vec<u8>)>> {
+    let workers: Vec<_> = (0..clients)
+        .map(|_| {
+            let socket = b.socket("c1");
+            std::thread::spawn(move || {
+                (0..5)
+                    .map(|_| try_http(&socket, "GET", "/fleet/v1/machines", None).ok())
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    workers
+        .into_iter()
+        .flat_map(|w| w.join().expect("worker"))
+        .collect()
+}
+
 /// A tunnel host with `AllowStreamLocalForwarding no` (and `extra` sshd lines) whose PATH
 /// has a stub `fleetctl` relaying `fd-forward PATH` with socat, an agent with its key, the
 /// simulator and a known_hosts file pinning it.
@@ -977,20 +995,8 @@ fn a_tunnel_host_without_streamlocal_forwarding_is_reached_through_fd_forward() 
         want
     );
     assert_eq!(b.cluster_info("c1")["transport"], "fd-forward");
-    let workers: Vec<_> = (0..20)
-        .map(|_| {
-            let socket = b.socket("c1");
-            std::thread::spawn(move || {
-                (0..5)
-                    .map(|_| try_http(&socket, "GET", "/fleet/v1/machines", None).ok())
-                    .collect::<Vec<_>>()
-            })
-        })
-        .collect();
-    for w in workers {
-        for got in w.join().expect("worker") {
-            assert_eq!(got.as_ref(), Some(&want));
-        }
+    for got in machines_from_clients_at_once(&b, 20) {
+        assert_eq!(got.as_ref(), Some(&want));
     }
     let body = r#"{"desiredState":"inactive","options":[{"section":"Service","name":"ExecStart","value":"/bin/true"}]}"#;
     assert_eq!(
@@ -1068,20 +1074,8 @@ fn fd_forward_under_max_sessions(max_sessions: u32) {
         b.cluster_info("c1")["interactive_session"] == true
     });
     let want = http(&sim.socket, "GET", "/fleet/v1/machines", None);
-    let workers: Vec<_> = (0..10)
-        .map(|_| {
-            let socket = b.socket("c1");
-            std::thread::spawn(move || {
-                (0..5)
-                    .map(|_| try_http(&socket, "GET", "/fleet/v1/machines", None).ok())
-                    .collect::<Vec<_>>()
-            })
-        })
-        .collect();
-    for w in workers {
-        for got in w.join().expect("worker") {
-            assert_eq!(got.as_ref(), Some(&want), "{}", b.log());
-        }
+    for got in machines_from_clients_at_once(&b, 10) {
+        assert_eq!(got.as_ref(), Some(&want), "{}", b.log());
     }
     let info = b.cluster_info("c1");
     assert_eq!(info["transport"], "fd-forward", "{info}");
