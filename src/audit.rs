@@ -10,6 +10,24 @@ use std::sync::{Arc, Mutex};
 /// Rotated to `audit.jsonl.1` past this size.
 pub const MAX_BYTES: u64 = 8 * 1024 * 1024;
 
+/// A new id shared by the lines of one session (start, end).
+pub(crate) fn session_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// One line of a session: what is known of it from the start (`base`) and this line's own
+/// `fields`.
+pub(crate) fn session_line(
+    base: &serde_json::Value,
+    fields: serde_json::Value,
+) -> serde_json::Value {
+    let mut line = base.clone();
+    if let (Some(o), serde_json::Value::Object(f)) = (line.as_object_mut(), fields) {
+        o.extend(f);
+    }
+    line
+}
+
 /// Who is on the other end of a local socket: from SO_PEERCRED on a unix socket, from the
 /// kernel's socket diagnostics on the front door.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -90,6 +90,16 @@ fn public_of_file(path: &Path) -> Option<PublicKey> {
     russh::keys::load_public_key(PathBuf::from(pub_path)).ok()
 }
 
+/// The public key of an identity file: its `KEY.pub`, else the public half of the key
+/// itself when it is not encrypted (blocking).
+pub(crate) fn identity_public_key(path: &Path) -> Option<PublicKey> {
+    public_of_file(path).or_else(|| {
+        russh::keys::load_secret_key(path, None)
+            .ok()
+            .map(|k| k.public_key().clone())
+    })
+}
+
 /// Why an identity file is not used, as a user would fix it.
 #[derive(Debug)]
 enum Unusable {
@@ -584,10 +594,14 @@ const PUBLIC_KNOWLEDGE_KEYS: [&str; 2] = [
 
 /// Whether `key` is one whose private half is public knowledge.
 pub(crate) fn is_public_knowledge(key: &russh::keys::PublicKey) -> bool {
-    PUBLIC_KNOWLEDGE_KEYS
-        .iter()
-        .filter_map(|l| russh::keys::PublicKey::from_openssh(l).ok())
-        .any(|k| k.key_data() == key.key_data())
+    static KEYS: std::sync::LazyLock<Vec<russh::keys::PublicKey>> =
+        std::sync::LazyLock::new(|| {
+            PUBLIC_KNOWLEDGE_KEYS
+                .iter()
+                .filter_map(|l| russh::keys::PublicKey::from_openssh(l).ok())
+                .collect()
+        });
+    KEYS.iter().any(|k| k.key_data() == key.key_data())
 }
 
 #[cfg(test)]

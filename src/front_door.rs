@@ -210,20 +210,11 @@ impl Door {
 /// (blocking reads).
 fn key_files(identity_files: &[PathBuf], authorized: Option<&Path>) -> Vec<PublicKey> {
     let mut keys = Vec::new();
-    for file in identity_files {
-        let public = PathBuf::from(format!("{}.pub", file.display()));
-        match std::fs::read_to_string(&public)
-            .ok()
-            .and_then(|t| PublicKey::from_openssh(t.trim()).ok())
-        {
-            Some(k) => keys.push(k),
-            None => {
-                if let Ok(k) = russh::keys::load_secret_key(file, None) {
-                    keys.push(k.public_key().clone());
-                }
-            }
-        }
-    }
+    keys.extend(
+        identity_files
+            .iter()
+            .filter_map(|f| crate::auth::identity_public_key(f)),
+    );
     if let Some(file) = authorized {
         match std::fs::read_to_string(file) {
             Ok(text) => keys.extend(authorized_keys(&text)),
@@ -873,7 +864,7 @@ impl ForwardRecord {
             caller: crate::audit::Caller::of(peer),
             what: serde_json::json!({
                 "kind": "forward",
-                "session": format!("{:016x}", rand::random::<u64>()),
+                "session": crate::audit::session_id(),
                 "cluster": door.tunnel.name(),
                 "target": {"machine": machine},
                 "address": format!("{host}:{port}"),
@@ -883,14 +874,8 @@ impl ForwardRecord {
     }
 
     async fn write(&self, fields: serde_json::Value) {
-        let mut line = self.what.clone();
-        if let (Some(o), Some(f)) = (line.as_object_mut(), fields.as_object()) {
-            o.extend(f.clone());
-            o.insert(
-                "duration_ms".into(),
-                (self.started.elapsed().as_millis() as u64).into(),
-            );
-        }
+        let mut line = crate::audit::session_line(&self.what, fields);
+        line["duration_ms"] = (self.started.elapsed().as_millis() as u64).into();
         self.audit.record_as(Some(&self.caller), line).await;
     }
 }

@@ -136,16 +136,8 @@ pub fn public_knowledge_identities(cluster: &NewCluster) -> Vec<String> {
         .identity_files
         .iter()
         .filter(|f| {
-            let path = crate::config::expand_tilde(f);
-            let public = std::fs::read_to_string(format!("{}.pub", path.display()))
-                .ok()
-                .and_then(|t| russh::keys::PublicKey::from_openssh(t.trim()).ok())
-                .or_else(|| {
-                    russh::keys::load_secret_key(&path, None)
-                        .ok()
-                        .map(|k| k.public_key().clone())
-                });
-            public.is_some_and(|k| crate::auth::is_public_knowledge(&k))
+            crate::auth::identity_public_key(&crate::config::expand_tilde(f))
+                .is_some_and(|k| crate::auth::is_public_knowledge(&k))
         })
         .map(|f| {
             format!(

@@ -59,9 +59,17 @@ fn encrypted_key(dir: &Path) -> std::path::PathBuf {
     key
 }
 
-#[test]
-fn a_stored_passphrase_unlocks_an_encrypted_identity_without_an_agent() {
-    throwaway_keyring();
+/// A cluster whose tunnel host takes only an encrypted identity file, served by a daemon
+/// without an agent.
+struct Locked {
+    b: Broker,
+    key: std::path::PathBuf,
+    _sshd: Sshd,
+    _world: World,
+    _keys: tempfile::TempDir,
+}
+
+fn locked_cluster() -> Locked {
     let w = World::new();
     let keys = open_tempdir("fb-locked.");
     let key = encrypted_key(keys.path());
@@ -82,6 +90,25 @@ fn a_stored_passphrase_unlocks_an_encrypted_identity_without_an_agent() {
         ),
         None,
     );
+    Locked {
+        b,
+        key,
+        _sshd: sshd,
+        _world: w,
+        _keys: keys,
+    }
+}
+
+#[test]
+fn a_stored_passphrase_unlocks_an_encrypted_identity_without_an_agent() {
+    throwaway_keyring();
+    let Locked {
+        b,
+        key,
+        _sshd,
+        _world,
+        _keys,
+    } = locked_cluster();
     // Nothing stored: the file is named, with the command that fixes it.
     let (status, body) = http(&b.socket("c1"), "GET", "/fleet/v1/machines", None);
     let body = text(&body);
@@ -313,27 +340,14 @@ fn uid_default_session_keyring() {
 #[test]
 fn a_passphrase_set_in_the_default_session_keyring_is_found_by_a_daemon_elsewhere() {
     throwaway_keyring();
-    let w = World::new();
-    let keys = open_tempdir("fb-locked.");
-    let key = encrypted_key(keys.path());
-    let sshd = Sshd::start_with(&["root"], &[&key], None, "");
-    let kh = keys.path().join("known_hosts");
-    std::fs::write(&kh, sshd.known_hosts_line()).expect("known_hosts");
     // The daemon runs in this thread's throwaway session keyring.
-    let b = Broker::start(
-        &cluster_toml(
-            "c1",
-            &sshd,
-            &format!("unix://{}", w.sim.socket.display()),
-            "root",
-            &kh,
-            &format!(
-                "identity_files = [\"{}\"]\nconnect_timeout = \"3s\"\n",
-                key.display()
-            ),
-        ),
-        None,
-    );
+    let Locked {
+        b,
+        key,
+        _sshd,
+        _world,
+        _keys,
+    } = locked_cluster();
     // The CLI runs in the per-uid default session keyring.
     uid_default_session_keyring();
     let path = key.display().to_string();

@@ -89,7 +89,7 @@ async fn exec(
     // Every session asked for is recorded, started or not, and again when it ends (so one
     // that never ends is on record too); never its output.
     let started = std::time::Instant::now();
-    let id = format!("{:016x}", rand::random::<u64>());
+    let id = crate::audit::session_id();
     let what = serde_json::json!({
         "kind": "exec",
         "session": id,
@@ -102,13 +102,7 @@ async fn exec(
             .or_else(|| request.command.clone()),
         "pty": request.pty.is_some(),
     });
-    let record = move |fields: serde_json::Value| {
-        let mut line = what.clone();
-        if let (Some(o), Some(f)) = (line.as_object_mut(), fields.as_object()) {
-            o.extend(f.clone());
-        }
-        line
-    };
+    let record = move |fields: serde_json::Value| crate::audit::session_line(&what, fields);
     let session = match exec.start(&request).await {
         Ok(s) => {
             audit
