@@ -35,6 +35,10 @@ trap 'rm -f "$log"' EXIT
 set +e
 cargo test --locked 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
+# The patched russh's own tests of what was changed in it (patches/russh/PATCHES.md).
+cargo test --locked -p russh --no-default-features --features ring,rsa,flate2 \
+    --test test_window_release --test test_window_adjust --test test_backpressure 2>&1 | tee -a "$log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 set -e
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
 exit "$status"
