@@ -297,6 +297,9 @@ pub struct ClusterConfig {
     /// Bounds TCP connect + SSH handshake + authentication, and how long a request waits
     /// for a tunnel that is not up.
     pub connect_timeout: Duration,
+    /// A local client that takes nothing of an API answer for this long, while the answer
+    /// waits, has its upstream channel closed (shorter pauses lose nothing).
+    pub stalled_reader_timeout: Duration,
     /// When the tunnel is first dialled.
     pub connect: ConnectMode,
     /// sshd's port on the cluster's machines (`fleetctl --ssh-port` overrides it).
@@ -366,6 +369,8 @@ struct RawSettings {
     keepalive_max: Option<usize>,
     #[serde(default, deserialize_with = "de_connect_timeout")]
     connect_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "de_stalled_reader_timeout")]
+    stalled_reader_timeout: Option<Duration>,
     connect: Option<ConnectMode>,
     interactive_session: Option<InteractiveSession>,
     transport: Option<Transport>,
@@ -384,6 +389,11 @@ pub(crate) const KEEPALIVE_INTERVAL_RANGE: (Duration, Duration) =
 /// Allowed range of `connect_timeout`.
 pub(crate) const CONNECT_TIMEOUT_RANGE: (Duration, Duration) =
     (Duration::from_millis(100), Duration::from_secs(600));
+/// Allowed range of `stalled_reader_timeout`.
+pub(crate) const STALLED_READER_TIMEOUT_RANGE: (Duration, Duration) =
+    (Duration::from_secs(1), Duration::from_secs(86400));
+/// `stalled_reader_timeout` when none is given.
+pub const DEFAULT_STALLED_READER_TIMEOUT: Duration = Duration::from_secs(60);
 /// Allowed range of `keepalive_max`.
 pub(crate) const KEEPALIVE_MAX_RANGE: (usize, usize) = (1, 100);
 
@@ -430,6 +440,12 @@ fn de_keepalive_interval<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Durat
 
 fn de_connect_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     de_duration_in(d, "connect_timeout", CONNECT_TIMEOUT_RANGE)
+}
+
+fn de_stalled_reader_timeout<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Duration>, D::Error> {
+    de_duration_in(d, "stalled_reader_timeout", STALLED_READER_TIMEOUT_RANGE)
 }
 
 fn de_keepalive_max<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
@@ -721,6 +737,10 @@ fn merge(name: &str, tunnel: HostPort, s: RawSettings, d: &RawSettings) -> Clust
             .connect_timeout
             .or(d.connect_timeout)
             .unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+        stalled_reader_timeout: s
+            .stalled_reader_timeout
+            .or(d.stalled_reader_timeout)
+            .unwrap_or(DEFAULT_STALLED_READER_TIMEOUT),
         connect: s.connect.or(d.connect).unwrap_or(ConnectMode::Lazy),
         transport: s.transport.or(d.transport).unwrap_or(Transport::Auto),
         interactive_session: s
@@ -753,7 +773,7 @@ impl ClusterConfig {
             format!("[{}]", items.join(", "))
         };
         format!(
-            "[clusters.{name}]\ntunnel = \"{tunnel}\"\njump = [{hops}]\nendpoint = \"{endpoint}\"\nuser = {user:?}\nidentity_files = {ids}\nknown_hosts = {kh}\nhost_key_checking = \"{hkc}\"\nkeepalive_interval = \"{ka}\"\nkeepalive_max = {kam}\nconnect_timeout = \"{ct}\"\nconnect = \"{conn}\"\nmachine_ssh_port = {msp}\nread_only = {ro}\ninteractive_session = \"{isess}\"\n{door}",
+            "[clusters.{name}]\ntunnel = \"{tunnel}\"\njump = [{hops}]\nendpoint = \"{endpoint}\"\nuser = {user:?}\nidentity_files = {ids}\nknown_hosts = {kh}\nhost_key_checking = \"{hkc}\"\nkeepalive_interval = \"{ka}\"\nkeepalive_max = {kam}\nconnect_timeout = \"{ct}\"\nstalled_reader_timeout = \"{srt}\"\nconnect = \"{conn}\"\nmachine_ssh_port = {msp}\nread_only = {ro}\ninteractive_session = \"{isess}\"\n{door}",
             name = self.name,
             tunnel = self.tunnel,
             hops = hops.join(", "),
@@ -765,6 +785,7 @@ impl ClusterConfig {
             ka = humantime::format_duration(self.keepalive_interval),
             kam = self.keepalive_max,
             ct = humantime::format_duration(self.connect_timeout),
+            srt = humantime::format_duration(self.stalled_reader_timeout),
             conn = match self.connect {
                 ConnectMode::Lazy => "lazy",
                 ConnectMode::Eager => "eager",

@@ -146,7 +146,7 @@ async fn open_upstream(
 ) -> Result<Upstream, String> {
     use crate::config::Transport;
     let direct = |ch: Channel<Msg>| Upstream {
-        channel: DrainedChannel::new(ch),
+        channel: DrainedChannel::new(ch).with_stall_limit(tunnel.config.stalled_reader_timeout),
         _session: None,
     };
     let Endpoint::Unix(path) = &tunnel.config.endpoint else {
@@ -192,7 +192,8 @@ async fn open_upstream(
         match open_fd_forward(handle, path, tunnel).await {
             Ok(ch) => {
                 return Ok(Upstream {
-                    channel: DrainedChannel::new(ch),
+                    channel: DrainedChannel::new(ch)
+                        .with_stall_limit(tunnel.config.stalled_reader_timeout),
                     _session: Some(session),
                 })
             }

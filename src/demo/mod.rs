@@ -297,6 +297,7 @@ fn demo_cluster(port: u16, fleet_socket: &Path, known_hosts: PathBuf) -> Cluster
         keepalive_interval: Duration::from_secs(15),
         keepalive_max: 3,
         connect_timeout: Duration::from_secs(10),
+        stalled_reader_timeout: crate::config::DEFAULT_STALLED_READER_TIMEOUT,
         connect: ConnectMode::Eager,
         machine_ssh_port: 22,
         read_only: false,

@@ -120,6 +120,9 @@ where
         let input_counts = counts.clone();
         let (mut rd, mut wr) = tokio::io::split(io);
         let (mut read_half, write_half) = channel.split();
+        // The window is given back for output once it is written to the client, so a
+        // client that stops reading holds the remote command back, and nothing piles up.
+        let release = read_half.window_release();
         let write_half = Arc::new(write_half);
         let input_half = write_half.clone();
         // Client → remote.
@@ -169,6 +172,10 @@ where
             let frame = match msg {
                 Some(ChannelMsg::Data { data }) => Some(Frame::Stdout(data)),
                 Some(ChannelMsg::ExtendedData { data, ext: 1 }) => Some(Frame::Stderr(data)),
+                Some(ChannelMsg::ExtendedData { data, .. }) => {
+                    release.release(data.len());
+                    None
+                }
                 Some(ChannelMsg::ExitStatus { exit_status }) => {
                     exit = Some(Frame::Exit(exit_status));
                     None
@@ -194,6 +201,9 @@ where
                     client_ok = false;
                     client_gone = true;
                     break;
+                }
+                if let Frame::Stdout(b) | Frame::Stderr(b) = &f {
+                    release.release(b.len());
                 }
             }
         }

@@ -1,8 +1,21 @@
 //! An SSH channel as a byte stream whose reading side is drained by its own task into a
-//! bounded buffer ([`DrainedChannel`]). russh stops reading the whole connection when one
-//! channel's queue fills, so a local reader that stops reading is cut off instead of stalling
-//! every other channel of the connection. All channels together hold at most
-//! [`MAX_BUFFERED_TOTAL`]: past it, the reader furthest behind is cut off.
+//! buffer ([`DrainedChannel`]), so that the connection's session never waits for a slow
+//! local reader.
+//!
+//! Flow control bounds that buffer: every connection is dialled with
+//! `manual_window_release` (our patched russh), and a channel's window is given back only
+//! for the bytes its local reader has taken out of the buffer. The server therefore never
+//! has more than one window (`dial::WINDOW_SIZE` on the tunnel) of unread data in flight or
+//! buffered for a channel, a slow reader slows down only its own channel, and memory is
+//! bounded by the window times the open channels. Nothing is cut for being slow: a reader
+//! that keeps reading gets every byte.
+//!
+//! Two last lines remain against a server that ignores flow control: a channel holding more
+//! than [`MAX_BUFFERED`] is closed, and past [`MAX_BUFFERED_TOTAL`] for all channels the
+//! reader furthest behind is. And a channel may be given a stall limit
+//! ([`DrainedChannel::with_stall_limit`]): a reader that takes nothing for that long while
+//! data waits is closed with a logged reason. The reader of a closed channel gets an error,
+//! never a quiet end of stream.
 
 use std::collections::VecDeque;
 use std::io;
@@ -10,16 +23,20 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use bytes::Bytes;
 use russh::client::Msg;
-use russh::{Channel, ChannelMsg};
+use russh::{Channel, ChannelMsg, WindowRelease};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
 
-/// Bytes a channel may hold for a local reader before that reader is cut off.
-pub(crate) const MAX_BUFFERED: usize = 32 * 1024 * 1024;
-/// Bytes all channels of the process together may hold for local readers.
-pub(crate) const MAX_BUFFERED_TOTAL: usize = 64 * 1024 * 1024;
+/// Bytes a channel may hold for a local reader: more than any window we give, so only a
+/// server that ignores flow control reaches it.
+pub(crate) const MAX_BUFFERED: usize = 2 * super::dial::WINDOW_SIZE as usize;
+/// Bytes all channels of the process together may hold for local readers; reached only
+/// when more than this many windows' worth of readers all stall at once.
+pub(crate) const MAX_BUFFERED_TOTAL: usize = 256 * 1024 * 1024;
 
 /// Bytes held by all channels now.
 static BUFFERED_TOTAL: AtomicUsize = AtomicUsize::new(0);
@@ -39,12 +56,19 @@ struct Shared {
     waker: Option<Waker>,
     /// Closes the channel (when its reader is cut off).
     closer: Option<Arc<dyn Fn() + Send + Sync>>,
+    /// When the reader last took data, or data arrived for a reader that had taken all.
+    progress: Instant,
+    /// A reader that takes nothing for this long while data waits is cut off.
+    stall_limit: Option<Duration>,
+    /// Why the reader was cut off (its error).
+    cut_reason: &'static str,
 }
 
 impl Shared {
     /// Drops everything buffered and closes the channel; the reader gets an error.
-    fn cut_off(&mut self) {
+    fn cut_off(&mut self, reason: &'static str) {
         self.cut = true;
+        self.cut_reason = reason;
         self.queue.clear();
         BUFFERED_TOTAL.fetch_sub(self.buffered, Ordering::Relaxed);
         self.buffered = 0;
@@ -78,7 +102,7 @@ fn enforce_total() {
             total_limit = MAX_BUFFERED_TOTAL,
             "local readers hold too much unread data; cutting off the one furthest behind"
         );
-        v.cut_off();
+        v.cut_off("local readers held too much unread data; this one, furthest behind, was closed");
     }
 }
 
@@ -87,6 +111,8 @@ pub(crate) struct DrainedChannel {
     shared: Arc<Mutex<Shared>>,
     writer: Pin<Box<dyn AsyncWrite + Send + Sync>>,
     closer: Option<Arc<dyn Fn() + Send + Sync>>,
+    /// Gives the window back for what the reader takes.
+    release: WindowRelease,
 }
 
 fn lock(s: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
@@ -115,14 +141,49 @@ impl DrainedChannel {
             cut: false,
             waker: None,
             closer: Some(closer.clone()),
+            progress: Instant::now(),
+            stall_limit: None,
+            cut_reason: "",
         }));
         CHANNELS
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(Arc::downgrade(&shared));
+        let release = read_half.window_release();
+        let drain_release = release.clone();
         let drain_shared = shared.clone();
         tokio::spawn(tracing::Instrument::in_current_span(async move {
-            while let Some(msg) = read_half.wait().await {
+            loop {
+                let stall_at = {
+                    let s = lock(&drain_shared);
+                    match s.stall_limit {
+                        Some(limit) if s.buffered > 0 && !s.cut => Some(s.progress + limit),
+                        _ => None,
+                    }
+                };
+                let msg = tokio::select! {
+                    m = read_half.wait() => m,
+                    () = async {
+                        match stall_at {
+                            Some(at) => tokio::time::sleep_until(at).await,
+                            None => std::future::pending().await,
+                        }
+                    } => {
+                        let mut s = lock(&drain_shared);
+                        if let Some(limit) = s.stall_limit {
+                            if s.buffered > 0 && !s.cut && s.progress.elapsed() >= limit {
+                                tracing::warn!(
+                                    waiting_bytes = s.buffered,
+                                    "local client took nothing for {} s while data waited; closing its channel",
+                                    limit.as_secs()
+                                );
+                                s.cut_off("the local reader took nothing while data waited; channel closed");
+                            }
+                        }
+                        continue;
+                    }
+                };
+                let Some(msg) = msg else { break };
                 let mut grew = false;
                 {
                     let mut s = lock(&drain_shared);
@@ -132,14 +193,27 @@ impl DrainedChannel {
                                 continue;
                             }
                             if s.buffered + data.len() > MAX_BUFFERED {
-                                tracing::warn!("local client stopped reading; closing its channel");
-                                s.cut_off();
+                                tracing::warn!(
+                                    buffered = s.buffered,
+                                    "the server sent past the channel's window; closing it"
+                                );
+                                s.cut_off(
+                                    "the server sent past the channel's window; channel closed",
+                                );
                                 continue;
+                            }
+                            if s.buffered == 0 {
+                                s.progress = Instant::now();
                             }
                             s.buffered += data.len();
                             BUFFERED_TOTAL.fetch_add(data.len(), Ordering::Relaxed);
                             s.queue.push_back(data);
                             grew = true;
+                        }
+                        // Nothing reads a channel's stderr here: it is consumed as it comes.
+                        ChannelMsg::ExtendedData { data, .. } => {
+                            drain_release.release(data.len());
+                            continue;
                         }
                         ChannelMsg::Eof | ChannelMsg::Close => s.eof = true,
                         _ => continue,
@@ -162,7 +236,15 @@ impl DrainedChannel {
             shared,
             writer,
             closer: Some(closer),
+            release,
         }
+    }
+
+    /// Closes the channel when its reader takes nothing for `limit` while data waits (a
+    /// local client that stopped reading an answer).
+    pub(crate) fn with_stall_limit(self, limit: Duration) -> DrainedChannel {
+        lock(&self.shared).stall_limit = Some(limit);
+        self
     }
 }
 
@@ -190,7 +272,7 @@ impl AsyncRead for DrainedChannel {
         if s.cut {
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::ConnectionAborted,
-                "reader fell too far behind; channel closed",
+                s.cut_reason,
             )));
         }
         if let Some(front) = s.queue.front_mut() {
@@ -202,7 +284,10 @@ impl AsyncRead for DrainedChannel {
                 *front = front.slice(n..);
             }
             s.buffered -= n;
+            s.progress = Instant::now();
             BUFFERED_TOTAL.fetch_sub(n, Ordering::Relaxed);
+            drop(s);
+            self.release.release(n);
             return Poll::Ready(Ok(()));
         }
         if s.eof {

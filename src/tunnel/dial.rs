@@ -385,6 +385,9 @@ pub(crate) fn client_config(spec: &DialSpec, pinned: &[Algorithm]) -> client::Co
         keepalive_max: spec.keepalive_max,
         window_size: spec.window_size,
         maximum_packet_size: MAX_PACKET,
+        // Every reader gives its channel's window back for what it consumed
+        // (`tunnel::channel`, exec sessions), so a slow one holds only its own channel.
+        manual_window_release: true,
         ..Default::default()
     }
 }
