@@ -146,13 +146,16 @@ fn main() {
     if block("bulk") {
         bulk(&w);
     }
+    if block("flow") {
+        flow(&w);
+    }
     if block("status") {
         status_vs_jump();
     }
 }
 
 /// Whether to run a block: all unless `BENCH_ONLY` names some (comma-separated: whole,
-/// load, patterns, rss, bulk, status).
+/// load, patterns, rss, bulk, flow, status).
 fn block(name: &str) -> bool {
     std::env::var("BENCH_ONLY").map_or(true, |v| v.split(',').any(|b| b.trim() == name))
 }
@@ -410,6 +413,109 @@ fn bulk(w: &World) {
     );
     println!("broker / OpenSSH throughput: {:.3}x", rate(ta) / rate(to));
     println!("every transfer complete (3 + 3)");
+}
+
+/// Two large answers through one connection, one read as fast as possible and one paused
+/// for 10 s after 64 MiB, while a third client asks for a small answer in a loop: the loop's
+/// latency and the fast reader's rate, broker against an OpenSSH forward of the same socket
+/// (aes256-gcm on both). Every block of both answers is checked; one that ends short fails
+/// the benchmark. `FLOW_MB` sets the size (default 1024).
+fn flow(w: &World) {
+    let mb: usize = std::env::var("FLOW_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
+    let size = mb << 20;
+    let dir = open_tempdir("fb-flow.");
+    let fleetd = bulk_fleetd(dir.path());
+    let b = Broker::start(
+        &cluster_toml(
+            "flow",
+            &w.sshd,
+            &format!("unix://{}", fleetd.display()),
+            "root",
+            &w.known_hosts,
+            "",
+        ),
+        Some(&w.agent.socket),
+    );
+    let local = dir.path().join("forward.sock");
+    let mut cmd = openssh(w);
+    cmd.args(["-c", "aes256-gcm@openssh.com"])
+        .arg("-N")
+        .arg("-L")
+        .arg(format!("{}:{}", local.display(), fleetd.display()))
+        .arg(format!("root@{}", w.sshd.ip))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let _ssh = Ssh(cmd.spawn().expect("ssh"));
+    wait_until("ssh -L flow socket", DEADLINE, || local.exists());
+    println!();
+    println!(
+        "flow: two {mb} MiB answers (one reader pausing 10 s) and a loop of small requests on the same connection"
+    );
+    println!(
+        "{:<34} {:>10} {:>8} {:>9} {:>9} {:>9} {:>7}",
+        "path", "fast MiB/s", "loop n", "p50 ms", "p99 ms", "max ms", ">10 ms"
+    );
+    for (name, socket) in [
+        ("fleet-broker", b.socket("flow")),
+        ("OpenSSH ssh -N -L (aes256-gcm)", local.clone()),
+    ] {
+        assert_eq!(http(&socket, "GET", "/fleet/v1/machines", None).0, 200);
+        let started = Instant::now();
+        let fast = {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                (
+                    read_bulk(&socket, size, usize::MAX, Duration::ZERO),
+                    t.elapsed(),
+                )
+            })
+        };
+        let pausing = {
+            let socket = socket.clone();
+            std::thread::spawn(move || read_bulk(&socket, size, 64, Duration::from_secs(10)))
+        };
+        let mut lat = Vec::new();
+        let mut failed = 0;
+        while !(fast.is_finished() && pausing.is_finished())
+            && lat.len() < 1_000_000
+            && started.elapsed() < Duration::from_secs(600)
+        {
+            let t = Instant::now();
+            let ok = try_http(&socket, "GET", "/fleet/v1/machines", None)
+                .is_ok_and(|(status, _)| status == 200);
+            lat.push(t.elapsed());
+            failed += usize::from(!ok);
+        }
+        let (fast, took) = fast.join().expect("fast reader");
+        let pausing = pausing.join().expect("pausing reader");
+        let short: Vec<&Got> = [&fast, &pausing]
+            .into_iter()
+            .filter(|g| g.error.is_some() || g.blocks != size / BLOCK)
+            .collect();
+        if !short.is_empty() || failed > 0 || lat.is_empty() {
+            println!("flow: FAILED on {name}: {short:?}; {failed} small requests failed");
+            std::process::exit(1);
+        }
+        lat.sort();
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let pct = |p: f64| ms(lat[((lat.len() - 1) as f64 * p) as usize]);
+        println!(
+            "{:<34} {:>10.1} {:>8} {:>9.3} {:>9.3} {:>9.3} {:>7}",
+            name,
+            mb as f64 / took.as_secs_f64(),
+            lat.len(),
+            pct(0.5),
+            pct(0.99),
+            pct(1.0),
+            lat.iter().filter(|d| ms(**d) > 10.0).count()
+        );
+    }
+    println!("every answer complete, every block checked");
 }
 
 /// Resident memory of an idle daemon with 100 lazy clusters.

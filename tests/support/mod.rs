@@ -1234,3 +1234,134 @@ impl CliEnv {
         self.w.sim.sim.lock().expect("sim")
     }
 }
+
+// A fleetd answering with as many bytes as asked (flow-control tests and benchmark).
+
+/// One block of an answer: 8 bytes of block number, then a fixed filler.
+pub const BLOCK: usize = 1 << 20;
+
+pub fn filler() -> Vec<u8> {
+    (0..BLOCK - 8).map(|i| (i * 7 % 251) as u8).collect()
+}
+
+/// A fleetd that answers `GET /bulk/N` with N bytes (whole blocks, numbered) and anything
+/// else with a small machine list; keep-alive unless asked to close. Returns its socket.
+pub fn bulk_fleetd(dir: &Path) -> PathBuf {
+    use std::io::BufRead;
+    let socket = dir.join("bulk.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+    std::thread::spawn(move || {
+        let filler = std::sync::Arc::new(filler());
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let filler = filler.clone();
+            std::thread::spawn(move || {
+                let mut reader = std::io::BufReader::new(conn.try_clone().expect("clone"));
+                let mut out = conn;
+                loop {
+                    let mut first = String::new();
+                    if reader.read_line(&mut first).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let mut line = String::new();
+                    let mut close = false;
+                    while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                        close |= line.trim().eq_ignore_ascii_case("connection: close");
+                        line.clear();
+                    }
+                    let asked = first
+                        .split_whitespace()
+                        .nth(1)
+                        .and_then(|p| p.strip_prefix("/bulk/"))
+                        .and_then(|n| n.parse::<usize>().ok());
+                    let Some(n) = asked else {
+                        let body = br#"{"machines":[]}"#;
+                        let head = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                            body.len()
+                        );
+                        if out.write_all(head.as_bytes()).is_err()
+                            || out.write_all(body).is_err()
+                            || close
+                        {
+                            return;
+                        }
+                        continue;
+                    };
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {n}\r\n\r\n"
+                    );
+                    if out.write_all(head.as_bytes()).is_err() {
+                        return;
+                    }
+                    for block in 0..(n / BLOCK) as u64 {
+                        if out.write_all(&block.to_le_bytes()).is_err()
+                            || out.write_all(&filler).is_err()
+                        {
+                            return;
+                        }
+                    }
+                    if close {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    socket
+}
+
+/// What a reader of a bulk answer got.
+#[derive(Debug)]
+pub struct Got {
+    pub status: String,
+    /// Whole, correct blocks in order.
+    pub blocks: usize,
+    /// Why it stopped short, if it did.
+    pub error: Option<String>,
+}
+
+/// Asks the broker for `n` bytes and reads them, pausing for `pause` after `pause_after`
+/// blocks; every block is checked.
+pub fn read_bulk(socket: &Path, n: usize, pause_after: usize, pause: Duration) -> Got {
+    use std::io::BufRead;
+    let mut s = std::os::unix::net::UnixStream::connect(socket).expect("connect");
+    s.write_all(format!("GET /bulk/{n} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .expect("write");
+    let mut r = std::io::BufReader::new(s);
+    let mut status = String::new();
+    r.read_line(&mut status).expect("status line");
+    let mut line = String::new();
+    while r.read_line(&mut line).is_ok_and(|k| k > 2) {
+        line.clear();
+    }
+    let filler = filler();
+    let mut buf = vec![0u8; BLOCK];
+    let mut blocks = 0;
+    while blocks < n / BLOCK {
+        if blocks == pause_after {
+            // The client stops reading: the scenario, not a synchronisation.
+            std::thread::sleep(pause);
+        }
+        if let Err(e) = r.read_exact(&mut buf) {
+            return Got {
+                status,
+                blocks,
+                error: Some(e.to_string()),
+            };
+        }
+        if buf[..8] != (blocks as u64).to_le_bytes() || buf[8..] != filler[..] {
+            return Got {
+                status,
+                blocks,
+                error: Some(format!("block {blocks} is wrong")),
+            };
+        }
+        blocks += 1;
+    }
+    Got {
+        status,
+        blocks,
+        error: None,
+    }
+}
