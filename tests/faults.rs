@@ -8,6 +8,26 @@ use std::time::{Duration, Instant};
 use support::*;
 
 /// sshd's count of TCP connections it accepted (LogLevel VERBOSE logs each).
+/// The daemon's thread was never held up for more than 50 ms by its own work or a blocking
+/// call: its lag probe, less the time the thread waited for a CPU on this shared machine
+/// (the raw lag is printed beside it).
+fn runtime_never_blocked(b: &Broker) {
+    let (status, body) = http(&b.control_socket(), "GET", "/v1/clusters", None);
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    let blocked = v["runtime_blocked_max_ms"]
+        .as_f64()
+        .expect("runtime_blocked_max_ms");
+    let lag = v["runtime_lag_max_ms"]
+        .as_f64()
+        .expect("runtime_lag_max_ms");
+    eprintln!("the daemon's thread: at most {blocked} ms blocked, {lag} ms late");
+    assert!(
+        blocked <= 50.0,
+        "the daemon's thread was blocked for {blocked} ms ({lag} ms late)"
+    );
+}
+
 fn sshd_connections(sshd: &Sshd) -> usize {
     sshd.log().matches("Connection from").count()
 }
@@ -69,6 +89,7 @@ fn waiting_requests_and_repeated_connects_do_not_shorten_the_backoff() {
         "a repeated failure is logged once:\n{}",
         b.log()
     );
+    runtime_never_blocked(&b);
 }
 
 #[test]
@@ -95,6 +116,7 @@ fn a_client_that_sends_half_a_header_is_cut_off() {
         http(&b.socket("c1"), "GET", "/fleet/v1/machines", None).0,
         200
     );
+    runtime_never_blocked(&b);
 }
 
 #[test]
@@ -156,6 +178,7 @@ fn running_out_of_file_descriptors_neither_spins_nor_floods_the_log() {
     assert!(ticks < 100, "{ticks} CPU ticks in 3 s");
     drop(clients);
     wait_until_served(&b, "requests to be served again");
+    runtime_never_blocked(&b);
 }
 
 /// Stopped processes, continued again when the test ends however it ends.
@@ -215,6 +238,7 @@ fn a_silent_tunnel_costs_one_connect_timeout_and_is_replaced() {
         "{}",
         b.log()
     );
+    runtime_never_blocked(&b);
 }
 
 #[test]
@@ -234,6 +258,7 @@ fn a_locked_agent_is_named_and_unlocking_it_is_enough() {
     w.agent.set_locked(false);
     // No `fleet-broker connect`: the backoff's next attempt finds the keys.
     wait_until_served(&b, "the tunnel to come up by itself");
+    runtime_never_blocked(&b);
 }
 
 #[test]
@@ -258,6 +283,7 @@ fn an_encrypted_identity_without_its_key_in_an_agent_is_named() {
         "{body}"
     );
     assert!(body.contains("is encrypted"), "{body}");
+    runtime_never_blocked(&b);
 }
 
 /// `fleet_broker_buffered_bytes` from the daemon's metrics.
@@ -313,6 +339,7 @@ fn slow_local_readers_hold_at_most_a_window_each_until_the_stall_limit_closes_th
     });
     drop(stalled);
     assert_eq!(http(&sock, "GET", "/fleet/v1/machines", None).0, 200);
+    runtime_never_blocked(&b);
 }
 
 #[test]
@@ -355,6 +382,7 @@ fn a_host_rekeyed_behind_our_back_is_refused_once_not_retried_in_a_storm() {
         bodies.len()
     );
     assert_eq!(b.cluster_info("c1")["state"], "failed");
+    runtime_never_blocked(&b);
 }
 
 #[test]
@@ -373,6 +401,7 @@ fn a_removed_fleet_socket_is_a_bounded_503_naming_it() {
         "names the endpoint: {body}"
     );
     assert!(took < Duration::from_secs(6), "after {took:?}");
+    runtime_never_blocked(&b);
 }
 
 #[test]
@@ -399,6 +428,7 @@ fn clients_that_vanish_mid_response_leave_nothing_behind() {
     let (status, body) = http(&sock, "GET", "/fleet/v1/units", None);
     assert_eq!(status, 200);
     assert!(body.len() > 8_000_000, "{} bytes", body.len());
+    runtime_never_blocked(&b);
 }
 
 /// Resident set size of a process, in kB.
@@ -443,6 +473,7 @@ fn ten_thousand_requests_from_a_hundred_clients_through_one_tunnel_without_an_er
         .count();
     assert_eq!(wrong, 0, "{wrong} of 10000 requests failed or differed");
     assert_eq!(b.cluster_info("c1")["reconnects"], 0);
+    runtime_never_blocked(&b);
 }
 
 /// Two minutes at about one request per millisecond while the tunnel's sshd session is
@@ -698,6 +729,7 @@ fn a_black_holed_tunnel_answers_within_connect_timeout_and_heals() {
     assert!(attempts <= 8, "{attempts} attempts in a 10 s outage");
     ns.black_hole(sshd.port, false);
     wait_until_served(&b, "the tunnel to heal");
+    runtime_never_blocked(&b);
 }
 
 #[test]
@@ -726,6 +758,7 @@ fn a_failing_fleet_api_is_passed_through_and_the_tunnel_stays_up() {
         info["reconnects"], 0,
         "a 500 is the API's, not the tunnel's"
     );
+    runtime_never_blocked(&b);
 }
 
 #[test]
@@ -761,6 +794,7 @@ fn a_killed_agent_is_named_and_a_new_one_on_its_socket_is_enough() {
     let key = w.keys.path().join("id_ed25519");
     w.agent.restart(&[&key]);
     wait_until_served(&b, "the tunnel to come back by itself");
+    runtime_never_blocked(&b);
 }
 
 /// A fleetd that answers `/fleet/v1/machines` with a body that never ends (and `{}` to
@@ -914,4 +948,5 @@ fn an_endless_answer_to_the_daemons_own_lookup_is_cut_and_memory_comes_back() {
         after * 10 <= before * 12,
         "RSS {before} kB before, {after} kB after"
     );
+    runtime_never_blocked(&b);
 }

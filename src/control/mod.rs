@@ -298,6 +298,11 @@ impl Control {
         );
         let _ = writeln!(
             out,
+            "# HELP fleet_broker_runtime_blocked_max_seconds The longest a {tick} ms tick of the daemon's thread fired late, less the time the thread waited for a CPU meanwhile: what the daemon's own work or a blocking call held up.\n# TYPE fleet_broker_runtime_blocked_max_seconds gauge\nfleet_broker_runtime_blocked_max_seconds {}",
+            self.lag.blocked_max_ms() / 1000.0
+        );
+        let _ = writeln!(
+            out,
             "# HELP fleet_broker_runtime_lag_seconds How late {tick} ms ticks of the daemon's thread fired: whatever blocked it held up every cluster.\n# TYPE fleet_broker_runtime_lag_seconds histogram"
         );
         let bounds = crate::lag::BUCKETS
@@ -330,6 +335,7 @@ impl Control {
             (&Method::GET, ["v1", "clusters"]) => to_json(&ClusterList {
                 clusters: self.registry.all().iter().map(|c| info(c)).collect(),
                 runtime_lag_max_ms: Some(self.lag.max_ms()),
+                runtime_blocked_max_ms: Some(self.lag.blocked_max_ms()),
             }),
             (&Method::GET, ["metrics"]) => self.metrics(),
             (&Method::POST, ["v1", "reload"]) => {

@@ -108,6 +108,10 @@ pub struct ClusterList {
     /// anything that blocked it held up every cluster that long.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime_lag_max_ms: Option<f64>,
+    /// The same less the time the thread waited for a CPU meanwhile (a busy machine): what
+    /// the daemon's own work or a blocking call cost, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_blocked_max_ms: Option<f64>,
 }
 
 /// A presented host key and its standing, as the control socket reports it.
