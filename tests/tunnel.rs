@@ -965,6 +965,11 @@ struct HardenedHost {
 }
 
 fn hardened_host(extra: &str) -> HardenedHost {
+    hardened_host_refusing("AllowStreamLocalForwarding no\n", extra)
+}
+
+/// The same with `refusal` as the setting that refuses streamlocal forwarding.
+fn hardened_host_refusing(refusal: &str, extra: &str) -> HardenedHost {
     use std::os::unix::fs::PermissionsExt;
     let keys = open_tempdir("fb-keys.");
     let key = keygen(keys.path(), "id_ed25519", "ed25519");
@@ -981,7 +986,7 @@ fn hardened_host(extra: &str) -> HardenedHost {
         &[&key],
         None,
         &format!(
-            "AllowStreamLocalForwarding no\n{extra}SetEnv PATH={}:/usr/local/bin:/usr/bin:/bin\n",
+            "{refusal}{extra}SetEnv PATH={}:/usr/local/bin:/usr/bin:/bin\n",
             stubs.path().display()
         ),
     );
@@ -1074,6 +1079,47 @@ fn a_tunnel_host_without_streamlocal_forwarding_is_reached_through_fd_forward() 
     let body = String::from_utf8_lossy(&body);
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("AllowStreamLocalForwarding"), "{body}");
+}
+
+/// `DisableForwarding yes` (every kind of forwarding off, exec sessions still allowed): the
+/// API is reached through `fleetctl fd-forward` as the original fleetctl reaches it, and with
+/// `transport = "streamlocal"` the refusal names the setting.
+#[test]
+fn a_tunnel_host_with_forwarding_disabled_is_reached_through_fd_forward_or_named() {
+    let HardenedHost {
+        sshd,
+        agent,
+        sim,
+        kh,
+        _dirs,
+    } = hardened_host_refusing("DisableForwarding yes\n", "");
+    let endpoint = format!("unix://{}", sim.socket.display());
+    let b = Broker::start(
+        &cluster_toml("c1", &sshd, &endpoint, "root", &kh, ""),
+        Some(&agent.socket),
+    );
+    let through = http(&b.socket("c1"), "GET", "/fleet/v1/machines", None);
+    assert_eq!(through.0, 200, "{}", b.log());
+    assert_eq!(
+        through,
+        http(&sim.socket, "GET", "/fleet/v1/machines", None)
+    );
+    assert_eq!(b.cluster_info("c1")["transport"], "fd-forward");
+    let strict = Broker::start(
+        &cluster_toml(
+            "c1",
+            &sshd,
+            &endpoint,
+            "root",
+            &kh,
+            "transport = \"streamlocal\"\n",
+        ),
+        Some(&agent.socket),
+    );
+    let (status, body) = http(&strict.socket("c1"), "GET", "/fleet/v1/machines", None);
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("DisableForwarding"), "{body}");
 }
 
 /// The same hardened host allowing `max_sessions` sessions per connection: the tunnel's
