@@ -1,5 +1,8 @@
 //! How a unit command waits for its units: fleetctl's attempts of about two seconds each,
-//! polled every quarter second, with its messages.
+//! polled every quarter second, with its messages. As in fleetctl, the first poll comes one
+//! tick after the request, not at once: fleet reports a new unit's state about 2.0 s after
+//! it is created, which the original's last poll of a window (at 2.0 s) sees and a window
+//! opened at once (last poll at 1.75 s) misses.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -96,6 +99,27 @@ async fn assert_unit_state(ctx: &Ctx, name: &str, state: &str) -> UnitCheck {
     }
 }
 
+/// One attempt: `check` every [`POLL`] for [`ATTEMPT`], the first one [`POLL`] from now;
+/// returns the last look.
+async fn one_attempt<F, Fut>(mut check: F) -> UnitCheck
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = UnitCheck>,
+{
+    let mut last = UnitCheck {
+        reached: false,
+        scheduled: true,
+    };
+    for _ in 0..ATTEMPT.as_millis() / POLL.as_millis() {
+        tokio::time::sleep(POLL).await;
+        last = check().await;
+        if last.reached {
+            break;
+        }
+    }
+    last
+}
+
 /// Waits for one unit (`block` is not [`Block::No`]).
 async fn check_unit_state(
     ctx: Arc<Ctx>,
@@ -103,19 +127,14 @@ async fn check_unit_state(
     state: String,
     block: Block,
 ) -> Result<(), String> {
-    let polls_per_attempt = (ATTEMPT.as_millis() / POLL.as_millis()) as u32;
     let mut attempt: u32 = 0;
     let mut noticed = false;
     loop {
-        let mut scheduled = true;
-        for _ in 0..polls_per_attempt {
-            let check = assert_unit_state(&ctx, &name, &state).await;
-            if check.reached {
-                return Ok(());
-            }
-            scheduled = check.scheduled;
-            tokio::time::sleep(POLL).await;
+        let check = one_attempt(|| assert_unit_state(&ctx, &name, &state)).await;
+        if check.reached {
+            return Ok(());
         }
+        let scheduled = check.scheduled;
         attempt += 1;
         if matches!(block, Block::Attempts(n) if attempt >= n) {
             // What was seen, not a guess at why: the engine may only be slow.
@@ -214,6 +233,7 @@ pub(super) async fn wait_for_systemd_active(
     for name in names {
         let mut ok = false;
         for _ in 0..polls {
+            tokio::time::sleep(POLL).await;
             if let Ok(states) = ctx.api.unit_states(None, Some(name)).await {
                 if states
                     .iter()
@@ -223,7 +243,6 @@ pub(super) async fn wait_for_systemd_active(
                     break;
                 }
             }
-            tokio::time::sleep(POLL).await;
         }
         if !ok {
             let secs = window.as_secs();
@@ -235,4 +254,31 @@ pub(super) async fn wait_for_systemd_active(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// fleet reports a new unit's state about 2.0 s after it is created: one attempt (as
+    /// `--block-attempts=1` allows) sees it, as the original's does, and its first look
+    /// comes one tick after the request.
+    #[tokio::test(start_paused = true)]
+    async fn one_attempt_looks_from_a_tick_after_the_request_to_two_seconds() {
+        let start = tokio::time::Instant::now();
+        let looks = std::cell::RefCell::new(Vec::new());
+        let check = one_attempt(|| async {
+            let at = start.elapsed();
+            looks.borrow_mut().push(at);
+            UnitCheck {
+                reached: at >= Duration::from_millis(2000),
+                scheduled: true,
+            }
+        })
+        .await;
+        assert!(check.reached, "looks at {:?}", looks.borrow());
+        let looks = looks.borrow();
+        assert_eq!(looks.first(), Some(&POLL));
+        assert_eq!(looks.len(), 8);
+    }
 }
