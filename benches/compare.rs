@@ -464,55 +464,28 @@ fn flow(w: &World) {
         ("OpenSSH ssh -N -L (aes256-gcm)", local.clone()),
     ] {
         assert_eq!(http(&socket, "GET", "/fleet/v1/machines", None).0, 200);
-        let started = Instant::now();
-        let fast = {
-            let socket = socket.clone();
-            std::thread::spawn(move || {
-                let t = Instant::now();
-                (
-                    read_bulk(&socket, size, usize::MAX, Duration::ZERO),
-                    t.elapsed(),
-                )
-            })
-        };
-        let pausing = {
-            let socket = socket.clone();
-            std::thread::spawn(move || read_bulk(&socket, size, 64, Duration::from_secs(10)))
-        };
-        let mut lat = Vec::new();
-        let mut failed = 0;
-        while !(fast.is_finished() && pausing.is_finished())
-            && lat.len() < 1_000_000
-            && started.elapsed() < Duration::from_secs(600)
-        {
-            let t = Instant::now();
-            let ok = try_http(&socket, "GET", "/fleet/v1/machines", None)
-                .is_ok_and(|(status, _)| status == 200);
-            lat.push(t.elapsed());
-            failed += usize::from(!ok);
-        }
-        let (fast, took) = fast.join().expect("fast reader");
-        let pausing = pausing.join().expect("pausing reader");
-        let short: Vec<&Got> = [&fast, &pausing]
+        let run = two_readers_and_a_loop(&socket, size);
+        let short: Vec<&Got> = [&run.fast, &run.pausing]
             .into_iter()
             .filter(|g| g.error.is_some() || g.blocks != size / BLOCK)
             .collect();
-        if !short.is_empty() || failed > 0 || lat.is_empty() {
-            println!("flow: FAILED on {name}: {short:?}; {failed} small requests failed");
+        if !short.is_empty() || run.failed > 0 || run.latencies.is_empty() {
+            println!(
+                "flow: FAILED on {name}: {short:?}; {} small requests failed",
+                run.failed
+            );
             std::process::exit(1);
         }
-        lat.sort();
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        let pct = |p: f64| ms(lat[((lat.len() - 1) as f64 * p) as usize]);
         println!(
             "{:<34} {:>10.1} {:>8} {:>9.3} {:>9.3} {:>9.3} {:>7}",
             name,
-            mb as f64 / took.as_secs_f64(),
-            lat.len(),
-            pct(0.5),
-            pct(0.99),
-            pct(1.0),
-            lat.iter().filter(|d| ms(**d) > 10.0).count()
+            mb as f64 / run.fast_took.as_secs_f64(),
+            run.latencies.len(),
+            ms(run.pct(0.5)),
+            ms(run.pct(0.99)),
+            ms(run.pct(1.0)),
+            run.latencies.iter().filter(|d| ms(**d) > 10.0).count()
         );
     }
     println!("every answer complete, every block checked");

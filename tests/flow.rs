@@ -9,9 +9,8 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-#[test]
-fn a_gigabyte_arrives_whole_to_a_fast_reader_and_to_one_that_pauses_while_others_are_served() {
-    let w = World::new();
+/// A broker whose cluster `c1` reaches a [`bulk_fleetd`] behind the world's sshd.
+fn bulk_broker(w: &World, extra: &str) -> Broker {
     let fleetd = bulk_fleetd(w.keys.path());
     let config = cluster_toml(
         "c1",
@@ -19,65 +18,48 @@ fn a_gigabyte_arrives_whole_to_a_fast_reader_and_to_one_that_pauses_while_others
         &format!("unix://{}", fleetd.display()),
         "root",
         &w.known_hosts,
-        "",
+        extra,
     );
-    let b = Broker::start(&config, Some(&w.agent.socket));
+    Broker::start(&config, Some(&w.agent.socket))
+}
+
+#[test]
+fn a_gigabyte_arrives_whole_to_a_fast_reader_and_to_one_that_pauses_while_others_are_served() {
+    let w = World::new();
+    let b = bulk_broker(&w, "");
     let sock = b.socket("c1");
     assert_eq!(http(&sock, "GET", "/fleet/v1/machines", None).0, 200);
 
     const GIB: usize = 1 << 30;
     let started = Instant::now();
-    let fast = {
-        let sock = sock.clone();
-        std::thread::spawn(move || {
-            let t = Instant::now();
-            (
-                read_bulk(&sock, GIB, usize::MAX, Duration::ZERO),
-                t.elapsed(),
-            )
-        })
-    };
-    let pausing = {
-        let sock = sock.clone();
-        std::thread::spawn(move || read_bulk(&sock, GIB, 64, Duration::from_secs(10)))
-    };
-    // Meanwhile, small requests on the same tunnel (bounded in count and time).
-    let mut latencies = Vec::new();
-    while !(fast.is_finished() && pausing.is_finished())
-        && latencies.len() < 1_000_000
-        && started.elapsed() < Duration::from_secs(600)
-    {
-        let t = Instant::now();
-        let (status, body) = http(&sock, "GET", "/fleet/v1/machines", None);
-        latencies.push(t.elapsed());
-        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-    }
-    let (fast, fast_took) = fast.join().expect("fast reader");
-    let pausing = pausing.join().expect("pausing reader");
-    for got in [&fast, &pausing] {
+    let run = two_readers_and_a_loop(&sock, GIB);
+    for got in [&run.fast, &run.pausing] {
         assert!(got.status.starts_with("HTTP/1.1 200"), "{got:?}");
         assert_eq!(got.error, None, "{got:?}\n{}", b.log());
         assert_eq!(got.blocks, GIB / BLOCK, "{got:?}");
     }
-    latencies.sort();
-    let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p) as usize];
+    assert_eq!(run.failed, 0, "small requests failed\n{}", b.log());
     eprintln!(
         "1 GiB to a fast reader in {:.1} s ({:.0} MiB/s); both readers done in {:.1} s; {} small requests meanwhile: p50 {:?}, p99 {:?}, max {:?}",
-        fast_took.as_secs_f64(),
-        1024.0 / fast_took.as_secs_f64(),
+        run.fast_took.as_secs_f64(),
+        1024.0 / run.fast_took.as_secs_f64(),
         started.elapsed().as_secs_f64(),
-        latencies.len(),
-        pct(0.5),
-        pct(0.99),
-        pct(1.0)
+        run.latencies.len(),
+        run.pct(0.5),
+        run.pct(0.99),
+        run.pct(1.0)
     );
-    assert!(latencies.len() >= 10, "{} requests", latencies.len());
+    assert!(
+        run.latencies.len() >= 10,
+        "{} requests",
+        run.latencies.len()
+    );
     // Not a speed check (the benchmark measures that): a request held up behind the pause
     // would take the whole 10 s.
     assert!(
-        pct(1.0) < Duration::from_secs(5),
+        run.pct(1.0) < Duration::from_secs(5),
         "a small request waited {:?}",
-        pct(1.0)
+        run.pct(1.0)
     );
     assert!(!b.log().contains("closing its channel"), "{}", b.log());
 }
@@ -85,16 +67,7 @@ fn a_gigabyte_arrives_whole_to_a_fast_reader_and_to_one_that_pauses_while_others
 #[test]
 fn a_client_that_stops_reading_is_closed_after_the_stall_limit_with_an_error_not_a_short_answer() {
     let w = World::new();
-    let fleetd = bulk_fleetd(w.keys.path());
-    let config = cluster_toml(
-        "c1",
-        &w.sshd,
-        &format!("unix://{}", fleetd.display()),
-        "root",
-        &w.known_hosts,
-        "stalled_reader_timeout = \"2s\"\n",
-    );
-    let b = Broker::start(&config, Some(&w.agent.socket));
+    let b = bulk_broker(&w, "stalled_reader_timeout = \"2s\"\n");
     let sock = b.socket("c1");
     // Reads 4 blocks of 256, then nothing for 8 s (four times the limit).
     let got = read_bulk(&sock, 256 * BLOCK, 4, Duration::from_secs(8));

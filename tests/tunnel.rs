@@ -964,6 +964,32 @@ struct HardenedHost {
     _dirs: [tempfile::TempDir; 2],
 }
 
+/// With `transport = "streamlocal"`, a request gets a 503 naming the sshd `setting` that
+/// refuses it.
+fn streamlocal_only_is_refused_naming(
+    sshd: &Sshd,
+    agent: &Agent,
+    kh: &std::path::Path,
+    endpoint: &str,
+    setting: &str,
+) {
+    let strict = Broker::start(
+        &cluster_toml(
+            "c1",
+            sshd,
+            endpoint,
+            "root",
+            kh,
+            "transport = \"streamlocal\"\n",
+        ),
+        Some(&agent.socket),
+    );
+    let (status, body) = http(&strict.socket("c1"), "GET", "/fleet/v1/machines", None);
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains(setting), "{body}");
+}
+
 fn hardened_host(extra: &str) -> HardenedHost {
     hardened_host_refusing("AllowStreamLocalForwarding no\n", extra)
 }
@@ -1064,21 +1090,7 @@ fn a_tunnel_host_without_streamlocal_forwarding_is_reached_through_fd_forward() 
         "{said}"
     );
     // Streamlocal only: refused, with the setting named.
-    let strict = Broker::start(
-        &cluster_toml(
-            "c1",
-            &sshd,
-            &endpoint,
-            "root",
-            &kh,
-            "transport = \"streamlocal\"\n",
-        ),
-        Some(&agent.socket),
-    );
-    let (status, body) = http(&strict.socket("c1"), "GET", "/fleet/v1/machines", None);
-    let body = String::from_utf8_lossy(&body);
-    assert_eq!(status, 503, "{body}");
-    assert!(body.contains("AllowStreamLocalForwarding"), "{body}");
+    streamlocal_only_is_refused_naming(&sshd, &agent, &kh, &endpoint, "AllowStreamLocalForwarding");
 }
 
 /// `DisableForwarding yes` (every kind of forwarding off, exec sessions still allowed): the
@@ -1105,21 +1117,7 @@ fn a_tunnel_host_with_forwarding_disabled_is_reached_through_fd_forward_or_named
         http(&sim.socket, "GET", "/fleet/v1/machines", None)
     );
     assert_eq!(b.cluster_info("c1")["transport"], "fd-forward");
-    let strict = Broker::start(
-        &cluster_toml(
-            "c1",
-            &sshd,
-            &endpoint,
-            "root",
-            &kh,
-            "transport = \"streamlocal\"\n",
-        ),
-        Some(&agent.socket),
-    );
-    let (status, body) = http(&strict.socket("c1"), "GET", "/fleet/v1/machines", None);
-    let body = String::from_utf8_lossy(&body);
-    assert_eq!(status, 503, "{body}");
-    assert!(body.contains("DisableForwarding"), "{body}");
+    streamlocal_only_is_refused_naming(&sshd, &agent, &kh, &endpoint, "DisableForwarding");
 }
 
 /// The same hardened host allowing `max_sessions` sessions per connection: the tunnel's

@@ -1365,3 +1365,65 @@ pub fn read_bulk(socket: &Path, n: usize, pause_after: usize, pause: Duration) -
         error: None,
     }
 }
+
+/// What [`two_readers_and_a_loop`] saw.
+#[derive(Debug)]
+pub struct BulkRun {
+    pub fast: Got,
+    pub fast_took: Duration,
+    pub pausing: Got,
+    /// Each small request's time, sorted.
+    pub latencies: Vec<Duration>,
+    /// Small requests that got no 200.
+    pub failed: usize,
+}
+
+impl BulkRun {
+    /// The `p`-quantile of the small requests' times.
+    pub fn pct(&self, p: f64) -> Duration {
+        self.latencies[((self.latencies.len() - 1) as f64 * p) as usize]
+    }
+}
+
+/// Two readers of a `size`-byte answer through `socket`, one as fast as it can and one
+/// pausing 10 s after 64 blocks, while small requests loop on the same socket until both are
+/// done (bounded: 600 s, a million requests).
+pub fn two_readers_and_a_loop(socket: &Path, size: usize) -> BulkRun {
+    let started = Instant::now();
+    let fast = {
+        let socket = socket.to_path_buf();
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            (
+                read_bulk(&socket, size, usize::MAX, Duration::ZERO),
+                t.elapsed(),
+            )
+        })
+    };
+    let pausing = {
+        let socket = socket.to_path_buf();
+        std::thread::spawn(move || read_bulk(&socket, size, 64, Duration::from_secs(10)))
+    };
+    let mut latencies = Vec::new();
+    let mut failed = 0;
+    while !(fast.is_finished() && pausing.is_finished())
+        && latencies.len() < 1_000_000
+        && started.elapsed() < Duration::from_secs(600)
+    {
+        let t = Instant::now();
+        let ok = try_http(socket, "GET", "/fleet/v1/machines", None)
+            .is_ok_and(|(status, _)| status == 200);
+        latencies.push(t.elapsed());
+        failed += usize::from(!ok);
+    }
+    let (fast, fast_took) = fast.join().expect("fast reader");
+    let pausing = pausing.join().expect("pausing reader");
+    latencies.sort();
+    BulkRun {
+        fast,
+        fast_took,
+        pausing,
+        latencies,
+        failed,
+    }
+}
