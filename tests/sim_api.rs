@@ -346,3 +346,86 @@ fn state_filters_and_machine_patch() {
     );
     assert!(String::from_utf8_lossy(&b).contains("machine metadata path invalid"));
 }
+
+/// Where the simulator used to answer otherwise than fleet's handlers and Go's server.
+#[test]
+fn answers_as_fleet_and_go_do_where_the_simulator_once_differed() {
+    let sim = SimServer::start();
+    let id = {
+        let s = sim.sim.lock().expect("sim");
+        s.machines()[0].id.clone()
+    };
+    // PATCH of machine metadata is applied (and removed again).
+    let (s, _) = http(
+        &sim.socket,
+        "PATCH",
+        "/fleet/v1/machines",
+        Some(&format!(
+            r#"[{{"op":"add","path":"/{id}/metadata/tier","value":{{"value":"edge"}}}}]"#
+        )),
+    );
+    assert_eq!(s, 204);
+    let (_, machines) = get(&sim, "/fleet/v1/machines");
+    assert!(
+        machines.contains(&format!(r#""id":"{id}","metadata":{{"#))
+            && machines.contains(r#""tier":"edge""#),
+        "{machines}"
+    );
+    let (s, _) = http(
+        &sim.socket,
+        "PATCH",
+        "/fleet/v1/machines",
+        Some(&format!(
+            r#"[{{"op":"remove","path":"/{id}/metadata/tier"}}]"#
+        )),
+    );
+    assert_eq!(s, 204);
+    assert!(!get(&sim, "/fleet/v1/machines").1.contains("tier"));
+
+    // A target state fleet does not know is stored (204) but never becomes a current state.
+    sim.put(
+        "a.service",
+        vec![opt("Service", "ExecStart", "/bin/true")],
+        "launched",
+    );
+    let (s, _) = put(
+        &sim,
+        "/fleet/v1/units/a.service",
+        Some("application/json"),
+        r#"{"desiredState":"bogus"}"#,
+    );
+    assert_eq!(s, 204);
+    let (_, unit) = get(&sim, "/fleet/v1/units/a.service");
+    assert!(unit.contains(r#""currentState":"launched""#), "{unit}");
+
+    // A path that is not clean is redirected as Go's ServeMux does, query and all.
+    let (s, head, body) = raw(
+        &sim,
+        "GET /fleet/v1//units?alt=json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(s, 301, "{head}");
+    assert!(
+        head.contains("Location: /fleet/v1/units?alt=json")
+            || head.contains("location: /fleet/v1/units?alt=json"),
+        "{head}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        "<a href=\"/fleet/v1/units?alt=json\">Moved Permanently</a>.\n\n"
+    );
+
+    // `%2F` splits the path: no handler, 404.
+    assert_eq!(
+        get(&sim, "/fleet/v1/units/a%2Fb.service"),
+        (404, r#"{"error":{"code":404,"message":""}}"#.into())
+    );
+
+    // A 415 comes after the body is read: a client sending 1 MiB is not cut off.
+    let big = "x".repeat(1 << 20);
+    let (s, body) = put(&sim, "/fleet/v1/units/b.service", Some("text/plain"), &big);
+    assert_eq!(s, 415);
+    assert!(
+        body.contains("only acceptable Content-Type is application/json"),
+        "{body}"
+    );
+}

@@ -222,6 +222,16 @@ async fn handle(sim: &Mutex<Sim>, req: Request<Incoming>) -> Response<Body> {
     if path == "/metrics" {
         return metrics(sim);
     }
+    // Go's ServeMux answers a path that is not clean (`//`, `/./`, `/../`) with a redirect
+    // to the clean one.
+    let clean = clean_path(&path);
+    if clean != path {
+        let location = match req.uri().query() {
+            Some(q) => format!("{clean}?{q}"),
+            None => clean,
+        };
+        return redirect(&location, req.method());
+    }
     let rest = match path
         .strip_prefix("/fleet/v1")
         .or_else(|| path.strip_prefix("/v1-alpha"))
@@ -256,6 +266,10 @@ async fn handle(sim: &Mutex<Sim>, req: Request<Incoming>) -> Response<Body> {
         ["units"] if is_get => units(sim, q),
         ["units", raw] if !raw.is_empty() => {
             let name = decode(raw);
+            // Go routes on the decoded path: `a%2Fb` is two segments, which no handler takes.
+            if name.contains('/') {
+                return error(StatusCode::NOT_FOUND, "");
+            }
             unit(sim, &name, req).await
         }
         ["state"] if is_get => states(sim, q),
@@ -264,6 +278,59 @@ async fn handle(sim: &Mutex<Sim>, req: Request<Incoming>) -> Response<Body> {
         ["units"] | ["state"] => get_only(),
         _ => error(StatusCode::NOT_FOUND, ""),
     }
+}
+
+/// Go's `path.Clean` as ServeMux applies it: one slash between segments, `.` and `..`
+/// resolved, a trailing slash kept.
+fn clean_path(p: &str) -> String {
+    let mut out: Vec<&str> = Vec::new();
+    for seg in p.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                out.pop();
+            }
+            s => out.push(s),
+        }
+    }
+    let mut clean = format!("/{}", out.join("/"));
+    if p.ends_with('/') && clean != "/" {
+        clean.push('/');
+    }
+    clean
+}
+
+/// A 301 as Go's `http.Redirect` writes it: an HTML body for GET only.
+fn redirect(location: &str, method: &Method) -> Response<Body> {
+    let body = if method == Method::GET {
+        format!(
+            "<a href=\"{}\">Moved Permanently</a>.\n\n",
+            html_escape(location)
+        )
+    } else {
+        String::new()
+    };
+    let mut r = Response::new(full(body));
+    *r.status_mut() = StatusCode::MOVED_PERMANENTLY;
+    if let Ok(v) = HeaderValue::from_str(location) {
+        r.headers_mut().insert(hyper::header::LOCATION, v);
+    }
+    if method == Method::GET || method == Method::HEAD {
+        r.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/html; charset=utf-8"),
+        );
+    }
+    with_server(r)
+}
+
+/// Go's `htmlEscape` (`html.EscapeString`'s five characters).
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&#34;")
+        .replace('\'', "&#39;")
 }
 
 /// A path segment, percent-decoded as Go's router does.
@@ -301,7 +368,7 @@ async fn machines(sim: &Mutex<Sim>, q: Option<&str>, req: Request<Incoming>) -> 
             }
             Err(m) => error(StatusCode::BAD_REQUEST, &m),
         },
-        Method::PATCH => patch_machines(req).await,
+        Method::PATCH => patch_machines(sim, req).await,
         _ => error(
             StatusCode::METHOD_NOT_ALLOWED,
             "only GET and PATCH supported against this resource",
@@ -393,7 +460,11 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<Body>> {
 }
 
 async fn put_unit(sim: &Mutex<Sim>, url_name: &str, req: Request<Incoming>) -> Response<Body> {
-    let cts: Vec<&HeaderValue> = req.headers().get_all(CONTENT_TYPE).iter().collect();
+    // Go's server reads what the handler left of the body before answering, so a client
+    // still sending it is not cut off by an early 415: read it first here.
+    let headers = req.headers().clone();
+    let body = read_body(req).await;
+    let cts: Vec<&HeaderValue> = headers.get_all(CONTENT_TYPE).iter().collect();
     if cts.len() != 1 {
         return error(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -414,7 +485,7 @@ async fn put_unit(sim: &Mutex<Sim>, url_name: &str, req: Request<Incoming>) -> R
             "only acceptable Content-Type is application/json",
         );
     }
-    let body = match read_body(req).await {
+    let body = match body {
         Ok(b) => b,
         Err(r) => return r,
     };
@@ -493,7 +564,7 @@ async fn put_unit(sim: &Mutex<Sim>, url_name: &str, req: Request<Incoming>) -> R
     }
 }
 
-async fn patch_machines(req: Request<Incoming>) -> Response<Body> {
+async fn patch_machines(sim: &Mutex<Sim>, req: Request<Incoming>) -> Response<Body> {
     #[derive(serde::Deserialize)]
     struct Value {
         value: String,
@@ -540,6 +611,20 @@ async fn patch_machines(req: Request<Incoming>) -> Response<Body> {
             );
         }
     }
+    // All validated; applied in order.
+    let mut s = lock(sim);
+    for op in &ops {
+        let parts: Vec<&str> = op.path.split('/').collect();
+        let [_, id, _, key] = parts.as_slice() else {
+            continue;
+        };
+        let value = match op.op.as_str() {
+            "remove" => None,
+            _ => op.value.as_ref().map(|v| v.value.as_str()),
+        };
+        s.set_machine_metadata(id, key, value);
+    }
+    drop(s);
     let mut r = empty(StatusCode::NO_CONTENT);
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));

@@ -68,6 +68,11 @@ fn specifiers(v: &str, name: &str) -> String {
         .replace("%i", instance)
 }
 
+/// One of fleet's job states (`job.JobState`).
+pub(crate) fn is_job_state(s: &str) -> bool {
+    matches!(s, "inactive" | "loaded" | "launched")
+}
+
 impl Sim {
     /// A cluster of `machines` without units.
     pub fn new(machines: Vec<Machine>) -> Sim {
@@ -149,6 +154,22 @@ impl Sim {
     }
 
     /// Creates or replaces a unit; then schedules.
+    /// Sets (`Some`) or removes (`None`) a metadata key of the machine with this exact ID,
+    /// as fleet's `PATCH /machines` does; an unknown machine changes nothing.
+    pub fn set_machine_metadata(&mut self, id: &str, key: &str, value: Option<&str>) {
+        if let Some(m) = self.machines.iter_mut().find(|m| m.id == id) {
+            match value {
+                Some(v) => {
+                    m.metadata.insert(key.to_string(), v.to_string());
+                }
+                None => {
+                    m.metadata.remove(key);
+                }
+            }
+        }
+        self.reconcile();
+    }
+
     /// Adds a machine as fleetd would report it (for tests of what the API may claim).
     pub fn add_machine(&mut self, machine: Machine) {
         self.machines.push(machine);
@@ -291,6 +312,11 @@ impl Sim {
         }
         if !self.agents_down {
             for u in self.units.values_mut() {
+                // A target state fleet's agents do not know (the API stores any string
+                // given to an existing unit) is never reached: the unit stays as it was.
+                if !is_job_state(&u.desired) {
+                    continue;
+                }
                 u.current = if u.machine.is_some() {
                     u.desired.clone()
                 } else {
