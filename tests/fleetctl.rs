@@ -880,3 +880,46 @@ fn control_characters_from_the_cluster_are_shown_escaped() {
         "{screen:?}"
     );
 }
+
+/// Pointed at fleetd's own socket (no broker cluster), `ssh`, `status` and `journal` look
+/// their target up as the original does, with its messages; a machine that is found is named
+/// with what running something there needs.
+#[test]
+fn on_fleetds_own_socket_remote_commands_look_up_as_the_original_and_name_what_ssh_needs() {
+    let env = CliEnv::new();
+    let direct = format!("unix://{}", env.w.sim.socket.display());
+    let run = |args: &[&str]| {
+        let mut all = vec!["--endpoint", direct.as_str()];
+        all.extend_from_slice(args);
+        env.run(&all)
+    };
+    let r = run(&["ssh", "nosuch"]);
+    assert_eq!(
+        (r.code, r.stderr.as_str()),
+        (
+            1,
+            "Unable to proceed: could not find matching unit or machine\n"
+        ),
+        "{r:?}"
+    );
+    let r = run(&["ssh", "--unit", "nosuch.service", "true"]);
+    assert_eq!(
+        (r.code, r.stderr.as_str()),
+        (1, "Unable to proceed: unit does not exist\n"),
+        "{r:?}"
+    );
+    let r = run(&["ssh", "113f", "true"]);
+    assert_eq!(r.code, 255, "{r:?}");
+    assert!(
+        r.stderr.starts_with("Failed running command over SSH: machine 113f16a7b8a94d0e9e4a2b1c3d5e7f90 (172.17.8.103): this endpoint is not a broker cluster"),
+        "{r:?}"
+    );
+    for cmd in ["status", "journal"] {
+        let r = run(&[cmd, "nosuch.service"]);
+        assert_eq!(
+            (r.code, r.stderr.as_str()),
+            (1, "Unit nosuch.service does not exist.\n"),
+            "{cmd}: {r:?}"
+        );
+    }
+}

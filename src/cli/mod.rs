@@ -217,7 +217,7 @@ async fn dispatch(
             unit,
             ssh_port,
             args,
-        } => remote::ssh(sessions, machine, unit, args, ssh_port, forward_agent).await,
+        } => remote::ssh(api, sessions, machine, unit, args, ssh_port, forward_agent).await,
         Cmd::ListUnits(f) => lists::list_units(api, &f).await,
         Cmd::ListUnitFiles(f) => lists::list_unit_files(api, &f).await,
         Cmd::ListMachines(f) => lists::list_machines(api, &f).await,

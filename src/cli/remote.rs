@@ -21,6 +21,10 @@ pub(crate) const FOLLOW_POLL: Duration = Duration::from_millis(500);
 const FOLLOW_RETRY: Duration = Duration::from_secs(1);
 const CURSOR_PREFIX: &str = "-- cursor: ";
 
+/// Why a command on a machine cannot run through an endpoint that is not a broker cluster's
+/// socket (fleetd's own, say): the original dials SSH itself; we leave SSH to the daemon.
+const BROKER_NEEDED: &str = "this endpoint is not a broker cluster: commands on machines run over SSH, which fleet-broker does through a broker cluster (--cluster NAME or a …/clusters/NAME.sock endpoint)";
+
 /// Where sessions go and with which overrides.
 #[derive(Debug, Clone)]
 pub(crate) struct Sessions {
@@ -38,11 +42,9 @@ enum Run {
 
 impl Sessions {
     fn cluster(&self) -> Result<&str, StartError> {
-        self.cluster.as_deref().ok_or_else(|| {
-            StartError::Ssh(
-                "remote commands go through fleet-broker: choose a broker cluster (--cluster NAME or a …/clusters/NAME.sock endpoint)".into(),
-            )
-        })
+        self.cluster
+            .as_deref()
+            .ok_or_else(|| StartError::Ssh(BROKER_NEEDED.into()))
     }
 
     fn request(
@@ -344,6 +346,7 @@ async fn follow(s: &Sessions, target: ExecTarget, name: &str, o: &JournalOpts) -
 
 /// `fleetctl ssh`.
 pub(crate) async fn ssh(
+    api: &FleetClient,
     s: &Sessions,
     machine: Option<String>,
     unit: Option<String>,
@@ -372,6 +375,9 @@ pub(crate) async fn ssh(
     }
     let command = (!rest.is_empty()).then(|| rest.join(" "));
     let shell = command.is_none();
+    if s.cluster.is_none() {
+        return ssh_without_broker(api, &target, shell).await;
+    }
     let req = s.request(
         target,
         Run::Command(command),
@@ -397,6 +403,64 @@ pub(crate) async fn ssh(
             255
         }
         Ok(outcome) => outcome.code(),
+    }
+}
+
+/// `ssh` through an endpoint that is not a broker cluster (fleetd's own socket): the target is
+/// looked up as the original looks it up, with its messages, and a machine that is found is
+/// named with what running something there needs.
+async fn ssh_without_broker(api: &FleetClient, target: &ExecTarget, shell: bool) -> i32 {
+    use crate::fleet::target::{find, Wanted};
+    let (wanted, unit_name) = match target {
+        ExecTarget::Machine(m) => (Wanted::Machine(m), None),
+        ExecTarget::Unit(u) => (Wanted::Unit, Some(u.clone())),
+        ExecTarget::Auto(a) => (Wanted::Auto(a), Some(unit_name_mangle(a))),
+        ExecTarget::TunnelHost => (Wanted::Machine(""), None),
+    };
+    let machines = match api.machines().await {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("Unable to proceed: {e}");
+            return 1;
+        }
+    };
+    let unit = match &unit_name {
+        Some(n) => match api.unit(n).await {
+            Ok(u) => u,
+            Err(e) if matches!(wanted, Wanted::Unit) => {
+                eprintln!("Unable to proceed: {e}");
+                return 1;
+            }
+            Err(_) => None,
+        },
+        None => None,
+    };
+    match find(wanted, &machines, unit.as_ref()) {
+        Err(e) if e == "Could not determine address of machine." => {
+            eprintln!("{e}");
+            1
+        }
+        Err(e) => {
+            eprintln!("Unable to proceed: {e}");
+            1
+        }
+        Ok(m) if m.primary_ip.is_empty() => {
+            eprintln!("Could not determine address of machine.");
+            1
+        }
+        Ok(m) => {
+            let (what, code) = if shell {
+                ("Failed opening shell over SSH", 1)
+            } else {
+                ("Failed running command over SSH", 255)
+            };
+            eprintln!(
+                "{what}: machine {} ({}): {BROKER_NEEDED}",
+                crate::escape::display(&m.id),
+                crate::escape::display(&m.primary_ip)
+            );
+            code
+        }
     }
 }
 

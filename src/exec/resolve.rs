@@ -81,55 +81,23 @@ impl Exec {
         if let Some(Err(e @ ApiError::TooLarge { .. })) = &unit {
             return Err(named(e.clone()));
         }
-        let by_machine = |prefix: &str| -> Result<Option<Place>, ExecError> {
-            let mut found = machines.iter().filter(|m| m.id.starts_with(prefix));
-            let Some(m) = found.next() else {
-                return Ok(None);
-            };
-            if found.next().is_some() {
-                return Err(ExecError::resolve("found more than one machine"));
-            }
-            Ok(Some(machine_place(m)))
+        use crate::fleet::target::{find, Wanted};
+        let wanted = match target {
+            ExecTarget::Machine(prefix) => Wanted::Machine(prefix),
+            ExecTarget::Unit(_) => Wanted::Unit,
+            ExecTarget::Auto(s) => Wanted::Auto(s),
+            ExecTarget::TunnelHost => return Ok(Place::Tunnel),
         };
-        let by_unit = |u: &Option<crate::fleet::schema::Unit>| -> Result<Option<Place>, ExecError> {
-            let Some(u) = u else { return Ok(None) };
-            if crate::fleet::unit_file::is_global(&u.options) {
-                return Err(ExecError::resolve("global units unsupported"));
-            }
-            let m = machines.iter().find(|m| m.id == u.machine_id);
-            Ok(m.map(machine_place))
+        let unit = match (wanted, unit) {
+            // A unit that cannot be read is an error for `--unit`, and no match for a
+            // positional argument.
+            (Wanted::Unit, Some(u)) => u.map_err(|e| ExecError::resolve(e.to_string()))?,
+            (_, Some(u)) => u.ok().flatten(),
+            (_, None) => None,
         };
-        let place = match target {
-            ExecTarget::Machine(prefix) => {
-                by_machine(prefix)?.ok_or_else(|| ExecError::resolve("machine does not exist"))?
-            }
-            ExecTarget::Unit(_) => {
-                let u = unit
-                    .transpose()
-                    .map_err(|e| ExecError::resolve(e.to_string()))?
-                    .flatten();
-                if u.is_none() {
-                    return Err(ExecError::resolve("unit does not exist"));
-                }
-                by_unit(&u)?
-                    .ok_or_else(|| ExecError::resolve("Could not determine address of machine."))?
-            }
-            ExecTarget::Auto(s) => {
-                let machine = by_machine(s).unwrap_or(None);
-                let unit = unit.and_then(Result::ok).flatten();
-                let unit = by_unit(&unit).unwrap_or(None);
-                match (machine, unit) {
-                    (Some(_), Some(_)) => {
-                        return Err(ExecError::resolve(format!(
-                            "ambiguous argument, both machine and unit found for `{s}`.\nPlease use flag `-m` or `-u` to refine the search"
-                        )))
-                    }
-                    (Some(p), None) | (None, Some(p)) => p,
-                    (None, None) => return Err(ExecError::resolve("could not find matching unit or machine")),
-                }
-            }
-            ExecTarget::TunnelHost => Place::Tunnel,
-        };
+        let place = find(wanted, &machines, unit.as_ref())
+            .map(machine_place)
+            .map_err(ExecError::resolve)?;
         if let Place::Machine { ip, .. } = &place {
             if ip.is_empty() {
                 return Err(ExecError::resolve(

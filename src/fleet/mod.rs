@@ -4,4 +4,5 @@
 
 pub(crate) mod names;
 pub mod schema;
+pub(crate) mod target;
 pub mod unit_file;
