@@ -923,3 +923,86 @@ fn on_fleetds_own_socket_remote_commands_look_up_as_the_original_and_name_what_s
         );
     }
 }
+
+/// On the simulator moving as fleet does (reference B.6: a new unit's state after 2.0 s,
+/// `launched` after 1.5 s, systemd after 1.6 s…), every wait with `--block-attempts=1` ends as
+/// the original's does on fleet: new and already-submitted units succeed, a unit no machine
+/// can take times out after one attempt (two with `--block-attempts=2`).
+#[test]
+fn waits_on_fleets_clock_end_as_the_originals_do() {
+    use fleet_broker::sim::{FleetDelays, Timing};
+    use std::time::Instant;
+    let env = CliEnv::new();
+    env.sim().timing = Timing::Fleet(FleetDelays::observed());
+    for name in ["new1", "new2", "sub"] {
+        env.write(
+            &format!("{name}.service"),
+            "[Service]\nExecStart=/bin/sleep 1000\n",
+        );
+    }
+    for name in ["bad1", "bad2"] {
+        env.write(
+            &format!("{name}.service"),
+            "[Service]\nExecStart=/bin/true\n\n[X-Fleet]\nMachineID=nope\n",
+        );
+    }
+    let timed = |args: &[&str]| {
+        let t = Instant::now();
+        let r = env.run(args);
+        eprintln!(
+            "{:<40} exit {} in {:.2} s",
+            args.join(" "),
+            r.code,
+            t.elapsed().as_secs_f64()
+        );
+        (r, t.elapsed())
+    };
+    let ok = |args: &[&str], line: &str| {
+        let (r, _) = timed(args);
+        assert_eq!(r.code, 0, "{args:?}: {r:?}");
+        assert!(r.stdout.contains(line), "{args:?}: {r:?}");
+    };
+    ok(
+        &["load", "--block-attempts=1", "new1.service"],
+        "Unit new1.service loaded on",
+    );
+    ok(
+        &["start", "--block-attempts=1", "new2.service"],
+        "Unit new2.service launched on",
+    );
+    ok(&["submit", "sub.service"], "Unit sub.service inactive");
+    ok(
+        &["start", "--block-attempts=1", "sub.service"],
+        "Unit sub.service launched on",
+    );
+    ok(
+        &["stop", "--block-attempts=1", "new2.service"],
+        "Unit new2.service loaded on",
+    );
+    ok(
+        &["unload", "--block-attempts=1", "new2.service"],
+        "Unit new2.service inactive",
+    );
+    ok(
+        &["destroy", "--block-attempts=1", "new1.service"],
+        "Destroyed new1.service",
+    );
+    // A unit no machine can take: it is created (its state appears), then never launches.
+    for (attempts, at_least) in [(1, 4.0), (2, 6.0)] {
+        let flag = format!("--block-attempts={attempts}");
+        let unit = format!("bad{attempts}.service");
+        let (r, took) = timed(&["start", &flag, &unit]);
+        assert_eq!(r.code, 1, "{r:?}");
+        assert!(
+            r.stderr.contains(&format!(
+                "timed out waiting for unit {unit} to report state launched"
+            )),
+            "{r:?}"
+        );
+        // The new unit's own wait, then `attempts` windows for launched.
+        assert!(
+            took.as_secs_f64() >= at_least,
+            "gave up after {took:?} with {flag}"
+        );
+    }
+}

@@ -400,7 +400,7 @@ async fn unit(sim: &Mutex<Sim>, name: &str, req: Request<Incoming>) -> Response<
             None => error(StatusCode::NOT_FOUND, "unit does not exist"),
         },
         Method::DELETE => {
-            if lock(sim).delete(name) {
+            if lock(sim).delete_through_api(name) {
                 empty(StatusCode::NO_CONTENT)
             } else {
                 error(StatusCode::NOT_FOUND, "unit does not exist")
@@ -533,7 +533,9 @@ async fn put_unit(sim: &Mutex<Sim>, url_name: &str, req: Request<Incoming>) -> R
             if !matches!(desired.as_str(), "inactive" | "loaded" | "launched") {
                 return error(StatusCode::INTERNAL_SERVER_ERROR, "");
             }
+            let before = s.before_change(&unit.name);
             s.put(&unit.name, unit.options, desired);
+            s.changed(&unit.name, before);
             empty(StatusCode::CREATED)
         }
         Some(h) if !unit.options.is_empty() && hash(&unit.options) != h => {
@@ -542,7 +544,9 @@ async fn put_unit(sim: &Mutex<Sim>, url_name: &str, req: Request<Incoming>) -> R
             } else {
                 unit.desired_state
             };
+            let before = s.before_change(&unit.name);
             s.put(&unit.name, unit.options, desired);
+            s.changed(&unit.name, before);
             empty(StatusCode::CREATED)
         }
         Some(_) => {
@@ -558,7 +562,9 @@ async fn put_unit(sim: &Mutex<Sim>, url_name: &str, req: Request<Incoming>) -> R
                     &format!("cannot activate template {:?}", unit.name),
                 );
             }
+            let before = s.before_change(&unit.name);
             s.set_desired(&unit.name, &unit.desired_state);
+            s.changed(&unit.name, before);
             empty(StatusCode::NO_CONTENT)
         }
     }

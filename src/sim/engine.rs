@@ -1,6 +1,7 @@
 //! The simulated cluster: machines, units, scheduling and the derived unit states.
 
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 use crate::fleet::schema::{Machine, Unit, UnitOption, UnitState};
 use crate::fleet::unit_file::{fleet_values, glob_match, hash, is_global};
@@ -13,6 +14,69 @@ struct SimUnit {
     machine: Option<String>,
     /// The current state the machines' agents last reported (non-global units).
     current: String,
+    /// The last change made through the API, while the cluster catches up with it
+    /// ([`Timing::Fleet`]).
+    change: Option<Change>,
+}
+
+/// How fast the simulated cluster moves.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Timing {
+    /// Every change shows at once.
+    Instant,
+    /// Changes made through the API show with fleet's delays (reference B.6): the engine
+    /// schedules, the agents report, systemd follows.
+    Fleet(FleetDelays),
+}
+
+/// The delays of [`Timing::Fleet`], from a change made through the API.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FleetDelays {
+    /// A new unit's state (`inactive`) appears.
+    pub new_state: Duration,
+    /// A unit gets (or loses) its machine.
+    pub machine: Duration,
+    /// A started unit reads `launched`.
+    pub launched: Duration,
+    /// A stopped or unloaded unit reads `loaded` or `inactive`.
+    pub stopped: Duration,
+    /// systemd's state of the unit follows (stale `active running` after a stop until then).
+    pub systemd: Duration,
+    /// A global unit's per-machine states follow.
+    pub global: Duration,
+    /// The states of a destroyed unit linger (the agents notice on their cycle).
+    pub destroyed: Duration,
+}
+
+impl FleetDelays {
+    /// What fleet's own engine and agents showed (reference B.6).
+    pub fn observed() -> FleetDelays {
+        FleetDelays {
+            new_state: Duration::from_millis(2000),
+            machine: Duration::from_millis(1000),
+            launched: Duration::from_millis(1500),
+            stopped: Duration::from_millis(1000),
+            systemd: Duration::from_millis(1600),
+            global: Duration::from_millis(1400),
+            destroyed: Duration::from_millis(5000),
+        }
+    }
+}
+
+/// What the API showed of a unit.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Shown {
+    machine: Option<String>,
+    /// `None` before a new unit's first state.
+    current: Option<String>,
+    states: Vec<UnitState>,
+}
+
+#[derive(Debug, Clone)]
+struct Change {
+    at: Instant,
+    /// What was shown just before.
+    before: Shown,
 }
 
 /// The whole simulated cluster.
@@ -33,6 +97,10 @@ pub struct Sim {
     pub systemd_silent: bool,
     machines: Vec<Machine>,
     units: BTreeMap<String, SimUnit>,
+    /// How fast changes made through the API show.
+    pub timing: Timing,
+    /// States of destroyed units that still show, until when.
+    ghosts: Vec<(Instant, Vec<UnitState>)>,
 }
 
 /// Three machines shaped like the reference's examples.
@@ -86,6 +154,8 @@ impl Sim {
             systemd_silent: false,
             machines,
             units: BTreeMap::new(),
+            timing: Timing::Instant,
+            ghosts: Vec::new(),
         }
     }
 
@@ -113,6 +183,7 @@ impl Sim {
 
     fn unit_view(&self, name: &str, u: &SimUnit, item: bool) -> Unit {
         let global = is_global(&u.options);
+        let shown = self.shown(name, u, Instant::now());
         let current = if global {
             if item {
                 String::new()
@@ -120,7 +191,7 @@ impl Sim {
                 "inactive".into()
             }
         } else {
-            u.current.clone()
+            shown.current.unwrap_or_default()
         };
         Unit {
             current_state: current,
@@ -128,7 +199,7 @@ impl Sim {
             machine_id: if global {
                 String::new()
             } else {
-                u.machine.clone().unwrap_or_default()
+                shown.machine.unwrap_or_default()
             },
             name: name.into(),
             options: u.options.clone(),
@@ -186,6 +257,7 @@ impl Sim {
                 desired,
                 machine,
                 current: "inactive".into(),
+                change: None,
             },
         );
         self.reconcile();
@@ -208,6 +280,7 @@ impl Sim {
                     desired,
                     machine,
                     current: "inactive".into(),
+                    change: None,
                 },
             );
         }
@@ -304,7 +377,20 @@ impl Sim {
                 .map(|m| (self.units_on(&m.id).len(), m.id.clone()))
                 .collect();
             candidates.sort();
-            if let Some((_, id)) = candidates.into_iter().next() {
+            // fleet's engine walks a map: among the least loaded, which one it picks varies
+            // from run to run. Instant timing keeps the first, for tests that name it.
+            let least = candidates.first().map(|(load, _)| *load);
+            let ties = candidates
+                .iter()
+                .take_while(|(load, _)| Some(*load) == least)
+                .count();
+            let pick = match self.timing {
+                Timing::Fleet(_) if ties > 1 => {
+                    rand::Rng::gen_range(&mut rand::thread_rng(), 0..ties)
+                }
+                _ => 0,
+            };
+            if let Some((_, id)) = candidates.into_iter().nth(pick) {
                 if let Some(u) = self.units.get_mut(n) {
                     u.machine = Some(id);
                 }
@@ -335,11 +421,30 @@ impl Sim {
 
     /// Every unit state, sorted by (name, machineID).
     pub fn states(&self) -> Vec<UnitState> {
+        let now = Instant::now();
         let mut out = Vec::new();
         if self.systemd_silent {
             return out;
         }
-        let state = |name: &str, u: &SimUnit, machine: &str| {
+        for (name, u) in &self.units {
+            out.extend(self.shown(name, u, now).states);
+        }
+        for (until, states) in &self.ghosts {
+            if *until > now {
+                out.extend(states.iter().cloned());
+            }
+        }
+        out.sort_by(|a, b| (&a.name, &a.machine_id).cmp(&(&b.name, &b.machine_id)));
+        out
+    }
+
+    /// The unit's states as systemd reports them once the cluster has caught up.
+    fn target_states(&self, name: &str, u: &SimUnit) -> Vec<UnitState> {
+        let mut out = Vec::new();
+        if u.desired == "inactive" {
+            return out;
+        }
+        let state = |machine: &str| {
             let (active, sub) = if u.desired == "launched" {
                 ("active", "running")
             } else {
@@ -354,23 +459,95 @@ impl Sim {
                 sub_state: sub.into(),
             }
         };
-        for (name, u) in &self.units {
-            if u.desired == "inactive" {
-                continue;
-            }
-            if is_global(&u.options) {
-                for m in &self.machines {
-                    let conflict = self.units_on(&m.id).iter().any(|o| self.conflicts(name, o));
-                    if self.machine_ok_metadata(m, name) && !conflict {
-                        out.push(state(name, u, &m.id));
-                    }
+        if is_global(&u.options) {
+            for m in &self.machines {
+                let conflict = self.units_on(&m.id).iter().any(|o| self.conflicts(name, o));
+                if self.machine_ok_metadata(m, name) && !conflict {
+                    out.push(state(&m.id));
                 }
-            } else if let Some(m) = &u.machine {
-                out.push(state(name, u, m));
+            }
+        } else if let Some(m) = &u.machine {
+            out.push(state(m));
+        }
+        out
+    }
+
+    /// What the API shows of a unit at `now`: where the cluster has got to since the last
+    /// change made through the API.
+    fn shown(&self, name: &str, u: &SimUnit, now: Instant) -> Shown {
+        let target = Shown {
+            machine: u.machine.clone(),
+            current: Some(u.current.clone()),
+            states: self.target_states(name, u),
+        };
+        let (Timing::Fleet(d), Some(change)) = (self.timing, &u.change) else {
+            return target;
+        };
+        let age = now.saturating_duration_since(change.at);
+        let before = &change.before;
+        let current_delay = match (&before.current, u.current.as_str()) {
+            (None, _) => d.new_state,
+            (Some(_), "launched") => d.launched,
+            _ => d.stopped,
+        };
+        let states_delay = if is_global(&u.options) {
+            d.global
+        } else {
+            d.systemd
+        };
+        Shown {
+            machine: if age >= d.machine {
+                target.machine
+            } else {
+                before.machine.clone()
+            },
+            current: if age >= current_delay {
+                target.current
+            } else {
+                before.current.clone()
+            },
+            states: if age >= states_delay {
+                target.states
+            } else {
+                before.states.clone()
+            },
+        }
+    }
+
+    /// What the API shows of a unit now, before a change made through the API (nothing for
+    /// a unit that does not exist).
+    pub(crate) fn before_change(&self, name: &str) -> Shown {
+        match self.units.get(name) {
+            Some(u) => self.shown(name, u, Instant::now()),
+            None => Shown::default(),
+        }
+    }
+
+    /// Marks a change made through the API: from now, the cluster moves from what was shown
+    /// `before` to the new state, with [`Timing::Fleet`]'s delays.
+    pub(crate) fn changed(&mut self, name: &str, before: Shown) {
+        if self.timing == Timing::Instant {
+            return;
+        }
+        if let Some(u) = self.units.get_mut(name) {
+            u.change = Some(Change {
+                at: Instant::now(),
+                before,
+            });
+        }
+    }
+
+    /// Removes a unit through the API: its states linger as fleet's do.
+    pub(crate) fn delete_through_api(&mut self, name: &str) -> bool {
+        if let Timing::Fleet(d) = self.timing {
+            let now = Instant::now();
+            self.ghosts.retain(|(until, _)| *until > now);
+            let shown = self.before_change(name);
+            if !shown.states.is_empty() {
+                self.ghosts.push((now + d.destroyed, shown.states));
             }
         }
-        out.sort_by(|a, b| (&a.name, &a.machine_id).cmp(&(&b.name, &b.machine_id)));
-        out
+        self.delete(name)
     }
 }
 
@@ -444,5 +621,66 @@ mod tests {
         assert_eq!(sim.states().len(), 3);
         assert_eq!(sim.unit("g.service").unwrap().current_state, "");
         assert_eq!(sim.units()[0].current_state, "inactive");
+    }
+
+    fn started(delays: FleetDelays) -> Sim {
+        let mut sim = Sim::new(demo_machines());
+        sim.timing = Timing::Fleet(delays);
+        sim.put(
+            "a.service",
+            vec![opt("Service", "ExecStart", "/bin/true")],
+            "loaded".into(),
+        );
+        let before = sim.before_change("a.service");
+        sim.set_desired("a.service", "launched");
+        sim.changed("a.service", before);
+        sim
+    }
+
+    /// Right after `start` through the API, fleet still shows what was; once its delays
+    /// have passed, the new state. (Delays of an hour and of nothing: no clock is waited on.)
+    #[test]
+    fn with_fleet_timing_a_change_shows_only_after_fleets_delays() {
+        let hour = Duration::from_secs(3600);
+        let slow = started(FleetDelays {
+            new_state: hour,
+            machine: hour,
+            launched: hour,
+            stopped: hour,
+            systemd: hour,
+            global: hour,
+            destroyed: hour,
+        });
+        let u = slow.unit("a.service").unwrap();
+        assert_eq!(u.current_state, "loaded");
+        assert_eq!(u.desired_state, "launched");
+        let states = slow.states();
+        assert_eq!(states.len(), 1);
+        assert_eq!(states[0].active_state, "inactive");
+        let zero = Duration::ZERO;
+        let fast = started(FleetDelays {
+            new_state: zero,
+            machine: zero,
+            launched: zero,
+            stopped: zero,
+            systemd: zero,
+            global: zero,
+            destroyed: zero,
+        });
+        assert_eq!(fast.unit("a.service").unwrap().current_state, "launched");
+        assert_eq!(fast.states()[0].active_state, "active");
+        // A new unit has no state at first; a destroyed one's states linger.
+        let mut slow = slow;
+        let before = slow.before_change("n.service");
+        slow.put(
+            "n.service",
+            vec![opt("Service", "ExecStart", "/bin/true")],
+            "inactive".into(),
+        );
+        slow.changed("n.service", before);
+        assert_eq!(slow.unit("n.service").unwrap().current_state, "");
+        assert!(slow.delete_through_api("a.service"));
+        assert!(slow.unit("a.service").is_none());
+        assert_eq!(slow.states().len(), 1, "{:?}", slow.states());
     }
 }

@@ -9,5 +9,5 @@ mod engine;
 mod wire;
 
 pub use api::{serve, serve_tcp};
-pub use engine::{demo_machines, Sim};
+pub use engine::{demo_machines, FleetDelays, Sim, Timing};
 pub use wire::WritePattern;
