@@ -149,13 +149,16 @@ fn main() {
     if block("flow") {
         flow(&w);
     }
+    if block("waits") {
+        waits();
+    }
     if block("status") {
         status_vs_jump();
     }
 }
 
 /// Whether to run a block: all unless `BENCH_ONLY` names some (comma-separated: whole,
-/// load, patterns, rss, bulk, flow, status).
+/// load, patterns, rss, bulk, flow, waits, status).
 fn block(name: &str) -> bool {
     std::env::var("BENCH_ONLY").map_or(true, |v| v.split(',').any(|b| b.trim() == name))
 }
@@ -489,6 +492,54 @@ fn flow(w: &World) {
         );
     }
     println!("every answer complete, every block checked");
+}
+
+/// Whole commands that wait, on the simulator moving as fleet does (reference B.6 delays):
+/// `start`, `stop`, `unload`, `destroy` of one unit through the broker, each checked, median
+/// of 5. (The original fleetctl, where installed, is the peer to run the same way.)
+fn waits() {
+    let w = World::new();
+    w.sim.sim.lock().expect("sim").timing =
+        fleet_broker::sim::Timing::Fleet(fleet_broker::sim::FleetDelays::observed());
+    let b = w.broker("");
+    let cwd = open_tempdir("fb-waits.");
+    std::fs::write(
+        cwd.path().join("w.service"),
+        "[Service]\nExecStart=/bin/sleep 1000\n",
+    )
+    .expect("unit file");
+    let steps: [(&str, &str); 4] = [
+        ("start", "Unit w.service launched on"),
+        ("stop", "Unit w.service loaded on"),
+        ("unload", "Unit w.service inactive"),
+        ("destroy", "Destroyed w.service"),
+    ];
+    let mut times: Vec<Vec<Duration>> = vec![Vec::new(); steps.len()];
+    for _ in 0..5 {
+        for (i, (cmd, line)) in steps.iter().enumerate() {
+            let t = Instant::now();
+            let r = fleetctl(&b, cwd.path(), &[], &[cmd, "w.service"]);
+            let took = t.elapsed();
+            if r.code != 0 || !r.stdout.contains(line) {
+                println!("waits: FAILED: {cmd}: {r:?}");
+                std::process::exit(1);
+            }
+            times[i].push(took);
+        }
+    }
+    println!();
+    println!("waits: whole commands on the simulator moving as fleet does, median of 5");
+    for ((cmd, _), t) in steps.iter().zip(times) {
+        println!(
+            "{:<40} {:>10.2} s",
+            if *cmd == "start" {
+                "fleetctl start (a new unit)".to_string()
+            } else {
+                format!("fleetctl {cmd}")
+            },
+            median(t).as_secs_f64()
+        );
+    }
 }
 
 /// Resident memory of an idle daemon with 100 lazy clusters.
