@@ -274,6 +274,13 @@ fn no_block_triggers_without_waiting() {
         r.stdout,
         "Unit a.service inactive\nTriggered unit a.service start\nTriggered unit a.service start\n"
     );
+    // fleetctl stops only a unit whose current state is launched: wait for fleet to get
+    // there (the simulator moves as fleet does).
+    wait_until("a.service to be launched", DEADLINE, || {
+        e.sim()
+            .unit("a.service")
+            .is_some_and(|u| u.current_state == "launched")
+    });
     let r = e.run(&["stop", "--no-block", "a"]);
     assert_eq!(r.stdout, "Triggered unit a.service stop\n");
     let r = e.run(&["destroy", "--no-block", "a"]);

@@ -99,6 +99,8 @@ fn routing_fallbacks_and_headers() {
 #[test]
 fn put_decision_table() {
     let sim = SimServer::start();
+    // Section A's handler table, not fleet's timing (B.6): states show at once.
+    sim.sim.lock().expect("sim").timing = fleet_broker::sim::Timing::Instant;
     let p = "/fleet/v1/units/hello.service?alt=json";
     assert_eq!(
         put(&sim, p, None, HELLO),

@@ -77,9 +77,11 @@ fn machines_units_and_state_pass_through_byte_identical() {
         .0,
         204
     );
-    let (status, body) = http(&sock, "GET", "/fleet/v1/units/new.service", None);
-    assert_eq!(status, 200);
-    assert!(String::from_utf8_lossy(&body).contains("\"currentState\":\"launched\""));
+    // The simulator moves as fleet does: the unit reads launched after a moment.
+    wait_until("new.service to read launched", DEADLINE, || {
+        let (status, body) = http(&sock, "GET", "/fleet/v1/units/new.service", None);
+        status == 200 && String::from_utf8_lossy(&body).contains("\"currentState\":\"launched\"")
+    });
     assert_eq!(
         http(&sock, "DELETE", "/fleet/v1/units/new.service", None).0,
         204

@@ -231,6 +231,7 @@ fn start_simulator(socket: &Path, stop: CancellationToken) -> Result<Arc<Mutex<S
     );
     // The demo moves as fleet does: `fleetctl start` waits seconds, as on a real cluster.
     sim.timing = crate::sim::Timing::Fleet(crate::sim::FleetDelays::observed());
+    sim.random_placement = true;
     let listener = UnixListener::bind(socket).map_err(at(format!(
         "binding the simulator's socket {}",
         socket.display()

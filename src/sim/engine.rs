@@ -99,6 +99,9 @@ pub struct Sim {
     units: BTreeMap<String, SimUnit>,
     /// How fast changes made through the API show.
     pub timing: Timing,
+    /// Among equally loaded machines, pick at random, as fleet's engine (which walks a map)
+    /// does; otherwise the first by ID, for tests that name the machine.
+    pub random_placement: bool,
     /// States of destroyed units that still show, until when.
     ghosts: Vec<(Instant, Vec<UnitState>)>,
 }
@@ -155,6 +158,7 @@ impl Sim {
             machines,
             units: BTreeMap::new(),
             timing: Timing::Instant,
+            random_placement: false,
             ghosts: Vec::new(),
         }
     }
@@ -378,17 +382,16 @@ impl Sim {
                 .collect();
             candidates.sort();
             // fleet's engine walks a map: among the least loaded, which one it picks varies
-            // from run to run. Instant timing keeps the first, for tests that name it.
+            // from run to run ([`Sim::random_placement`]).
             let least = candidates.first().map(|(load, _)| *load);
             let ties = candidates
                 .iter()
                 .take_while(|(load, _)| Some(*load) == least)
                 .count();
-            let pick = match self.timing {
-                Timing::Fleet(_) if ties > 1 => {
-                    rand::Rng::gen_range(&mut rand::thread_rng(), 0..ties)
-                }
-                _ => 0,
+            let pick = if self.random_placement && ties > 1 {
+                rand::Rng::gen_range(&mut rand::thread_rng(), 0..ties)
+            } else {
+                0
             };
             if let Some((_, id)) = candidates.into_iter().nth(pick) {
                 if let Some(u) = self.units.get_mut(n) {

@@ -235,7 +235,12 @@ impl SimServer {
     pub fn with(machines: Vec<Machine>, tcp: bool) -> SimServer {
         let dir = open_tempdir("fb-sim.");
         let socket = dir.path().join("fleet.sock");
-        let sim = Arc::new(Mutex::new(Sim::new(machines)));
+        // The simulator moves as fleet does (reference B.6); units a test puts in place
+        // directly are there at once.
+        let mut moving = Sim::new(machines);
+        moving.timing =
+            fleet_broker::sim::Timing::Fleet(fleet_broker::sim::FleetDelays::observed());
+        let sim = Arc::new(Mutex::new(moving));
         let stop_tx = tokio_util::sync::CancellationToken::new();
         let stop_rx = stop_tx.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
