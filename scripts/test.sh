@@ -3,7 +3,8 @@
 # and nftables for the network fault tests, man-db to render the man pages, systemd for
 # systemd-socket-activate and systemd-analyze; it is not started; socat, whose
 # so-bindtodevice plays another user's device-bound client of the front door) when missing,
-# then runs the whole test suite. Works on a fresh Debian 12 machine as root.
+# then checks formatting, lints and that the benchmark builds, and runs the whole test suite.
+# Works on a fresh Debian 12 machine as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,6 +33,10 @@ fi
 
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
+# The gates the README promises, before the tests: formatting, lints, the benchmark builds.
+cargo fmt --check
+cargo clippy --locked --all-targets -- -D warnings
+cargo bench --locked --no-run
 set +e
 cargo test --locked 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
