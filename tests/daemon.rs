@@ -1074,24 +1074,51 @@ fn install_service_writes_the_unit_with_this_binary() {
         text.contains("# would run: systemctl --user enable --now fleet-broker.socket\n"),
         "{text}"
     );
-    // For real: the unit is written; without a user manager here, systemctl's failure is
-    // named with what to do.
-    let out = Command::new(bin)
-        .arg("install-service")
-        .env("XDG_CONFIG_HOME", home.path())
-        .env("DBUS_SESSION_BUS_ADDRESS", "unix:path=/nonexistent")
-        .env("XDG_RUNTIME_DIR", home.path())
-        .output()
-        .expect("install-service");
+    // For real: the unit is written, and systemctl (a stub on PATH: one that fails as it
+    // does without a user manager, then one that works) is run; its failure is named with
+    // what to do.
+    let stubs = open_tempdir("fb-systemctl.");
+    let stub = stubs.path().join("systemctl");
+    let path = format!("{}:/usr/bin:/bin", stubs.path().display());
+    let install = || {
+        Command::new(bin)
+            .arg("install-service")
+            .env("XDG_CONFIG_HOME", home.path())
+            .env("PATH", &path)
+            .output()
+            .expect("install-service")
+    };
+    std::fs::write(
+        &stub,
+        "#!/bin/sh\necho \"$*\" >> \"$(dirname \"$0\")/argv\"\necho 'Failed to connect to bus: No medium found' >&2\nexit 1\n",
+    )
+    .expect("stub");
+    std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let out = install();
     let written = std::fs::read_to_string(&dest).expect("unit written");
     assert!(
         written.contains(&format!("ExecStart={bin} serve\n")),
         "{written}"
     );
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("systemctl"), "{err}");
-    }
+    assert!(!out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("failed: Failed to connect to bus: No medium found")
+            && err.contains("loginctl enable-linger"),
+        "{err}"
+    );
+    std::fs::write(
+        &stub,
+        "#!/bin/sh\necho \"$*\" >> \"$(dirname \"$0\")/argv\"\n",
+    )
+    .expect("stub");
+    let out = install();
+    assert!(out.status.success(), "{out:?}");
+    let ran = std::fs::read_to_string(stubs.path().join("argv")).expect("argv");
+    assert!(
+        ran.lines().any(|l| l == "--user enable --now fleet-broker"),
+        "{ran}"
+    );
 }
 
 /// One journald native-protocol datagram as field → value (`KEY=value\n`, or `KEY\n`, a

@@ -106,10 +106,15 @@ fn a_client_that_sends_half_a_header_is_cut_off() {
     let started = Instant::now();
     let mut buf = [0u8; 256];
     let n = s.read(&mut buf);
+    let took = started.elapsed();
     assert!(
         n.is_ok(),
-        "the connection was closed, not left open: {n:?} after {:?}",
-        started.elapsed()
+        "the connection was closed, not left open: {n:?} after {took:?}"
+    );
+    // Closed by the header timeout (10 s), not at once and not by anything slower.
+    assert!(
+        took >= Duration::from_secs(9) && took < Duration::from_secs(30),
+        "closed after {took:?}"
     );
     // Other clients were served all along.
     assert_eq!(
@@ -364,7 +369,7 @@ fn a_host_rekeyed_behind_our_back_is_refused_once_not_retried_in_a_storm() {
     let started = Instant::now();
     let mut bodies = Vec::new();
     // Requests keep coming for 4 s (bounded: each is answered within connect_timeout).
-    while started.elapsed() < Duration::from_secs(4) && bodies.len() < 200 {
+    while started.elapsed() < Duration::from_secs(4) && bodies.len() < 100_000 {
         let (status, body) = http(&b.socket("c1"), "GET", "/fleet/v1/machines", None);
         assert_eq!(status, 503);
         bodies.push(String::from_utf8_lossy(&body).into_owned());
@@ -711,7 +716,12 @@ fn a_black_holed_tunnel_answers_within_connect_timeout_and_heals() {
     assert_eq!(status, 503);
     assert!(first < Duration::from_secs(6), "503 after {first:?}");
     // Ten seconds of outage with a client asking all along: each answer is bounded.
-    let attempts_before = b.log().matches("tunnel connect failed").count();
+    let connect_attempts = || {
+        b.cluster_info("c1")["connect_attempts"]
+            .as_u64()
+            .expect("connect_attempts")
+    };
+    let attempts_before = connect_attempts();
     let mut slowest = Duration::ZERO;
     let mut requests = 0;
     while started.elapsed() < Duration::from_secs(11) && requests < 100 {
@@ -721,12 +731,16 @@ fn a_black_holed_tunnel_answers_within_connect_timeout_and_heals() {
         slowest = slowest.max(t.elapsed());
         requests += 1;
     }
-    let attempts = b.log().matches("tunnel connect failed").count() - attempts_before;
+    let attempts = connect_attempts() - attempts_before;
     eprintln!(
         "black hole: first 503 after {first:?}; {requests} requests in the outage, slowest {slowest:?}; {attempts} connect attempts failed"
     );
     assert!(slowest < Duration::from_secs(6), "slowest {slowest:?}");
-    assert!(attempts <= 8, "{attempts} attempts in a 10 s outage");
+    // It kept trying (backoff from 250 ms), and not in a storm.
+    assert!(
+        (2..=8).contains(&attempts),
+        "{attempts} attempts in a 10 s outage"
+    );
     ns.black_hole(sshd.port, false);
     wait_until_served(&b, "the tunnel to heal");
     runtime_never_blocked(&b);

@@ -210,19 +210,39 @@ fn ssh_runs_commands_and_passes_the_exit_code() {
     let e = env();
     let r = e.run(&["ssh", M1, "echo", "hi;", "exit", "7"]);
     assert_eq!((r.code, r.stdout.as_str()), (7, "hi\n"), "{r:?}");
+    // `--unit` runs on the unit's machine (m2's stub answers), and what follows `--` reaches
+    // its shell joined with spaces, re-split there.
     let r = e.run(&[
         "ssh",
         "--unit",
         "other",
         "--",
-        "hostname",
-        ">/dev/null;",
+        "systemctl",
+        "status",
+        "x;",
         "echo",
-        "$0",
+        "done",
     ]);
-    assert_eq!(r.code, 0, "{r:?}");
-    let r = e.run(&["ssh", "b2b2", "cat"]);
-    assert_eq!(r.code, 0, "stdin is forwarded and closed: {r:?}");
+    assert_eq!(
+        (r.code, r.stdout.as_str()),
+        (
+            0,
+            "* x - stub unit on m2\n   Active: active (running)\ndone\n"
+        ),
+        "{r:?}"
+    );
+    let r = fleetctl_with_input(
+        &e.b,
+        e.cwd.path(),
+        &[],
+        &["ssh", "b2b2", "cat"],
+        Some(b"line one\nline two\n"),
+    );
+    assert_eq!(
+        (r.code, r.stdout.as_str()),
+        (0, "line one\nline two\n"),
+        "stdin is forwarded and closed: {r:?}"
+    );
     let r = e.run(&["ssh", "hello", "kill -TERM $$"]);
     assert_eq!(r.code, 128 + 15, "a signal gives 128+N: {r:?}");
     // The tunnel host itself is a target too.
@@ -382,7 +402,13 @@ fn pty_is_allocated_and_resizes_reach_it() {
 fn agent_is_forwarded_only_when_asked() {
     let e = env();
     let r = e.run(&["ssh", M1, "ssh-add", "-l"]);
-    assert_ne!(r.code, 0, "no agent without -A: {r:?}");
+    // ssh-add's "no agent" (2), not "no keys" (1) or a failure of ours.
+    assert_eq!(r.code, 2, "no agent without -A: {r:?}");
+    assert!(
+        r.stderr
+            .contains("Could not open a connection to your authentication agent"),
+        "{r:?}"
+    );
     let r = e.run(&["ssh", "-A", M1, "ssh-add", "-l"]);
     assert_eq!(r.code, 0, "{r:?}");
     assert!(r.stdout.contains("id_ed25519 (ED25519)"), "{}", r.stdout);

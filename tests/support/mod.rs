@@ -999,11 +999,28 @@ pub struct Run {
 
 /// Runs our `fleetctl` against a broker, in `cwd`, with only the given FLEETCTL_* variables.
 pub fn fleetctl(broker: &Broker, cwd: &Path, env: &[(&str, &str)], args: &[&str]) -> Run {
+    fleetctl_with_input(broker, cwd, env, args, None)
+}
+
+/// The same, with `input` on its standard input (closed after it), or none.
+pub fn fleetctl_with_input(
+    broker: &Broker,
+    cwd: &Path,
+    env: &[(&str, &str)],
+    args: &[&str],
+    input: Option<&[u8]>,
+) -> Run {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleetctl"));
     cmd.args(args)
         .current_dir(cwd)
         .env("XDG_RUNTIME_DIR", broker.dir.path().join("xdg"))
-        .stdin(Stdio::null());
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
     for (k, _) in std::env::vars() {
         if k.starts_with("FLEETCTL_") {
             cmd.env_remove(k);
@@ -1012,7 +1029,14 @@ pub fn fleetctl(broker: &Broker, cwd: &Path, env: &[(&str, &str)], args: &[&str]
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let out = cmd.output().expect("fleetctl");
+    let mut child = cmd.spawn().expect("fleetctl");
+    if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+        let input = input.to_vec();
+        std::thread::spawn(move || {
+            let _ = stdin.write_all(&input);
+        });
+    }
+    let out = child.wait_with_output().expect("fleetctl");
     Run {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
