@@ -4,27 +4,10 @@
 use std::collections::BTreeMap;
 
 use super::args::{ListFlags, ListUnitFilesFlags};
-use super::table::render;
+use super::table::{machine_legend, render};
 use crate::fleet::schema::{Machine, Unit, UnitState};
 use crate::fleet::unit_file::{description, hash, is_global};
 use crate::fleet_client::FleetClient;
-
-/// `85c0c595...` (or the full ID), plus `/IP` when the machine is known and has one.
-pub(crate) fn machine_legend(id: &str, machine: Option<&Machine>, full: bool) -> String {
-    if id.is_empty() {
-        return "-".into();
-    }
-    let mut s = match id.get(..8) {
-        Some(short) if !full && id.len() > 8 => format!("{short}..."),
-        _ => id.to_string(),
-    };
-    if let Some(m) = machine {
-        if !m.primary_ip.is_empty() {
-            s = format!("{s}/{}", m.primary_ip);
-        }
-    }
-    s
-}
 
 fn dash(s: &str) -> String {
     if s.is_empty() {

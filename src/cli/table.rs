@@ -1,8 +1,28 @@
 //! Go `text/tabwriter` output as fleetctl configures it: minwidth 0, tabwidth 8, padding 1,
 //! padchar TAB, flags 0. Each column but the last is as wide as its longest cell plus one,
-//! rounded up to a multiple of 8, and cells are padded with TABs.
+//! rounded up to a multiple of 8, and cells are padded with TABs. And the machine legend the
+//! tables and the wait messages show.
+
+use crate::fleet::schema::Machine;
 
 const TABWIDTH: usize = 8;
+
+/// `85c0c595...` (or the full ID), plus `/IP` when the machine is known and has one.
+pub(crate) fn machine_legend(id: &str, machine: Option<&Machine>, full: bool) -> String {
+    if id.is_empty() {
+        return "-".into();
+    }
+    let mut s = match id.get(..8) {
+        Some(short) if !full && id.len() > 8 => format!("{short}..."),
+        _ => id.to_string(),
+    };
+    if let Some(m) = machine {
+        if !m.primary_ip.is_empty() {
+            s = format!("{s}/{}", m.primary_ip);
+        }
+    }
+    s
+}
 
 /// Formats rows (each a list of cells) into tab-padded text, one line per row.
 pub(crate) fn render(rows: &[Vec<String>]) -> String {

@@ -53,7 +53,7 @@ impl Ctx {
             *cache = self.api.machines().await.ok();
         }
         let m = cache.as_ref()?.iter().find(|m| m.id == id)?.clone();
-        Some(super::lists::machine_legend(&m.id, Some(&m), false))
+        Some(super::table::machine_legend(&m.id, Some(&m), false))
     }
 }
 
