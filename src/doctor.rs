@@ -276,7 +276,7 @@ async fn check_ssh_and_api(r: &mut Report, c: &ClusterConfig, spec: &DialSpec) {
 async fn fleet_api(conn: &dial::Connection, endpoint: &Endpoint) -> Result<String, String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (ch, via) = match (
-        crate::proxy::open_endpoint(&conn.handle, endpoint).await,
+        crate::tunnel::open_endpoint(&conn.handle, endpoint).await,
         endpoint,
     ) {
         (Ok(ch), _) => (ch, ""),

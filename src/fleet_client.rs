@@ -315,7 +315,7 @@ impl FleetClient {
             }
             let broker = resp
                 .headers()
-                .get(crate::proxy::BROKER_ERROR_HEADER)
+                .get(crate::protocol::BROKER_ERROR_HEADER)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string);
             let bytes = http_body_util::Limited::new(resp.into_body(), self.max_response)

@@ -26,11 +26,8 @@ use crate::http::{fleet_error, Body};
 use crate::tunnel::channel::DrainedChannel;
 use crate::tunnel::Tunnel;
 
-/// Names the cluster on an answer the broker made itself because the tunnel could not carry
-/// the request (never on fleetd's own answers).
-pub(crate) const BROKER_ERROR_HEADER: &str = "fleet-broker-error";
-/// Attempts to open a channel when sshd reports the remote connect failed (listener backlog).
-const OPEN_ATTEMPTS: u32 = 6;
+use crate::protocol::BROKER_ERROR_HEADER;
+use crate::tunnel::open_endpoint;
 /// Idle pooled upstream connections kept per cluster.
 const POOL_MAX_IDLE: usize = 32;
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -106,34 +103,6 @@ where
     )
     .await?;
     Ok(ch)
-}
-
-/// Opens a byte stream to the cluster's fleet endpoint on the tunnel's SSH connection,
-/// retrying when sshd could not connect to the endpoint (its listener backlog was full).
-pub async fn open_endpoint(
-    handle: &russh::client::Handle<crate::tunnel::ClientHandler>,
-    endpoint: &Endpoint,
-) -> Result<Channel<Msg>, russh::Error> {
-    let mut attempt = 0;
-    loop {
-        let r = match endpoint {
-            Endpoint::Unix(path) => handle.channel_open_direct_streamlocal(path.clone()).await,
-            Endpoint::Http { host, port } => {
-                handle
-                    .channel_open_direct_tcpip(host.clone(), u32::from(*port), "127.0.0.1", 0)
-                    .await
-            }
-        };
-        match r {
-            Err(russh::Error::ChannelOpenFailure(russh::ChannelOpenFailure::ConnectFailed))
-                if attempt + 1 < OPEN_ATTEMPTS =>
-            {
-                attempt += 1;
-                tokio::time::sleep(Duration::from_millis(5u64 << attempt)).await;
-            }
-            other => return other,
-        }
-    }
 }
 
 /// A new upstream connection to the cluster's fleet endpoint: streamlocal (or direct-tcpip),

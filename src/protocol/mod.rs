@@ -2,6 +2,10 @@
 //! ([`ClusterInfo`], [`Status`]), host-key reports, exec requests and errors ([`exec`]) and the
 //! frame stream of a running session ([`frame`]). Pure data; both the daemon and the CLI use it.
 
+/// Names the cluster on an answer the broker made itself because the tunnel could not carry
+/// the request (never on fleetd's own answers); our fleetctl tells a tunnel fault by it.
+pub const BROKER_ERROR_HEADER: &str = "fleet-broker-error";
+
 pub mod exec;
 pub mod frame;
 

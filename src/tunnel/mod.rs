@@ -805,3 +805,37 @@ async fn answered_yes(ch: &mut russh::Channel<russh::client::Msg>) -> bool {
         }
     }
 }
+
+/// Attempts to open a channel to the endpoint when sshd reports the remote connect failed
+/// (its listener backlog was full).
+const ENDPOINT_OPEN_ATTEMPTS: u32 = 6;
+
+/// Opens a byte stream to the cluster's fleet endpoint on the tunnel's SSH connection,
+/// retrying when sshd could not connect to the endpoint (its listener backlog was full).
+pub async fn open_endpoint(
+    handle: &russh::client::Handle<ClientHandler>,
+    endpoint: &crate::config::Endpoint,
+) -> Result<russh::Channel<russh::client::Msg>, russh::Error> {
+    let mut attempt = 0;
+    loop {
+        let r = match endpoint {
+            crate::config::Endpoint::Unix(path) => {
+                handle.channel_open_direct_streamlocal(path.clone()).await
+            }
+            crate::config::Endpoint::Http { host, port } => {
+                handle
+                    .channel_open_direct_tcpip(host.clone(), u32::from(*port), "127.0.0.1", 0)
+                    .await
+            }
+        };
+        match r {
+            Err(russh::Error::ChannelOpenFailure(russh::ChannelOpenFailure::ConnectFailed))
+                if attempt + 1 < ENDPOINT_OPEN_ATTEMPTS =>
+            {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(5u64 << attempt)).await;
+            }
+            other => return other,
+        }
+    }
+}
