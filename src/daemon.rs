@@ -78,8 +78,8 @@ pub struct Daemon {
     /// The audit trail, shared by every cluster and the control socket.
     audit: Arc<crate::audit::AuditLog>,
     control_task: JoinHandle<()>,
-    /// Reload requests from the control socket, for the owner of the daemon to act on.
-    pub reload_rx: mpsc::Receiver<ReloadRequest>,
+    /// Reload requests from the control socket, acted on by the service loop (`service`).
+    pub(crate) reload_rx: mpsc::Receiver<ReloadRequest>,
 }
 
 /// Undoes a start that failed part-way: no half-served state is left behind.

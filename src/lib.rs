@@ -37,6 +37,7 @@ pub mod protocol;
 pub(crate) mod proxy;
 pub(crate) mod registry;
 pub mod remote_command;
+pub mod service;
 #[cfg(feature = "demo")]
 pub mod sim;
 pub(crate) mod sock_diag;

@@ -8,8 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use fleet_broker::config::{default_config_path, Config};
 use fleet_broker::control::client::error_text;
-use fleet_broker::daemon::{Daemon, DaemonOptions};
-use fleet_broker::notify::{notify, summary};
+use fleet_broker::daemon::DaemonOptions;
 use fleet_broker::protocol::{ClusterInfo, ClusterList};
 
 #[derive(Parser)]
@@ -466,7 +465,10 @@ async fn run(cli: Cli, passed: fleet_broker::activation::Passed) -> anyhow::Resu
         );
     }
     match cli.command {
-        Cmd::Serve => serve(cli.config.unwrap_or_else(default_config_path), passed).await,
+        Cmd::Serve => {
+            fleet_broker::service::serve(cli.config.unwrap_or_else(default_config_path), passed)
+                .await
+        }
         Cmd::Reload => {
             let (status, body) = control_request("POST", "/v1/reload").await?;
             if status != 200 {
@@ -789,66 +791,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs the daemon until SIGTERM/SIGINT; SIGHUP and `fleet-broker reload` re-read the config.
-async fn serve(path: PathBuf, passed: fleet_broker::activation::Passed) -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let config = Config::load(&path)?;
-    let mut opts = DaemonOptions::from_env();
-    for other in &passed.ignored {
-        tracing::warn!(descriptor = %other, "ignoring a socket the service manager passed: only `{}` (the control socket) is used", fleet_broker::activation::CONTROL_NAME);
-    }
-    if passed.control.is_some() {
-        tracing::info!("serving the control socket the service manager passed");
-    }
-    opts.control_fd = passed.control.map(std::sync::Arc::new);
-    if opts.agent_socket.is_none() {
-        tracing::warn!("SSH_AUTH_SOCK is not set: only identity_files can authenticate");
-    }
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut daemon = Daemon::start(&config, &opts).await?;
-    tracing::info!(control = %daemon.control_socket.display(), clusters = config.clusters.len(), "fleet-broker ready");
-    // Every socket accepts now.
-    notify(&format!(
-        "READY=1\nMAINPID={}\nSTATUS={}",
-        std::process::id(),
-        summary(&daemon.cluster_infos())
-    ));
-    loop {
-        tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            _ = hup.recv() => {
-                let _ = reload_notified(&daemon, &path).await;
-            }
-            Some(reply) = daemon.reload_rx.recv() => {
-                let result = reload_notified(&daemon, &path).await;
-                let _ = reply.send(result);
-            }
-        }
-    }
-    tracing::info!("shutting down");
-    notify("STOPPING=1\nSTATUS=stopping");
-    daemon.shutdown().await;
-    Ok(())
-}
-
-/// A reload between `RELOADING=1` and `READY=1`; a failure is logged and said in `STATUS=`.
-async fn reload_notified(daemon: &Daemon, path: &std::path::Path) -> Result<String, String> {
-    notify("RELOADING=1\nSTATUS=reloading the config");
-    let result = reload(daemon, path).await;
-    let status = summary(&daemon.cluster_infos());
-    match &result {
-        Ok(_) => notify(&format!("READY=1\nSTATUS={status}")),
-        Err(e) => {
-            tracing::error!(error = %e, "config not reloaded; the running config stays");
-            notify(&format!("READY=1\nSTATUS={status} (last reload failed)"));
-        }
-    }
-    result
-}
-
 /// A configured cluster, or an error listing the configured ones.
 fn find_cluster<'a>(
     config: &'a Config,
@@ -866,12 +808,6 @@ fn find_cluster<'a>(
                 .join(", ")
         )
     })
-}
-
-/// Re-reads the config; a file that does not load leaves the running config alone.
-async fn reload(daemon: &Daemon, path: &std::path::Path) -> Result<String, String> {
-    let config = Config::load(path).map_err(|e| e.to_string())?;
-    daemon.reload(&config).await.map_err(|e| e.to_string())
 }
 
 /// The daemon runs on one thread by default: its work is moving bytes between sockets and
