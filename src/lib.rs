@@ -26,6 +26,7 @@ pub(crate) mod front_door;
 pub mod fuzzing;
 pub(crate) mod http;
 pub mod import;
+pub mod install;
 pub mod known_hosts;
 pub(crate) mod lag;
 pub mod local;
