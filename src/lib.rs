@@ -42,6 +42,7 @@ pub mod service;
 #[cfg(feature = "demo")]
 pub mod sim;
 pub(crate) mod sock_diag;
+pub mod status;
 pub(crate) mod throttle;
 pub mod trust;
 pub mod tunnel;
