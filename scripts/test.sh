@@ -3,7 +3,8 @@
 # and nftables for the network fault tests, man-db to render the man pages, systemd for
 # systemd-socket-activate and systemd-analyze; it is not started; socat, whose
 # so-bindtodevice plays another user's device-bound client of the front door) when missing,
-# then checks formatting, lints and that the benchmark builds, and runs the whole test suite.
+# then checks formatting, lints and that the benchmark and the fuzz targets build, and runs the
+# whole test suite.
 # Works on a fresh Debian 12 machine as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +38,8 @@ trap 'rm -f "$log"' EXIT
 cargo fmt --check
 cargo clippy --locked --all-targets -- -D warnings
 cargo bench --locked --no-run
+# The fuzz targets (a workspace of their own; running them needs nightly, checking does not).
+cargo check --locked --manifest-path fuzz/Cargo.toml
 set +e
 cargo test --locked 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
