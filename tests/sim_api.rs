@@ -422,6 +422,37 @@ fn answers_as_fleet_and_go_do_where_the_simulator_once_differed() {
         (404, r#"{"error":{"code":404,"message":""}}"#.into())
     );
 
+    // A body that is not JSON gets Go's words; what follows the first value is not read.
+    for (body, why) in [
+        (r#"{"name":"#, "unexpected EOF"),
+        ("", "EOF"),
+        (
+            "{'a'}",
+            // The JSON text escapes the backslash Go puts before the quote.
+            r"invalid character '\\'' looking for beginning of object key string",
+        ),
+    ] {
+        let (s, answer) = put(
+            &sim,
+            "/fleet/v1/units/c.service",
+            Some("application/json"),
+            body,
+        );
+        assert_eq!(s, 400, "{body:?}");
+        assert_eq!(
+            answer,
+            format!(r#"{{"error":{{"code":400,"message":"unable to decode body: {why}"}}}}"#),
+            "{body:?}"
+        );
+    }
+    let (s, _) = put(
+        &sim,
+        "/fleet/v1/units/c.service",
+        Some("application/json"),
+        &format!("{} trailing", HELLO.replace("hello.service", "c.service")),
+    );
+    assert_eq!(s, 201);
+
     // A 415 comes after the body is read: a client sending 1 MiB is not cut off.
     let big = "x".repeat(1 << 20);
     let (s, body) = put(&sim, "/fleet/v1/units/b.service", Some("text/plain"), &big);

@@ -489,13 +489,19 @@ async fn put_unit(sim: &Mutex<Sim>, url_name: &str, req: Request<Incoming>) -> R
         Ok(b) => b,
         Err(r) => return r,
     };
-    let mut unit: Unit = match serde_json::from_slice(&body) {
+    // Go's Decoder reads the first value only; what follows it is never looked at.
+    let first = serde_json::Deserializer::from_slice(&body)
+        .into_iter::<Unit>()
+        .next()
+        .unwrap_or_else(|| Err(serde::de::Error::custom("EOF")));
+    let mut unit: Unit = match first {
         Ok(u) => u,
         Err(e) => {
+            let why = super::go_json::syntax_error(&body).unwrap_or_else(|| e.to_string());
             return error(
                 StatusCode::BAD_REQUEST,
-                &format!("unable to decode body: {e}"),
-            )
+                &format!("unable to decode body: {why}"),
+            );
         }
     };
     if unit.name.is_empty() {
@@ -587,7 +593,10 @@ async fn patch_machines(sim: &Mutex<Sim>, req: Request<Incoming>) -> Response<Bo
     };
     let ops: Vec<Op> = match serde_json::from_slice(&body) {
         Ok(o) => o,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
+        Err(e) => {
+            let why = super::go_json::syntax_error(&body).unwrap_or_else(|| e.to_string());
+            return error(StatusCode::BAD_REQUEST, &why);
+        }
     };
     for op in &ops {
         if !matches!(op.op.as_str(), "add" | "remove" | "replace") {

@@ -6,6 +6,7 @@
 
 mod api;
 mod engine;
+mod go_json;
 mod wire;
 
 pub use api::{serve, serve_tcp};
