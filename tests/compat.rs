@@ -102,6 +102,16 @@ fn start_without_systemd_reporting_active_ends_like_the_original() {
             "Error waiting for units: {err}\nError waiting for systemd unit states, err: {err}\n"
         )
     );
+    // One 2 s window whatever --block-attempts says, as the original.
+    e.write("hello2.service", HELLO);
+    let r = e.run(&["start", "--block-attempts=3", "hello2"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stderr.contains(
+            "Failed to find an active unit hello2.service within 2s, err: Failed to fetch states within 2s"
+        ),
+        "{r:?}"
+    );
 }
 
 /// Point 5: `verify` prints cobra's deprecation line before its own warning.
