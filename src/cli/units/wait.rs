@@ -217,16 +217,19 @@ pub(super) async fn wait_for_systemd_active(
     names: &[String],
     block: Block,
 ) -> Result<(), String> {
-    // The original gives up after one 2 s window, whatever --block-attempts says (reference
-    // B.6, observed).
-    if block == Block::No {
-        for n in names {
-            println!("Triggered unit {n} start");
+    // The original gives up after one 2 s window unless --block-attempts says more.
+    let windows = match block {
+        Block::No => {
+            for n in names {
+                println!("Triggered unit {n} start");
+            }
+            return Ok(());
         }
-        return Ok(());
-    }
-    let window = ATTEMPT;
-    let polls = (ATTEMPT.as_millis() / POLL.as_millis()) as u32;
+        Block::Forever => 1,
+        Block::Attempts(n) => n,
+    };
+    let window = ATTEMPT * windows;
+    let polls = windows * (ATTEMPT.as_millis() / POLL.as_millis()) as u32;
     for name in names {
         let mut ok = false;
         for _ in 0..polls {
