@@ -115,3 +115,32 @@ pub(crate) fn get(path: &Path) -> Result<Option<Zeroizing<String>>, String> {
         Err(_) => Err("the kernel keyring: the stored passphrase is not UTF-8; store it again with `fleet-broker passphrase set`".into()),
     }
 }
+
+/// Reads a secret from the controlling terminal with echo off (restored on every path); the
+/// line ending is not part of it.
+pub fn read_from_terminal(prompt: &str) -> std::io::Result<Zeroizing<String>> {
+    use nix::sys::termios::{tcgetattr, tcsetattr, LocalFlags, SetArg};
+    use std::io::{BufRead, Write};
+    let mut tty = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/tty")
+        .map_err(|e| std::io::Error::other(format!("no terminal to ask on ({e}); pass --stdin")))?;
+    let saved = tcgetattr(&tty).map_err(std::io::Error::from)?;
+    let mut quiet = saved.clone();
+    quiet.local_flags.remove(LocalFlags::ECHO);
+    tcsetattr(&tty, SetArg::TCSANOW, &quiet).map_err(std::io::Error::from)?;
+    let read = (|| -> std::io::Result<String> {
+        tty.write_all(prompt.as_bytes())?;
+        tty.flush()?;
+        let mut line = String::new();
+        std::io::BufReader::new(&tty).read_line(&mut line)?;
+        Ok(line)
+    })();
+    let _ = tcsetattr(&tty, SetArg::TCSANOW, &saved);
+    let _ = tty.write_all(b"\n");
+    let line = Zeroizing::new(read?);
+    Ok(Zeroizing::new(
+        line.trim_end_matches(['\n', '\r']).to_string(),
+    ))
+}

@@ -500,7 +500,10 @@ async fn run(cli: Cli, passed: fleet_broker::activation::Passed) -> anyhow::Resu
                 std::io::BufRead::read_line(&mut std::io::stdin().lock(), &mut line)?;
                 zeroize::Zeroizing::new(line.trim_end_matches(['\n', '\r']).to_string())
             } else {
-                read_secret(&format!("Passphrase for {}: ", path.display()))?
+                fleet_broker::passphrase::read_from_terminal(&format!(
+                    "Passphrase for {}: ",
+                    path.display()
+                ))?
             };
             fleet_broker::passphrase::set(&path, &secret).map_err(anyhow::Error::msg)?;
             println!(
@@ -688,36 +691,6 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
             .enable_all()
             .build(),
     }
-}
-
-/// `--yes` / `--fingerprint` as a confirmation mode; `--yes` without a terminal is refused
-/// before anything is dialled.
-/// Reads a secret from the controlling terminal with echo off (restored on every path).
-fn read_secret(prompt: &str) -> anyhow::Result<zeroize::Zeroizing<String>> {
-    use nix::sys::termios::{tcgetattr, tcsetattr, LocalFlags, SetArg};
-    use std::io::{BufRead, Write};
-    let mut tty = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/tty")
-        .map_err(|e| anyhow::anyhow!("no terminal to ask on ({e}); pass --stdin"))?;
-    let saved = tcgetattr(&tty)?;
-    let mut quiet = saved.clone();
-    quiet.local_flags.remove(LocalFlags::ECHO);
-    tcsetattr(&tty, SetArg::TCSANOW, &quiet)?;
-    let read = (|| -> std::io::Result<String> {
-        tty.write_all(prompt.as_bytes())?;
-        tty.flush()?;
-        let mut line = String::new();
-        std::io::BufReader::new(&tty).read_line(&mut line)?;
-        Ok(line)
-    })();
-    let _ = tcsetattr(&tty, SetArg::TCSANOW, &saved);
-    let _ = tty.write_all(b"\n");
-    let line = zeroize::Zeroizing::new(read?);
-    Ok(zeroize::Zeroizing::new(
-        line.trim_end_matches(['\n', '\r']).to_string(),
-    ))
 }
 
 /// Asks a running daemon to retry its clusters now (a stored passphrase may be what they
