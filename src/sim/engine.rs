@@ -187,7 +187,7 @@ impl Sim {
 
     fn unit_view(&self, name: &str, u: &SimUnit, item: bool) -> Unit {
         let global = is_global(&u.options);
-        let shown = self.shown(name, u, Instant::now());
+        let (machine, current) = self.shown_placement(u, Instant::now());
         let current = if global {
             if item {
                 String::new()
@@ -195,7 +195,7 @@ impl Sim {
                 "inactive".into()
             }
         } else {
-            shown.current.unwrap_or_default()
+            current.unwrap_or_default()
         };
         Unit {
             current_state: current,
@@ -203,7 +203,7 @@ impl Sim {
             machine_id: if global {
                 String::new()
             } else {
-                shown.machine.unwrap_or_default()
+                machine.unwrap_or_default()
             },
             name: name.into(),
             options: u.options.clone(),
@@ -430,7 +430,7 @@ impl Sim {
             return out;
         }
         for (name, u) in &self.units {
-            out.extend(self.shown(name, u, now).states);
+            out.extend(self.shown_states(name, u, now));
         }
         for (until, states) in &self.ghosts {
             if *until > now {
@@ -475,53 +475,74 @@ impl Sim {
         out
     }
 
-    /// What the API shows of a unit at `now`: where the cluster has got to since the last
-    /// change made through the API.
-    fn shown(&self, name: &str, u: &SimUnit, now: Instant) -> Shown {
-        let target = Shown {
-            machine: u.machine.clone(),
-            current: Some(u.current.clone()),
-            states: self.target_states(name, u),
-        };
+    /// How far the cluster has got since the unit's last change made through the API: the
+    /// delays, the time since, and what was shown before; `None` when it shows the unit as
+    /// it is.
+    fn catching_up<'u>(
+        &self,
+        u: &'u SimUnit,
+        now: Instant,
+    ) -> Option<(FleetDelays, Duration, &'u Shown)> {
         let (Timing::Fleet(d), Some(change)) = (self.timing, &u.change) else {
-            return target;
+            return None;
         };
-        let age = now.saturating_duration_since(change.at);
-        let before = &change.before;
+        Some((d, now.saturating_duration_since(change.at), &change.before))
+    }
+
+    /// The machine and current state the API shows of a unit at `now`.
+    fn shown_placement(&self, u: &SimUnit, now: Instant) -> (Option<String>, Option<String>) {
+        let Some((d, age, before)) = self.catching_up(u, now) else {
+            return (u.machine.clone(), Some(u.current.clone()));
+        };
         let current_delay = match (&before.current, u.current.as_str()) {
             (None, _) => d.new_state,
             (Some(_), "launched") => d.launched,
             _ => d.stopped,
         };
-        let states_delay = if is_global(&u.options) {
-            d.global
-        } else {
-            d.systemd
-        };
-        Shown {
-            machine: if age >= d.machine {
-                target.machine
+        (
+            if age >= d.machine {
+                u.machine.clone()
             } else {
                 before.machine.clone()
             },
-            current: if age >= current_delay {
-                target.current
+            if age >= current_delay {
+                Some(u.current.clone())
             } else {
                 before.current.clone()
             },
-            states: if age >= states_delay {
-                target.states
-            } else {
+        )
+    }
+
+    /// The unit's states as systemd reports them at `now`.
+    fn shown_states(&self, name: &str, u: &SimUnit, now: Instant) -> Vec<UnitState> {
+        match self.catching_up(u, now) {
+            Some((d, age, before))
+                if age
+                    < if is_global(&u.options) {
+                        d.global
+                    } else {
+                        d.systemd
+                    } =>
+            {
                 before.states.clone()
-            },
+            }
+            _ => self.target_states(name, u),
         }
     }
 
     /// What the API shows of a unit now, before a change made through the API (nothing for
     /// a unit that does not exist).
     pub(crate) fn before_change(&self, name: &str) -> Shown {
+        let now = Instant::now();
         match self.units.get(name) {
-            Some(u) => self.shown(name, u, Instant::now()),
+            Some(u) => {
+                let (machine, current) = self.shown_placement(u, now);
+                Shown {
+                    machine,
+                    current,
+                    states: self.shown_states(name, u, now),
+                }
+            }
             None => Shown::default(),
         }
     }
