@@ -153,6 +153,10 @@ impl DrainedChannel {
         let drain_release = release.clone();
         let drain_shared = shared.clone();
         tokio::spawn(tracing::Instrument::in_current_span(async move {
+            // One timer for the stall limit, moved only when the deadline moves.
+            let stall = tokio::time::sleep_until(Instant::now());
+            tokio::pin!(stall);
+            let mut armed: Option<Instant> = None;
             loop {
                 let stall_at = {
                     let s = lock(&drain_shared);
@@ -161,14 +165,15 @@ impl DrainedChannel {
                         _ => None,
                     }
                 };
+                if let Some(at) = stall_at {
+                    if armed != Some(at) {
+                        stall.as_mut().reset(at);
+                    }
+                }
+                armed = stall_at;
                 let msg = tokio::select! {
                     m = read_half.wait() => m,
-                    () = async {
-                        match stall_at {
-                            Some(at) => tokio::time::sleep_until(at).await,
-                            None => std::future::pending().await,
-                        }
-                    } => {
+                    () = &mut stall, if stall_at.is_some() => {
                         let mut s = lock(&drain_shared);
                         if let Some(limit) = s.stall_limit {
                             if s.buffered > 0 && !s.cut && s.progress.elapsed() >= limit {
@@ -180,6 +185,8 @@ impl DrainedChannel {
                                 s.cut_off("the local reader took nothing while data waited; channel closed");
                             }
                         }
+                        // Fired: armed again on the next turn, if still due.
+                        armed = None;
                         continue;
                     }
                 };
