@@ -23,11 +23,10 @@ use russh::Channel;
 
 use crate::config::Endpoint;
 use crate::http::{fleet_error, Body};
-use crate::tunnel::channel::DrainedChannel;
-use crate::tunnel::Tunnel;
-
 use crate::protocol::BROKER_ERROR_HEADER;
-use crate::tunnel::open_endpoint;
+use crate::tunnel::channel::DrainedChannel;
+use crate::tunnel::{open_endpoint, Tunnel};
+
 /// Idle pooled upstream connections kept per cluster.
 const POOL_MAX_IDLE: usize = 32;
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
