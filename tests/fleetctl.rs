@@ -340,6 +340,22 @@ fn templates_from_local_file_and_registry() {
     assert_eq!((r.code, r.stderr.as_str()), (1, "Error creating units: unable to find Unit(nothere.service) in Registry or on filesystem\n"));
 }
 
+/// fleetd leaves an option's empty value out of its answers (every field is omitempty);
+/// `ExecStartPre=` (which empties systemd's list) comes back and prints as written.
+#[test]
+fn an_option_with_an_empty_value_survives_the_round_trip() {
+    let e = env();
+    let unit = "[Service]\nExecStartPre=\nExecStart=/bin/sleep 1000\n";
+    e.write("empty.service", unit);
+    ok(&e.run(&["submit", "empty"]));
+    let r = e.run(&["cat", "empty"]);
+    ok(&r);
+    assert_eq!(r.stdout, unit);
+    let r = e.run(&["list-unit-files", "--no-legend", "--fields", "unit,hash"]);
+    ok(&r);
+    assert!(r.stdout.starts_with("empty.service\t"), "{r:?}");
+}
+
 #[test]
 fn replace_rules() {
     let e = env();

@@ -431,6 +431,15 @@ fn answers_as_fleet_and_go_do_where_the_simulator_once_differed() {
             // The JSON text escapes the backslash Go puts before the quote.
             r"invalid character '\\'' looking for beginning of object key string",
         ),
+        // Well formed, the wrong shape: Go's type error, the field named by its path.
+        (
+            r#"{"name":1}"#,
+            "json: cannot unmarshal number into Go struct field Unit.name of type string",
+        ),
+        (
+            r#"{"options":[{"section":"Service","name":"ExecStart","value":["/bin/true"]}]}"#,
+            "json: cannot unmarshal array into Go struct field UnitOption.options.value of type string",
+        ),
     ] {
         let (s, answer) = put(
             &sim,
@@ -452,6 +461,37 @@ fn answers_as_fleet_and_go_do_where_the_simulator_once_differed() {
         &format!("{} trailing", HELLO.replace("hello.service", "c.service")),
     );
     assert_eq!(s, 201);
+    // Keys match whatever their case, `null` is no value, and an option with an empty
+    // value is stored and answered without one, as fleetd's omitempty fields are.
+    let (s, answer) = put(
+        &sim,
+        "/fleet/v1/units/d.service",
+        Some("application/json"),
+        r#"{"Name":"d.service","DESIREDSTATE":"inactive","machineID":null,"Options":[
+            {"section":"Service","name":"ExecStartPre","value":""},
+            {"section":"Service","name":"ExecStart","value":"/bin/true"}]}"#,
+    );
+    assert_eq!(s, 201, "{answer}");
+    let (_, unit) = get(&sim, "/fleet/v1/units/d.service");
+    assert!(
+        unit.contains(r#"{"name":"ExecStartPre","section":"Service"},{"name":"ExecStart","#),
+        "{unit}"
+    );
+    // The nested value of a metadata op; the flat form is Go's type error.
+    let (s, answer) = http(
+        &sim.socket,
+        "PATCH",
+        "/fleet/v1/machines",
+        Some(&format!(
+            r#"[{{"op":"add","path":"/{id}/metadata/tier","value":"edge"}}]"#
+        )),
+    );
+    assert_eq!(s, 400);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.contains("json: cannot unmarshal string into Go struct field machineMetadataOp.Value of type api.ValueType"),
+        "{answer}"
+    );
 
     // A 415 comes after the body is read: a client sending 1 MiB is not cut off.
     let big = "x".repeat(1 << 20);

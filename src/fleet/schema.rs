@@ -13,10 +13,14 @@ fn is_empty_str(s: &str) -> bool {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UnitOption {
     /// The option's name (`ExecStart`).
+    #[serde(default, skip_serializing_if = "is_empty_str")]
     pub name: String,
     /// The section it is in (`Service`).
+    #[serde(default, skip_serializing_if = "is_empty_str")]
     pub section: String,
-    /// Its value.
+    /// Its value (fleetd leaves an empty one out, as in `ExecStartPre=`, which empties
+    /// systemd's list).
+    #[serde(default, skip_serializing_if = "is_empty_str")]
     pub value: String,
 }
 
@@ -146,5 +150,14 @@ mod tests {
             serde_json::to_string(&m).unwrap(),
             r#"{"machines":[{"id":"85c0c5951d6b4f3aa2b8c9d0e1f2a3b4","primaryIP":"172.17.8.102"}],"nextPageToken":"AgACAA=="}"#
         );
+    }
+
+    /// fleetd leaves out every empty field, an option's empty value too.
+    #[test]
+    fn an_option_without_its_empty_value_reads_and_writes_as_fleetds() {
+        let wire = r#"{"name":"ExecStartPre","section":"Service"}"#;
+        let o: UnitOption = serde_json::from_str(wire).expect("fleetd's option reads");
+        assert_eq!(o.value, "");
+        assert_eq!(serde_json::to_string(&o).expect("writes"), wire);
     }
 }

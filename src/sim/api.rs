@@ -490,14 +490,9 @@ async fn put_unit(sim: &Mutex<Sim>, url_name: &str, req: Request<Incoming>) -> R
         Err(r) => return r,
     };
     // Go's Decoder reads the first value only; what follows it is never looked at.
-    let first = serde_json::Deserializer::from_slice(&body)
-        .into_iter::<Unit>()
-        .next()
-        .unwrap_or_else(|| Err(serde::de::Error::custom("EOF")));
-    let mut unit: Unit = match first {
+    let mut unit: Unit = match super::go_json::decode(&body, &super::go_json::UNIT) {
         Ok(u) => u,
-        Err(e) => {
-            let why = super::go_json::syntax_error(&body).unwrap_or_else(|| e.to_string());
+        Err(why) => {
             return error(
                 StatusCode::BAD_REQUEST,
                 &format!("unable to decode body: {why}"),
@@ -577,26 +572,28 @@ async fn put_unit(sim: &Mutex<Sim>, url_name: &str, req: Request<Incoming>) -> R
 }
 
 async fn patch_machines(sim: &Mutex<Sim>, req: Request<Incoming>) -> Response<Body> {
+    // What `go_json::METADATA_OPS` leaves: the keys of fleet's Go struct, absent when empty.
     #[derive(serde::Deserialize)]
     struct Value {
+        #[serde(default)]
         value: String,
     }
     #[derive(serde::Deserialize)]
     struct Op {
+        #[serde(default)]
         op: String,
+        #[serde(default)]
         path: String,
+        #[serde(rename = "Value")]
         value: Option<Value>,
     }
     let body = match read_body(req).await {
         Ok(b) => b,
         Err(r) => return r,
     };
-    let ops: Vec<Op> = match serde_json::from_slice(&body) {
+    let ops: Vec<Op> = match super::go_json::decode(&body, &super::go_json::METADATA_OPS) {
         Ok(o) => o,
-        Err(e) => {
-            let why = super::go_json::syntax_error(&body).unwrap_or_else(|| e.to_string());
-            return error(StatusCode::BAD_REQUEST, &why);
-        }
+        Err(why) => return error(StatusCode::BAD_REQUEST, &why),
     };
     for op in &ops {
         if !matches!(op.op.as_str(), "add" | "remove" | "replace") {
