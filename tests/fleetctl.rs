@@ -947,85 +947,119 @@ fn on_fleetds_own_socket_remote_commands_look_up_as_the_original_and_name_what_s
     }
 }
 
-/// On the simulator moving as fleet does (reference B.6: a new unit's state after 2.0 s,
-/// `launched` after 1.5 s, systemd after 1.6 s…), every wait with `--block-attempts=1` ends as
-/// the original's does on fleet: new and already-submitted units succeed, a unit no machine
-/// can take times out after one attempt (two with `--block-attempts=2`).
-#[test]
-fn waits_on_fleets_clock_end_as_the_originals_do() {
+/// Every wait command on the simulator moving as fleet does (reference B.6), with
+/// `--block-attempts=N`, on a unit that is new, one already submitted or running, and one
+/// that never gets there: each succeeds or fails where the original does on fleet, and a
+/// failure comes only after the original's windows.
+fn waits_on_fleets_clock(attempts: u32) {
     use fleet_broker::sim::{FleetDelays, Timing};
     use std::time::Instant;
     let env = CliEnv::new();
     env.sim().timing = Timing::Fleet(FleetDelays::observed());
-    for name in ["new1", "new2", "sub"] {
-        env.write(
-            &format!("{name}.service"),
-            "[Service]\nExecStart=/bin/sleep 1000\n",
-        );
+    let sleeper = "[Service]\nExecStart=/bin/sleep 1000\n";
+    let nowhere = "[Service]\nExecStart=/bin/true\n\n[X-Fleet]\nMachineID=nope\n";
+    for name in [
+        "new-load",
+        "new-start",
+        "sub-load",
+        "sub-start",
+        "run",
+        "halt",
+    ] {
+        env.write(&format!("{name}.service"), sleeper);
     }
-    for name in ["bad1", "bad2"] {
-        env.write(
-            &format!("{name}.service"),
-            "[Service]\nExecStart=/bin/true\n\n[X-Fleet]\nMachineID=nope\n",
-        );
+    for name in ["bad-load", "bad-start"] {
+        env.write(&format!("{name}.service"), nowhere);
     }
-    let timed = |args: &[&str]| {
+    let flag = format!("--block-attempts={attempts}");
+    let timed = |cmd: &str, unit: &str| {
         let t = Instant::now();
-        let r = env.run(args);
+        // submit does not wait, and has no such flag.
+        let r = if cmd == "submit" {
+            env.run(&[cmd, unit])
+        } else {
+            env.run(&[cmd, &flag, unit])
+        };
+        let took = t.elapsed();
         eprintln!(
-            "{:<40} exit {} in {:.2} s",
-            args.join(" "),
+            "{cmd} {flag} {unit}: exit {} in {:.2} s",
             r.code,
-            t.elapsed().as_secs_f64()
+            took.as_secs_f64()
         );
-        (r, t.elapsed())
+        (r, took)
     };
-    let ok = |args: &[&str], line: &str| {
-        let (r, _) = timed(args);
-        assert_eq!(r.code, 0, "{args:?}: {r:?}");
-        assert!(r.stdout.contains(line), "{args:?}: {r:?}");
+    let ok = |cmd: &str, unit: &str, line: &str| {
+        let (r, _) = timed(cmd, unit);
+        assert_eq!(r.code, 0, "{cmd} {flag} {unit}: {r:?}");
+        assert!(r.stdout.contains(line), "{cmd} {flag} {unit}: {r:?}");
     };
-    ok(
-        &["load", "--block-attempts=1", "new1.service"],
-        "Unit new1.service loaded on",
-    );
-    ok(
-        &["start", "--block-attempts=1", "new2.service"],
-        "Unit new2.service launched on",
-    );
-    ok(&["submit", "sub.service"], "Unit sub.service inactive");
-    ok(
-        &["start", "--block-attempts=1", "sub.service"],
-        "Unit sub.service launched on",
-    );
-    ok(
-        &["stop", "--block-attempts=1", "new2.service"],
-        "Unit new2.service loaded on",
-    );
-    ok(
-        &["unload", "--block-attempts=1", "new2.service"],
-        "Unit new2.service inactive",
-    );
-    ok(
-        &["destroy", "--block-attempts=1", "new1.service"],
-        "Destroyed new1.service",
-    );
-    // A unit no machine can take: it is created (its state appears), then never launches.
-    for (attempts, at_least) in [(1, 4.0), (2, 6.0)] {
-        let flag = format!("--block-attempts={attempts}");
-        let unit = format!("bad{attempts}.service");
-        let (r, took) = timed(&["start", &flag, &unit]);
-        assert_eq!(r.code, 1, "{r:?}");
+    // Gives up with the original's message, after the windows the original waits.
+    let gives_up = |cmd: &str, unit: &str, state: &str, windows: u32| {
+        let (r, took) = timed(cmd, unit);
+        assert_eq!(r.code, 1, "{cmd} {flag} {unit}: {r:?}");
         assert!(
             r.stderr.contains(&format!(
-                "timed out waiting for unit {unit} to report state launched"
+                "timed out waiting for unit {unit} to report state {state}"
             )),
-            "{r:?}"
+            "{cmd} {flag} {unit}: {r:?}"
         );
-        // The new unit's own wait, then `attempts` windows for launched.
+        let at_least = 2.0 * f64::from(windows);
         assert!(
             took.as_secs_f64() >= at_least,
-            "gave up after {took:?} with {flag}"
+            "{cmd} {flag} {unit} gave up after {took:?}, before {at_least} s"
         );
-    }
+    };
+    ok(
+        "load",
+        "new-load.service",
+        "Unit new-load.service loaded on",
+    );
+    ok(
+        "start",
+        "new-start.service",
+        "Unit new-start.service launched on",
+    );
+    ok(
+        "submit",
+        "sub-load.service",
+        "Unit sub-load.service inactive",
+    );
+    ok(
+        "submit",
+        "sub-start.service",
+        "Unit sub-start.service inactive",
+    );
+    ok(
+        "load",
+        "sub-load.service",
+        "Unit sub-load.service loaded on",
+    );
+    ok(
+        "start",
+        "sub-start.service",
+        "Unit sub-start.service launched on",
+    );
+    ok("start", "run.service", "Unit run.service launched on");
+    ok("stop", "run.service", "Unit run.service loaded on");
+    ok("unload", "run.service", "Unit run.service inactive");
+    ok("destroy", "run.service", "Destroyed run.service");
+    ok("destroy", "sub-load.service", "Destroyed sub-load.service");
+    // A unit no machine can take is created (its own wait, one window), then never gets
+    // there: `attempts` more windows.
+    gives_up("load", "bad-load.service", "loaded", 1 + attempts);
+    gives_up("start", "bad-start.service", "launched", 1 + attempts);
+    // Agents that stop acting: a running unit never reads loaded after stop.
+    ok("start", "halt.service", "Unit halt.service launched on");
+    env.sim().set_agents_down(true);
+    gives_up("stop", "halt.service", "loaded", attempts);
+}
+
+#[test]
+fn waits_on_fleets_clock_with_one_attempt() {
+    waits_on_fleets_clock(1);
+}
+
+#[test]
+fn waits_on_fleets_clock_with_two_attempts() {
+    waits_on_fleets_clock(2);
 }
