@@ -496,25 +496,29 @@ fn flow(w: &World) {
 
 /// Whole commands that wait, on the simulator moving as fleet does (reference B.6 delays):
 /// `start`, `stop`, `unload`, `destroy` of one unit through the broker, each checked, median
-/// of 5. (The original fleetctl, where installed, is the peer to run the same way.)
+/// of 5. The original fleetctl is the peer where `FLEETCTL_ORIGINAL` names its binary: it
+/// runs the same commands on a unit of its own through the cluster socket
+/// (`FLEETCTL_ENDPOINT=unix://…`), interleaved with ours; without it, the output says so.
 fn waits() {
     let w = World::new();
     w.sim.sim.lock().expect("sim").timing =
         fleet_broker::sim::Timing::Fleet(fleet_broker::sim::FleetDelays::observed());
     let b = w.broker("");
     let cwd = open_tempdir("fb-waits.");
-    std::fs::write(
-        cwd.path().join("w.service"),
-        "[Service]\nExecStart=/bin/sleep 1000\n",
-    )
-    .expect("unit file");
+    let unit = "[Service]\nExecStart=/bin/sleep 1000\n";
+    for name in ["w.service", "o.service"] {
+        std::fs::write(cwd.path().join(name), unit).expect("unit file");
+    }
+    let original = std::env::var_os("FLEETCTL_ORIGINAL").map(PathBuf::from);
+    let endpoint = format!("unix://{}", b.socket("c1").display());
     let steps: [(&str, &str); 4] = [
-        ("start", "Unit w.service launched on"),
-        ("stop", "Unit w.service loaded on"),
-        ("unload", "Unit w.service inactive"),
-        ("destroy", "Destroyed w.service"),
+        ("start", "launched on"),
+        ("stop", "loaded on"),
+        ("unload", "inactive"),
+        ("destroy", "Destroyed"),
     ];
-    let mut times: Vec<Vec<Duration>> = vec![Vec::new(); steps.len()];
+    let mut ours: Vec<Vec<Duration>> = vec![Vec::new(); steps.len()];
+    let mut theirs: Vec<Vec<Duration>> = vec![Vec::new(); steps.len()];
     for _ in 0..5 {
         for (i, (cmd, line)) in steps.iter().enumerate() {
             let t = Instant::now();
@@ -524,21 +528,47 @@ fn waits() {
                 println!("waits: FAILED: {cmd}: {r:?}");
                 std::process::exit(1);
             }
-            times[i].push(took);
+            ours[i].push(took);
+            if let Some(bin) = &original {
+                let t = Instant::now();
+                let out = Command::new(bin)
+                    .args([cmd, "o.service"])
+                    .current_dir(cwd.path())
+                    .env("FLEETCTL_ENDPOINT", &endpoint)
+                    .stdin(Stdio::null())
+                    .output()
+                    .expect("the original fleetctl runs");
+                let took = t.elapsed();
+                let stdout = String::from_utf8_lossy(&out.stdout);
+                if !out.status.success() || !stdout.contains(line) {
+                    println!("waits: FAILED: original {cmd}: {out:?}");
+                    std::process::exit(1);
+                }
+                theirs[i].push(took);
+            }
         }
     }
     println!();
     println!("waits: whole commands on the simulator moving as fleet does, median of 5");
-    for ((cmd, _), t) in steps.iter().zip(times) {
-        println!(
-            "{:<40} {:>10.2} s",
-            if *cmd == "start" {
-                "fleetctl start (a new unit)".to_string()
-            } else {
-                format!("fleetctl {cmd}")
-            },
-            median(t).as_secs_f64()
-        );
+    match &original {
+        Some(bin) => println!("{:<40} {:>10} {:>10}", "", "ours", bin.display()),
+        None => println!("(the original fleetctl: not run; FLEETCTL_ORIGINAL names its binary)"),
+    }
+    for (((cmd, _), t), o) in steps.iter().zip(ours).zip(theirs) {
+        let label = if *cmd == "start" {
+            "fleetctl start (a new unit)".to_string()
+        } else {
+            format!("fleetctl {cmd}")
+        };
+        if o.is_empty() {
+            println!("{label:<40} {:>8.2} s", median(t).as_secs_f64());
+        } else {
+            println!(
+                "{label:<40} {:>8.2} s {:>8.2} s",
+                median(t).as_secs_f64(),
+                median(o).as_secs_f64()
+            );
+        }
     }
 }
 
