@@ -155,10 +155,13 @@ fn main() {
     if block("status") {
         status_vs_jump();
     }
+    if block("master") {
+        master_sessions();
+    }
 }
 
 /// Whether to run a block: all unless `BENCH_ONLY` names some (comma-separated: whole,
-/// load, patterns, rss, bulk, flow, waits, status).
+/// load, patterns, rss, bulk, flow, waits, status, master).
 fn block(name: &str) -> bool {
     std::env::var("BENCH_ONLY").map_or(true, |v| v.split(',').any(|b| b.trim() == name))
 }
@@ -687,6 +690,203 @@ fn status_vs_jump() {
         medians[2].as_secs_f64() / medians[0].as_secs_f64(),
         medians[3].as_secs_f64() / medians[0].as_secs_f64()
     );
+}
+
+/// Sessions on a machine through a warm broker against the fair peer: warm OpenSSH
+/// ControlMasters, one to the tunnel host and one to the machine through it (`ProxyCommand
+/// ssh -S tunnel -W`), opened before timing, each holding a terminal session as the tuned
+/// API forward does (without one, sshd's Nagle delays put ~40 ms on `status`). `status`, `journal --lines 10`, `ssh MACHINE
+/// true` and a 1 MiB `ssh MACHINE cat`, whole processes, medians of 21 interleaved runs;
+/// aes256-gcm on every hop of both sides; every output checked, a short or wrong one fails
+/// the benchmark.
+fn master_sessions() {
+    let runs = 21;
+    let m = Machines::new();
+    m.sim.put(
+        "hello.service",
+        vec![
+            opt("Service", "ExecStart", "/bin/sleep 1000"),
+            opt("X-Fleet", "MachineID", M1),
+        ],
+        "launched",
+    );
+    let journal: String = (1..=30)
+        .map(|i| format!("c{i}\tDec 04 10:00:{i:02} m1 hello[1]: line {i}\n"))
+        .collect();
+    std::fs::write(m.stubs[1].path().join("journal"), &journal).expect("journal");
+    let want_journal: String = (21..=30)
+        .map(|i| format!("Dec 04 10:00:{i:02} m1 hello[1]: line {i}\n"))
+        .collect();
+    let broker = m.broker("");
+    let dir = open_tempdir("fb-master.");
+    let payload: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let payload_path = dir.path().join("payload");
+    std::fs::write(&payload_path, &payload).expect("payload");
+    let cfg = dir.path().join("ssh_config");
+    std::fs::write(
+        &cfg,
+        format!(
+            "Host *\n  UserKnownHostsFile {}\n  StrictHostKeyChecking yes\n  BatchMode yes\n  IdentityAgent {}\n  User root\n  Ciphers aes256-gcm@openssh.com\n",
+            m.known_hosts.display(),
+            m.agent.socket.display()
+        ),
+    )
+    .expect("ssh_config");
+    let tunnel_ctl = dir.path().join("tunnel.ctl");
+    let machine_ctl = dir.path().join("m1.ctl");
+    let check = |ctl: &Path, host: &str| {
+        Command::new("ssh")
+            .arg("-F")
+            .arg(&cfg)
+            .arg("-S")
+            .arg(ctl)
+            .args(["-O", "check", host])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let master = |ctl: &Path, extra: &[String], port: u16, host: &str| {
+        let child = Command::new("ssh")
+            .arg("-F")
+            .arg(&cfg)
+            .args(["-M", "-tt", "-S"])
+            .arg(ctl)
+            .args(extra)
+            .arg("-p")
+            .arg(port.to_string())
+            .arg(host)
+            .arg("sleep 600")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("ssh master");
+        let child = Ssh(child);
+        wait_until("an OpenSSH master", DEADLINE, || check(ctl, host));
+        child
+    };
+    let _tunnel_master = master(&tunnel_ctl, &[], m.tunnel.port, &m.tunnel.ip);
+    let proxy = format!(
+        "ProxyCommand=ssh -F {} -S {} -W %h:%p -p {} {}",
+        cfg.display(),
+        tunnel_ctl.display(),
+        m.tunnel.port,
+        m.tunnel.ip
+    );
+    let _machine_master = master(&machine_ctl, &["-o".into(), proxy], m.m1.port, &m.m1.ip);
+    let xdg = broker.dir.path().join("xdg");
+    let ours = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_fleetctl"))
+            .args(args)
+            .env("XDG_RUNTIME_DIR", &xdg)
+            .env_remove("FLEETCTL_ENDPOINT")
+            .env_remove("FLEETCTL_CLUSTER")
+            .stdin(Stdio::null())
+            .output()
+            .expect("fleetctl")
+    };
+    let theirs = |command: &str| {
+        Command::new("ssh")
+            .arg("-F")
+            .arg(&cfg)
+            .arg("-S")
+            .arg(&machine_ctl)
+            .arg("-p")
+            .arg(m.m1.port.to_string())
+            .arg(&m.m1.ip)
+            .arg(command)
+            .stdin(Stdio::null())
+            .output()
+            .expect("ssh")
+    };
+    let cat = format!("cat {}", payload_path.display());
+    let rows: Vec<(&str, Vec<String>, String)> = vec![
+        (
+            "status UNIT",
+            vec!["status".into(), "hello".into()],
+            "systemctl 'status' '-l' '--' 'hello.service'".into(),
+        ),
+        (
+            "journal --lines 10 UNIT",
+            vec![
+                "journal".into(),
+                "--lines".into(),
+                "10".into(),
+                "hello".into(),
+            ],
+            "journalctl '--unit=hello.service' '--no-pager' '-n' '10' '--output' 'short'".into(),
+        ),
+        (
+            "ssh MACHINE true",
+            vec!["ssh".into(), M1.into(), "true".into()],
+            "true".into(),
+        ),
+        (
+            "ssh MACHINE cat (1 MiB)",
+            vec!["ssh".into(), M1.into(), cat.clone()],
+            cat.clone(),
+        ),
+    ];
+    // What each row must print.
+    let expect = |row: usize, out: &std::process::Output| -> bool {
+        out.status.success()
+            && match row {
+                0 => String::from_utf8_lossy(&out.stdout).contains("stub unit on m1"),
+                1 => out.stdout == want_journal.as_bytes(),
+                2 => out.stdout.is_empty(),
+                _ => out.stdout == payload,
+            }
+    };
+    let mut samples: Vec<[Vec<Duration>; 2]> = vec![[Vec::new(), Vec::new()]; rows.len()];
+    let mut failures = 0;
+    for round in 0..=runs {
+        for (i, (label, args, command)) in rows.iter().enumerate() {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let t = Instant::now();
+            let out = ours(&args);
+            let a = t.elapsed();
+            if !expect(i, &out) {
+                failures += 1;
+                println!("master: FAILED: fleetctl {label}: {out:?}");
+            }
+            let t = Instant::now();
+            let out = theirs(command);
+            let b = t.elapsed();
+            if !expect(i, &out) {
+                failures += 1;
+                println!("master: FAILED: ssh -S master {label}: {out:?}");
+            }
+            // The first round warms both sides and is not counted.
+            if round > 0 {
+                samples[i][0].push(a);
+                samples[i][1].push(b);
+            }
+        }
+    }
+    println!();
+    println!(
+        "sessions on a machine: warm broker vs warm OpenSSH ControlMasters (tunnel, and machine via -W; -tt), aes256-gcm on every hop, whole process, median of {runs} interleaved runs"
+    );
+    println!(
+        "{:<28} {:>12} {:>16} {:>8}",
+        "command", "broker ms", "ControlMaster ms", "ratio"
+    );
+    for ((label, _, _), [a, b]) in rows.iter().zip(samples) {
+        let (a, b) = (median(a), median(b));
+        println!(
+            "{label:<28} {:>12.2} {:>16.2} {:>7.2}x",
+            ms(a),
+            ms(b),
+            a.as_secs_f64() / b.as_secs_f64()
+        );
+    }
+    if failures > 0 {
+        println!("master: {failures} runs failed");
+        std::process::exit(1);
+    }
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
