@@ -337,7 +337,6 @@ impl Encrypted {
 
     /// Counts received data against a channel's window without giving any back.
     pub fn debit_window(&mut self, channel: ChannelId, data: &[u8]) {
-        eprintln!("DEBIT {}", data.len());
         if let Some(channel) = self.channels.get_mut(&channel) {
             // Ignore extra data, as adjust_window_size does.
             // https://tools.ietf.org/html/rfc4254#section-5.2
