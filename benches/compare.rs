@@ -67,6 +67,11 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn main() {
+    // The daemons log as a user's would (info), not at the tests' debug level: a line per
+    // request is not what is measured. BROKER_LOG still overrides.
+    if std::env::var_os("BROKER_LOG").is_none() {
+        std::env::set_var("BROKER_LOG", "fleet_broker=info");
+    }
     // `cargo bench` passes `--bench`; nothing else is accepted.
     let n: usize = std::env::var("BENCH_N")
         .ok()

@@ -7,7 +7,8 @@
 //! agent ([`pool`]: connections per machine and user, reused while they have sessions or were
 //! used in the last minute; at most [`SESSIONS_PER_CONNECTION`] sessions each and, unless
 //! `interactive_session = "off"`, one interactive (pty) session that makes the machine's sshd
-//! send without Nagle delays, so sshd's `MaxSessions` (10) is never hit). A started command is
+//! send without Nagle delays, and a session channel opened ahead for the next command, so
+//! sshd's `MaxSessions` (10) is never hit). A started command is
 //! pumped to and from the client as frames ([`session`], `protocol::frame`). Knows nothing of
 //! the CLI.
 
@@ -189,7 +190,8 @@ impl Exec {
                 .connection(&place, &user, port, req.forward_agent)
                 .await?;
             let fail = |what: &str, e: russh::Error| ExecError::ssh(format!("{what}: {e}"));
-            let channel = crate::tunnel::open_session_making_room(&handle, || slot.make_room())
+            let channel = slot
+                .session(&handle, &self.stop)
                 .await
                 .map_err(|e| fail("cannot open a session", e))?;
             if req.forward_agent {

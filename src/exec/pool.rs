@@ -1,12 +1,13 @@
 //! Nested connections to machines, pooled per machine, port and user, and the slots that
 //! sessions hold on them.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
 use russh::client::{Handle, Msg};
 use russh::Channel;
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{HostPort, InteractiveSession};
@@ -29,9 +30,92 @@ pub(super) struct Pooled {
     /// machine's sshd send without Nagle delays; held as long as the connection, unless a
     /// user's session needs its slot (sshd's `MaxSessions`).
     interactive: Mutex<Option<Channel<Msg>>>,
+    /// A session channel opened ahead ([`Pooled::refill`]), so that a command costs its
+    /// request and not a channel round trip: the sender asks the task holding it for it.
+    reserve: Mutex<Option<oneshot::Sender<oneshot::Sender<Channel<Msg>>>>>,
+    /// A reserve is being opened.
+    refilling: AtomicBool,
 }
 
 impl Pooled {
+    fn new(handle: SshHandle, interactive: Option<Channel<Msg>>) -> Pooled {
+        Pooled {
+            handle,
+            active: AtomicUsize::new(1),
+            last_used: Mutex::new(Instant::now()),
+            interactive: Mutex::new(interactive),
+            reserve: Mutex::new(None),
+            refilling: AtomicBool::new(false),
+        }
+    }
+
+    /// The reserved session channel, if one is open (sshd may have closed it, for example
+    /// by `ChannelTimeout`: its holder then has let it go).
+    async fn take_reserve(&self) -> Option<Channel<Msg>> {
+        let ask = lock(&self.reserve).take()?;
+        let (give, taken) = oneshot::channel();
+        ask.send(give).ok()?;
+        taken.await.ok()
+    }
+
+    /// Opens a session channel ahead, unless there is one or one is being opened. Its slot
+    /// under sshd's `MaxSessions` is one the pool never fills (at most
+    /// [`SESSIONS_PER_CONNECTION`] sessions, the interactive one and this); where sshd has
+    /// fewer, opening it fails and nothing is kept. A task holds it until it is taken, sshd
+    /// closes it, the connection ends or the cluster stops.
+    fn refill(self: &Arc<Self>, stop: &CancellationToken) {
+        if lock(&self.reserve).is_some() || self.refilling.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let pooled = Arc::downgrade(self);
+        let handle = self.handle.clone();
+        let stop = stop.clone();
+        tokio::spawn(tracing::Instrument::in_current_span(async move {
+            let opened = tokio::select! {
+                _ = stop.cancelled() => None,
+                r = handle.channel_open_session() => r.ok(),
+            };
+            let Some(mut ch) = opened else {
+                if let Some(p) = pooled.upgrade() {
+                    p.refilling.store(false, Ordering::SeqCst);
+                }
+                return;
+            };
+            let (ask, mut asked) = oneshot::channel::<oneshot::Sender<Channel<Msg>>>();
+            match pooled.upgrade() {
+                Some(p) => {
+                    *lock(&p.reserve) = Some(ask);
+                    p.refilling.store(false, Ordering::SeqCst);
+                }
+                None => return,
+            }
+            drop(handle);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    give = &mut asked => {
+                        if let Ok(give) = give {
+                            let _ = give.send(ch);
+                        }
+                        return;
+                    }
+                    msg = ch.wait() => match msg {
+                        // Closed by sshd or with the connection: the next session opens
+                        // its own channel (and its refill another reserve).
+                        None | Some(russh::ChannelMsg::Close | russh::ChannelMsg::Eof) => {
+                            tracing::debug!("the session channel opened ahead was closed by the server; the next session opens its own");
+                            if let Some(p) = pooled.upgrade() {
+                                lock(&p.reserve).take();
+                            }
+                            return;
+                        }
+                        Some(_) => {}
+                    }
+                }
+            }
+        }));
+    }
+
     /// Closes the interactive session, so that its slot under sshd's `MaxSessions` goes to a
     /// user's session; false when there is none.
     async fn give_up_interactive(&self) -> bool {
@@ -187,12 +271,7 @@ impl Exec {
             }
             InteractiveSession::Off => None,
         };
-        let pooled = Arc::new(Pooled {
-            handle: handle.clone(),
-            active: AtomicUsize::new(1),
-            last_used: Mutex::new(Instant::now()),
-            interactive: Mutex::new(interactive),
-        });
+        let pooled = Arc::new(Pooled::new(handle.clone(), interactive));
         lock(&self.pool)
             .entry(key)
             .or_default()
@@ -202,6 +281,28 @@ impl Exec {
 }
 
 impl Slot {
+    /// A session channel for this slot's command: the connection's reserve where there is
+    /// one, else a new one (making room under `MaxSessions` if it must). A reserve is then
+    /// opened ahead for the next command.
+    pub(super) async fn session(
+        &self,
+        handle: &Handle<ClientHandler>,
+        stop: &CancellationToken,
+    ) -> Result<Channel<Msg>, russh::Error> {
+        if let Some(p) = &self.pooled {
+            if let Some(ch) = p.take_reserve().await {
+                tracing::debug!("exec session on a channel opened ahead");
+                p.refill(stop);
+                return Ok(ch);
+            }
+        }
+        let ch = crate::tunnel::open_session_making_room(handle, || self.make_room()).await?;
+        if let Some(p) = &self.pooled {
+            p.refill(stop);
+        }
+        Ok(ch)
+    }
+
     /// For a session that could not be opened on a pooled connection: gives up that
     /// connection's interactive session (its slot under `MaxSessions`); true when one was
     /// given up, so that opening again may succeed.
