@@ -338,6 +338,10 @@ pub struct Connection {
     pub peer: String,
     /// The jump hosts' connections, kept open as long as this one.
     pub hops: Vec<Handle<ClientHandler>>,
+    /// The kernel's round-trip estimate of the broker's own TCP socket to the host, taken
+    /// when it connected; `None` over jump hosts or a channel, where the socket that ACKs
+    /// the host's packets is another host's.
+    pub round_trip: Option<std::time::Duration>,
 }
 
 fn preferred_keys(pinned: &[Algorithm]) -> Vec<Algorithm> {
@@ -546,7 +550,10 @@ async fn dial_direct(spec: &DialSpec) -> Result<Connection, DialError> {
     } else {
         format!("{} ({peer})", spec.target)
     };
-    handshake(spec, QuickAck::new(tcp), Some(address), display_addr).await
+    let round_trip = super::quickack::round_trip(&tcp);
+    let mut conn = handshake(spec, QuickAck::new(tcp), Some(address), display_addr).await?;
+    conn.round_trip = round_trip;
+    Ok(conn)
 }
 
 /// SSH handshake, host key check and authentication over any byte stream (a TCP socket, or
@@ -622,5 +629,6 @@ where
         host_key_fingerprint,
         peer: display_addr,
         hops: Vec::new(),
+        round_trip: None,
     })
 }

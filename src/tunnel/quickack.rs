@@ -37,6 +37,26 @@ fn set_quickack(s: &TcpStream) {
     }
 }
 
+/// The kernel's smoothed round-trip time of `s` (`TCP_INFO`'s `tcpi_rtt`), measured from
+/// the first segments; `None` when it cannot be read.
+pub(crate) fn round_trip(s: &TcpStream) -> Option<std::time::Duration> {
+    // SAFETY: an all-zero tcp_info is a valid value of this plain C struct.
+    let mut info: nix::libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<nix::libc::tcp_info>() as nix::libc::socklen_t;
+    // SAFETY: a valid descriptor, a pointer to a live tcp_info and its exact size.
+    let r = unsafe {
+        nix::libc::getsockopt(
+            s.as_raw_fd(),
+            nix::libc::IPPROTO_TCP,
+            nix::libc::TCP_INFO,
+            std::ptr::addr_of_mut!(info).cast(),
+            &mut len,
+        )
+    };
+    (r == 0 && info.tcpi_rtt > 0)
+        .then(|| std::time::Duration::from_micros(u64::from(info.tcpi_rtt)))
+}
+
 /// Whether TCP_QUICKACK is on for `s` now (for tests).
 #[cfg(test)]
 pub(crate) fn quickack_is_on(s: &impl AsRawFd) -> bool {
