@@ -25,6 +25,32 @@ const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b':');
 /// Upper bound on pages followed, so a misbehaving server cannot loop us forever.
 const MAX_PAGES: usize = 100_000;
+/// Pages of a listing asked for at once ([`FleetClient::pages`]).
+const PAGES_AHEAD: usize = 4;
+
+/// Fleet's page token: base64url with padding of the page size and the 1-based page
+/// number, each a little-endian u16 (reference A.4).
+fn decode_page_token(token: &str) -> Option<(u16, u16)> {
+    use base64::Engine;
+    let b = base64::engine::general_purpose::URL_SAFE
+        .decode(token)
+        .ok()?;
+    let [l0, l1, p0, p1] = b.as_slice() else {
+        return None;
+    };
+    let (limit, page) = (
+        u16::from_le_bytes([*l0, *l1]),
+        u16::from_le_bytes([*p0, *p1]),
+    );
+    (limit > 0 && page > 0).then_some((limit, page))
+}
+
+fn encode_page_token(limit: u16, page: u16) -> String {
+    use base64::Engine;
+    let mut b = limit.to_le_bytes().to_vec();
+    b.extend_from_slice(&page.to_le_bytes());
+    base64::engine::general_purpose::URL_SAFE.encode(b)
+}
 /// The largest response body read. fleet's largest page is 100 units with their unit files
 /// (`token_limit`), a few MiB at most; anything larger is a broken or hostile server, and
 /// reading it whole would let that server fill our memory.
@@ -404,6 +430,13 @@ impl FleetClient {
         Ok((value, body.len()))
     }
 
+    /// Every page of a listing, in order, exactly as asking for each page's
+    /// `nextPageToken` in turn would give them. Fleet's tokens are its page size and page
+    /// number (reference A.4), so once a page names the next one, the pages after it are
+    /// asked for too, [`PAGES_AHEAD`] at a time, and each is taken only when its
+    /// predecessor's token names it; a token of another shape, or one that differs, goes on
+    /// one page at a time from the token the server gave. Answers past the last page are
+    /// dropped unread.
     async fn pages<P, T>(
         &self,
         base: &str,
@@ -413,26 +446,49 @@ impl FleetClient {
     where
         P: serde::de::DeserializeOwned,
     {
-        let mut out = Vec::new();
-        let mut token = String::new();
-        let mut read = 0usize;
-        for _ in 0..MAX_PAGES {
+        use futures::StreamExt;
+        let path_for = |token: &str| {
             let mut params: Vec<(String, String)> = vec![("alt".into(), "json".into())];
             for (k, v) in extra {
                 params.push((k.to_string(), v.to_string()));
             }
             if !token.is_empty() {
-                params.push(("nextPageToken".into(), token.clone()));
+                params.push(("nextPageToken".into(), token.to_string()));
             }
             params.sort();
             let q: Vec<String> = params
                 .iter()
                 .map(|(k, v)| format!("{k}={}", utf8_percent_encode(v, NON_ALPHANUMERIC)))
                 .collect();
-            let path_query = format!("{base}?{}", q.join("&"));
-            let (page, size): (P, usize) = self.get_json_sized(&path_query).await?;
+            format!("{base}?{}", q.join("&"))
+        };
+        let most = MAX_LISTING_BYTES.min(self.max_response * 4);
+        let mut out = Vec::new();
+        let mut read = 0usize;
+        // The pages asked for ahead: their tokens, and their answers in the same order.
+        let mut ahead_tokens: std::collections::VecDeque<String> = Default::default();
+        let mut ahead = futures::stream::FuturesOrdered::new();
+        let mut token = String::new();
+        for _ in 0..MAX_PAGES {
+            let asked = ahead_tokens.front() == Some(&token);
+            let answer = match (asked, asked.then(|| ahead.next())) {
+                (true, Some(next)) => {
+                    ahead_tokens.pop_front();
+                    next.await
+                }
+                _ => None,
+            };
+            let answer = match answer {
+                Some(a) => a,
+                None => {
+                    // Not the page asked ahead: what was asked ahead is dropped.
+                    ahead_tokens.clear();
+                    ahead = futures::stream::FuturesOrdered::new();
+                    self.get_json_sized::<P>(&path_for(&token)).await
+                }
+            };
+            let (page, size) = answer?;
             read += size;
-            let most = MAX_LISTING_BYTES.min(self.max_response * 4);
             if read > most {
                 crate::memory::trim_soon();
                 return Err(ApiError::TooLarge {
@@ -445,6 +501,19 @@ impl FleetClient {
             out.extend(items);
             if next.is_empty() {
                 return Ok(out);
+            }
+            if let Some((limit, named)) = decode_page_token(&next) {
+                let mut p = match ahead_tokens.back().and_then(|t| decode_page_token(t)) {
+                    Some((_, last)) => last,
+                    None => named.saturating_sub(1),
+                };
+                while ahead_tokens.len() < PAGES_AHEAD && p < u16::MAX {
+                    p += 1;
+                    let t = encode_page_token(limit, p);
+                    let path = path_for(&t);
+                    ahead_tokens.push_back(t);
+                    ahead.push_back(async move { self.get_json_sized::<P>(&path).await });
+                }
             }
             token = next;
         }
@@ -573,6 +642,16 @@ mod tests {
     fn names_are_escaped_like_fleetctl() {
         assert_eq!(escape_name("web@1.service"), "web%401.service");
         assert_eq!(escape_name("a-b_c.d:e.service"), "a-b_c.d:e.service");
+    }
+
+    #[test]
+    fn page_tokens_are_fleets() {
+        assert_eq!(encode_page_token(100, 2), "ZAACAA==");
+        assert_eq!(encode_page_token(2, 2), "AgACAA==");
+        assert_eq!(decode_page_token("ZAACAA=="), Some((100, 2)));
+        for other in ["", "second", "AgAC", "AAACAA==", "AgAAAA==", "AgACAAA="] {
+            assert_eq!(decode_page_token(other), None, "{other:?}");
+        }
     }
 
     #[test]

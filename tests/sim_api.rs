@@ -502,3 +502,133 @@ fn answers_as_fleet_and_go_do_where_the_simulator_once_differed() {
         "{body}"
     );
 }
+
+/// Our client asks for a listing's pages ahead (fleet's tokens are its page size and
+/// number) and gets exactly what asking one page at a time gives: every size around the
+/// page boundary, the exactly-full last page followed by `{}` included.
+#[test]
+fn pages_asked_ahead_give_what_one_page_at_a_time_gives() {
+    let sim = SimServer::start();
+    sim.sim.lock().expect("sim").token_limit = 7;
+    for count in [0usize, 1, 6, 7, 8, 14, 15, 49, 50] {
+        let mut s = sim.sim.lock().expect("sim");
+        s.clear_units();
+        s.put_many(
+            (0..count)
+                .map(|i| {
+                    (
+                        format!("u{i:03}.service"),
+                        vec![opt("Service", "ExecStart", "/bin/true")],
+                        "inactive".to_string(),
+                    )
+                })
+                .collect(),
+        );
+        drop(s);
+        let got = unit_files(&sim.socket);
+        let want: Vec<String> = (0..count).map(|i| format!("u{i:03}.service")).collect();
+        assert_eq!(got, want, "{count} units in pages of 7");
+    }
+}
+
+/// A server whose tokens are not fleet's shape, or that names a page other than the next:
+/// the client follows the server's tokens one page at a time.
+#[test]
+fn pages_follow_the_servers_tokens_whatever_their_shape() {
+    use std::os::unix::net::UnixListener;
+    // page token -> (unit names, next token)
+    let serve = |pages: Vec<(&'static str, Vec<&'static str>, &'static str)>| {
+        let dir = open_tempdir("fb-pages.");
+        let path = dir.path().join("fleet.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                let pages = pages.clone();
+                std::thread::spawn(move || loop {
+                    let mut req = Vec::new();
+                    let mut b = [0u8; 1];
+                    while !req.ends_with(b"\r\n\r\n") {
+                        match conn.read(&mut b) {
+                            Ok(1) => req.push(b[0]),
+                            _ => return,
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&req).to_string();
+                    let token = head
+                        .split_whitespace()
+                        .nth(1)
+                        .and_then(|p| p.split("nextPageToken=").nth(1))
+                        .map(|t| t.split('&').next().unwrap_or("").replace("%3D", "="))
+                        .unwrap_or_default();
+                    let machines = head.starts_with("GET /fleet/v1/machines");
+                    let found = pages.iter().find(|(t, _, _)| *t == token);
+                    let body = match found.filter(|_| !machines) {
+                        None if machines => "{}".to_string(),
+                        Some((_, names, next)) => {
+                            let units: Vec<String> = names
+                                .iter()
+                                .map(|n| format!(r#"{{"name":"{n}","desiredState":"inactive"}}"#))
+                                .collect();
+                            let next = if next.is_empty() {
+                                String::new()
+                            } else {
+                                format!(r#","nextPageToken":"{next}""#)
+                            };
+                            format!(r#"{{"units":[{}]{next}}}"#, units.join(","))
+                        }
+                        None => r#"{"error":{"code":400,"message":"bad token"}}"#.to_string(),
+                    };
+                    let status = if body.contains("error") {
+                        "400 Bad Request"
+                    } else {
+                        "200 OK"
+                    };
+                    let resp = format!(
+                        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if conn.write_all(resp.as_bytes()).is_err() {
+                        return;
+                    }
+                });
+            }
+        });
+        (dir, path)
+    };
+    let names = |path: &std::path::Path| unit_files(path);
+    // Opaque tokens.
+    let (_d, path) = serve(vec![
+        ("", vec!["a.service"], "second"),
+        ("second", vec!["b.service"], "third"),
+        ("third", vec!["c.service"], ""),
+    ]);
+    assert_eq!(names(&path), ["a.service", "b.service", "c.service"]);
+    // Fleet-shaped tokens (limit 1): page 1 names page 3, which names page 2, then the end.
+    let (_d, path) = serve(vec![
+        ("", vec!["a.service"], "AQADAA=="),
+        ("AQADAA==", vec!["c.service"], "AQACAA=="),
+        ("AQACAA==", vec!["b.service"], ""),
+        ("AQAEAA==", vec!["never.service"], "AQAFAA=="),
+    ]);
+    assert_eq!(names(&path), ["a.service", "c.service", "b.service"]);
+}
+
+/// `fleetctl list-unit-files` (units and machines, every page) straight on a fleet socket:
+/// the unit names, in order.
+fn unit_files(socket: &std::path::Path) -> Vec<String> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fleetctl"))
+        .arg("--endpoint")
+        .arg(format!("unix://{}", socket.display()))
+        .args(["list-unit-files", "--no-legend", "--fields", "unit"])
+        .env_remove("FLEETCTL_CLUSTER")
+        .env_remove("FLEETCTL_TUNNEL")
+        .env_remove("FLEETCTL_ENDPOINT")
+        .output()
+        .expect("fleetctl");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
