@@ -338,9 +338,9 @@ pub struct Connection {
     pub peer: String,
     /// The jump hosts' connections, kept open as long as this one.
     pub hops: Vec<Handle<ClientHandler>>,
-    /// The kernel's round-trip estimate of the broker's own TCP socket to the host, taken
-    /// when it connected; `None` over jump hosts or a channel, where the socket that ACKs
-    /// the host's packets is another host's.
+    /// The smallest round-trip estimate the kernel had for the broker's own TCP socket to
+    /// the host during the handshake; `None` over jump hosts or a channel, where the socket
+    /// that ACKs the host's packets is another host's.
     pub round_trip: Option<std::time::Duration>,
 }
 
@@ -550,9 +550,10 @@ async fn dial_direct(spec: &DialSpec) -> Result<Connection, DialError> {
     } else {
         format!("{} ({peer})", spec.target)
     };
-    let round_trip = super::quickack::round_trip(&tcp);
-    let mut conn = handshake(spec, QuickAck::new(tcp), Some(address), display_addr).await?;
-    conn.round_trip = round_trip;
+    let stream = QuickAck::new(tcp);
+    let seen = stream.round_trip_seen();
+    let mut conn = handshake(spec, stream, Some(address), display_addr).await?;
+    conn.round_trip = seen.get();
     Ok(conn)
 }
 
