@@ -153,6 +153,8 @@ fn main() {
         let off = w.broker("interactive_session = \"off\"");
         let mut paths = paths.clone();
         paths.insert(1, ("broker, interactive_session off", off.socket("c1")));
+        let on = w.broker("interactive_session = \"on\"");
+        paths.insert(2, ("broker, interactive_session on", on.socket("c1")));
         write_patterns(&w, &paths);
     }
     drop(broker);
@@ -717,7 +719,8 @@ fn status_vs_jump() {
 /// ControlMasters, one to the tunnel host and one to the machine through it (`ProxyCommand
 /// ssh -S tunnel -W`), opened before timing, each holding a terminal session as the tuned
 /// API forward does (without one, sshd's Nagle delays put ~40 ms on `status`). `status`, `journal --lines 10`, `ssh MACHINE
-/// true` and a 1 MiB `ssh MACHINE cat`, whole processes, medians of 21 interleaved runs;
+/// true` and a 1 MiB `ssh MACHINE cat`, whole processes, medians of 21 runs, all of them
+/// in a new random order each round;
 /// aes256-gcm on every hop of both sides; every output checked, a short or wrong one fails
 /// the benchmark.
 fn master_sessions() {
@@ -863,33 +866,40 @@ fn master_sessions() {
     };
     let mut samples: Vec<[Vec<Duration>; 2]> = vec![[Vec::new(), Vec::new()]; rows.len()];
     let mut failures = 0;
+    // Every run of every row, ours and theirs, in a new random order each round.
+    let mut order: Vec<(usize, bool)> = (0..rows.len())
+        .flat_map(|i| [(i, true), (i, false)])
+        .collect();
     for round in 0..=runs {
-        for (i, (label, args, command)) in rows.iter().enumerate() {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        rand::seq::SliceRandom::shuffle(order.as_mut_slice(), &mut rand::thread_rng());
+        for &(i, broker_side) in &order {
+            let (label, args, command) = &rows[i];
             let t = Instant::now();
-            let out = ours(&args);
-            let a = t.elapsed();
+            let out = if broker_side {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                ours(&args)
+            } else {
+                theirs(command)
+            };
+            let took = t.elapsed();
             if !expect(i, &out) {
                 failures += 1;
-                println!("master: FAILED: fleetctl {label}: {out:?}");
-            }
-            let t = Instant::now();
-            let out = theirs(command);
-            let b = t.elapsed();
-            if !expect(i, &out) {
-                failures += 1;
-                println!("master: FAILED: ssh -S master {label}: {out:?}");
+                let who = if broker_side {
+                    "fleetctl"
+                } else {
+                    "ssh -S master"
+                };
+                println!("master: FAILED: {who} {label}: {out:?}");
             }
             // The first round warms both sides and is not counted.
             if round > 0 {
-                samples[i][0].push(a);
-                samples[i][1].push(b);
+                samples[i][usize::from(!broker_side)].push(took);
             }
         }
     }
     println!();
     println!(
-        "sessions on a machine: warm broker vs warm OpenSSH ControlMasters (tunnel, and machine via -W; -tt), aes256-gcm on every hop, whole process, median of {runs} interleaved runs"
+        "sessions on a machine: warm broker vs warm OpenSSH ControlMasters (tunnel, and machine via -W; -tt), aes256-gcm on every hop, whole process, median of {runs} runs in a random order"
     );
     println!(
         "{:<28} {:>12} {:>16} {:>8}",
