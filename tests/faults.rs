@@ -441,14 +441,16 @@ fn rss_kb(pid: u32) -> u64 {
     status_kb(pid, "VmRSS:")
 }
 
-/// A `/proc/PID/status` figure in kB (`VmRSS:`, `RssAnon:`, …).
+/// A `/proc/PID/status` figure in kB (`VmRSS:`, `RssAnon:`, …). A figure that cannot be
+/// read fails the test: a 0 would pass every "grew by less than" check.
 fn status_kb(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
+    status
         .lines()
         .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+        .unwrap_or_else(|| panic!("no {field} figure in /proc/{pid}/status"))
 }
 
 #[test]
@@ -678,9 +680,14 @@ fn a_black_holed_tunnel_answers_within_connect_timeout_and_heals() {
     let tag = (std::process::id() % 10000) as u16;
     let (ns, ns_ip) = match Netns::create(tag) {
         Ok(n) => n,
+        // As root (CI) every step must work: a failing `ip` or `nft` command is a defect of
+        // the test or the machine, never a pass.
+        Err(why) if nix::unistd::Uid::effective().is_root() => {
+            panic!("cannot make the test's network namespace as root: {why}")
+        }
         Err(why) => {
-            // Only a missing kernel feature or privilege skips this, and it says so.
-            eprintln!("SKIPPED a_black_holed_tunnel_answers_within_connect_timeout_and_heals: cannot make a network namespace: {why}");
+            // Without the privilege the test cannot run; it says so.
+            eprintln!("SKIPPED a_black_holed_tunnel_answers_within_connect_timeout_and_heals: not root, cannot make a network namespace: {why}");
             return;
         }
     };
