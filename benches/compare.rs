@@ -153,8 +153,6 @@ fn main() {
         let off = w.broker("interactive_session = \"off\"");
         let mut paths = paths.clone();
         paths.insert(1, ("broker, interactive_session off", off.socket("c1")));
-        let on = w.broker("interactive_session = \"on\"");
-        paths.insert(2, ("broker, interactive_session on", on.socket("c1")));
         write_patterns(&w, &paths);
     }
     drop(broker);

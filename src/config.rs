@@ -88,14 +88,8 @@ pub enum ConnectMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum InteractiveSession {
-    /// Where it pays: on every nested connection and every tunnel connection, except a
-    /// tunnel connection of the broker's own TCP socket to a host under
-    /// [`crate::tunnel::NAGLE_CHEAPER_THAN`] away (there the broker ACKs at once, so Nagle
-    /// holds a packet for less than the extra packets cost). Go without, quietly, when sshd
-    /// refuses it.
+    /// Ask for one; go without, quietly, when sshd refuses it.
     Auto,
-    /// Ask for one on every connection; go without, quietly, when sshd refuses it.
-    On,
     /// Never ask for one.
     Off,
 }
@@ -800,7 +794,6 @@ impl ClusterConfig {
             ro = self.read_only,
             isess = match self.interactive_session {
                 InteractiveSession::Auto => "auto",
-                InteractiveSession::On => "on",
                 InteractiveSession::Off => "off",
             },
             door = match self.front_door {

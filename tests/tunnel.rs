@@ -711,13 +711,10 @@ fn a_line_openssh_skips_is_skipped_with_its_place_not_fatal() {
     assert!(b.log().contains("line ignored"), "{}", b.log());
 }
 
-/// `on`: every tunnel connection carries one; `auto` (the default): not to a host this near
-/// (loopback), where the broker's own quick ACKs make Nagle cheaper than the session's
-/// packets; `off`: never; a server that refuses a pty: none, quietly.
 #[test]
-fn each_tunnel_connection_carries_an_interactive_session_where_it_pays_unless_sshd_refuses_a_pty() {
+fn each_tunnel_connection_carries_an_interactive_session_unless_sshd_refuses_a_pty() {
     let w = World::new();
-    let b = w.broker("interactive_session = \"on\"");
+    let b = w.broker("");
     assert_eq!(
         http(&b.socket("c1"), "GET", "/fleet/v1/machines", None).0,
         200
@@ -736,23 +733,6 @@ fn each_tunnel_connection_carries_an_interactive_session_where_it_pays_unless_ss
     };
     wait_until("cat under the tunnel's sshd session", DEADLINE, || {
         runs_cat(&w.sshd)
-    });
-    drop(b);
-    let b = w.broker("");
-    assert_eq!(
-        http(&b.socket("c1"), "GET", "/fleet/v1/machines", None).0,
-        200
-    );
-    assert_eq!(b.cluster_info("c1")["interactive_session"], false);
-    assert!(
-        b.log()
-            .contains("no interactive session: the tunnel host is near"),
-        "{}",
-        b.log()
-    );
-    // The previous broker's `cat` ends with its connection; this one starts none.
-    wait_until("no cat under the tunnel's sshd", DEADLINE, || {
-        !runs_cat(&w.sshd)
     });
     drop(b);
     let b = w.broker("interactive_session = \"off\"");
@@ -776,7 +756,7 @@ fn each_tunnel_connection_carries_an_interactive_session_where_it_pays_unless_ss
             &format!("unix://{}", w.sim.socket.display()),
             "root",
             &kh,
-            "interactive_session = \"on\"\n",
+            "",
         ),
         Some(&agent.socket),
     );
@@ -1160,7 +1140,7 @@ fn fd_forward_under_max_sessions(max_sessions: u32) {
             &format!("unix://{}", sim.socket.display()),
             "root",
             &kh,
-            "connect = \"eager\"\ninteractive_session = \"on\"\n",
+            "connect = \"eager\"\n",
         ),
         Some(&agent.socket),
     );

@@ -266,9 +266,7 @@ impl Exec {
             .dial_nested(id, &key.ip, key.port, &key.user, false)
             .await?;
         let interactive = match self.tunnel.config.interactive_session {
-            // The machine's sshd sends to the tunnel host's, whose delayed ACKs the broker
-            // cannot change: without one, a held packet may wait for that timer.
-            InteractiveSession::Auto | InteractiveSession::On => {
+            InteractiveSession::Auto => {
                 open_interactive(&handle, self.tunnel.probe_timeout()).await
             }
             InteractiveSession::Off => None,

@@ -338,10 +338,6 @@ pub struct Connection {
     pub peer: String,
     /// The jump hosts' connections, kept open as long as this one.
     pub hops: Vec<Handle<ClientHandler>>,
-    /// The smallest round-trip estimate the kernel had for the broker's own TCP socket to
-    /// the host during the handshake; `None` over jump hosts or a channel, where the socket
-    /// that ACKs the host's packets is another host's.
-    pub round_trip: Option<std::time::Duration>,
 }
 
 fn preferred_keys(pinned: &[Algorithm]) -> Vec<Algorithm> {
@@ -550,11 +546,7 @@ async fn dial_direct(spec: &DialSpec) -> Result<Connection, DialError> {
     } else {
         format!("{} ({peer})", spec.target)
     };
-    let stream = QuickAck::new(tcp);
-    let seen = stream.round_trip_seen();
-    let mut conn = handshake(spec, stream, Some(address), display_addr).await?;
-    conn.round_trip = seen.get();
-    Ok(conn)
+    handshake(spec, QuickAck::new(tcp), Some(address), display_addr).await
 }
 
 /// SSH handshake, host key check and authentication over any byte stream (a TCP socket, or
@@ -630,6 +622,5 @@ where
         host_key_fingerprint,
         peer: display_addr,
         hops: Vec::new(),
-        round_trip: None,
     })
 }

@@ -618,7 +618,6 @@ impl Supervisor {
         t.set_state(State::Ready);
         let handle: SshHandle = Arc::new(conn.handle);
         let hops = conn.hops;
-        let round_trip = conn.round_trip;
         // A new connection tries streamlocal again (auto), before any request uses it.
         let forgotten = t.with_stats(|s| {
             s.fd_forward = false;
@@ -629,10 +628,9 @@ impl Supervisor {
         t.link_tx.send_replace(Link::Up(handle.clone()));
         let mut closed = conn.closed;
         // Held for the connection's life: while it is open, sshd sends without Nagle delays.
-        let mut interactive = if wants_interactive(t.config.interactive_session, round_trip) {
-            open_interactive(&handle, t.probe_timeout()).await
-        } else {
-            None
+        let mut interactive = match t.config.interactive_session {
+            InteractiveSession::Auto => open_interactive(&handle, t.probe_timeout()).await,
+            InteractiveSession::Off => None,
         };
         t.with_stats(|s| s.interactive = interactive.is_some());
         let mut clock = tokio::time::interval(CLOCK_CHECK);
@@ -765,35 +763,6 @@ where
     }
 }
 
-/// Below this round trip of the broker's own TCP socket to the tunnel host, the tunnel
-/// goes without an interactive session under `interactive_session = "auto"`. sshd keeps
-/// Nagle's algorithm on without one, so a response it relays as several small packets waits
-/// for the ACK of the first; the broker ACKs every segment at once ([`quickack`]), so the
-/// wait is one round trip. Measured on loopback (`BENCH_ONLY=patterns`), the session's
-/// unbatched packets cost more than that (~0.1–0.3 ms a request); on a longer link the
-/// round trip costs more, and the session is kept.
-pub(crate) const NAGLE_CHEAPER_THAN: Duration = Duration::from_micros(250);
-
-/// Whether a tunnel connection asks for an interactive session: `round_trip` is the
-/// kernel's estimate for the broker's own socket to the tunnel host (`None` over jump hosts,
-/// whose sockets the broker does not ACK from).
-fn wants_interactive(setting: InteractiveSession, round_trip: Option<Duration>) -> bool {
-    match setting {
-        InteractiveSession::On => true,
-        InteractiveSession::Off => false,
-        InteractiveSession::Auto => match round_trip {
-            Some(rtt) if rtt < NAGLE_CHEAPER_THAN => {
-                tracing::debug!(
-                    round_trip_us = rtt.as_micros() as u64,
-                    "no interactive session: the tunnel host is near, where Nagle's hold of one round trip costs less than the session's extra packets"
-                );
-                false
-            }
-            _ => true,
-        },
-    }
-}
-
 /// Opens the interactive session of an SSH connection (the tunnel's, or a nested one to a
 /// machine): a pty (sshd then turns on TCP_NODELAY for the connection, as for `ssh -tt`)
 /// running `cat`, which waits for input that never comes. `None`, quietly, when sshd
@@ -868,26 +837,5 @@ pub async fn open_endpoint(
             }
             other => return other,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn auto_goes_without_an_interactive_session_only_on_the_brokers_own_near_socket() {
-        let near = Some(Duration::from_micros(40));
-        let far = Some(Duration::from_millis(20));
-        assert!(!wants_interactive(InteractiveSession::Auto, near));
-        assert!(wants_interactive(InteractiveSession::Auto, far));
-        assert!(wants_interactive(
-            InteractiveSession::Auto,
-            Some(NAGLE_CHEAPER_THAN)
-        ));
-        // Over jump hosts another host's socket ACKs the tunnel host: kept.
-        assert!(wants_interactive(InteractiveSession::Auto, None));
-        assert!(wants_interactive(InteractiveSession::On, near));
-        assert!(!wants_interactive(InteractiveSession::Off, far));
     }
 }
