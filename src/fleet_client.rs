@@ -116,7 +116,16 @@ impl ApiError {
 #[derive(Clone)]
 struct CheckedUnix {
     socket: std::sync::Arc<PathBuf>,
+    wake: Option<Wake>,
 }
+
+/// What to do, once, when the socket is not there: true when connecting again may succeed.
+/// The caller, who knows whose socket it is, supplies it ([`FleetClient::waking`]); a
+/// broker's cluster socket is brought up by a request to its daemon's control socket, which
+/// starts a socket-activated daemon.
+pub type Wake = std::sync::Arc<
+    dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>> + Send + Sync,
+>;
 
 /// A connection made by [`CheckedUnix`].
 struct CheckedStream(TokioIo<tokio::net::UnixStream>);
@@ -175,13 +184,14 @@ impl tower_service::Service<hyper::Uri> for CheckedUnix {
 
     fn call(&mut self, _uri: hyper::Uri) -> Self::Future {
         let socket = self.socket.clone();
+        let wake = self.wake.clone();
         Box::pin(async move {
             let mut connected = crate::local::connect(&socket).await;
-            // No cluster socket yet: a socket-activated daemon starts on a control request.
-            if matches!(&connected, Err(crate::local::LocalError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound)
-                && wake_for(&socket).await
-            {
-                connected = crate::local::connect(&socket).await;
+            let missing = matches!(&connected, Err(crate::local::LocalError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound);
+            if let (true, Some(wake)) = (missing, wake) {
+                if wake().await {
+                    connected = crate::local::connect(&socket).await;
+                }
             }
             match connected {
                 Ok(s) => Ok(CheckedStream(TokioIo::new(s))),
@@ -190,42 +200,6 @@ impl tower_service::Service<hyper::Uri> for CheckedUnix {
             }
         })
     }
-}
-
-/// For a cluster socket that is not there (`RUNTIME/clusters/NAME.sock`): asks the control
-/// socket beside it for the cluster list, which starts a socket-activated daemon (the service
-/// manager holds the control socket; the daemon answers once every cluster socket is bound).
-/// True when the daemon answered, so connecting again may succeed. One fixed request written
-/// by hand: `control::client` sits above this module (control → exec → fleet_client).
-async fn wake_for(cluster_socket: &Path) -> bool {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Some(runtime_dir) = cluster_socket
-        .parent()
-        .filter(|d| d.file_name().is_some_and(|n| n == "clusters"))
-        .and_then(Path::parent)
-    else {
-        return false;
-    };
-    let control = crate::local::control_socket(runtime_dir);
-    if std::fs::symlink_metadata(&control).is_err() {
-        return false;
-    }
-    let ask = async {
-        let mut s = crate::local::connect(&control).await.ok()?;
-        s.write_all(
-            b"GET /v1/clusters HTTP/1.1\r\nHost: fleet-broker\r\nConnection: close\r\n\r\n",
-        )
-        .await
-        .ok()?;
-        let mut head = [0u8; 12];
-        s.read_exact(&mut head).await.ok()?;
-        Some(head.starts_with(b"HTTP/1.1 200"))
-    };
-    tokio::time::timeout(Duration::from_secs(10), ask)
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or(false)
 }
 
 /// A fleet API client bound to one unix socket.
@@ -277,9 +251,7 @@ pub fn escape_name(name: &str) -> String {
 
 impl FleetClient {
     pub fn new(socket: &Path, timeout: Duration) -> FleetClient {
-        let client = Client::builder(hyper_util::rt::TokioExecutor::new()).build(CheckedUnix {
-            socket: std::sync::Arc::new(socket.to_path_buf()),
-        });
+        let client = Self::client(socket, None);
         FleetClient {
             socket: socket.to_path_buf(),
             client,
@@ -287,6 +259,20 @@ impl FleetClient {
             max_response: MAX_RESPONSE_BYTES,
             debug: false,
         }
+    }
+
+    fn client(socket: &Path, wake: Option<Wake>) -> Client<CheckedUnix, Full<Bytes>> {
+        Client::builder(hyper_util::rt::TokioExecutor::new()).build(CheckedUnix {
+            socket: std::sync::Arc::new(socket.to_path_buf()),
+            wake,
+        })
+    }
+
+    /// The same client, calling `wake` once when the socket is not there, and connecting
+    /// again if it says so.
+    pub fn waking(mut self, wake: Wake) -> FleetClient {
+        self.client = Self::client(&self.socket, Some(wake));
+        self
     }
 
     /// The same client reading at most `bytes` of any one answer and of a listing.

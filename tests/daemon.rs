@@ -816,6 +816,28 @@ fn exe_of(pid: u32) -> String {
         .unwrap_or_default()
 }
 
+/// The same with the cluster socket named as the endpoint (`FLEETCTL_ENDPOINT`, no
+/// `--cluster`): our fleetctl finds it missing, asks the control socket beside it, which
+/// starts the daemon, and connects again.
+#[test]
+fn a_socket_activated_daemon_is_started_by_a_request_to_its_cluster_socket() {
+    let w = World::new();
+    let b = Broker::start_activated(&w.config(""), Some(&w.agent.socket), None);
+    let pid = b.pid().expect("pid");
+    assert!(!b.socket("c1").exists());
+    let cwd = open_tempdir("fb-cli.");
+    let endpoint = format!("unix://{}", b.socket("c1").display());
+    let run = fleetctl(
+        &b,
+        cwd.path(),
+        &[("FLEETCTL_ENDPOINT", endpoint.as_str())],
+        &["list-machines", "--no-legend"],
+    );
+    assert_eq!(run.code, 0, "{run:?}\n{}", b.log());
+    assert!(run.stdout.contains("172.17.8.101"), "{run:?}");
+    assert!(exe_of(pid).ends_with("fleet-broker"), "{}", exe_of(pid));
+}
+
 /// Socket activation as `fleet-broker.socket` does it, with `systemd-socket-activate`: the
 /// daemon is not running until the first request, which it then answers on the passed
 /// socket; the socket outlives the daemon.

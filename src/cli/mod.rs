@@ -85,6 +85,15 @@ pub async fn run(argv: Vec<OsString>) -> i32 {
         }
     };
     let mut api = crate::fleet_client::FleetClient::new(&target.socket, timeout);
+    if target.cluster.is_some() {
+        // A broker's cluster socket that is not there yet: a request to the control socket
+        // starts a socket-activated daemon.
+        let control = std::sync::Arc::new(target.control.clone());
+        api = api.waking(std::sync::Arc::new(move || {
+            let control = control.clone();
+            Box::pin(async move { crate::control::client::wake(&control).await })
+        }));
+    }
     api.debug = g.debug || std::env::var("FLEETCTL_DEBUG").is_ok_and(|v| truthy(&v));
     let sessions = remote::Sessions {
         control: target.control.clone(),

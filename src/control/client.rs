@@ -82,6 +82,19 @@ pub(crate) async fn list_clusters(control: &Path) -> Result<ClusterList, String>
     serde_json::from_slice(&body).map_err(|e| format!("unexpected answer from fleet-broker: {e}"))
 }
 
+/// Asks the daemon behind `control` for its clusters, which starts a socket-activated daemon
+/// (the service manager holds the control socket; the daemon answers once every cluster
+/// socket is bound). True when it answered within 10 s; false at once when there is no
+/// control socket.
+pub(crate) async fn wake(control: &Path) -> bool {
+    if std::fs::symlink_metadata(control).is_err() {
+        return false;
+    }
+    tokio::time::timeout(std::time::Duration::from_secs(10), list_clusters(control))
+        .await
+        .is_ok_and(|r| r.is_ok())
+}
+
 /// The control socket of the default runtime dir.
 pub fn default_control_socket() -> PathBuf {
     crate::local::control_socket(&crate::local::default_runtime_dir())
