@@ -187,6 +187,9 @@ fn debug_logs_request_and_response_lines() {
 fn unparsable_timeouts_from_the_environment_are_ignored() {
     let e = env();
     let plain = e.run(&["list-machines"]);
+    // The baseline is a working listing, so "the same as it" means working.
+    assert_eq!(plain.code, 0, "{plain:?}");
+    assert!(plain.stdout.contains("172.17.8.101"), "{plain:?}");
     for var in ["FLEETCTL_REQUEST_TIMEOUT", "FLEETCTL_SSH_TIMEOUT"] {
         let r = e.run_env(&[(var, "abc")], &["list-machines"]);
         assert_eq!(outcome(&r), outcome(&plain), "{var}");
