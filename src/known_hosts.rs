@@ -477,8 +477,12 @@ fn parse_line(raw: &str) -> Result<Option<(Marker, HostMatcher, PublicKey)>, Str
         if marker != Marker::None {
             return Err("more than one marker".into());
         }
+        // As hostfile.c `check_markers`: the marker ends at the line's first space, or at
+        // its first tab only when it has no space; so `@revoked<TAB>host key` is no marker
+        // (and the line no entry) for ssh, and not for us.
         let end = rest
-            .find([' ', '\t'])
+            .find(' ')
+            .or_else(|| rest.find('\t'))
             .ok_or("marker without host patterns")?;
         marker = match &rest[..end] {
             "@revoked" => Marker::Revoked,

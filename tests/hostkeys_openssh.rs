@@ -353,6 +353,21 @@ fn plain_host_keys_are_judged_as_openssh_judges_them() {
             "localhost {A}\n@revoked localhost {A}",
             false,
         ),
+        case("fields separated by a tab", "{N}\t{A}", true),
+        case("indented by a tab, @revoked", "\t@revoked {N} {A}", false),
+        case("indented by a tab", "\t{N} {A}", true),
+        // ssh ends a marker at the line's first space: with a tab after it, the line is no
+        // entry at all, so the key is unknown, not revoked.
+        case(
+            "a tab after @revoked, a space later",
+            "{N} {B}\n@revoked\t{N} {A}",
+            false,
+        ),
+        case(
+            "a tab after @revoked, nothing else pinned",
+            "@revoked\t{N} {A}",
+            false,
+        ),
         // A revocation is for the names on its line only.
         case(
             "the key pinned, and @revoked under another name",
@@ -475,6 +490,12 @@ fn host_certificates_are_judged_as_openssh_judges_them() {
     let bench = certified_bench(&["-n", "localhost"]);
     bench.run(&[
         case("CA for the name", "@cert-authority {N} {CA}", true),
+        // A tab after the marker (and a space later): no entry for ssh, so no CA.
+        case(
+            "CA for the name, a tab after the marker",
+            "@cert-authority\t{N} {CA}",
+            false,
+        ),
         case("CA for *", "@cert-authority * {CA}", true),
         case("CA for the hashed name", "@cert-authority {HN} {CA}", true),
         case(
