@@ -135,12 +135,19 @@ impl Bench {
 
     /// OpenSSH's decision: `Accepted` when `ssh` got past host key verification (and ran
     /// `true`), else why it refused, read from its warning.
-    fn openssh(&self, known_hosts: &Path, by_address: bool) -> Decision {
+    fn openssh(&self, known_hosts: &[PathBuf], by_address: bool) -> Decision {
         let out = Command::new("ssh")
             .args(["-F", "/dev/null", "-o", "BatchMode=yes"])
             .args(["-o", "StrictHostKeyChecking=yes"])
             .arg("-o")
-            .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
+            .arg(format!(
+                "UserKnownHostsFile={}",
+                known_hosts
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ))
             .args(["-o", "GlobalKnownHostsFile=/dev/null"])
             .args(["-o", "IdentitiesOnly=yes", "-o", "ConnectTimeout=20"])
             .arg("-i")
@@ -182,7 +189,7 @@ impl Bench {
     fn broker(
         &self,
         rt: &tokio::runtime::Runtime,
-        known_hosts: &Path,
+        known_hosts: &[PathBuf],
         by_address: bool,
     ) -> Decision {
         let spec = DialSpec {
@@ -198,7 +205,7 @@ impl Bench {
                 identity_files: vec![self.client_key.clone()],
                 ..Default::default()
             },
-            known_hosts: vec![known_hosts.to_path_buf()],
+            known_hosts: known_hosts.to_vec(),
             policy: HostKeyPolicy::Strict,
             keepalive_interval: None,
             keepalive_max: 3,
@@ -230,10 +237,19 @@ impl Bench {
         for (i, c) in cases.iter().enumerate() {
             let text = self.render(c.known_hosts);
             // Separate copies: nothing either side might write can reach the other.
-            let for_ssh = dir.path().join(format!("{i}.ssh"));
-            let for_broker = dir.path().join(format!("{i}.broker"));
-            std::fs::write(&for_ssh, &text).expect("known_hosts");
-            std::fs::write(&for_broker, &text).expect("known_hosts");
+            // A line `---` starts another known_hosts file: both sides read the files in
+            // order (ssh's `UserKnownHostsFile a b`, the cluster's `known_hosts` list).
+            let write = |side: &str| -> Vec<PathBuf> {
+                text.split("\n---\n")
+                    .enumerate()
+                    .map(|(n, part)| {
+                        let f = dir.path().join(format!("{i}.{n}.{side}"));
+                        std::fs::write(&f, part).expect("known_hosts");
+                        f
+                    })
+                    .collect()
+            };
+            let (for_ssh, for_broker) = (write("ssh"), write("broker"));
             let ssh = self.openssh(&for_ssh, c.by_address);
             let broker = self.broker(&rt, &for_broker, c.by_address);
             // The same decision, and where OpenSSH names why it refused (a revoked, changed
@@ -366,6 +382,32 @@ fn plain_host_keys_are_judged_as_openssh_judges_them() {
         case(
             "a tab after @revoked, nothing else pinned",
             "@revoked\t{N} {A}",
+            false,
+        ),
+        // Several files, read in order as one set.
+        case(
+            "pinned in the second file",
+            "# nothing here\n---\n{N} {A}",
+            true,
+        ),
+        case(
+            "another key in the first file, this one in the second",
+            "{N} {B}\n---\n{N} {A}",
+            true,
+        ),
+        case(
+            "another key in the second file only",
+            "\n---\n{N} {B}",
+            false,
+        ),
+        case(
+            "pinned in the first file, @revoked in the second",
+            "{N} {A}\n---\n@revoked {N} {A}",
+            false,
+        ),
+        case(
+            "@revoked in the first file, pinned in the second",
+            "@revoked * {A}\n---\n{N} {A}",
             false,
         ),
         // A revocation is for the names on its line only.
