@@ -92,6 +92,8 @@ fn abandon(registry: &Registry, sockets: &[PathBuf]) {
     }
 }
 
+pub use crate::registry::{ReloadError, Reloaded};
+
 impl Daemon {
     /// Binds every socket and starts the supervisors.
     pub async fn start(config: &Config, opts: &DaemonOptions) -> Result<Daemon, LocalError> {
@@ -280,7 +282,7 @@ impl Daemon {
 
     /// Applies `config`: unchanged clusters keep their tunnel, changed ones restart, removed
     /// ones stop, new ones start. Returns a summary.
-    pub async fn reload(&self, config: &Config) -> Result<String, LocalError> {
+    pub async fn reload(&self, config: &Config) -> Result<Reloaded, LocalError> {
         let (mut kept, mut changed, mut added, mut removed) = (0, 0, 0, 0);
         for name in self.registry.names() {
             match config.clusters.get(&name) {
@@ -316,10 +318,14 @@ impl Daemon {
             }
         }
         added -= changed.min(added);
-        let summary =
-            format!("{kept} unchanged, {changed} restarted, {added} added, {removed} removed");
-        tracing::info!(summary = %summary, "config reloaded");
-        Ok(summary)
+        let done = Reloaded {
+            kept,
+            changed,
+            added,
+            removed,
+        };
+        tracing::info!(summary = %done, "config reloaded");
+        Ok(done)
     }
 
     /// Every served cluster as the control socket reports it.

@@ -108,4 +108,38 @@ impl Registry {
 }
 
 /// A reload request from the control socket, answered with the outcome.
-pub(crate) type ReloadRequest = oneshot::Sender<Result<String, String>>;
+pub(crate) type ReloadRequest = oneshot::Sender<Result<Reloaded, ReloadError>>;
+
+/// What a reload did to the served clusters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Clusters whose config did not change (their tunnels stay up).
+    pub kept: usize,
+    /// Clusters whose config changed (restarted).
+    pub changed: usize,
+    /// Clusters new in the config.
+    pub added: usize,
+    /// Clusters no longer in the config.
+    pub removed: usize,
+}
+
+impl std::fmt::Display for Reloaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} unchanged, {} restarted, {} added, {} removed",
+            self.kept, self.changed, self.added, self.removed
+        )
+    }
+}
+
+/// Why a reload left the running config as it was.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The config file does not load.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// A new cluster's socket could not be set up.
+    #[error(transparent)]
+    Local(#[from] crate::local::LocalError),
+}

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use crate::config::Config;
-use crate::daemon::{Daemon, DaemonOptions};
+use crate::daemon::{Daemon, DaemonOptions, ReloadError, Reloaded};
 use crate::notify::{notify, summary};
 
 /// Runs the daemon until SIGTERM/SIGINT; SIGHUP and `fleet-broker reload` re-read the config.
@@ -54,7 +54,7 @@ pub async fn serve(path: PathBuf, passed: crate::activation::Passed) -> anyhow::
 }
 
 /// A reload between `RELOADING=1` and `READY=1`; a failure is logged and said in `STATUS=`.
-async fn reload_notified(daemon: &Daemon, path: &std::path::Path) -> Result<String, String> {
+async fn reload_notified(daemon: &Daemon, path: &std::path::Path) -> Result<Reloaded, ReloadError> {
     notify("RELOADING=1\nSTATUS=reloading the config");
     let result = reload(daemon, path).await;
     let status = summary(&daemon.cluster_infos());
@@ -69,7 +69,7 @@ async fn reload_notified(daemon: &Daemon, path: &std::path::Path) -> Result<Stri
 }
 
 /// Re-reads the config; a file that does not load leaves the running config alone.
-async fn reload(daemon: &Daemon, path: &std::path::Path) -> Result<String, String> {
-    let config = Config::load(path).map_err(|e| e.to_string())?;
-    daemon.reload(&config).await.map_err(|e| e.to_string())
+async fn reload(daemon: &Daemon, path: &std::path::Path) -> Result<Reloaded, ReloadError> {
+    let config = Config::load(path)?;
+    Ok(daemon.reload(&config).await?)
 }

@@ -347,8 +347,8 @@ impl Control {
                     );
                 }
                 match rx.await {
-                    Ok(Ok(summary)) => to_json(&serde_json::json!({ "reloaded": summary })),
-                    Ok(Err(e)) => fleet_error(StatusCode::BAD_REQUEST, &e),
+                    Ok(Ok(done)) => to_json(&serde_json::json!({ "reloaded": done.to_string() })),
+                    Ok(Err(e)) => fleet_error(StatusCode::BAD_REQUEST, &e.to_string()),
                     Err(_) => fleet_error(StatusCode::SERVICE_UNAVAILABLE, "reload was dropped"),
                 }
             }
