@@ -925,8 +925,17 @@ fn exec_sessions_are_audited_with_the_caller_and_the_command() {
     assert!(shown.contains("-> exit 3, session "), "{shown}");
 }
 
-/// A machine on which the tunnel host is also the machine, with the given sshd settings.
-fn one_host(sshd_extra: &str) -> (Sshd, Agent, SimServer, Broker, tempfile::TempDir) {
+/// One sshd that is both the tunnel host and the only machine (with stub systemd tools),
+/// with the given extra sshd settings, its simulator and a broker for it.
+struct OneHost {
+    _sshd: Sshd,
+    _agent: Agent,
+    sim: SimServer,
+    b: Broker,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+fn one_host(sshd_extra: &str) -> OneHost {
     let keys = open_tempdir("fb-keys.");
     let key = keygen(keys.path(), "id_ed25519", "ed25519");
     let stubs = open_tempdir("fb-stubs.");
@@ -960,7 +969,13 @@ fn one_host(sshd_extra: &str) -> (Sshd, Agent, SimServer, Broker, tempfile::Temp
         ),
         Some(&agent.socket),
     );
-    (sshd, agent, sim, b, keys)
+    OneHost {
+        _sshd: sshd,
+        _agent: agent,
+        sim,
+        b,
+        _dirs: (keys, stubs),
+    }
 }
 
 /// A pooled connection keeps a session channel opened ahead, so the next command skips the
@@ -968,7 +983,9 @@ fn one_host(sshd_extra: &str) -> (Sshd, Agent, SimServer, Broker, tempfile::Temp
 /// for 30 s under `ChannelTimeout session*=1s`, as it times out only started sessions.)
 #[test]
 fn sessions_start_on_a_channel_opened_ahead() {
-    let (_sshd, _agent, _sim, b, _keys) = one_host("");
+    // Bound whole: every part lives to the end of the test.
+    let host = one_host("");
+    let b = host.b;
     let cwd = open_tempdir("fb-cwd.");
     let echo = |word: &str| {
         let run = fleetctl(&b, cwd.path(), &[], &["ssh", M1, "echo", word]);
@@ -997,46 +1014,15 @@ fn sessions_start_on_a_channel_opened_ahead() {
 /// slot, so it is given up for the user's command; the API, `ssh` and `status` all work.
 #[test]
 fn max_sessions_one_on_a_machine_that_is_the_tunnel_host_still_runs_commands() {
-    let keys = open_tempdir("fb-keys.");
-    let key = keygen(keys.path(), "id_ed25519", "ed25519");
-    let stubs = open_tempdir("fb-stubs.");
-    write_stubs(stubs.path(), "m1");
-    let sshd = Sshd::start_with(
-        &["root"],
-        &[&key],
-        None,
-        &format!(
-            "MaxSessions 1\nSetEnv PATH={}:/usr/local/bin:/usr/bin:/bin SHLVL=1\n",
-            stubs.path().display()
-        ),
-    );
-    let agent = Agent::start(&[&key]);
-    let machine = fleet_broker::fleet::schema::Machine {
-        id: M1.into(),
-        primary_ip: sshd.ip.clone(),
-        ..Default::default()
-    };
-    let sim = SimServer::with(vec![machine], false);
-    sim.put(
+    let host = one_host("MaxSessions 1\n");
+    let b = host.b;
+    host.sim.put(
         "hello.service",
         vec![
             opt("Service", "ExecStart", "/bin/sleep 1000"),
             opt("X-Fleet", "MachineID", M1),
         ],
         "launched",
-    );
-    let kh = keys.path().join("known_hosts");
-    std::fs::write(&kh, sshd.known_hosts_line()).expect("known_hosts");
-    let b = Broker::start(
-        &cluster_toml(
-            "c1",
-            &sshd,
-            &format!("unix://{}", sim.socket.display()),
-            "root",
-            &kh,
-            &format!("machine_ssh_port = {}\n", sshd.port),
-        ),
-        Some(&agent.socket),
     );
     assert_eq!(
         http(&b.socket("c1"), "GET", "/fleet/v1/machines", None).0,
