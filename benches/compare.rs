@@ -620,12 +620,8 @@ fn idle_rss(w: &World) {
     println!("idle daemon with 100 lazy clusters: VmRSS {rss}");
 }
 
-/// `fleetctl status UNIT` through a warm broker (with and without the nested connection's
-/// interactive session) against the same command through two fresh OpenSSH hops
-/// (`ssh -J tunnel machine`) and one (`ssh machine`, as if the machine were reachable),
-/// medians of 20 whole-process runs.
-fn status_vs_jump() {
-    let runs = 20;
+/// Machines with `hello.service` launched on M1.
+fn machines_with_hello() -> Machines {
     let m = Machines::new();
     m.sim.put(
         "hello.service",
@@ -635,18 +631,34 @@ fn status_vs_jump() {
         ],
         "launched",
     );
-    let broker = m.broker("");
-    let off = m.broker("interactive_session = \"off\"");
-    let cfg = m.keys.path().join("ssh_config");
+    m
+}
+
+/// An ssh_config for OpenSSH against these machines: pinned, with their agent, as root,
+/// never prompting; `extra` lines added under `Host *`.
+fn write_ssh_config(m: &Machines, path: &Path, extra: &str) {
     std::fs::write(
-        &cfg,
+        path,
         format!(
-            "Host *\n  UserKnownHostsFile {}\n  StrictHostKeyChecking yes\n  BatchMode yes\n  IdentityAgent {}\n  User root\n",
+            "Host *\n  UserKnownHostsFile {}\n  StrictHostKeyChecking yes\n  BatchMode yes\n  IdentityAgent {}\n  User root\n{extra}",
             m.known_hosts.display(),
             m.agent.socket.display()
         ),
     )
     .expect("ssh_config");
+}
+
+/// `fleetctl status UNIT` through a warm broker (with and without the nested connection's
+/// interactive session) against the same command through two fresh OpenSSH hops
+/// (`ssh -J tunnel machine`) and one (`ssh machine`, as if the machine were reachable),
+/// medians of 20 whole-process runs.
+fn status_vs_jump() {
+    let runs = 20;
+    let m = machines_with_hello();
+    let broker = m.broker("");
+    let off = m.broker("interactive_session = \"off\"");
+    let cfg = m.keys.path().join("ssh_config");
+    write_ssh_config(&m, &cfg, "");
     let fleetctl = |b: &Broker| {
         let xdg = b.dir.path().join("xdg");
         let t = Instant::now();
@@ -723,15 +735,7 @@ fn status_vs_jump() {
 /// the benchmark.
 fn master_sessions() {
     let runs = 21;
-    let m = Machines::new();
-    m.sim.put(
-        "hello.service",
-        vec![
-            opt("Service", "ExecStart", "/bin/sleep 1000"),
-            opt("X-Fleet", "MachineID", M1),
-        ],
-        "launched",
-    );
+    let m = machines_with_hello();
     let journal: String = (1..=30)
         .map(|i| format!("c{i}\tDec 04 10:00:{i:02} m1 hello[1]: line {i}\n"))
         .collect();
@@ -747,15 +751,7 @@ fn master_sessions() {
     let payload_path = dir.path().join("payload");
     std::fs::write(&payload_path, &payload).expect("payload");
     let cfg = dir.path().join("ssh_config");
-    std::fs::write(
-        &cfg,
-        format!(
-            "Host *\n  UserKnownHostsFile {}\n  StrictHostKeyChecking yes\n  BatchMode yes\n  IdentityAgent {}\n  User root\n  Ciphers aes256-gcm@openssh.com\n",
-            m.known_hosts.display(),
-            m.agent.socket.display()
-        ),
-    )
-    .expect("ssh_config");
+    write_ssh_config(&m, &cfg, "  Ciphers aes256-gcm@openssh.com\n");
     let tunnel_ctl = dir.path().join("tunnel.ctl");
     let machine_ctl = dir.path().join("m1.ctl");
     let check = |ctl: &Path, host: &str| {
