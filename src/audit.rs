@@ -207,13 +207,49 @@ fn make_dir(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Where the audit trail is written: the file the config names, by default `audit.jsonl` in
+/// the state directory; `None` when it is off.
+pub fn log_path(setting: &crate::config::AuditLogSetting, state_dir: &Path) -> Option<PathBuf> {
+    use crate::config::AuditLogSetting;
+    match setting {
+        AuditLogSetting::Default => Some(state_dir.join("audit.jsonl")),
+        AuditLogSetting::Off => None,
+        AuditLogSetting::File(p) => Some(p.clone()),
+    }
+}
+
+/// The file the trail at `path` is rotated into.
+fn rotated(path: &Path) -> PathBuf {
+    let mut old = path.as_os_str().to_owned();
+    old.push(".1");
+    PathBuf::from(old)
+}
+
+/// The trail at `path` as `fleet-broker audit` prints it, the rotated file's lines first,
+/// filtered as [`readable`] does. Files that do not exist (nothing audited yet) are empty;
+/// bytes that are not UTF-8 are shown replaced, not dropped with their line.
+pub fn read_trail(
+    path: &Path,
+    cluster: Option<&str>,
+    since: Option<std::time::SystemTime>,
+) -> Vec<String> {
+    [rotated(path), path.to_path_buf()]
+        .iter()
+        .filter_map(|f| std::fs::read(f).ok())
+        .flat_map(|bytes| {
+            String::from_utf8_lossy(&bytes)
+                .lines()
+                .filter_map(|l| readable(l, cluster, since))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 fn append(path: &Path, record: &serde_json::Value) -> Result<(), FileError> {
     make_dir(path)?;
     let mut f = open_checked(path)?;
     if f.metadata()?.len() >= MAX_BYTES {
-        let mut old = path.as_os_str().to_owned();
-        old.push(".1");
-        std::fs::rename(path, PathBuf::from(old))?;
+        std::fs::rename(path, rotated(path))?;
         f = open_checked(path)?;
     }
     let mut line = record.to_string();

@@ -103,11 +103,10 @@ impl Daemon {
         let control_socket = local::control_socket(runtime_dir);
         let shutdown = CancellationToken::new();
         let registry = Arc::new(Registry::default());
-        let audit = Arc::new(crate::audit::AuditLog::new(match &config.audit_log {
-            crate::config::AuditLogSetting::Default => Some(opts.state_dir.join("audit.jsonl")),
-            crate::config::AuditLogSetting::Off => None,
-            crate::config::AuditLogSetting::File(p) => Some(p.clone()),
-        }));
+        let audit = Arc::new(crate::audit::AuditLog::new(crate::audit::log_path(
+            &config.audit_log,
+            &opts.state_dir,
+        )));
         // An audit log someone else could read or forge stops the start, with the reason;
         // one the system will not let us write (a read-only home under systemd) is said once
         // and requests are still served, as each failed write is said again.

@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod activation;
+pub mod admin;
 pub mod audit;
 pub mod auth;
 pub mod cli;
@@ -26,7 +27,6 @@ pub(crate) mod front_door;
 pub mod fuzzing;
 pub(crate) mod http;
 pub mod import;
-pub mod install;
 pub mod known_hosts;
 pub(crate) mod lag;
 pub mod local;
@@ -42,7 +42,6 @@ pub mod service;
 #[cfg(feature = "demo")]
 pub mod sim;
 pub(crate) mod sock_diag;
-pub mod status;
 pub(crate) mod throttle;
 pub mod trust;
 pub mod tunnel;

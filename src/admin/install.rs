@@ -13,7 +13,7 @@ fn service_unit() -> anyhow::Result<String> {
             exe.display()
         )
     })?;
-    Ok(include_str!("../systemd/fleet-broker.service")
+    Ok(include_str!("../../systemd/fleet-broker.service")
         .replace("%h/.cargo/bin/fleet-broker", &systemd_word(exe)))
 }
 
@@ -59,12 +59,12 @@ fn write_unit(dest: &std::path::Path, text: &str) -> anyhow::Result<()> {
 /// `fleet-broker install-service`: the unit (and with `--socket` the socket unit) in the user
 /// manager's directory, then `systemctl --user daemon-reload` and `enable --now` of the
 /// service, or of the socket that starts it on demand.
-pub fn install_service(dry_run: bool, socket: bool) -> anyhow::Result<()> {
+pub(super) fn install_service(dry_run: bool, socket: bool) -> anyhow::Result<()> {
     let mut units = vec![("fleet-broker.service", service_unit()?)];
     if socket {
         units.push((
             "fleet-broker.socket",
-            include_str!("../systemd/fleet-broker.socket").to_string(),
+            include_str!("../../systemd/fleet-broker.socket").to_string(),
         ));
     }
     let dir = std::env::var_os("XDG_CONFIG_HOME")

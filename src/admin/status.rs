@@ -7,7 +7,7 @@ use crate::protocol::{ClusterInfo, ClusterList};
 const ERROR_WIDTH: usize = 100;
 
 /// The status table, one line per cluster.
-pub fn table(list: &ClusterList) -> String {
+pub(crate) fn table(list: &ClusterList) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let _ = writeln!(
@@ -55,7 +55,7 @@ pub fn table(list: &ClusterList) -> String {
 
 /// One look at the daemon: what to print and the verdict (`Err` naming the clusters that are
 /// neither ready nor idle); the outer `Err` says why the daemon could not be asked.
-pub async fn status_once(json: bool) -> Result<(String, Result<(), String>), String> {
+pub(crate) async fn status_once(json: bool) -> Result<(String, Result<(), String>), String> {
     let sock = crate::control::client::default_control_socket();
     let (status, body) = crate::control::client::request(&sock, "GET", "/v1/clusters").await?;
     if status != 200 {
@@ -90,10 +90,18 @@ pub async fn status_once(json: bool) -> Result<(String, Result<(), String>), Str
     Ok((text, verdict))
 }
 
+/// `fleet-broker status` once: the table (or JSON), failing unless every cluster is ready or
+/// idle.
+pub(super) async fn print_once(json: bool) -> anyhow::Result<()> {
+    let (text, verdict) = status_once(json).await.map_err(anyhow::Error::msg)?;
+    print!("{text}");
+    verdict.map_err(anyhow::Error::msg)
+}
+
 /// `status --watch`: a refresh every `every` seconds, in place on a terminal (cleared and
 /// redrawn under a header, like watch(1)), appended elsewhere; a daemon that goes away is
 /// shown and asked again. Ends on Ctrl-C or after `count` refreshes with the last verdict.
-pub async fn watch_status(json: bool, every: f64, count: Option<u64>) -> anyhow::Result<()> {
+pub(super) async fn watch_status(json: bool, every: f64, count: Option<u64>) -> anyhow::Result<()> {
     use std::io::{IsTerminal, Write};
     if !every.is_finite() || !(0.1..=86_400.0).contains(&every) {
         anyhow::bail!("--watch takes a number of seconds between 0.1 and 86400, not {every}");
