@@ -106,7 +106,7 @@ enum Unusable {
     /// Readable by others: OpenSSH's `UNPROTECTED PRIVATE KEY FILE`.
     Unprotected(u32),
     /// Encrypted, and no passphrase stored (or the keyring could not be read: why).
-    Encrypted(Option<String>),
+    Encrypted(Option<crate::passphrase::PassphraseError>),
     /// Encrypted, and the stored passphrase does not decrypt it.
     WrongPassphrase,
 }

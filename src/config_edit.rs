@@ -3,11 +3,65 @@
 //! exactly as the daemon will read it, before anything is written, and the file is replaced
 //! atomically (same mode, 0600 for a new file): never a partial or invalid config.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use toml_edit::{value, Array, DocumentMut, Item, Table};
 
-use crate::config::{Config, HostKeyPolicy, HostPort};
+use crate::config::{Config, ConfigError, HostKeyPolicy, HostPort};
+
+/// Why the config was not changed; the file is as it was.
+#[derive(Debug, thiserror::Error)]
+pub enum EditError {
+    /// The file could not be read.
+    #[error("{}: cannot read config: {source}", path.display())]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not TOML.
+    #[error("{}: {message}", path.display())]
+    Syntax {
+        /// The config file.
+        path: PathBuf,
+        /// toml_edit's message, naming the line and column.
+        message: String,
+    },
+    /// `clusters` is something other than a table.
+    #[error("{}: `clusters` is not a table of [clusters.NAME] tables", path.display())]
+    NotTables {
+        /// The config file.
+        path: PathBuf,
+    },
+    /// A cluster of that name exists and replacing it was not asked for.
+    #[error("cluster {name:?} is already in {}; pass --replace to overwrite it, or --name to import it under another name", path.display())]
+    Exists {
+        /// The cluster.
+        name: String,
+        /// The config file.
+        path: PathBuf,
+    },
+    /// No cluster of that name to remove.
+    #[error("no cluster named {name:?} in {}", path.display())]
+    NoSuchCluster {
+        /// The cluster.
+        name: String,
+        /// The config file.
+        path: PathBuf,
+    },
+    /// The changed config would not be valid (the daemon would refuse it).
+    #[error(transparent)]
+    Invalid(#[from] ConfigError),
+    /// Writing the new file (or its directory) failed.
+    #[error("{}: {source}", path.display())]
+    Write {
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
 
 /// A cluster as an import describes it; written as a `[clusters.NAME]` table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,21 +116,32 @@ impl NewCluster {
 }
 
 /// The file's text (empty when it does not exist yet) as a document.
-fn read(path: &Path) -> Result<DocumentMut, String> {
+fn read(path: &Path) -> Result<DocumentMut, EditError> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(format!("{}: cannot read config: {e}", path.display())),
+        Err(source) => {
+            return Err(EditError::Read {
+                path: path.into(),
+                source,
+            })
+        }
     };
-    text.parse::<DocumentMut>()
-        .map_err(|e| format!("{}: {}", path.display(), e.to_string().trim()))
+    text.parse::<DocumentMut>().map_err(|e| EditError::Syntax {
+        path: path.into(),
+        message: e.to_string().trim().to_string(),
+    })
 }
 
 /// Validates `doc` as the daemon will read it, then replaces `path` with it atomically.
 /// Returns the validated config.
-fn write(path: &Path, doc: &DocumentMut) -> Result<Config, String> {
+fn write(path: &Path, doc: &DocumentMut) -> Result<Config, EditError> {
     let text = doc.to_string();
-    let config = Config::parse(path, &text).map_err(|e| e.to_string())?;
+    let config = Config::parse(path, &text)?;
+    let failed = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| EditError::Write { path, source }
+    };
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -87,7 +152,7 @@ fn write(path: &Path, doc: &DocumentMut) -> Result<Config, String> {
             .recursive(true)
             .mode(0o700)
             .create(dir)
-            .map_err(|e| format!("{}: {e}", dir.display()))?;
+            .map_err(failed(dir))?;
     }
     let mode = std::fs::metadata(path).map_or(0o600, |m| {
         use std::os::unix::fs::PermissionsExt;
@@ -96,22 +161,25 @@ fn write(path: &Path, doc: &DocumentMut) -> Result<Config, String> {
     let mut tmp = tempfile::Builder::new()
         .prefix(".config.")
         .tempfile_in(dir)
-        .map_err(|e| format!("{}: {e}", dir.display()))?;
+        .map_err(failed(dir))?;
     use std::io::Write;
     use std::os::unix::fs::PermissionsExt;
     tmp.as_file()
         .set_permissions(std::fs::Permissions::from_mode(mode))
         .and_then(|()| tmp.write_all(text.as_bytes()))
         .and_then(|()| tmp.as_file().sync_all())
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    tmp.persist(path)
-        .map_err(|e| format!("{}: {}", path.display(), e.error))?;
+        .map_err(failed(path))?;
+    tmp.persist(path).map_err(|e| failed(path)(e.error))?;
     Ok(config)
 }
 
 /// The document with `cluster` added (or replacing the table of the same name when
 /// `replace`), validated but not written.
-fn with_cluster(path: &Path, cluster: &NewCluster, replace: bool) -> Result<DocumentMut, String> {
+fn with_cluster(
+    path: &Path,
+    cluster: &NewCluster,
+    replace: bool,
+) -> Result<DocumentMut, EditError> {
     let mut doc = read(path)?;
     if !doc.contains_key("clusters") {
         let mut t = Table::new();
@@ -119,45 +187,44 @@ fn with_cluster(path: &Path, cluster: &NewCluster, replace: bool) -> Result<Docu
         doc.insert("clusters", Item::Table(t));
     }
     let Some(clusters) = doc["clusters"].as_table_mut() else {
-        return Err(format!(
-            "{}: `clusters` is not a table of [clusters.NAME] tables",
-            path.display()
-        ));
+        return Err(EditError::NotTables { path: path.into() });
     };
     if clusters.contains_key(&cluster.name) && !replace {
-        return Err(format!(
-            "cluster {:?} is already in {}; pass --replace to overwrite it, or --name to import it under another name",
-            cluster.name,
-            path.display()
-        ));
+        return Err(EditError::Exists {
+            name: cluster.name.clone(),
+            path: path.into(),
+        });
     }
     clusters.insert(&cluster.name, Item::Table(cluster.table()));
-    Config::parse(path, &doc.to_string()).map_err(|e| e.to_string())?;
+    Config::parse(path, &doc.to_string())?;
     Ok(doc)
 }
 
 /// The config `path` would hold with `cluster` added, without writing it (to pin the
 /// cluster's host before the cluster exists).
-pub fn preview(path: &Path, cluster: &NewCluster, replace: bool) -> Result<Config, String> {
+pub fn preview(path: &Path, cluster: &NewCluster, replace: bool) -> Result<Config, EditError> {
     let doc = with_cluster(path, cluster, replace)?;
-    Config::parse(path, &doc.to_string()).map_err(|e| e.to_string())
+    Ok(Config::parse(path, &doc.to_string())?)
 }
 
 /// Adds `cluster` to the config file (replacing one of the same name only when `replace`).
-pub fn add_cluster(path: &Path, cluster: &NewCluster, replace: bool) -> Result<Config, String> {
+pub fn add_cluster(path: &Path, cluster: &NewCluster, replace: bool) -> Result<Config, EditError> {
     let doc = with_cluster(path, cluster, replace)?;
     write(path, &doc)
 }
 
 /// Removes the cluster called `name` from the config file.
-pub fn remove_cluster(path: &Path, name: &str) -> Result<Config, String> {
+pub fn remove_cluster(path: &Path, name: &str) -> Result<Config, EditError> {
     let mut doc = read(path)?;
     let removed = doc
         .get_mut("clusters")
         .and_then(Item::as_table_mut)
         .and_then(|t| t.remove(name));
     if removed.is_none() {
-        return Err(format!("no cluster named {name:?} in {}", path.display()));
+        return Err(EditError::NoSuchCluster {
+            name: name.into(),
+            path: path.into(),
+        });
     }
     write(path, &doc)
 }
@@ -194,7 +261,8 @@ mod tests {
             "{text}"
         );
         let e = add_cluster(&path, &lab(), false).unwrap_err();
-        assert!(e.contains("--replace"), "{e}");
+        assert!(matches!(e, EditError::Exists { .. }), "{e}");
+        assert!(e.to_string().contains("--replace"), "{e}");
         assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
         let mut other = lab();
         other.user = "root".into();
@@ -204,9 +272,10 @@ mod tests {
             .contains("user = \"root\""));
         remove_cluster(&path, "lab").unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), original);
-        assert!(remove_cluster(&path, "lab")
-            .unwrap_err()
-            .contains("no cluster named"));
+        assert!(matches!(
+            remove_cluster(&path, "lab"),
+            Err(EditError::NoSuchCluster { .. })
+        ));
     }
 
     #[test]
@@ -215,7 +284,8 @@ mod tests {
         let path = dir.path().join("config.toml");
         std::fs::write(&path, "[defaults]\nbogus = 1\n").unwrap();
         let e = add_cluster(&path, &lab(), false).unwrap_err();
-        assert!(e.contains("bogus"), "{e}");
+        assert!(matches!(e, EditError::Invalid(_)), "{e}");
+        assert!(e.to_string().contains("bogus"), "{e}");
         assert_eq!(
             std::fs::read_to_string(&path).unwrap(),
             "[defaults]\nbogus = 1\n"

@@ -33,8 +33,97 @@ fn unquote(v: &str) -> String {
         .to_string()
 }
 
+/// Why an import found no cluster to add; each names the line, the host or the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    /// A line of `vagrant ssh-config` output with a key and no value.
+    #[error("line {line}: {text:?} has no value (is this `vagrant ssh-config` output?)")]
+    NoValue {
+        /// 1-based line number.
+        line: usize,
+        /// The line.
+        text: String,
+    },
+    /// A key before the first `Host` line.
+    #[error("line {line}: {key} before any `Host` line (is this `vagrant ssh-config` output?)")]
+    BeforeHost {
+        /// 1-based line number.
+        line: usize,
+        /// The key.
+        key: String,
+    },
+    /// A `Port` that is not a port number.
+    #[error("line {line}: Port {value:?} is not a port number")]
+    BadPort {
+        /// 1-based line number.
+        line: usize,
+        /// The value given.
+        value: String,
+    },
+    /// No `Host` entries at all.
+    #[error("no `Host` entries (is this `vagrant ssh-config` output? is the VM up?)")]
+    NoHosts,
+    /// A VM without a `HostName`.
+    #[error("Host {host}: no HostName")]
+    NoHostName {
+        /// The `Host` name.
+        host: String,
+    },
+    /// `ssh` could not be started.
+    #[error("cannot run `ssh -G {host}` ({source}); is OpenSSH's ssh installed?")]
+    CannotRunSsh {
+        /// The host asked about.
+        host: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// `ssh -G` refused the host or the ssh_config.
+    #[error("`ssh -G {host}` failed: {stderr}")]
+    SshFailed {
+        /// The host asked about.
+        host: String,
+        /// What ssh said.
+        stderr: String,
+    },
+    /// `ssh -G` printed a port that is not one.
+    #[error("ssh -G: port {value:?}")]
+    SshPort {
+        /// The value printed.
+        value: String,
+    },
+    /// `ssh -G` printed no hostname.
+    #[error("ssh -G printed no hostname")]
+    SshNoHostName,
+    /// A ProxyJump hop written as an `ssh://` URI.
+    #[error("ProxyJump {hop:?}: ssh:// URIs are not supported; write it as [user@]host[:port]")]
+    JumpUri {
+        /// The hop.
+        hop: String,
+    },
+    /// A ProxyJump hop that does not resolve to `host:port`.
+    #[error("ProxyJump {hop:?}: {reason}")]
+    JumpHop {
+        /// The hop.
+        hop: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A ProxyCommand, which the broker cannot run in its place.
+    #[error("ProxyCommand {command:?}: not supported; the broker dials the tunnel host itself. If it is `ssh -W %h:%p HOST`, write `ProxyJump HOST` in its place and import again")]
+    ProxyCommand {
+        /// The command.
+        command: String,
+    },
+    /// A directory or host name that does not make a cluster name.
+    #[error("{raw:?} does not make a cluster name; pass --name NAME")]
+    BadName {
+        /// The name it was made from.
+        raw: String,
+    },
+}
+
 /// Parses `vagrant ssh-config` output; errors name the line.
-pub fn parse_vagrant(text: &str) -> Result<Vec<VagrantHost>, String> {
+pub fn parse_vagrant(text: &str) -> Result<Vec<VagrantHost>, ImportError> {
     let mut hosts: Vec<VagrantHost> = Vec::new();
     for (i, raw) in text.lines().enumerate() {
         let line = raw.trim();
@@ -44,10 +133,10 @@ pub fn parse_vagrant(text: &str) -> Result<Vec<VagrantHost>, String> {
         let (key, rest) = match line.split_once(char::is_whitespace) {
             Some((k, r)) => (k.to_ascii_lowercase(), r.trim()),
             None => {
-                return Err(format!(
-                    "line {}: {line:?} has no value (is this `vagrant ssh-config` output?)",
-                    i + 1
-                ))
+                return Err(ImportError::NoValue {
+                    line: i + 1,
+                    text: line.to_string(),
+                })
             }
         };
         if key == "host" {
@@ -58,18 +147,15 @@ pub fn parse_vagrant(text: &str) -> Result<Vec<VagrantHost>, String> {
             continue;
         }
         let Some(h) = hosts.last_mut() else {
-            return Err(format!(
-                "line {}: {key} before any `Host` line (is this `vagrant ssh-config` output?)",
-                i + 1
-            ));
+            return Err(ImportError::BeforeHost { line: i + 1, key });
         };
         match key.as_str() {
             "hostname" => h.host_name = Some(unquote(rest)),
             "port" => {
-                h.port =
-                    Some(unquote(rest).parse().map_err(|_| {
-                        format!("line {}: Port {rest:?} is not a port number", i + 1)
-                    })?)
+                h.port = Some(unquote(rest).parse().map_err(|_| ImportError::BadPort {
+                    line: i + 1,
+                    value: rest.to_string(),
+                })?)
             }
             "user" => h.user = Some(unquote(rest)),
             "identityfile" => {
@@ -84,9 +170,7 @@ pub fn parse_vagrant(text: &str) -> Result<Vec<VagrantHost>, String> {
         }
     }
     if hosts.is_empty() {
-        return Err(
-            "no `Host` entries (is this `vagrant ssh-config` output? is the VM up?)".into(),
-        );
+        return Err(ImportError::NoHosts);
     }
     Ok(hosts)
 }
@@ -98,14 +182,14 @@ pub fn from_vagrant(
     name: &str,
     endpoint: Option<String>,
     known_hosts: &Path,
-) -> Result<NewCluster, String> {
-    let first = hosts
-        .first()
-        .ok_or_else(|| "no `Host` entries".to_string())?;
+) -> Result<NewCluster, ImportError> {
+    let first = hosts.first().ok_or(ImportError::NoHosts)?;
     let host = first
         .host_name
         .clone()
-        .ok_or_else(|| format!("Host {}: no HostName", first.name))?;
+        .ok_or_else(|| ImportError::NoHostName {
+            host: first.name.clone(),
+        })?;
     let mut identity_files = Vec::new();
     for h in hosts {
         for f in &h.identity_files {
@@ -157,7 +241,7 @@ pub struct Notes {
 }
 
 /// Runs `ssh -G HOST` (with `-F FILE` when given): the host as `ssh` itself resolves it.
-pub fn ssh_g(host: &str, ssh_config: Option<&Path>) -> Result<String, String> {
+pub fn ssh_g(host: &str, ssh_config: Option<&Path>) -> Result<String, ImportError> {
     let mut cmd = std::process::Command::new("ssh");
     if let Some(f) = ssh_config {
         cmd.arg("-F").arg(f);
@@ -168,12 +252,15 @@ pub fn ssh_g(host: &str, ssh_config: Option<&Path>) -> Result<String, String> {
         .arg(host)
         .stdin(std::process::Stdio::null())
         .output()
-        .map_err(|e| format!("cannot run `ssh -G {host}` ({e}); is OpenSSH's ssh installed?"))?;
+        .map_err(|source| ImportError::CannotRunSsh {
+            host: host.to_string(),
+            source,
+        })?;
     if !out.status.success() {
-        return Err(format!(
-            "`ssh -G {host}` failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+        return Err(ImportError::SshFailed {
+            host: host.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -185,7 +272,7 @@ pub fn from_ssh_g(
     output: &str,
     name: &str,
     endpoint: Option<String>,
-) -> Result<(NewCluster, Notes), String> {
+) -> Result<(NewCluster, Notes), ImportError> {
     let mut notes = Notes::default();
     let (mut host, mut port, mut user) = (None, 22u16, None);
     let (mut ids, mut known, mut jump) = (Vec::new(), Vec::new(), Vec::new());
@@ -197,7 +284,11 @@ pub fn from_ssh_g(
         let v = v.trim();
         match key {
             "hostname" => host = Some(v.to_string()),
-            "port" => port = v.parse().map_err(|_| format!("ssh -G: port {v:?}"))?,
+            "port" => {
+                port = v.parse().map_err(|_| ImportError::SshPort {
+                    value: v.to_string(),
+                })?
+            }
             "user" => user = Some(v.to_string()),
             "identityfile" => {
                 let f = unquote(v);
@@ -219,9 +310,9 @@ pub fn from_ssh_g(
             "proxyjump" if v != "none" => {
                 for hop in v.split(',') {
                     if hop.contains("://") {
-                        return Err(format!(
-                            "ProxyJump {hop:?}: ssh:// URIs are not supported; write it as [user@]host[:port]"
-                        ));
+                        return Err(ImportError::JumpUri {
+                            hop: hop.to_string(),
+                        });
                     }
                     jump.push(hop.trim().to_string());
                 }
@@ -229,9 +320,9 @@ pub fn from_ssh_g(
             // The broker dials the tunnel host itself; a command in between would be silently
             // skipped, dialling HostName directly where `ssh` does not.
             "proxycommand" if v != "none" => {
-                return Err(format!(
-                    "ProxyCommand {v:?}: not supported; the broker dials the tunnel host itself. If it is `ssh -W %h:%p HOST`, write `ProxyJump HOST` in its place and import again"
-                ));
+                return Err(ImportError::ProxyCommand {
+                    command: v.to_string(),
+                });
             }
             "stricthostkeychecking" => match v {
                 "false" | "no" | "off" => {
@@ -246,7 +337,7 @@ pub fn from_ssh_g(
             _ => {}
         }
     }
-    let host = host.ok_or_else(|| "ssh -G printed no hostname".to_string())?;
+    let host = host.ok_or(ImportError::SshNoHostName)?;
     if known.is_empty() {
         notes.needs_trust = true;
     }
@@ -267,7 +358,10 @@ pub fn from_ssh_g(
 
 /// Resolves each ProxyJump hop as `ssh` would (`ssh -G`: an alias becomes its HostName, Port
 /// and User), so the broker dials what `ssh` dials.
-pub fn resolve_jumps(cluster: &mut NewCluster, ssh_config: Option<&Path>) -> Result<(), String> {
+pub fn resolve_jumps(
+    cluster: &mut NewCluster,
+    ssh_config: Option<&Path>,
+) -> Result<(), ImportError> {
     let mut resolved = Vec::new();
     for hop in &cluster.jump {
         let (user, rest) = match hop.rsplit_once('@') {
@@ -296,8 +390,11 @@ pub fn resolve_jumps(cluster: &mut NewCluster, ssh_config: Option<&Path>) -> Res
             .or_else(|| field("port"))
             .unwrap_or_else(|| "22".into());
         let user = user.or_else(|| field("user"));
-        let target = HostPort::parse(&format!("{name}:{port}"))
-            .map_err(|e| format!("ProxyJump {hop:?}: {e}"))?;
+        let target =
+            HostPort::parse(&format!("{name}:{port}")).map_err(|reason| ImportError::JumpHop {
+                hop: hop.clone(),
+                reason,
+            })?;
         resolved.push(match user {
             Some(u) => format!("{u}@{target}"),
             None => target.to_string(),
@@ -308,7 +405,7 @@ pub fn resolve_jumps(cluster: &mut NewCluster, ssh_config: Option<&Path>) -> Res
 }
 
 /// A valid cluster name from `raw` (a directory or host name): other characters become `-`.
-pub fn cluster_name(raw: &str) -> Result<String, String> {
+pub fn cluster_name(raw: &str) -> Result<String, ImportError> {
     let name: String = raw
         .chars()
         .map(|c| {
@@ -322,9 +419,9 @@ pub fn cluster_name(raw: &str) -> Result<String, String> {
     if valid_cluster_name(&name) {
         Ok(name)
     } else {
-        Err(format!(
-            "{raw:?} does not make a cluster name; pass --name NAME"
-        ))
+        Err(ImportError::BadName {
+            raw: raw.to_string(),
+        })
     }
 }
 
@@ -359,13 +456,15 @@ mod tests {
         );
         assert_eq!(c.host_key_checking, HostKeyPolicy::Strict);
         assert_eq!(c.known_hosts, vec!["/c/known_hosts.d/proj".to_string()]);
-        assert!(parse_vagrant("").unwrap_err().contains("no `Host`"));
-        assert!(parse_vagrant("  HostName x\n")
-            .unwrap_err()
-            .contains("line 1"));
-        assert!(parse_vagrant("Host a\n  Port abc\n")
-            .unwrap_err()
-            .contains("line 2"));
+        assert!(matches!(parse_vagrant(""), Err(ImportError::NoHosts)));
+        assert!(matches!(
+            parse_vagrant("  HostName x\n"),
+            Err(ImportError::BeforeHost { line: 1, .. })
+        ));
+        assert!(matches!(
+            parse_vagrant("Host a\n  Port abc\n"),
+            Err(ImportError::BadPort { line: 2, .. })
+        ));
     }
 
     #[test]
@@ -380,7 +479,10 @@ mod tests {
         assert_eq!(c.host_key_checking, HostKeyPolicy::Strict);
         assert!(notes.needs_trust);
         assert_eq!(notes.warnings.len(), 2);
-        assert!(from_ssh_g("hostname h\nproxyjump ssh://x\n", "p", None).is_err());
+        assert!(matches!(
+            from_ssh_g("hostname h\nproxyjump ssh://x\n", "p", None),
+            Err(ImportError::JumpUri { .. })
+        ));
     }
 
     #[test]
@@ -391,6 +493,8 @@ mod tests {
             None,
         )
         .expect_err("a ProxyCommand is refused");
+        assert!(matches!(err, ImportError::ProxyCommand { .. }), "{err}");
+        let err = err.to_string();
         assert!(
             err.contains("ProxyCommand") && err.contains("ProxyJump"),
             "{err}"
@@ -423,6 +527,9 @@ mod tests {
     #[test]
     fn names_are_sanitised() {
         assert_eq!(cluster_name("my project").unwrap(), "my-project");
-        assert!(cluster_name("..").is_err());
+        assert!(matches!(
+            cluster_name(".."),
+            Err(ImportError::BadName { .. })
+        ));
     }
 }

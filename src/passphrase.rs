@@ -29,17 +29,60 @@ fn description(path: &Path) -> String {
     format!("keyring-rs:{}@{SERVICE}", account(path).display())
 }
 
+/// Why a passphrase was not stored, forgotten or read.
+#[derive(Debug, thiserror::Error)]
+pub enum PassphraseError {
+    /// The file is not an encrypted key.
+    #[error("{}: this key is not encrypted; it needs no passphrase", path.display())]
+    NotEncrypted {
+        /// The identity file.
+        path: PathBuf,
+    },
+    /// The file could not be read as a key.
+    #[error("{}: {source}", path.display())]
+    Unreadable {
+        /// The identity file.
+        path: PathBuf,
+        /// Why.
+        source: russh::keys::Error,
+    },
+    /// The passphrase given does not decrypt the file.
+    #[error("{}: the passphrase does not decrypt this key; nothing stored", path.display())]
+    Wrong {
+        /// The identity file.
+        path: PathBuf,
+    },
+    /// An empty passphrase.
+    #[error("{}: an empty passphrase cannot be stored", path.display())]
+    Empty {
+        /// The identity file.
+        path: PathBuf,
+    },
+    /// The persistent keyring (nor the session's) cannot be reached.
+    #[error("the kernel keyring: cannot reach your persistent keyring: {}", said(*.0))]
+    NoKeyring(KeyError),
+    /// The kernel refused what was asked of the keyring (`doing`).
+    #[error("{}the kernel keyring: {doing}{}", path.as_ref().map(|p| format!("{}: ", p.display())).unwrap_or_default(), said(*error))]
+    Keyring {
+        /// The identity file, when the request was about one.
+        path: Option<PathBuf>,
+        /// What was asked, with its separator (`cannot store the passphrase: `), or nothing.
+        doing: &'static str,
+        /// What the kernel said.
+        error: KeyError,
+    },
+    /// The stored entry is not UTF-8.
+    #[error("the kernel keyring: the stored passphrase is not UTF-8; store it again with `fleet-broker passphrase set`")]
+    NotUtf8,
+}
+
 /// The user's persistent keyring, attached to this process's keyring (possessed, whatever
 /// the session keyring is); on a kernel without persistent keyrings, the session keyring.
-fn persistent() -> Result<KeyRing, String> {
+fn persistent() -> Result<KeyRing, PassphraseError> {
     KeyRing::get_persistent(KeyRingIdentifier::Process).or_else(|e| {
         // A kernel without persistent keyrings (CONFIG_PERSISTENT_KEYRINGS): the session's.
-        KeyRing::from_special_id(KeyRingIdentifier::Session, false).map_err(|_| {
-            format!(
-                "the kernel keyring: cannot reach your persistent keyring: {}",
-                said(e)
-            )
-        })
+        KeyRing::from_special_id(KeyRingIdentifier::Session, false)
+            .map_err(|_| PassphraseError::NoKeyring(e))
     })
 }
 
@@ -54,65 +97,79 @@ fn said(e: KeyError) -> String {
 }
 
 /// The stored entry of `path`, if there is one.
-fn find(path: &Path) -> Result<Option<Key>, String> {
+fn find(path: &Path) -> Result<Option<Key>, PassphraseError> {
     match persistent()?.search(&description(path)) {
         Ok(k) => Ok(Some(k)),
         Err(KeyError::KeyDoesNotExist) => Ok(None),
-        Err(e) => Err(format!("the kernel keyring: {}", said(e))),
+        Err(error) => Err(PassphraseError::Keyring {
+            path: None,
+            doing: "",
+            error,
+        }),
     }
 }
 
 /// Stores the passphrase of `path` after checking that it decrypts the file.
-pub fn set(path: &Path, passphrase: &Zeroizing<String>) -> Result<(), String> {
-    let at = |m: String| format!("{}: {m}", path.display());
+pub fn set(path: &Path, passphrase: &Zeroizing<String>) -> Result<(), PassphraseError> {
+    let path_buf = || path.to_path_buf();
     match russh::keys::load_secret_key(path, None) {
-        Ok(_) => {
-            return Err(at(
-                "this key is not encrypted; it needs no passphrase".into()
-            ))
-        }
+        Ok(_) => return Err(PassphraseError::NotEncrypted { path: path_buf() }),
         Err(russh::keys::Error::KeyIsEncrypted) => {}
-        Err(e) => return Err(at(e.to_string())),
+        Err(source) => {
+            return Err(PassphraseError::Unreadable {
+                path: path_buf(),
+                source,
+            })
+        }
     }
     if russh::keys::load_secret_key(path, Some(passphrase)).is_err() {
-        return Err(at(
-            "the passphrase does not decrypt this key; nothing stored".into(),
-        ));
+        return Err(PassphraseError::Wrong { path: path_buf() });
     }
     if passphrase.is_empty() {
-        return Err(at("an empty passphrase cannot be stored".into()));
+        return Err(PassphraseError::Empty { path: path_buf() });
     }
-    persistent()
-        .map_err(at)?
+    persistent()?
         .add_key(&description(path), passphrase.as_bytes())
         .map(drop)
-        .map_err(|e| at(format!("cannot store the passphrase: {}", said(e))))
+        .map_err(|error| PassphraseError::Keyring {
+            path: Some(path_buf()),
+            doing: "cannot store the passphrase: ",
+            error,
+        })
 }
 
 /// Forgets the passphrase of `path` (the entry is invalidated, so it leaves every keyring it
 /// is linked in); false when none was stored.
-pub fn forget(path: &Path) -> Result<bool, String> {
-    match find(path).map_err(|e| format!("{}: {e}", path.display()))? {
+pub fn forget(path: &Path) -> Result<bool, PassphraseError> {
+    match find(path)? {
         Some(key) => key
             .invalidate()
             .map(|()| true)
-            .map_err(|e| format!("{}: {}", path.display(), said(e))),
+            .map_err(|error| PassphraseError::Keyring {
+                path: Some(path.to_path_buf()),
+                doing: "cannot forget the passphrase: ",
+                error,
+            }),
         None => Ok(false),
     }
 }
 
 /// The stored passphrase of `path`, if any.
-pub(crate) fn get(path: &Path) -> Result<Option<Zeroizing<String>>, String> {
+pub(crate) fn get(path: &Path) -> Result<Option<Zeroizing<String>>, PassphraseError> {
     let Some(key) = find(path)? else {
         return Ok(None);
     };
     let bytes = Zeroizing::new(
         key.read_to_vec()
-            .map_err(|e| format!("the kernel keyring: {}", said(e)))?,
+            .map_err(|error| PassphraseError::Keyring {
+                path: None,
+                doing: "",
+                error,
+            })?,
     );
     match std::str::from_utf8(&bytes) {
         Ok(s) => Ok(Some(Zeroizing::new(s.to_string()))),
-        Err(_) => Err("the kernel keyring: the stored passphrase is not UTF-8; store it again with `fleet-broker passphrase set`".into()),
+        Err(_) => Err(PassphraseError::NotUtf8),
     }
 }
 

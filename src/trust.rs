@@ -276,7 +276,7 @@ pub async fn trust_machine(
     }
     let (status, body) = request(control, "GET", &path)
         .await
-        .map_err(TrustError::Daemon)?;
+        .map_err(|e| TrustError::Daemon(e.to_string()))?;
     if status != 200 {
         return Err(TrustError::Daemon(format!(
             "cluster {:?}: {}",
@@ -317,7 +317,7 @@ pub async fn trust_machines(
 ) -> Result<Vec<Result<String, TrustError>>, TrustError> {
     let list = crate::control::client::list_clusters(control)
         .await
-        .map_err(TrustError::Daemon)?;
+        .map_err(|e| TrustError::Daemon(e.to_string()))?;
     let Some(info) = list.clusters.into_iter().find(|c| c.name == cluster.name) else {
         return Err(TrustError::Daemon(format!(
             "the running daemon does not serve cluster {:?}",

@@ -9,7 +9,7 @@ use super::{ask, find_cluster, keys, load_config};
 
 /// `fleet-broker remove CLUSTER`.
 pub(super) async fn remove(path: &Path, cluster: &str) -> anyhow::Result<()> {
-    crate::config_edit::remove_cluster(path, cluster).map_err(anyhow::Error::msg)?;
+    crate::config_edit::remove_cluster(path, cluster)?;
     println!("removed cluster {cluster:?} from {}", path.display());
     ask::reload_after_change().await;
     Ok(())
@@ -62,12 +62,10 @@ pub(super) async fn import(path: &Path, source: ImportSource) -> anyhow::Result<
                         .file_name()
                         .map(|n| n.to_string_lossy().into_owned())
                         .unwrap_or_default(),
-                )
-                .map_err(anyhow::Error::msg)?,
+                )?,
             };
             let known_hosts = import::known_hosts_file(path, &name);
-            let cluster = import::from_vagrant(&hosts, &name, endpoint, &known_hosts)
-                .map_err(anyhow::Error::msg)?;
+            let cluster = import::from_vagrant(&hosts, &name, endpoint, &known_hosts)?;
             for w in import::public_knowledge_identities(&cluster) {
                 eprintln!("warning: {w}");
             }
@@ -77,11 +75,10 @@ pub(super) async fn import(path: &Path, source: ImportSource) -> anyhow::Result<
                 keys::confirm_mode(false, fingerprint)?
             };
             // Pin first: a host not pinned leaves the config as it was.
-            let preview =
-                crate::config_edit::preview(path, &cluster, replace).map_err(anyhow::Error::msg)?;
+            let preview = crate::config_edit::preview(path, &cluster, replace)?;
             let c = find_cluster(&preview, &name)?;
             println!("{}", crate::trust::trust(c, &confirm).await?);
-            crate::config_edit::add_cluster(path, &cluster, replace).map_err(anyhow::Error::msg)?;
+            crate::config_edit::add_cluster(path, &cluster, replace)?;
             println!(
                 "added cluster {name:?} ({} VM{}, tunnel {}) to {}",
                 hosts.len(),
@@ -118,14 +115,12 @@ pub(super) async fn import(path: &Path, source: ImportSource) -> anyhow::Result<
         } => {
             let name = match name {
                 Some(n) => n,
-                None => import::cluster_name(&host).map_err(anyhow::Error::msg)?,
+                None => import::cluster_name(&host)?,
             };
-            let out = import::ssh_g(&host, ssh_config.as_deref()).map_err(anyhow::Error::msg)?;
-            let (mut cluster, notes) =
-                import::from_ssh_g(&out, &name, endpoint).map_err(anyhow::Error::msg)?;
-            import::resolve_jumps(&mut cluster, ssh_config.as_deref())
-                .map_err(anyhow::Error::msg)?;
-            crate::config_edit::add_cluster(path, &cluster, replace).map_err(anyhow::Error::msg)?;
+            let out = import::ssh_g(&host, ssh_config.as_deref())?;
+            let (mut cluster, notes) = import::from_ssh_g(&out, &name, endpoint)?;
+            import::resolve_jumps(&mut cluster, ssh_config.as_deref())?;
+            crate::config_edit::add_cluster(path, &cluster, replace)?;
             for w in &notes.warnings {
                 eprintln!("warning: {w}");
             }

@@ -76,7 +76,7 @@ pub(super) async fn set_passphrase(path: &Path, stdin: bool) -> anyhow::Result<(
     } else {
         crate::passphrase::read_from_terminal(&format!("Passphrase for {}: ", path.display()))?
     };
-    crate::passphrase::set(path, &secret).map_err(anyhow::Error::msg)?;
+    crate::passphrase::set(path, &secret)?;
     println!(
         "stored the passphrase of {} in {}",
         path.display(),
@@ -88,7 +88,7 @@ pub(super) async fn set_passphrase(path: &Path, stdin: bool) -> anyhow::Result<(
 
 /// `passphrase forget FILE`.
 pub(super) fn forget_passphrase(path: &Path) -> anyhow::Result<()> {
-    if crate::passphrase::forget(path).map_err(anyhow::Error::msg)? {
+    if crate::passphrase::forget(path)? {
         println!("forgot the passphrase of {}", path.display());
     } else {
         println!("no passphrase of {} was stored", path.display());

@@ -55,17 +55,17 @@ pub(crate) fn table(list: &ClusterList) -> String {
 
 /// One look at the daemon: what to print and the verdict (`Err` naming the clusters that are
 /// neither ready nor idle); the outer `Err` says why the daemon could not be asked.
-pub(crate) async fn status_once(json: bool) -> Result<(String, Result<(), String>), String> {
+pub(crate) async fn status_once(json: bool) -> anyhow::Result<(String, anyhow::Result<()>)> {
     let sock = crate::control::client::default_control_socket();
     let (status, body) = crate::control::client::request(&sock, "GET", "/v1/clusters").await?;
     if status != 200 {
-        return Err(format!(
+        anyhow::bail!(
             "daemon answered {status}: {}",
-            String::from_utf8_lossy(&body)
-        ));
+            crate::escape::display(&crate::control::client::error_text(&body))
+        );
     }
     let list: ClusterList = serde_json::from_slice(&body)
-        .map_err(|e| format!("the daemon's answer is not a cluster list: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("the daemon's answer is not a cluster list: {e}"))?;
     let text = if json {
         format!("{}\n", String::from_utf8_lossy(&body))
     } else {
@@ -85,7 +85,7 @@ pub(crate) async fn status_once(json: bool) -> Result<(String, Result<(), String
     let verdict = if unwell.is_empty() {
         Ok(())
     } else {
-        Err(format!("not ready: {}", unwell.join(", ")))
+        Err(anyhow::anyhow!("not ready: {}", unwell.join(", ")))
     };
     Ok((text, verdict))
 }
@@ -93,9 +93,9 @@ pub(crate) async fn status_once(json: bool) -> Result<(String, Result<(), String
 /// `fleet-broker status` once: the table (or JSON), failing unless every cluster is ready or
 /// idle.
 pub(super) async fn print_once(json: bool) -> anyhow::Result<()> {
-    let (text, verdict) = status_once(json).await.map_err(anyhow::Error::msg)?;
+    let (text, verdict) = status_once(json).await?;
     print!("{text}");
-    verdict.map_err(anyhow::Error::msg)
+    verdict
 }
 
 /// `status --watch`: a refresh every `every` seconds, in place on a terminal (cleared and
@@ -108,7 +108,7 @@ pub(super) async fn watch_status(json: bool, every: f64, count: Option<u64>) -> 
     }
     let tty = std::io::stdout().is_terminal();
     let period = std::time::Duration::from_secs_f64(every);
-    let mut verdict: Result<(), String>;
+    let mut verdict: anyhow::Result<()>;
     let mut n = 0u64;
     loop {
         let text = match status_once(json).await {
@@ -117,7 +117,7 @@ pub(super) async fn watch_status(json: bool, every: f64, count: Option<u64>) -> 
                 text
             }
             Err(e) => {
-                let shown = format!("{e}\n");
+                let shown = format!("{e:#}\n");
                 verdict = Err(e);
                 shown
             }
@@ -151,5 +151,5 @@ pub(super) async fn watch_status(json: bool, every: f64, count: Option<u64>) -> 
             _ = tokio::signal::ctrl_c() => break,
         }
     }
-    verdict.map_err(anyhow::Error::msg)
+    verdict
 }

@@ -66,7 +66,7 @@ pub async fn open(
     };
     let stream = crate::control::client::connect(control)
         .await
-        .map_err(StartError::Ssh)?;
+        .map_err(|e| StartError::Ssh(e.to_string()))?;
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await

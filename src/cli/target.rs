@@ -167,7 +167,7 @@ fn by_endpoint(raw: &str, control: PathBuf) -> Result<Target, String> {
 
 /// `--cluster NAME`.
 async fn by_name(name: &str, control: PathBuf) -> Result<Target, String> {
-    let list = list_clusters(&control).await?;
+    let list = list_clusters(&control).await.map_err(|e| e.to_string())?;
     let names: Vec<String> = list.clusters.iter().map(|c| c.name.clone()).collect();
     match list.clusters.into_iter().find(|c| c.name == name) {
         Some(c) => Ok(target(c, control)),
@@ -186,7 +186,7 @@ async fn by_tunnel(
     control: PathBuf,
 ) -> Result<Target, String> {
     let want = HostPort::parse(raw).map_err(|e| format!("--tunnel {e}"))?;
-    let list = list_clusters(&control).await?;
+    let list = list_clusters(&control).await.map_err(|e| e.to_string())?;
     let names: Vec<String> = list
         .clusters
         .iter()
@@ -220,7 +220,7 @@ async fn by_tunnel(
 
 /// No flag: the broker's only cluster, or a message saying how to choose.
 async fn the_only_cluster(control: PathBuf) -> Result<Target, String> {
-    let list = list_clusters(&control).await?;
+    let list = list_clusters(&control).await.map_err(|e| e.to_string())?;
     if list.clusters.len() == 1 {
         let c = list.clusters.into_iter().next().ok_or("no clusters")?;
         return Ok(target(c, control));

@@ -6,31 +6,65 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 
+use crate::local::LocalError;
 use crate::protocol::ClusterList;
+
+/// Why the daemon could not be asked, or what it answered instead.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The control socket or its directory is not safe to talk to (another owner, open
+    /// permissions): nothing was sent.
+    #[error(transparent)]
+    Unsafe(LocalError),
+    /// No daemon answered there.
+    #[error("cannot reach the fleet-broker daemon at {}: {reason}; start it with `fleet-broker serve`", socket.display())]
+    Unreachable {
+        /// The control socket.
+        socket: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The daemon answered with an error.
+    #[error("fleet-broker answered {status}: {message}")]
+    Refused {
+        /// The HTTP status.
+        status: u16,
+        /// The daemon's message.
+        message: String,
+    },
+    /// The daemon's answer is not what was asked for.
+    #[error("unexpected answer from fleet-broker: {0}")]
+    Unexpected(serde_json::Error),
+}
 
 /// How long a control request may take.
 pub(crate) const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Connects to the control socket after the checks of [`crate::local::connect`]; the error
 /// says what to do next.
-pub(crate) async fn connect(control: &Path) -> Result<tokio::net::UnixStream, String> {
+pub(crate) async fn connect(control: &Path) -> Result<tokio::net::UnixStream, ControlError> {
     match crate::local::connect(control).await {
         Ok(s) => Ok(s),
-        Err(e @ crate::local::LocalError::Unsafe { .. }) => Err(e.to_string()),
-        Err(e) => Err(format!(
-            "cannot reach the fleet-broker daemon: {e}; start it with `fleet-broker serve`"
-        )),
+        Err(e @ LocalError::Unsafe { .. }) => Err(ControlError::Unsafe(e)),
+        Err(LocalError::Io { source, .. }) => Err(unreachable(control, source.to_string())),
+        Err(e) => Err(unreachable(control, e.to_string())),
+    }
+}
+
+fn unreachable(control: &Path, reason: String) -> ControlError {
+    ControlError::Unreachable {
+        socket: control.to_path_buf(),
+        reason,
     }
 }
 
 /// `METHOD path` on the control socket; returns status and body.
-pub async fn request(control: &Path, method: &str, path: &str) -> Result<(u16, Bytes), String> {
-    let unreachable = |e: String| {
-        format!(
-            "cannot reach the fleet-broker daemon at {}: {e}; start it with `fleet-broker serve`",
-            control.display()
-        )
-    };
+pub async fn request(
+    control: &Path,
+    method: &str,
+    path: &str,
+) -> Result<(u16, Bytes), ControlError> {
+    let unreachable = |reason: String| unreachable(control, reason);
     let stream = connect(control).await?;
     let exchange = async {
         let (mut sender, conn) =
@@ -43,7 +77,7 @@ pub async fn request(control: &Path, method: &str, path: &str) -> Result<(u16, B
             .uri(path)
             .header("Host", "fleet-broker")
             .body(Full::new(Bytes::new()))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| unreachable(e.to_string()))?;
         let resp = sender
             .send_request(req)
             .await
@@ -71,15 +105,15 @@ pub fn error_text(body: &[u8]) -> String {
 }
 
 /// Every configured cluster, from the daemon.
-pub(crate) async fn list_clusters(control: &Path) -> Result<ClusterList, String> {
+pub(crate) async fn list_clusters(control: &Path) -> Result<ClusterList, ControlError> {
     let (status, body) = request(control, "GET", "/v1/clusters").await?;
     if status != 200 {
-        return Err(format!(
-            "fleet-broker answered {status}: {}",
-            error_text(&body)
-        ));
+        return Err(ControlError::Refused {
+            status,
+            message: error_text(&body),
+        });
     }
-    serde_json::from_slice(&body).map_err(|e| format!("unexpected answer from fleet-broker: {e}"))
+    serde_json::from_slice(&body).map_err(ControlError::Unexpected)
 }
 
 /// Asks the daemon behind `control` for its clusters, which starts a socket-activated daemon
