@@ -195,9 +195,10 @@ impl Daemon {
             tracing::warn!("HOST KEY CHECKING IS OFF: any server can impersonate {} and receive root-equivalent fleet requests", cfg.tunnel);
         }
         let tunnel = Tunnel::spawn(cfg.clone(), opts.agent_socket.clone(), stop.clone());
+        let lookups = crate::tunnel::api::lookup_client(&tunnel, crate::exec::LOOKUP_TIMEOUT);
         let exec = Exec::new(
             tunnel.clone(),
-            path.clone(),
+            lookups.clone(),
             opts.agent_socket.clone(),
             stop.clone(),
         );
@@ -208,7 +209,7 @@ impl Daemon {
             // Without its host key no door can be served: that fails the start, and nothing
             // half-served remains. A port that cannot be bound (another program holds it)
             // fails this door only, which keeps trying.
-            let door = match Self::front_door(opts, &proxy, &audit, &path) {
+            let door = match Self::front_door(opts, &proxy, &audit, lookups) {
                 Ok(d) => d,
                 Err(e) => {
                     stop.cancel();
@@ -248,7 +249,7 @@ impl Daemon {
         opts: &DaemonOptions,
         proxy: &Proxy,
         audit: &Arc<crate::audit::AuditLog>,
-        socket: &std::path::Path,
+        lookups: crate::fleet_client::FleetClient,
     ) -> Result<Arc<crate::front_door::Door>, LocalError> {
         let key =
             crate::front_door::host_key(&opts.state_dir).map_err(|message| LocalError::Unsafe {
@@ -258,7 +259,7 @@ impl Daemon {
         let door = crate::front_door::Door::new(
             proxy.clone(),
             audit.clone(),
-            socket.to_path_buf(),
+            lookups,
             opts.agent_socket.clone(),
             key,
         );

@@ -282,7 +282,7 @@ async fn fleet_api(conn: &dial::Connection, endpoint: &Endpoint) -> Result<Strin
         (Ok(ch), _) => (ch, ""),
         // A tunnel host that refuses streamlocal is reached as the daemon reaches it.
         (Err(russh::Error::ChannelOpenFailure(_)), Endpoint::Unix(path)) => {
-            let ch = crate::proxy::fd_forward_session(&conn.handle, path, || async { false })
+            let ch = crate::tunnel::api::fd_forward_session(&conn.handle, path, || async { false })
                 .await
                 .map_err(|e| {
                     format!("cannot open a channel, nor a session for `fleetctl fd-forward`: {e}")

@@ -111,12 +111,30 @@ impl ApiError {
     }
 }
 
-/// Connects each upstream connection with [`crate::local::connect`]: the socket's directory
-/// and the uid answering on it are checked before a request is written.
+/// A byte stream to a fleet API server.
+pub(crate) trait Stream:
+    tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin
+{
+}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Stream for T {}
+
+type DialFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<Box<dyn Stream>>> + Send>>;
+
+/// Opens a new connection to a fleet API server; the caller knows how (the daemon: a channel
+/// of a cluster's tunnel).
+type Dial = std::sync::Arc<dyn Fn() -> DialFuture + Send + Sync>;
+
+/// How each upstream connection is made: a unix socket connected with
+/// [`crate::local::connect`] (the socket's directory and the uid answering on it are checked
+/// before a request is written), or the caller's [`Dial`].
 #[derive(Clone)]
-struct CheckedUnix {
-    socket: std::sync::Arc<PathBuf>,
-    wake: Option<Wake>,
+enum Connector {
+    Unix {
+        socket: std::sync::Arc<PathBuf>,
+        wake: Option<Wake>,
+    },
+    Dial(Dial),
 }
 
 /// What to do, once, when the socket is not there: true when connecting again may succeed.
@@ -127,8 +145,8 @@ pub type Wake = std::sync::Arc<
     dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>> + Send + Sync,
 >;
 
-/// A connection made by [`CheckedUnix`].
-struct CheckedStream(TokioIo<tokio::net::UnixStream>);
+/// A connection made by [`Connector`].
+struct CheckedStream(TokioIo<Box<dyn Stream>>);
 
 impl hyper::rt::Read for CheckedStream {
     fn poll_read(
@@ -168,7 +186,7 @@ impl Connection for CheckedStream {
     }
 }
 
-impl tower_service::Service<hyper::Uri> for CheckedUnix {
+impl tower_service::Service<hyper::Uri> for Connector {
     type Response = CheckedStream;
     type Error = std::io::Error;
     type Future = std::pin::Pin<
@@ -183,8 +201,13 @@ impl tower_service::Service<hyper::Uri> for CheckedUnix {
     }
 
     fn call(&mut self, _uri: hyper::Uri) -> Self::Future {
-        let socket = self.socket.clone();
-        let wake = self.wake.clone();
+        let (socket, wake) = match self {
+            Connector::Dial(dial) => {
+                let dialing = dial();
+                return Box::pin(async move { Ok(CheckedStream(TokioIo::new(dialing.await?))) });
+            }
+            Connector::Unix { socket, wake } => (socket.clone(), wake.clone()),
+        };
         Box::pin(async move {
             let mut connected = crate::local::connect(&socket).await;
             let missing = matches!(&connected, Err(crate::local::LocalError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound);
@@ -194,7 +217,7 @@ impl tower_service::Service<hyper::Uri> for CheckedUnix {
                 }
             }
             match connected {
-                Ok(s) => Ok(CheckedStream(TokioIo::new(s))),
+                Ok(s) => Ok(CheckedStream(TokioIo::new(Box::new(s)))),
                 Err(crate::local::LocalError::Io { source, .. }) => Err(source),
                 Err(e) => Err(std::io::Error::other(e.to_string())),
             }
@@ -202,11 +225,14 @@ impl tower_service::Service<hyper::Uri> for CheckedUnix {
     }
 }
 
-/// A fleet API client bound to one unix socket.
+/// A fleet API client bound to one unix socket, or to the caller's way of reaching one
+/// server ([`FleetClient::dialing`]).
 #[derive(Clone)]
 pub struct FleetClient {
     socket: PathBuf,
-    client: Client<CheckedUnix, Full<Bytes>>,
+    /// Whether connections come from the caller's [`Dial`] (then `socket` only names them).
+    dialed: bool,
+    client: Client<Connector, Full<Bytes>>,
     timeout: Duration,
     /// The largest response body read ([`MAX_RESPONSE_BYTES`] unless limited further).
     max_response: usize,
@@ -251,9 +277,13 @@ pub fn escape_name(name: &str) -> String {
 
 impl FleetClient {
     pub fn new(socket: &Path, timeout: Duration) -> FleetClient {
-        let client = Self::client(socket, None);
+        let client = Self::client(Connector::Unix {
+            socket: std::sync::Arc::new(socket.to_path_buf()),
+            wake: None,
+        });
         FleetClient {
             socket: socket.to_path_buf(),
+            dialed: false,
             client,
             timeout,
             max_response: MAX_RESPONSE_BYTES,
@@ -261,17 +291,43 @@ impl FleetClient {
         }
     }
 
-    fn client(socket: &Path, wake: Option<Wake>) -> Client<CheckedUnix, Full<Bytes>> {
-        Client::builder(hyper_util::rt::TokioExecutor::new()).build(CheckedUnix {
-            socket: std::sync::Arc::new(socket.to_path_buf()),
-            wake,
-        })
+    /// A client whose every connection is opened by `dial` (each one used for many
+    /// requests, kept warm while idle as hyper's pool keeps them); `name` stands for the
+    /// server in messages. Only a broker in between could mark an answer as its own, so no
+    /// answer here is taken for the broker's.
+    pub(crate) fn dialing<F, Fut, S>(name: &str, timeout: Duration, dial: F) -> FleetClient
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = std::io::Result<S>> + Send + 'static,
+        S: Stream + 'static,
+    {
+        let dial: Dial = std::sync::Arc::new(move || {
+            let opening = dial();
+            Box::pin(async move { Ok(Box::new(opening.await?) as Box<dyn Stream>) })
+        });
+        FleetClient {
+            socket: PathBuf::from(name),
+            dialed: true,
+            client: Self::client(Connector::Dial(dial)),
+            timeout,
+            max_response: MAX_RESPONSE_BYTES,
+            debug: false,
+        }
+    }
+
+    fn client(connector: Connector) -> Client<Connector, Full<Bytes>> {
+        Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector)
     }
 
     /// The same client, calling `wake` once when the socket is not there, and connecting
     /// again if it says so.
     pub fn waking(mut self, wake: Wake) -> FleetClient {
-        self.client = Self::client(&self.socket, Some(wake));
+        if !self.dialed {
+            self.client = Self::client(Connector::Unix {
+                socket: std::sync::Arc::new(self.socket.clone()),
+                wake: Some(wake),
+            });
+        }
         self
     }
 
@@ -315,7 +371,7 @@ impl FleetClient {
                 .client
                 .request(req)
                 .await
-                .map_err(|e| transport(io_reason(&self.socket, &e)))?;
+                .map_err(|e| transport(self.reason(&e)))?;
             let status = resp.status();
             if self.debug {
                 let reason = status.canonical_reason().unwrap_or("");
@@ -328,6 +384,7 @@ impl FleetClient {
             let broker = resp
                 .headers()
                 .get(crate::protocol::BROKER_ERROR_HEADER)
+                .filter(|_| !self.dialed)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string);
             let bytes = http_body_util::Limited::new(resp.into_body(), self.max_response)
@@ -367,6 +424,22 @@ impl FleetClient {
                 timeout: self.timeout,
             }),
         }
+    }
+
+    /// Why a request did not complete, as Go's net/http says it for a unix socket; for a
+    /// dialed server, what the dial said.
+    fn reason(&self, e: &(dyn std::error::Error + 'static)) -> String {
+        if !self.dialed {
+            return io_reason(&self.socket, e);
+        }
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(err) = cur {
+            if let Some(io) = err.downcast_ref::<std::io::Error>() {
+                return format!("{}: {io}", self.socket.display());
+            }
+            cur = err.source();
+        }
+        io_reason(&self.socket, e)
     }
 
     fn check(status: StatusCode, body: &Bytes) -> Result<(), ApiError> {

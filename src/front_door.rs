@@ -42,7 +42,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audit::{AuditLog, Peer};
 use crate::config::Endpoint;
-use crate::fleet_client::FleetClient;
 use crate::proxy::Proxy;
 use crate::throttle::Throttle;
 use crate::tunnel::channel::DrainedChannel;
@@ -122,8 +121,8 @@ pub(crate) fn host_key(state_dir: &Path) -> Result<PrivateKey, String> {
 /// What every connection of one cluster's front door shares.
 pub(crate) struct Door {
     tunnel: Arc<Tunnel>,
-    /// The cluster socket, for the machine lookups of `direct-tcpip`.
-    socket: PathBuf,
+    /// The cluster's fleet API over the tunnel, for the machine lookups of `direct-tcpip`.
+    lookups: crate::fleet_client::FleetClient,
     agent: Option<PathBuf>,
     config: Arc<russh::server::Config>,
     /// The cluster socket's request handling: fleet API requests through the door get the
@@ -140,7 +139,7 @@ impl Door {
     pub(crate) fn new(
         proxy: Proxy,
         audit: Arc<AuditLog>,
-        socket: PathBuf,
+        lookups: crate::fleet_client::FleetClient,
         agent: Option<PathBuf>,
         host_key: PrivateKey,
     ) -> Arc<Door> {
@@ -157,7 +156,7 @@ impl Door {
         });
         Arc::new(Door {
             tunnel: proxy.tunnel().clone(),
-            socket,
+            lookups,
             agent,
             config,
             proxy,

@@ -5,235 +5,24 @@
 //! Every channel is read through a `tunnel::channel::DrainedChannel`, so a local client that
 //! stops reading is cut off instead of stalling every other request of the cluster.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode, Uri};
-use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use russh::client::Msg;
-use russh::Channel;
+use hyper_util::rt::TokioExecutor;
 
-use crate::config::Endpoint;
 use crate::http::{fleet_error, Body};
 use crate::protocol::BROKER_ERROR_HEADER;
-use crate::tunnel::channel::DrainedChannel;
-use crate::tunnel::{open_endpoint, Tunnel};
+use crate::tunnel::api::ApiConnector;
+use crate::tunnel::Tunnel;
 
 /// Idle pooled upstream connections kept per cluster.
 const POOL_MAX_IDLE: usize = 32;
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// An upstream connection: a drained channel, and for the fd-forward transport the session
-/// budget it holds until it closes.
-pub(crate) struct Upstream {
-    channel: DrainedChannel,
-    _session: Option<tokio::sync::OwnedSemaphorePermit>,
-}
-
-impl Connection for Upstream {
-    fn connected(&self) -> Connected {
-        Connected::new()
-    }
-}
-
-impl tokio::io::AsyncRead for Upstream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.channel).poll_read(cx, buf)
-    }
-}
-
-impl tokio::io::AsyncWrite for Upstream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.channel).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.channel).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.channel).poll_shutdown(cx)
-    }
-}
-
-/// `fleetctl fd-forward PATH` on the tunnel host over an exec session, as the original
-/// fleetctl's `--tunnel` reaches the fleet socket: the session's stdin and stdout are the
-/// socket's bytes. For tunnel hosts that refuse streamlocal (`AllowStreamLocalForwarding no`).
-async fn open_fd_forward(
-    handle: &russh::client::Handle<crate::tunnel::ClientHandler>,
-    path: &str,
-    tunnel: &Tunnel,
-) -> Result<Channel<Msg>, russh::Error> {
-    fd_forward_session(handle, path, || tunnel.give_up_interactive()).await
-}
-
-/// An exec session running `fleetctl fd-forward PATH` (the path quoted for the remote
-/// shell); `make_room` may free a session slot when sshd refuses one (`MaxSessions`).
-pub(crate) async fn fd_forward_session<F, Fut>(
-    handle: &russh::client::Handle<crate::tunnel::ClientHandler>,
-    path: &str,
-    make_room: F,
-) -> Result<Channel<Msg>, russh::Error>
-where
-    F: FnOnce() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let ch = crate::tunnel::open_session_making_room(handle, make_room).await?;
-    ch.exec(
-        true,
-        format!(
-            "fleetctl fd-forward {}",
-            crate::remote_command::shell_quote(path)
-        ),
-    )
-    .await?;
-    Ok(ch)
-}
-
-/// A new upstream connection to the cluster's fleet endpoint: streamlocal (or direct-tcpip),
-/// or `fleetctl fd-forward` within the session budget when the connection uses it. With
-/// `transport = "auto"`, a tunnel host that refuses streamlocal is remembered to need
-/// fd-forward until the next connection.
-async fn open_upstream(
-    tunnel: &Tunnel,
-    handle: &russh::client::Handle<crate::tunnel::ClientHandler>,
-) -> Result<Upstream, String> {
-    use crate::config::Transport;
-    let direct = |ch: Channel<Msg>| Upstream {
-        channel: DrainedChannel::new(ch).with_stall_limit(tunnel.config.stalled_reader_timeout),
-        _session: None,
-    };
-    let Endpoint::Unix(path) = &tunnel.config.endpoint else {
-        return open_endpoint(handle, &tunnel.config.endpoint)
-            .await
-            .map(direct)
-            .map_err(|e| e.to_string());
-    };
-    if !tunnel.uses_fd_forward() {
-        match open_endpoint(handle, &tunnel.config.endpoint).await {
-            Ok(ch) => return Ok(direct(ch)),
-            // One request at a time asks why; those waiting find the answer made.
-            Err(russh::Error::ChannelOpenFailure(why))
-                if {
-                    let _deciding = tunnel.transport_probe.lock().await;
-                    tunnel.uses_fd_forward() || refused_by_policy(tunnel, handle, path, &why).await
-                } =>
-            {
-                if tunnel.uses_fd_forward() {
-                    // Another request found it out meanwhile.
-                } else if tunnel.config.transport != Transport::Auto {
-                    return Err(format!("the tunnel host refuses streamlocal forwarding to {path}, which is there (sshd's AllowStreamLocalForwarding or DisableForwarding); set `transport = \"auto\"` or `\"fd-forward\"` to use `fleetctl fd-forward` there, as the original fleetctl does"));
-                }
-                tracing::info!("the tunnel host refuses streamlocal forwarding (AllowStreamLocalForwarding no?); using `fleetctl fd-forward` over exec sessions until the next connection");
-                tunnel.fall_back_to_fd_forward();
-            }
-            Err(e) => return Err(e.to_string()),
-        }
-    }
-    // The budget starts at FD_FORWARD_SESSIONS and shrinks to what the host allows: a
-    // session the host refuses (MaxSessions) gives its permit up, and the request waits for
-    // one of the sessions that are open.
-    // At the smallest budget a refusal is a session still closing: sshd frees its slot a
-    // round trip after the close, so opening is tried again (bounded).
-    let mut retries = 0u32;
-    for _ in 0..crate::tunnel::FD_FORWARD_SESSIONS + FD_FORWARD_RETRIES as usize {
-        let session = tunnel
-            .fd_forward_sessions
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|e| e.to_string())?;
-        match open_fd_forward(handle, path, tunnel).await {
-            Ok(ch) => {
-                return Ok(Upstream {
-                    channel: DrainedChannel::new(ch)
-                        .with_stall_limit(tunnel.config.stalled_reader_timeout),
-                    _session: Some(session),
-                })
-            }
-            Err(russh::Error::ChannelOpenFailure(_)) if tunnel.shrink_fd_forward_budget() => {
-                tracing::info!("the tunnel host allows no more sessions (MaxSessions); fd-forward now keeps one fewer open");
-                session.forget();
-            }
-            Err(russh::Error::ChannelOpenFailure(_)) if retries < FD_FORWARD_RETRIES => {
-                retries += 1;
-                tokio::time::sleep(Duration::from_millis(10 << retries.min(6))).await;
-            }
-            Err(e) => {
-                return Err(format!(
-                    "`fleetctl fd-forward {path}` on the tunnel host: {e}"
-                ))
-            }
-        }
-    }
-    Err(format!(
-        "`fleetctl fd-forward {path}` on the tunnel host: it allows no session (MaxSessions)"
-    ))
-}
-
-/// Whether a refused streamlocal open was the tunnel host's policy rather than a fleet
-/// socket that is not there: sshd answers both with "connect failed", so for that answer the
-/// host is asked (`test -S PATH` over an exec session, bounded) whether the socket exists.
-async fn refused_by_policy(
-    tunnel: &Tunnel,
-    handle: &russh::client::Handle<crate::tunnel::ClientHandler>,
-    path: &str,
-    why: &russh::ChannelOpenFailure,
-) -> bool {
-    use russh::ChannelOpenFailure::{
-        AdministrativelyProhibited, ConnectFailed, UnknownChannelType,
-    };
-    match why {
-        AdministrativelyProhibited | UnknownChannelType => true,
-        ConnectFailed => {
-            let probe = async {
-                let mut ch = crate::tunnel::open_session_making_room(handle, || {
-                    tunnel.give_up_interactive()
-                })
-                .await
-                .ok()?;
-                ch.exec(
-                    true,
-                    format!("test -S {}", crate::remote_command::shell_quote(path)),
-                )
-                .await
-                .ok()?;
-                while let Some(msg) = ch.wait().await {
-                    if let russh::ChannelMsg::ExitStatus { exit_status } = msg {
-                        return Some(exit_status == 0);
-                    }
-                }
-                None
-            };
-            tokio::time::timeout(POLICY_PROBE_TIMEOUT, probe)
-                .await
-                .ok()
-                .flatten()
-                .unwrap_or(false)
-        }
-        _ => false,
-    }
-}
-
-/// Attempts to open an fd-forward session at the smallest budget while others close.
-const FD_FORWARD_RETRIES: u32 = 10;
-
-/// Bound on asking the tunnel host whether the fleet socket exists.
-const POLICY_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A local request body, counted as it streams upstream.
 type UpBody = http_body_util::combinators::MapFrame<
@@ -241,44 +30,13 @@ type UpBody = http_body_util::combinators::MapFrame<
     Box<dyn Fn(hyper::body::Frame<Bytes>) -> hyper::body::Frame<Bytes> + Send + Sync>,
 >;
 
-/// hyper-util connector: each new upstream connection is a fresh channel.
-#[derive(Clone)]
-struct ChannelConnector {
-    tunnel: Arc<Tunnel>,
-}
-
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-impl tower_service::Service<Uri> for ChannelConnector {
-    type Response = TokioIo<Upstream>;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: Uri) -> Self::Future {
-        let tunnel = self.tunnel.clone();
-        Box::pin(async move {
-            let handle = tunnel.link().await.map_err(|e| -> BoxError { e.into() })?;
-            let endpoint = &tunnel.config.endpoint;
-            let upstream = tokio::time::timeout(tunnel.config.connect_timeout, open_upstream(&tunnel, &handle))
-                .await
-                .map_err(|_| -> BoxError {
-                    format!("the tunnel host did not open a channel to {endpoint} within {} (is the connection alive?)", humantime::format_duration(tunnel.config.connect_timeout)).into()
-                })?
-                .map_err(|e| -> BoxError { format!("cannot open a channel to {endpoint}: {e}").into() })?;
-            Ok(TokioIo::new(upstream))
-        })
-    }
-}
 
 /// Forwards requests for one cluster.
 #[derive(Clone)]
 pub struct Proxy {
     tunnel: Arc<Tunnel>,
-    client: Client<ChannelConnector, UpBody>,
+    client: Client<ApiConnector, UpBody>,
     audit: Arc<crate::audit::AuditLog>,
 }
 
@@ -321,9 +79,7 @@ impl Proxy {
         let client = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(POOL_MAX_IDLE)
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .build(ChannelConnector {
-                tunnel: tunnel.clone(),
-            });
+            .build(ApiConnector::new(tunnel.clone()));
         Proxy {
             tunnel,
             client,

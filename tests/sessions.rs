@@ -1062,3 +1062,36 @@ fn max_sessions_one_on_a_machine_that_is_the_tunnel_host_still_runs_commands() {
         200
     );
 }
+
+/// The daemon's own lookups (which machine a session runs on) reach the fleet API over the
+/// tunnel, as the proxy does, not through the cluster socket: with that socket gone, `ssh`
+/// and `status` still find their machine.
+#[test]
+fn target_lookups_reach_the_api_over_the_tunnel_not_through_the_cluster_socket() {
+    let host = one_host("");
+    let b = host.b;
+    host.sim.put(
+        "hello.service",
+        vec![
+            opt("Service", "ExecStart", "/bin/sleep 1000"),
+            opt("X-Fleet", "MachineID", M1),
+        ],
+        "launched",
+    );
+    std::fs::remove_file(b.socket("c1")).expect("remove the cluster socket");
+    let cwd = open_tempdir("fb-cwd.");
+    for target in [M1, "hello.service"] {
+        let run = fleetctl(
+            &b,
+            cwd.path(),
+            &[],
+            &["--cluster", "c1", "ssh", target, "echo", "hi"],
+        );
+        assert_eq!(
+            (run.code, run.stdout.as_str()),
+            (0, "hi\n"),
+            "{target}: {run:?}\n{}",
+            b.log()
+        );
+    }
+}

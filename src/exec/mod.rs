@@ -24,6 +24,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{known_hosts_name, HostPort};
+use crate::fleet_client::FleetClient;
 use crate::protocol::exec::{ExecError, ExecRequest, ExecTarget};
 use crate::protocol::{HostKeyReport, HostKeyVerdict};
 use crate::tunnel::channel::DrainedChannel;
@@ -39,7 +40,7 @@ pub(crate) const SESSIONS_PER_CONNECTION: usize = 8;
 /// An idle nested connection is closed after this long.
 pub(crate) const NESTED_IDLE: Duration = Duration::from_secs(60);
 /// Bound on the fleet API lookups of target resolution.
-const LOOKUP_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const LOOKUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The longest session setup a request may ask for (`--ssh-timeout`).
 const MAX_SETUP_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -47,8 +48,8 @@ const MAX_SETUP_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Exec sessions of one cluster.
 pub(crate) struct Exec {
     tunnel: Arc<Tunnel>,
-    /// The cluster socket, for the fleet API lookups of target resolution.
-    socket: PathBuf,
+    /// The cluster's fleet API over the tunnel, for the lookups of target resolution.
+    api: FleetClient,
     agent: Option<PathBuf>,
     pool: Mutex<HashMap<PoolKey, Vec<Arc<Pooled>>>>,
     /// The cluster's token: ends the pool's sweeper and every session.
@@ -56,17 +57,18 @@ pub(crate) struct Exec {
 }
 
 impl Exec {
-    /// Exec sessions through `tunnel`; target lookups go through the cluster socket at
-    /// `socket`. The pool's sweeper and every session end when `stop` is cancelled.
+    /// Exec sessions through `tunnel`; target lookups ask `api` (the daemon's lookup
+    /// client, [`crate::tunnel::api::lookup_client`]). The pool's sweeper and every session
+    /// end when `stop` is cancelled.
     pub(crate) fn new(
         tunnel: Arc<Tunnel>,
-        socket: PathBuf,
+        api: FleetClient,
         agent: Option<PathBuf>,
         stop: CancellationToken,
     ) -> Arc<Exec> {
         let exec = Arc::new(Exec {
             tunnel,
-            socket,
+            api,
             agent,
             pool: Mutex::new(HashMap::new()),
             stop: stop.clone(),

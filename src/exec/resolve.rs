@@ -1,7 +1,7 @@
 //! Target resolution: which machine (or the tunnel host) a session runs on, from the
 //! cluster's fleet API, with fleetctl's messages.
 
-use crate::fleet_client::{ApiError, FleetClient};
+use crate::fleet_client::ApiError;
 use crate::protocol::exec::{ExecError, ExecTarget};
 
 use super::{Exec, LOOKUP_TIMEOUT};
@@ -45,8 +45,7 @@ impl Exec {
                 return Ok(Place::Tunnel);
             }
         }
-        let api = FleetClient::new(&self.socket, LOOKUP_TIMEOUT)
-            .limit_responses(crate::fleet_client::LOOKUP_MAX_BYTES);
+        let api = &self.api;
         // A unit target needs the unit and the machine list; both are asked at once.
         let unit_name = match target {
             ExecTarget::Unit(name) => Some(name.clone()),

@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -309,7 +308,7 @@ impl russh::server::Handler for Connection {
         let cfg = &self.door.tunnel.config;
         let port_ok = port_to_connect == 22 || port_to_connect == u32::from(cfg.machine_ssh_port);
         let machine = match host_to_connect.parse::<IpAddr>() {
-            Ok(ip) if port_ok => machine_at(&self.door.socket, ip).await,
+            Ok(ip) if port_ok => machine_at(&self.door.lookups, ip).await,
             _ => None,
         };
         let Some(machine) = machine else {
@@ -427,9 +426,7 @@ impl ForwardRecord {
 }
 
 /// The ID of the machine of the cluster whose `primaryIP` is `ip`, if there is one.
-async fn machine_at(socket: &Path, ip: IpAddr) -> Option<String> {
-    let api = FleetClient::new(socket, LOOKUP_TIMEOUT)
-        .limit_responses(crate::fleet_client::LOOKUP_MAX_BYTES);
+async fn machine_at(api: &crate::fleet_client::FleetClient, ip: IpAddr) -> Option<String> {
     match tokio::time::timeout(LOOKUP_TIMEOUT, api.machines()).await {
         Ok(Ok(ms)) => ms
             .into_iter()

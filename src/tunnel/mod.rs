@@ -9,6 +9,7 @@
 //! Users of the tunnel call [`Tunnel::link`] and get the live connection or, within the
 //! connect timeout, the reason there is none.
 
+pub(crate) mod api;
 pub(crate) mod channel;
 pub mod dial;
 mod open;
