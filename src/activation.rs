@@ -21,14 +21,45 @@ pub enum ActivationError {
     #[error("socket activation: {0}")]
     Environment(String),
     /// A passed descriptor is not the control socket this daemon serves.
-    #[error("socket activation: descriptor {fd} ({name}): {message}")]
+    #[error("socket activation: descriptor {fd} ({name}): {problem}")]
     Descriptor {
         /// The descriptor number.
         fd: i32,
         /// Its name in `LISTEN_FDNAMES`.
         name: String,
         /// What is wrong and what to change.
-        message: String,
+        problem: DescriptorProblem,
+    },
+}
+
+/// What is wrong with a passed descriptor, and what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum DescriptorProblem {
+    /// `LISTEN_FDS` counts it, but it is closed.
+    #[error("is not open, though LISTEN_FDS counts it")]
+    NotOpen,
+    /// A control socket was passed already.
+    #[error("a second control socket; pass one")]
+    Second,
+    /// Not a socket at all.
+    #[error("not a socket ({0})")]
+    NotASocket(nix::Error),
+    /// A socket of another kind.
+    #[error("a {0:?} socket; the control socket is a stream socket (ListenStream=)")]
+    NotStream(nix::sys::socket::SockType),
+    /// Not listening.
+    #[error("not listening (Accept=no is needed: the daemon accepts itself)")]
+    NotListening,
+    /// Not a unix socket.
+    #[error("not a unix socket (ListenStream=PATH)")]
+    NotUnix,
+    /// A unix socket bound elsewhere than this daemon's control socket.
+    #[error("bound at {}, but this daemon's control socket is {}; set ListenStream={} in fleet-broker.socket (or XDG_RUNTIME_DIR / FLEET_BROKER_RUNTIME_DIR to match)", bound.as_ref().map_or_else(|| "no path".to_string(), |p| p.display().to_string()), expected.display(), expected.display())]
+    Elsewhere {
+        /// Where it is bound.
+        bound: Option<PathBuf>,
+        /// The control socket's path.
+        expected: PathBuf,
     },
 }
 
@@ -83,7 +114,7 @@ pub fn take_from_env(control_socket: &Path) -> Result<Passed, ActivationError> {
             return Err(ActivationError::Descriptor {
                 fd,
                 name,
-                message: "is not open, though LISTEN_FDS counts it".into(),
+                problem: DescriptorProblem::NotOpen,
             });
         }
         // SAFETY: the descriptor is open, the service manager passed it to this process
@@ -104,14 +135,14 @@ pub fn take_from_env(control_socket: &Path) -> Result<Passed, ActivationError> {
                 return Err(ActivationError::Descriptor {
                     fd,
                     name,
-                    message: "a second control socket; pass one".into(),
+                    problem: DescriptorProblem::Second,
                 });
             }
-            check_control(&owned, control_socket).map_err(|message| {
+            check_control(&owned, control_socket).map_err(|problem| {
                 ActivationError::Descriptor {
                     fd,
                     name: name.clone(),
-                    message,
+                    problem,
                 }
             })?;
             passed.control = Some(owned);
@@ -123,28 +154,23 @@ pub fn take_from_env(control_socket: &Path) -> Result<Passed, ActivationError> {
 }
 
 /// A listening unix stream socket bound at `expected`.
-fn check_control(fd: &OwnedFd, expected: &Path) -> Result<(), String> {
+fn check_control(fd: &OwnedFd, expected: &Path) -> Result<(), DescriptorProblem> {
     use nix::sys::socket::{getsockname, getsockopt, sockopt, SockType, UnixAddr};
     let raw = fd.as_raw_fd();
-    let kind = getsockopt(fd, sockopt::SockType).map_err(|e| format!("not a socket ({e})"))?;
+    let kind = getsockopt(fd, sockopt::SockType).map_err(DescriptorProblem::NotASocket)?;
     if kind != SockType::Stream {
-        return Err(format!(
-            "a {kind:?} socket; the control socket is a stream socket (ListenStream=)"
-        ));
+        return Err(DescriptorProblem::NotStream(kind));
     }
     if !getsockopt(fd, sockopt::AcceptConn).unwrap_or(false) {
-        return Err("not listening (Accept=no is needed: the daemon accepts itself)".into());
+        return Err(DescriptorProblem::NotListening);
     }
-    let addr: UnixAddr =
-        getsockname(raw).map_err(|_| "not a unix socket (ListenStream=PATH)".to_string())?;
+    let addr: UnixAddr = getsockname(raw).map_err(|_| DescriptorProblem::NotUnix)?;
     let bound = addr.path().map(PathBuf::from);
     if bound.as_deref() != Some(expected) {
-        return Err(format!(
-            "bound at {}, but this daemon's control socket is {}; set ListenStream={} in fleet-broker.socket (or XDG_RUNTIME_DIR / FLEET_BROKER_RUNTIME_DIR to match)",
-            bound.map_or_else(|| "no path".to_string(), |p| p.display().to_string()),
-            expected.display(),
-            expected.display()
-        ));
+        return Err(DescriptorProblem::Elsewhere {
+            bound,
+            expected: expected.to_path_buf(),
+        });
     }
     Ok(())
 }

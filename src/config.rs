@@ -54,6 +54,7 @@ pub enum ConfigError {
 pub(crate) use values::known_hosts_name;
 pub use values::{
     ConnectMode, Endpoint, HostKeyPolicy, HostPort, InteractiveSession, JumpHop, Transport,
+    ValueError,
 };
 
 /// One named cluster, with defaults applied.

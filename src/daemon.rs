@@ -33,6 +33,17 @@ use crate::config::{ClusterConfig, Config, HostKeyPolicy};
 use crate::control::Control;
 use crate::exec::Exec;
 use crate::local::{self, LocalError};
+
+/// Why the daemon, or a cluster added by a reload, did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A socket, directory or file of the runtime or state directory.
+    #[error(transparent)]
+    Local(#[from] LocalError),
+    /// The front door's host key.
+    #[error(transparent)]
+    FrontDoorKey(#[from] crate::front_door::HostKeyError),
+}
 use crate::proxy::Proxy;
 use crate::registry::{ClusterRuntime, Registry, ReloadRequest};
 use crate::tunnel::Tunnel;
@@ -96,7 +107,7 @@ pub use crate::registry::{ReloadError, Reloaded};
 
 impl Daemon {
     /// Binds every socket and starts the supervisors.
-    pub async fn start(config: &Config, opts: &DaemonOptions) -> Result<Daemon, LocalError> {
+    pub async fn start(config: &Config, opts: &DaemonOptions) -> Result<Daemon, StartError> {
         let runtime_dir = opts.runtime_dir.as_path();
         local::ensure_private_dir(runtime_dir)?;
         local::ensure_private_dir(&runtime_dir.join("clusters"))?;
@@ -117,7 +128,8 @@ impl Daemon {
                     return Err(LocalError::Unsafe {
                         path: path.to_path_buf(),
                         message: format!("the audit log {message}"),
-                    })
+                    }
+                    .into())
                 }
                 Err(crate::audit::FileError::Io(e)) => {
                     tracing::warn!(file = %path.display(), error = %e, "the audit log cannot be written; mutating requests are served but not recorded until it can")
@@ -150,7 +162,7 @@ impl Daemon {
             Ok(l) => l,
             Err(e) => {
                 abandon(&registry, &started);
-                return Err(e);
+                return Err(e.into());
             }
         };
         let (reload_tx, reload_rx) = mpsc::channel(4);
@@ -186,7 +198,7 @@ impl Daemon {
         opts: &DaemonOptions,
         stop: CancellationToken,
         audit: Arc<crate::audit::AuditLog>,
-    ) -> Result<Arc<ClusterRuntime>, LocalError> {
+    ) -> Result<Arc<ClusterRuntime>, StartError> {
         let path = local::cluster_socket(&opts.runtime_dir, &cfg.name);
         let listener = local::bind_socket(&path).await?;
         let span = tracing::info_span!("cluster", cluster = %cfg.name);
@@ -209,7 +221,7 @@ impl Daemon {
             // Without its host key no door can be served: that fails the start, and nothing
             // half-served remains. A port that cannot be bound (another program holds it)
             // fails this door only, which keeps trying.
-            let door = match Self::front_door(opts, &proxy, &audit, lookups) {
+            let door = match Self::front_door(opts, &proxy, &audit, lookups).await {
                 Ok(d) => d,
                 Err(e) => {
                     stop.cancel();
@@ -245,17 +257,19 @@ impl Daemon {
     }
 
     /// A cluster's front door with the shared host key.
-    fn front_door(
+    async fn front_door(
         opts: &DaemonOptions,
         proxy: &Proxy,
         audit: &Arc<crate::audit::AuditLog>,
         lookups: crate::fleet_client::FleetClient,
-    ) -> Result<Arc<crate::front_door::Door>, LocalError> {
-        let key =
-            crate::front_door::host_key(&opts.state_dir).map_err(|message| LocalError::Unsafe {
+    ) -> Result<Arc<crate::front_door::Door>, StartError> {
+        let state_dir = opts.state_dir.clone();
+        let key = tokio::task::spawn_blocking(move || crate::front_door::host_key(&state_dir))
+            .await
+            .map_err(|e| LocalError::Io {
                 path: opts.state_dir.clone(),
-                message,
-            })?;
+                source: std::io::Error::other(e),
+            })??;
         let door = crate::front_door::Door::new(
             proxy.clone(),
             audit.clone(),
@@ -282,7 +296,7 @@ impl Daemon {
 
     /// Applies `config`: unchanged clusters keep their tunnel, changed ones restart, removed
     /// ones stop, new ones start. Returns a summary.
-    pub async fn reload(&self, config: &Config) -> Result<Reloaded, LocalError> {
+    pub async fn reload(&self, config: &Config) -> Result<Reloaded, StartError> {
         let (mut kept, mut changed, mut added, mut removed) = (0, 0, 0, 0);
         for name in self.registry.names() {
             match config.clusters.get(&name) {

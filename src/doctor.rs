@@ -273,7 +273,22 @@ async fn check_ssh_and_api(r: &mut Report, c: &ClusterConfig, spec: &DialSpec) {
 }
 
 /// `GET /fleet/v1/machines` through the connection: how many machines answer.
-async fn fleet_api(conn: &dial::Connection, endpoint: &Endpoint) -> Result<String, String> {
+/// Why the fleet API check failed.
+#[derive(Debug, thiserror::Error)]
+enum ApiProblem {
+    #[error("cannot open a channel: {0}")]
+    NoChannel(russh::Error),
+    #[error("cannot open a channel, nor a session for `fleetctl fd-forward`: {0}")]
+    NoFdForward(russh::Error),
+    #[error("{0}")]
+    Write(std::io::Error),
+    #[error("no answer (is fleet running on the tunnel host?)")]
+    NoAnswer,
+    #[error("answered {0:?}")]
+    Answered(String),
+}
+
+async fn fleet_api(conn: &dial::Connection, endpoint: &Endpoint) -> Result<String, ApiProblem> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (ch, via) = match (
         crate::tunnel::open_endpoint(&conn.handle, endpoint).await,
@@ -284,29 +299,27 @@ async fn fleet_api(conn: &dial::Connection, endpoint: &Endpoint) -> Result<Strin
         (Err(russh::Error::ChannelOpenFailure(_)), Endpoint::Unix(path)) => {
             let ch = crate::tunnel::api::fd_forward_session(&conn.handle, path, || async { false })
                 .await
-                .map_err(|e| {
-                    format!("cannot open a channel, nor a session for `fleetctl fd-forward`: {e}")
-                })?;
+                .map_err(ApiProblem::NoFdForward)?;
             (
                 ch,
                 " (through `fleetctl fd-forward`: the tunnel host refuses streamlocal forwarding)",
             )
         }
-        (Err(e), _) => return Err(format!("cannot open a channel: {e}")),
+        (Err(e), _) => return Err(ApiProblem::NoChannel(e)),
     };
     let mut s = crate::tunnel::channel::DrainedChannel::new(ch);
     s.write_all(b"GET /fleet/v1/machines?alt=json HTTP/1.1\r\nHost: domain-sock\r\nConnection: close\r\n\r\n")
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(ApiProblem::Write)?;
     let mut buf = Vec::new();
     let _ = s.take(4 << 20).read_to_end(&mut buf).await;
     let text = String::from_utf8_lossy(&buf);
     let status = text.lines().next().unwrap_or("").to_string();
     if !status.starts_with("HTTP/1.1 200") {
         return Err(if status.is_empty() {
-            "no answer (is fleet running on the tunnel host?)".into()
+            ApiProblem::NoAnswer
         } else {
-            format!("answered {status:?}")
+            ApiProblem::Answered(status)
         });
     }
     Ok(format!(

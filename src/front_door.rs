@@ -42,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audit::{AuditLog, Peer};
 use crate::config::Endpoint;
+use crate::local::Refused;
 use crate::proxy::Proxy;
 use crate::throttle::Throttle;
 use crate::tunnel::channel::DrainedChannel;
@@ -87,24 +88,55 @@ pub(crate) fn existing_host_key(state_dir: &Path) -> Option<PrivateKey> {
     russh::keys::load_secret_key(state_dir.join(HOST_KEY_FILE), None).ok()
 }
 
+/// Why the front door's host key could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum HostKeyError {
+    /// The state directory is not private, or cannot be made.
+    #[error(transparent)]
+    StateDir(#[from] crate::local::LocalError),
+    /// A key file is there but is not a key we can read.
+    #[error("{}: cannot read the front door's host key; remove it to have a new one made (then pin it again with `fleet-broker trust --front-door NAME`)", path.display())]
+    Unreadable {
+        /// The key file.
+        path: PathBuf,
+    },
+    /// A new key could not be encoded.
+    #[error("{}: {cause}", path.display())]
+    Encode {
+        /// The key file.
+        path: PathBuf,
+        /// Why.
+        cause: russh::keys::ssh_key::Error,
+    },
+    /// A new key could not be written.
+    #[error("{}: {cause}", path.display())]
+    Write {
+        /// The key file.
+        path: PathBuf,
+        /// Why.
+        cause: std::io::Error,
+    },
+}
+
 /// The front door's host key, generated on first use (0600, in a 0700 state directory).
-pub(crate) fn host_key(state_dir: &Path) -> Result<PrivateKey, String> {
-    crate::local::ensure_private_dir(state_dir).map_err(|e| e.to_string())?;
+/// Reads and writes files: the daemon calls it off its thread.
+pub(crate) fn host_key(state_dir: &Path) -> Result<PrivateKey, HostKeyError> {
+    crate::local::ensure_private_dir(state_dir)?;
     let path = state_dir.join(HOST_KEY_FILE);
     match russh::keys::load_secret_key(&path, None) {
         Ok(k) => return Ok(k),
-        Err(_) if path.exists() => {
-            return Err(format!(
-                "{}: cannot read the front door's host key; remove it to have a new one made (then pin it again with `fleet-broker trust --front-door NAME`)",
-                path.display()
-            ))
-        }
+        Err(_) if path.exists() => return Err(HostKeyError::Unreadable { path }),
         Err(_) => {}
     }
     let key = random_ed25519();
-    let text = key
-        .to_openssh(russh::keys::ssh_key::LineEnding::LF)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let text = match key.to_openssh(russh::keys::ssh_key::LineEnding::LF) {
+        Ok(t) => t,
+        Err(cause) => return Err(HostKeyError::Encode { path, cause }),
+    };
+    let write = |cause| HostKeyError::Write {
+        path: path.clone(),
+        cause,
+    };
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
@@ -112,9 +144,8 @@ pub(crate) fn host_key(state_dir: &Path) -> Result<PrivateKey, String> {
         .create_new(true)
         .mode(0o600)
         .open(&path)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    f.write_all(text.as_bytes())
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        .map_err(write)?;
+    f.write_all(text.as_bytes()).map_err(write)?;
     Ok(key)
 }
 
@@ -354,17 +385,17 @@ pub(crate) async fn serve(listener: TcpListener, door: Arc<Door>, stop: Cancella
 
 /// Whether a connection whose client socket belongs to `uid` may be served: only the
 /// broker's own user and root, as on the cluster sockets.
-fn admit(uid: u32, me: u32) -> Result<(), String> {
+fn admit(uid: u32, me: u32) -> Result<(), Refused> {
     if uid == me || uid == 0 {
         Ok(())
     } else {
-        Err(format!("uid {uid} is not the broker's uid {me}"))
+        Err(Refused::OtherUser { uid, pid: None, me })
     }
 }
 
 /// Who opened the connection from `peer` to `local`: its uid and, for the audit, its pid.
 /// An owner that cannot be established is an error (the connection is refused).
-async fn identify(peer: SocketAddr, local: SocketAddr) -> Result<Peer, String> {
+async fn identify(peer: SocketAddr, local: SocketAddr) -> Result<Peer, Refused> {
     use crate::sock_diag::{holder, owner, Owner};
     let me = crate::local::my_uid();
     let lookup = tokio::task::spawn_blocking(move || match owner(peer, local) {
@@ -373,16 +404,12 @@ async fn identify(peer: SocketAddr, local: SocketAddr) -> Result<Peer, String> {
             let pid = if uid == me { holder(uid, inode) } else { None };
             Ok((uid, pid))
         }
-        Owner::Unknown(why) => Err(format!("its owner cannot be established: {why}")),
+        Owner::Unknown(why) => Err(Refused::Unknown(why)),
     });
     let (uid, pid) = match tokio::time::timeout(IDENTIFY_TIMEOUT, lookup).await {
         Ok(Ok(r)) => r?,
-        Ok(Err(e)) => return Err(format!("its owner cannot be established: {e}")),
-        Err(_) => {
-            return Err(format!(
-                "its owner cannot be established within {IDENTIFY_TIMEOUT:?}"
-            ))
-        }
+        Ok(Err(e)) => return Err(Refused::Unknown(e.to_string())),
+        Err(_) => return Err(Refused::Slow(IDENTIFY_TIMEOUT)),
     };
     Ok(Peer {
         uid,
@@ -401,7 +428,9 @@ async fn connection(
 ) {
     let identified = match stream.local_addr() {
         Ok(local) => identify(peer_addr, local).await,
-        Err(e) => Err(format!("its local address is unknown: {e}")),
+        Err(e) => Err(Refused::Unknown(format!(
+            "its local address is unknown: {e}"
+        ))),
     };
     let peer = match identified {
         Ok(p) => p,

@@ -106,7 +106,7 @@ pub enum ImportError {
         /// The hop.
         hop: String,
         /// What is wrong with it.
-        reason: String,
+        reason: crate::config::ValueError,
     },
     /// A ProxyCommand, which the broker cannot run in its place.
     #[error("ProxyCommand {command:?}: not supported; the broker dials the tunnel host itself. If it is `ssh -W %h:%p HOST`, write `ProxyJump HOST` in its place and import again")]

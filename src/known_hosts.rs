@@ -153,7 +153,33 @@ struct Entry {
 pub(crate) struct Skipped {
     pub file: PathBuf,
     pub line: usize,
-    pub reason: String,
+    pub reason: LineProblem,
+}
+
+/// Why OpenSSH skips a known_hosts line (and so do we).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum LineProblem {
+    #[error("more than one marker")]
+    TwoMarkers,
+    #[error("marker without host patterns")]
+    MarkerAlone,
+    #[error("unknown marker {0:?}")]
+    UnknownMarker(String),
+    /// A field the line ends before.
+    #[error("missing {0}")]
+    Missing(&'static str),
+    #[error("invalid {algo} key: {reason}")]
+    InvalidKey { algo: String, reason: String },
+    #[error("unknown key type {0:?}")]
+    UnknownKeyType(String),
+    #[error("unsupported hashed host format (only |1| exists)")]
+    HashFormat,
+    #[error("hashed host lacks '|' separator")]
+    HashSeparator,
+    #[error("bad hashed host salt: {0}")]
+    HashSalt(String),
+    #[error("bad hashed host salt: {0} bytes, not 20")]
+    HashSaltLength(usize),
 }
 
 impl std::fmt::Display for Skipped {
@@ -467,7 +493,7 @@ fn fields(s: &str) -> impl Iterator<Item = &str> {
 }
 
 /// One line: `Ok(None)` for blanks and comments, `Err` for a line OpenSSH skips.
-fn parse_line(raw: &str) -> Result<Option<(Marker, HostMatcher, PublicKey)>, String> {
+fn parse_line(raw: &str) -> Result<Option<(Marker, HostMatcher, PublicKey)>, LineProblem> {
     let mut rest = raw.trim_start_matches([' ', '\t']);
     if rest.is_empty() || rest.starts_with('#') || rest == "\r" {
         return Ok(None);
@@ -475,7 +501,7 @@ fn parse_line(raw: &str) -> Result<Option<(Marker, HostMatcher, PublicKey)>, Str
     let mut marker = Marker::None;
     while rest.starts_with('@') {
         if marker != Marker::None {
-            return Err("more than one marker".into());
+            return Err(LineProblem::TwoMarkers);
         }
         // As hostfile.c `check_markers`: the marker ends at the line's first space, or at
         // its first tab only when it has no space; so `@revoked<TAB>host key` is no marker
@@ -483,49 +509,45 @@ fn parse_line(raw: &str) -> Result<Option<(Marker, HostMatcher, PublicKey)>, Str
         let end = rest
             .find(' ')
             .or_else(|| rest.find('\t'))
-            .ok_or("marker without host patterns")?;
+            .ok_or(LineProblem::MarkerAlone)?;
         marker = match &rest[..end] {
             "@revoked" => Marker::Revoked,
             "@cert-authority" => Marker::CertAuthority,
-            m => return Err(format!("unknown marker {m:?}")),
+            m => return Err(LineProblem::UnknownMarker(m.to_string())),
         };
         rest = rest[end..].trim_start_matches([' ', '\t']);
     }
     let mut it = fields(rest);
-    let hosts = parse_hosts(it.next().ok_or("missing host patterns")?)?;
-    let algo = it.next().ok_or("missing key type")?;
+    let hosts = parse_hosts(it.next().ok_or(LineProblem::Missing("host patterns"))?)?;
+    let algo = it.next().ok_or(LineProblem::Missing("key type"))?;
     let b64 = it
         .next()
         .map(|b| b.trim_end_matches(|c: char| c.is_ascii_whitespace()))
         .filter(|b| !b.is_empty() && !b.starts_with('#'))
-        .ok_or("missing base64 key")?;
-    let key = PublicKey::from_openssh(&format!("{algo} {b64}"))
-        .map_err(|e| format!("invalid {algo} key: {e}"))?;
+        .ok_or(LineProblem::Missing("base64 key"))?;
+    let key =
+        PublicKey::from_openssh(&format!("{algo} {b64}")).map_err(|e| LineProblem::InvalidKey {
+            algo: algo.to_string(),
+            reason: e.to_string(),
+        })?;
     if matches!(key.algorithm(), Algorithm::Other(_)) {
-        return Err(format!("unknown key type {algo:?}"));
+        return Err(LineProblem::UnknownKeyType(algo.to_string()));
     }
     Ok(Some((marker, hosts, key)))
 }
 
-fn parse_hosts(field: &str) -> Result<HostMatcher, String> {
+fn parse_hosts(field: &str) -> Result<HostMatcher, LineProblem> {
     if !field.starts_with('|') {
         return Ok(HostMatcher::Patterns(field.to_string()));
     }
     // hostfile.c extract_salt: `|1|`, a base64 salt of exactly 20 bytes, `|`.
-    let rest = field
-        .strip_prefix("|1|")
-        .ok_or("unsupported hashed host format (only |1| exists)")?;
-    let (salt, _) = rest
-        .split_once('|')
-        .ok_or("hashed host lacks '|' separator")?;
+    let rest = field.strip_prefix("|1|").ok_or(LineProblem::HashFormat)?;
+    let (salt, _) = rest.split_once('|').ok_or(LineProblem::HashSeparator)?;
     let salt = base64::engine::general_purpose::STANDARD
         .decode(salt)
-        .map_err(|e| format!("bad hashed host salt: {e}"))?;
+        .map_err(|e| LineProblem::HashSalt(e.to_string()))?;
     if salt.len() != 20 {
-        return Err(format!(
-            "bad hashed host salt: {} bytes, not 20",
-            salt.len()
-        ));
+        return Err(LineProblem::HashSaltLength(salt.len()));
     }
     Ok(HostMatcher::Hashed {
         salt,

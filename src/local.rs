@@ -286,21 +286,46 @@ pub(crate) async fn bind_socket(path: &Path) -> Result<UnixListener, LocalError>
     Ok(listener)
 }
 
+/// Why a local door (a cluster socket, the control socket, a front door) did not serve a
+/// connection: it fails closed when it cannot tell who is asking.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Refused {
+    /// Another user.
+    #[error("uid {uid}{} is not the broker's uid {me}", pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    OtherUser {
+        /// The peer's uid.
+        uid: u32,
+        /// Its pid, when known.
+        pid: Option<i32>,
+        /// The broker's uid.
+        me: u32,
+    },
+    /// The kernel did not say who it is.
+    #[error("cannot read peer credentials: {0}")]
+    NoCredentials(std::io::Error),
+    /// The owner of a loopback connection's client end cannot be found (the kernel's
+    /// socket diagnostics said why).
+    #[error("its owner cannot be established: {0}")]
+    Unknown(String),
+    /// Nor within the time allowed.
+    #[error("its owner cannot be established within {0:?}")]
+    Slow(std::time::Duration),
+}
+
 /// Whether the peer of an accepted connection is our own uid (SO_PEERCRED).
-pub(crate) fn peer_allowed(stream: &UnixStream) -> Result<crate::audit::Peer, String> {
+pub(crate) fn peer_allowed(stream: &UnixStream) -> Result<crate::audit::Peer, Refused> {
     match stream.peer_cred() {
         Ok(cred) if cred.uid() == my_uid() => Ok(crate::audit::Peer {
             uid: cred.uid(),
             pid: cred.pid(),
             door: None,
         }),
-        Ok(cred) => Err(format!(
-            "uid {} (pid {}) is not the broker's uid {}",
-            cred.uid(),
-            cred.pid().map_or_else(|| "?".into(), |p| p.to_string()),
-            my_uid()
-        )),
-        Err(e) => Err(format!("cannot read peer credentials: {e}")),
+        Ok(cred) => Err(Refused::OtherUser {
+            uid: cred.uid(),
+            pid: cred.pid(),
+            me: my_uid(),
+        }),
+        Err(e) => Err(Refused::NoCredentials(e)),
     }
 }
 

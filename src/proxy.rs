@@ -32,6 +32,14 @@ type UpBody = http_body_util::combinators::MapFrame<
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// No response within the cluster's `connect_timeout`, and why as far as the tunnel knows.
+#[derive(Debug, thiserror::Error)]
+#[error("no response within {}: {cause}", humantime::format_duration(*limit))]
+struct Stalled {
+    limit: Duration,
+    cause: String,
+}
+
 /// Forwards requests for one cluster.
 #[derive(Clone)]
 pub struct Proxy {
@@ -121,7 +129,7 @@ impl Proxy {
         &self,
         req: Request<UpBody>,
         started: Instant,
-    ) -> Result<Result<Response<Incoming>, hyper_util::client::legacy::Error>, String> {
+    ) -> Result<Result<Response<Incoming>, hyper_util::client::legacy::Error>, Stalled> {
         let limit = self.tunnel.config.connect_timeout;
         let now = tokio::time::Instant::now();
         let deadline = (tokio::time::Instant::from_std(started) + limit).max(now + limit / 2);
@@ -138,10 +146,7 @@ impl Proxy {
                 let cause = self
                     .tunnel_down_reason()
                     .unwrap_or_else(|| "the fleet API did not answer".into());
-                Err(format!(
-                    "no response within {}: {cause}",
-                    humantime::format_duration(limit)
-                ))
+                Err(Stalled { limit, cause })
             }
         }
     }
@@ -246,9 +251,9 @@ impl Proxy {
         let req = Request::from_parts(parts, body);
         let response = match self.response_within(req, started).await {
             Ok(r) => r,
-            Err(cause) => {
-                tracing::warn!(error = %cause, "upstream request stalled");
-                return self.unavailable(&cause);
+            Err(stalled) => {
+                tracing::warn!(error = %stalled, "upstream request stalled");
+                return self.unavailable(&stalled.to_string());
             }
         };
         match response {

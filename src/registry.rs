@@ -139,7 +139,7 @@ pub enum ReloadError {
     /// The config file does not load.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
-    /// A new cluster's socket could not be set up.
+    /// A new cluster's socket (or front door key) could not be set up.
     #[error(transparent)]
-    Local(#[from] crate::local::LocalError),
+    Start(#[from] crate::daemon::StartError),
 }

@@ -351,7 +351,8 @@ pub fn trust_front_door(
             cluster.name
         )));
     };
-    let key = crate::front_door::host_key(state_dir).map_err(TrustError::NotPinned)?;
+    let key =
+        crate::front_door::host_key(state_dir).map_err(|e| TrustError::NotPinned(e.to_string()))?;
     let key = key.public_key();
     let host = HostId::new(&addr.ip().to_string(), addr.port());
     let known = KnownHosts::load(&[file.to_path_buf()])?;

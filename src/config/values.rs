@@ -72,22 +72,57 @@ pub struct HostPort {
     pub port: u16,
 }
 
+/// Why a value of the config (a host, an endpoint, a jump hop) does not parse; the message
+/// quotes the value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    /// An empty host.
+    #[error("host must not be empty")]
+    EmptyHost,
+    /// `[v6` without its `]`.
+    #[error("{0:?}: missing ']' after IPv6 address")]
+    UnclosedBracket(String),
+    /// Something other than `:port` after `]`.
+    #[error("{0:?}: expected ':port' after ']'")]
+    AfterBracket(String),
+    /// A host name with spaces or slashes.
+    #[error("{0:?}: invalid host name")]
+    HostName(String),
+    /// A port out of range or not a number.
+    #[error("{0:?}: port must be a number from 1 to 65535")]
+    Port(String),
+    /// A unix endpoint with a relative path.
+    #[error("{0:?}: a unix endpoint needs an absolute path, e.g. unix:///var/run/fleet.sock")]
+    RelativeSocket(String),
+    /// An http endpoint with a path.
+    #[error("{0:?}: an http endpoint must not have a path")]
+    HttpPath(String),
+    /// Neither unix:// nor http://.
+    #[error(
+        "{0:?}: endpoint must start with unix:// or http:// (https is not carried by the tunnel)"
+    )]
+    Scheme(String),
+    /// `@host`.
+    #[error("{0:?}: empty user before '@'")]
+    EmptyUser(String),
+}
+
 impl HostPort {
     /// Parses `host`, `host:port`, `[v6]` or `[v6]:port`; port defaults to 22.
-    pub(crate) fn parse(s: &str) -> Result<HostPort, String> {
+    pub(crate) fn parse(s: &str) -> Result<HostPort, ValueError> {
         let s = s.trim();
         if s.is_empty() {
-            return Err("host must not be empty".into());
+            return Err(ValueError::EmptyHost);
         }
         let (host, port) = if let Some(rest) = s.strip_prefix('[') {
             let (h, after) = rest
                 .split_once(']')
-                .ok_or_else(|| format!("{s:?}: missing ']' after IPv6 address"))?;
+                .ok_or_else(|| ValueError::UnclosedBracket(s.to_string()))?;
             let port = match after {
                 "" => None,
                 p => Some(
                     p.strip_prefix(':')
-                        .ok_or_else(|| format!("{s:?}: expected ':port' after ']'"))?,
+                        .ok_or_else(|| ValueError::AfterBracket(s.to_string()))?,
                 ),
             };
             (h.to_string(), port)
@@ -99,13 +134,13 @@ impl HostPort {
             (s.to_string(), None)
         };
         if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c == '/') {
-            return Err(format!("{s:?}: invalid host name"));
+            return Err(ValueError::HostName(s.to_string()));
         }
         let port = match port {
             None => 22,
             Some(p) => match p.parse::<u16>() {
                 Ok(p) if p > 0 => p,
-                _ => return Err(format!("{s:?}: port must be a number from 1 to 65535")),
+                _ => return Err(ValueError::Port(s.to_string())),
             },
         };
         Ok(HostPort { host, port })
@@ -152,19 +187,17 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
-    pub(crate) fn parse(s: &str) -> Result<Endpoint, String> {
+    pub(crate) fn parse(s: &str) -> Result<Endpoint, ValueError> {
         if let Some(path) = s.strip_prefix("unix://") {
             if !path.starts_with('/') {
-                return Err(format!(
-                    "{s:?}: a unix endpoint needs an absolute path, e.g. unix:///var/run/fleet.sock"
-                ));
+                return Err(ValueError::RelativeSocket(s.to_string()));
             }
             return Ok(Endpoint::Unix(path.to_string()));
         }
         if let Some(rest) = s.strip_prefix("http://") {
             let authority = rest.trim_end_matches('/');
             if authority.contains('/') {
-                return Err(format!("{s:?}: an http endpoint must not have a path"));
+                return Err(ValueError::HttpPath(s.to_string()));
             }
             let hp = HostPort::parse(authority)?;
             let port = if authority.contains(':') && !authority.ends_with(']') {
@@ -177,9 +210,7 @@ impl Endpoint {
                 port,
             });
         }
-        Err(format!(
-            "{s:?}: endpoint must start with unix:// or http:// (https is not carried by the tunnel)"
-        ))
+        Err(ValueError::Scheme(s.to_string()))
     }
 }
 
@@ -202,10 +233,10 @@ pub struct JumpHop {
 }
 
 impl JumpHop {
-    pub(crate) fn parse(s: &str) -> Result<JumpHop, String> {
+    pub(crate) fn parse(s: &str) -> Result<JumpHop, ValueError> {
         let (user, rest) = match s.rsplit_once('@') {
             Some((u, r)) if !u.is_empty() => (Some(u.to_string()), r),
-            Some(_) => return Err(format!("{s:?}: empty user before '@'")),
+            Some(_) => return Err(ValueError::EmptyUser(s.to_string())),
             None => (None, s),
         };
         Ok(JumpHop {

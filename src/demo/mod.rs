@@ -22,7 +22,6 @@ use crate::config::{ClusterConfig, Config, ConnectMode, Endpoint, HostKeyPolicy,
 use crate::daemon::{Daemon, DaemonOptions};
 use crate::fleet::schema::UnitOption;
 use crate::front_door::random_ed25519;
-use crate::local::LocalError;
 use crate::sim::{demo_machines, Sim};
 
 /// The demo's SSH server: accepts one user key, forwards streamlocal channels to one socket.
@@ -154,7 +153,7 @@ pub enum DemoError {
     },
     /// The daemon did not start.
     #[error(transparent)]
-    Daemon(#[from] LocalError),
+    Daemon(#[from] crate::daemon::StartError),
     /// The broker's answer was not the simulator's.
     #[error("{0}")]
     Answer(String),

@@ -143,14 +143,17 @@ async fn pin_off_thread(
     file: &std::path::Path,
     host: &HostId,
     public: &russh::keys::PublicKey,
-) -> Result<(), String> {
-    let (file, host, public) = (file.to_path_buf(), host.clone(), public.clone());
+) -> Result<(), known_hosts::KnownHostsError> {
+    let (path, host, public) = (file.to_path_buf(), host.clone(), public.clone());
     tokio::task::spawn_blocking(move || {
         let hashed = crate::local::hash_known_hosts(&host.principal);
-        known_hosts::append_pin(&file, &host.lookup, &public, hashed).map_err(|e| e.to_string())
+        known_hosts::append_pin(&path, &host.lookup, &public, hashed)
     })
     .await
-    .map_err(|e| format!("pinning failed: {e}"))?
+    .map_err(|e| known_hosts::KnownHostsError::Write {
+        file: file.to_path_buf(),
+        source: std::io::Error::other(format!("pinning was interrupted: {e}")),
+    })?
 }
 
 /// The pins of `files`, read off the runtime's thread.
