@@ -9,9 +9,46 @@ use clap::parser::ValueSource;
 use clap::ArgMatches;
 
 use super::args::GlobalFlags;
-use crate::config::HostPort;
-use crate::control::client::{default_control_socket, list_clusters};
+use crate::config::{HostPort, ValueError};
+use crate::control::client::{default_control_socket, list_clusters, ControlError};
 use crate::protocol::ClusterInfo;
+
+/// Why no socket was chosen. An endpoint is refused in the words of Go's `url.Parse` and the
+/// original fleetctl; the rest says which clusters there are and how to choose one.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TargetError {
+    #[error("URL scheme undefined")]
+    NoScheme,
+    #[error("unable to connect to host {host:?} with scheme {scheme:?}")]
+    HostWithScheme { host: String, scheme: String },
+    #[error("endpoint {0:?} has no socket path")]
+    NoPath(String),
+    #[error("{0}: this fleetctl talks only to fleet-broker's unix sockets and never opens network connections; add the cluster to fleet-broker's config and use --cluster NAME (or FLEETCTL_ENDPOINT=unix://…/clusters/NAME.sock)")]
+    Network(String),
+    #[error("unsupported URL scheme {0:?}")]
+    Scheme(String),
+    /// The daemon could not be asked for its clusters.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error("no cluster named {name:?} in fleet-broker ({})", listing(names))]
+    NoSuchCluster { name: String, names: Vec<String> },
+    #[error("--tunnel {0}")]
+    Tunnel(ValueError),
+    #[error("endpoint unix://{} is not the fleet endpoint of cluster {cluster:?} ({endpoint}), the only one the broker reaches on {tunnel}", path.display())]
+    NotItsEndpoint {
+        path: PathBuf,
+        cluster: String,
+        endpoint: String,
+        tunnel: HostPort,
+    },
+    #[error("no fleet-broker cluster has tunnel {tunnel} ({}); add one to the broker's config or use --cluster NAME", listing(names))]
+    NoSuchTunnel {
+        tunnel: HostPort,
+        names: Vec<String>,
+    },
+    #[error("no cluster chosen and fleet-broker has {} ({}); pass --cluster NAME, or set it for this shell with: eval \"$(fleet-broker env {})\"", if names.is_empty() { "none".to_string() } else { names.len().to_string() }, listing(names), names.first().map_or("NAME", String::as_str))]
+    NotChosen { names: Vec<String> },
+}
 
 /// The chosen socket and how to name it in messages.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,7 +71,7 @@ fn rank(m: &ArgMatches, id: &str) -> Option<u8> {
 }
 
 /// Parses `--endpoint` as fleetctl does, accepting only unix sockets.
-pub(crate) fn parse_endpoint(raw: &str) -> Result<(PathBuf, Option<String>), String> {
+pub(crate) fn parse_endpoint(raw: &str) -> Result<(PathBuf, Option<String>), TargetError> {
     let mut warning = None;
     let first = match raw.split_once(',') {
         Some((first, _)) => {
@@ -52,7 +89,7 @@ pub(crate) fn parse_endpoint(raw: &str) -> Result<(PathBuf, Option<String>), Str
             Some((scheme, path)) if path.starts_with('/') && matches!(scheme, "unix" | "file") => {
                 (scheme, path)
             }
-            _ => return Err("URL scheme undefined".into()),
+            _ => return Err(TargetError::NoScheme),
         },
     };
     match scheme {
@@ -62,17 +99,18 @@ pub(crate) fn parse_endpoint(raw: &str) -> Result<(PathBuf, Option<String>), Str
                 None => (rest, ""),
             };
             if !host.is_empty() {
-                return Err(format!("unable to connect to host {host:?} with scheme {scheme:?}"));
+                return Err(TargetError::HostWithScheme {
+                    host: host.to_string(),
+                    scheme: scheme.to_string(),
+                });
             }
             if path.is_empty() {
-                return Err(format!("endpoint {first:?} has no socket path"));
+                return Err(TargetError::NoPath(first.to_string()));
             }
             Ok((PathBuf::from(path), warning))
         }
-        "http" | "https" => Err(format!(
-            "{first}: this fleetctl talks only to fleet-broker's unix sockets and never opens network connections; add the cluster to fleet-broker's config and use --cluster NAME (or FLEETCTL_ENDPOINT=unix://…/clusters/NAME.sock)"
-        )),
-        other => Err(format!("unsupported URL scheme {other:?}")),
+        "http" | "https" => Err(TargetError::Network(first.to_string())),
+        other => Err(TargetError::Scheme(other.to_string())),
     }
 }
 
@@ -98,7 +136,7 @@ fn chosen_flag(m: &ArgMatches) -> Option<&'static str> {
 }
 
 /// Resolves the target; warnings go to stderr.
-pub(crate) async fn resolve(m: &ArgMatches, g: &GlobalFlags) -> Result<Target, String> {
+pub(crate) async fn resolve(m: &ArgMatches, g: &GlobalFlags) -> Result<Target, TargetError> {
     let control = default_control_socket();
     let tunnel = g.tunnel.as_deref().filter(|_| rank(m, "tunnel").is_some());
     // With a tunnel, the original reads the endpoint on the tunnel host (its usual setup is
@@ -139,7 +177,7 @@ fn target(c: ClusterInfo, control: PathBuf) -> Target {
 
 /// `--endpoint unix://…`: the socket itself; a cluster socket of a broker also names its
 /// cluster and control socket.
-fn by_endpoint(raw: &str, control: PathBuf) -> Result<Target, String> {
+fn by_endpoint(raw: &str, control: PathBuf) -> Result<Target, TargetError> {
     let (socket, warning) = parse_endpoint(raw)?;
     if let Some(w) = warning {
         eprintln!(
@@ -166,15 +204,15 @@ fn by_endpoint(raw: &str, control: PathBuf) -> Result<Target, String> {
 }
 
 /// `--cluster NAME`.
-async fn by_name(name: &str, control: PathBuf) -> Result<Target, String> {
-    let list = list_clusters(&control).await.map_err(|e| e.to_string())?;
+async fn by_name(name: &str, control: PathBuf) -> Result<Target, TargetError> {
+    let list = list_clusters(&control).await?;
     let names: Vec<String> = list.clusters.iter().map(|c| c.name.clone()).collect();
     match list.clusters.into_iter().find(|c| c.name == name) {
         Some(c) => Ok(target(c, control)),
-        None => Err(format!(
-            "no cluster named {name:?} in fleet-broker ({})",
-            listing(&names)
-        )),
+        None => Err(TargetError::NoSuchCluster {
+            name: name.to_string(),
+            names,
+        }),
     }
 }
 
@@ -184,9 +222,9 @@ async fn by_tunnel(
     raw: &str,
     endpoint: Option<&std::path::Path>,
     control: PathBuf,
-) -> Result<Target, String> {
-    let want = HostPort::parse(raw).map_err(|e| format!("--tunnel {e}"))?;
-    let list = list_clusters(&control).await.map_err(|e| e.to_string())?;
+) -> Result<Target, TargetError> {
+    let want = HostPort::parse(raw).map_err(TargetError::Tunnel)?;
+    let list = list_clusters(&control).await?;
     let names: Vec<String> = list
         .clusters
         .iter()
@@ -201,37 +239,34 @@ async fn by_tunnel(
             if let Some(path) = endpoint {
                 let ours = parse_endpoint(&c.endpoint).ok().map(|(p, _)| p);
                 if ours.as_deref() != Some(path) {
-                    return Err(format!(
-                        "endpoint unix://{} is not the fleet endpoint of cluster {:?} ({}), the only one the broker reaches on {want}",
-                        path.display(),
-                        c.name,
-                        c.endpoint
-                    ));
+                    return Err(TargetError::NotItsEndpoint {
+                        path: path.to_path_buf(),
+                        cluster: c.name,
+                        endpoint: c.endpoint,
+                        tunnel: want,
+                    });
                 }
             }
             Ok(target(c, control))
         }
-        None => Err(format!(
-            "no fleet-broker cluster has tunnel {want} ({}); add one to the broker's config or use --cluster NAME",
-            listing(&names)
-        )),
+        None => Err(TargetError::NoSuchTunnel {
+            tunnel: want,
+            names,
+        }),
     }
 }
 
 /// No flag: the broker's only cluster, or a message saying how to choose.
-async fn the_only_cluster(control: PathBuf) -> Result<Target, String> {
-    let list = list_clusters(&control).await.map_err(|e| e.to_string())?;
+async fn the_only_cluster(control: PathBuf) -> Result<Target, TargetError> {
+    let mut list = list_clusters(&control).await?;
     if list.clusters.len() == 1 {
-        let c = list.clusters.into_iter().next().ok_or("no clusters")?;
-        return Ok(target(c, control));
+        if let Some(c) = list.clusters.pop() {
+            return Ok(target(c, control));
+        }
     }
-    let names: Vec<String> = list.clusters.iter().map(|c| c.name.clone()).collect();
-    let example = names.first().cloned().unwrap_or_else(|| "NAME".into());
-    Err(format!(
-        "no cluster chosen and fleet-broker has {} ({}); pass --cluster NAME, or set it for this shell with: eval \"$(fleet-broker env {example})\"",
-        if names.is_empty() { "none".to_string() } else { format!("{}", names.len()) },
-        listing(&names)
-    ))
+    Err(TargetError::NotChosen {
+        names: list.clusters.into_iter().map(|c| c.name).collect(),
+    })
 }
 
 #[cfg(test)]
@@ -249,11 +284,13 @@ mod tests {
             PathBuf::from("/x.sock")
         );
         assert_eq!(
-            parse_endpoint("/var/run/fleet.sock").unwrap_err(),
+            parse_endpoint("/var/run/fleet.sock")
+                .unwrap_err()
+                .to_string(),
             "URL scheme undefined"
         );
         assert_eq!(
-            parse_endpoint("unix://var/run/x").unwrap_err(),
+            parse_endpoint("unix://var/run/x").unwrap_err().to_string(),
             "unable to connect to host \"var\" with scheme \"unix\""
         );
         let (p, w) = parse_endpoint("unix:///a.sock,unix:///b.sock").unwrap();
@@ -264,6 +301,7 @@ mod tests {
         );
         assert!(parse_endpoint("http://10.0.0.1:49153")
             .unwrap_err()
+            .to_string()
             .contains("never opens network connections"));
     }
 }
