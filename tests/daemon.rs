@@ -1388,3 +1388,57 @@ fn install_service_escapes_the_binary_path_and_never_writes_through_a_symlink() 
     assert!(verify.status.success(), "{said}");
     assert!(!said.contains("fleet-broker.service:"), "{said}");
 }
+
+/// `fleet-broker prompt`: the shell's cluster (from `FLEETCTL_CLUSTER`, or the cluster
+/// socket `FLEETCTL_ENDPOINT` names) and its state from the control socket; nothing without
+/// a cluster; `?` when no daemon answers.
+#[test]
+fn prompt_shows_the_shells_cluster_and_its_state() {
+    let w = World::new();
+    let b = w.broker("connect = \"eager\"");
+    wait_until("eager connect", DEADLINE, || {
+        b.cluster_info("c1")["state"] == "ready"
+    });
+    let xdg = b.runtime_dir.parent().expect("xdg").to_path_buf();
+    let prompt = |env: &[(&str, String)], args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleet-broker"));
+        cmd.arg("prompt")
+            .args(args)
+            .env("XDG_RUNTIME_DIR", &xdg)
+            .env_remove("FLEETCTL_CLUSTER")
+            .env_remove("FLEETCTL_ENDPOINT");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().expect("prompt");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(prompt(&[], &[]), "");
+    assert_eq!(
+        prompt(&[("FLEETCTL_CLUSTER", "c1".into())], &[]),
+        "c1:ready"
+    );
+    let endpoint = format!("unix://{}", b.socket("c1").display());
+    assert_eq!(
+        prompt(
+            &[("FLEETCTL_ENDPOINT", endpoint.clone())],
+            &["--format", "({cluster} is {state})"]
+        ),
+        "(c1 is ready)"
+    );
+    assert_eq!(
+        prompt(&[("FLEETCTL_CLUSTER", "nope".into())], &[]),
+        "nope:unknown"
+    );
+    // An endpoint that is not a broker's cluster socket: no cluster to show.
+    assert_eq!(
+        prompt(
+            &[("FLEETCTL_ENDPOINT", "unix:///var/run/fleet.sock".into())],
+            &[]
+        ),
+        ""
+    );
+    drop(b);
+    assert_eq!(prompt(&[("FLEETCTL_ENDPOINT", endpoint)], &[]), "c1:?");
+}

@@ -195,6 +195,12 @@ pub(crate) enum Cmd {
         #[arg(long, conflicts_with = "cluster")]
         unset: bool,
     },
+    /// Print this shell's cluster (FLEETCTL_CLUSTER or FLEETCTL_ENDPOINT) and its state, for a shell prompt; nothing when none is chosen
+    Prompt {
+        /// What to print: {cluster} and {state} are filled in (default "{cluster}:{state}")
+        #[arg(long, value_name = "FMT")]
+        format: Option<String>,
+    },
     /// Run a built-in demo cluster through the real daemon
     #[cfg(feature = "demo")]
     Demo {

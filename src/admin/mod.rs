@@ -1,7 +1,7 @@
 //! `fleet-broker`, the daemon's binary: its arguments (`args`), the daemon's logging
 //! (`logging`), and the operator commands, each in its room: `ask` (what asks the running
 //! daemon: reload, connect, disconnect), `show` (check-config, env, audit, completions, man
-//! pages), `keys` (trust, passphrases), `import` (import and remove), `status`, `install`.
+//! pages), `prompt` (the shell's cluster and its state), `keys` (trust, passphrases), `import` (import and remove), `status`, `install`.
 //! `serve` is the library's `service`, `demo` the library's `demo`.
 //!
 //! Errors here are what the user reads, so they are `anyhow` chains: this room, like the
@@ -15,6 +15,7 @@ mod import;
 mod install;
 mod keys;
 mod logging;
+mod prompt;
 mod show;
 mod status;
 
@@ -118,6 +119,9 @@ async fn run(cli: Cli, passed: crate::activation::Passed) -> anyhow::Result<()> 
             Ok(())
         }
         Cmd::Man { dir } => show::man_pages(&dir),
+        Cmd::Prompt { format } => {
+            prompt::prompt(format.as_deref().unwrap_or(prompt::DEFAULT_FORMAT)).await
+        }
         Cmd::Connect { cluster } => ask::cluster(&cluster, "connect").await,
         Cmd::Disconnect { cluster } => ask::cluster(&cluster, "disconnect").await,
         #[cfg(feature = "demo")]

@@ -1,0 +1,91 @@
+//! `fleet-broker prompt`: the cluster this shell's fleetctl talks to (`FLEETCTL_CLUSTER`, or
+//! the cluster socket `FLEETCTL_ENDPOINT` names, as `fleet-broker env` sets them) and its
+//! state, for a shell prompt. It asks the control socket once, bounded, and never the
+//! tunnel; with no cluster chosen it prints nothing.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How long the daemon is waited for: a prompt must not hang on a stuck daemon.
+const ASK_LIMIT: Duration = Duration::from_millis(200);
+
+/// The format when none is given.
+pub(super) const DEFAULT_FORMAT: &str = "{cluster}:{state}";
+
+/// The shell's cluster and the control socket that serves it, from the environment; `None`
+/// when fleetctl would not talk to a broker's cluster.
+fn current() -> Option<(String, PathBuf)> {
+    let named = std::env::var("FLEETCTL_CLUSTER")
+        .ok()
+        .filter(|n| !n.is_empty());
+    let endpoint = std::env::var("FLEETCTL_ENDPOINT")
+        .ok()
+        .and_then(|e| crate::cli::target::parse_endpoint(&e).ok())
+        .map(|(socket, _)| socket);
+    // A broker's cluster socket names its cluster and its daemon: …/clusters/NAME.sock.
+    let by_socket = endpoint.as_ref().and_then(|s| {
+        let dir = s
+            .parent()
+            .filter(|p| p.file_name() == Some("clusters".as_ref()))?;
+        let name = s.file_stem()?.to_str()?.to_string();
+        Some((name, crate::local::control_socket(dir.parent()?)))
+    });
+    let chosen = match (named, by_socket) {
+        (Some(n), Some((m, control))) if n == m => Some((n, control)),
+        // An endpoint that is not this cluster's socket wins, as it does for fleetctl.
+        (Some(_), Some(s)) | (None, Some(s)) => Some(s),
+        (Some(n), None) if endpoint.is_none() => {
+            Some((n, crate::control::client::default_control_socket()))
+        }
+        _ => None,
+    };
+    chosen.filter(|(n, _)| crate::config::valid_cluster_name(n))
+}
+
+/// The cluster's state as the daemon reports it: `?` when the daemon does not answer within
+/// [`ASK_LIMIT`] (or at all), `unknown` when it does not know the cluster.
+async fn state(cluster: &str, control: &std::path::Path) -> String {
+    let path = format!("/v1/clusters/{cluster}");
+    let ask = crate::control::client::request(control, "GET", &path);
+    match tokio::time::timeout(ASK_LIMIT, ask).await {
+        Ok(Ok((200, body))) => serde_json::from_slice::<crate::protocol::ClusterInfo>(&body)
+            .map_or_else(|_| "?".to_string(), |i| i.status.state.to_string()),
+        Ok(Ok((404, _))) => "unknown".to_string(),
+        _ => "?".to_string(),
+    }
+}
+
+/// `format` with `{cluster}` and `{state}` filled in; other text as it is.
+fn render(format: &str, cluster: &str, state: &str) -> String {
+    format
+        .replace("{cluster}", cluster)
+        .replace("{state}", state)
+}
+
+/// `fleet-broker prompt [--format FMT]`.
+pub(super) async fn prompt(format: &str) -> anyhow::Result<()> {
+    let Some((cluster, control)) = current() else {
+        return Ok(());
+    };
+    let state = state(&cluster, &control).await;
+    print!(
+        "{}",
+        crate::escape::display(&render(format, &cluster, &state))
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn placeholders_are_filled_and_other_text_kept() {
+        assert_eq!(
+            super::render("{cluster}:{state}", "prod", "ready"),
+            "prod:ready"
+        );
+        assert_eq!(
+            super::render("[{cluster} {x}]", "prod", "ready"),
+            "[prod {x}]"
+        );
+    }
+}
