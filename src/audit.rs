@@ -313,6 +313,17 @@ pub fn readable(
                 .to_string(),
         };
         (what, result)
+    } else if kind == "guard" {
+        let units: Vec<&str> = v["units"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|u| u.as_str()).collect())
+            .unwrap_or_default();
+        (
+            format!("fleetctl {} {}", s("command"), units.join(" "))
+                .trim_end()
+                .to_string(),
+            format!("not run on a guarded cluster: {}", s("error")),
+        )
     } else {
         let mut result = v["status"].to_string();
         if let Some(b) = bytes("request_bytes") {

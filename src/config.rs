@@ -95,6 +95,9 @@ pub struct ClusterConfig {
     pub machine_ssh_port: u16,
     /// When true the broker refuses PUT/DELETE/PATCH with 403.
     pub read_only: bool,
+    /// When true our fleetctl asks for the cluster's name before it changes anything there
+    /// (`--confirm-cluster NAME` without a terminal); other clients are not held up.
+    pub guard: bool,
     /// Whether connections carry an interactive session (no Nagle delays on sshd's side).
     pub interactive_session: InteractiveSession,
     /// How a unix `endpoint` is reached on the tunnel host.
@@ -165,6 +168,7 @@ struct RawSettings {
     transport: Option<Transport>,
     machine_ssh_port: Option<u16>,
     read_only: Option<bool>,
+    guard: Option<bool>,
     #[serde(default, deserialize_with = "de_endpoint")]
     endpoint: Option<Endpoint>,
     #[serde(default, deserialize_with = "de_front_door")]
@@ -538,6 +542,7 @@ fn merge(name: &str, tunnel: HostPort, s: RawSettings, d: &RawSettings) -> Clust
             .unwrap_or(InteractiveSession::Auto),
         machine_ssh_port: s.machine_ssh_port.or(d.machine_ssh_port).unwrap_or(22),
         read_only: s.read_only.or(d.read_only).unwrap_or(false),
+        guard: s.guard.or(d.guard).unwrap_or(false),
         front_door: s.front_door,
         front_door_authorized_keys: s
             .front_door_authorized_keys
@@ -562,7 +567,7 @@ impl ClusterConfig {
             format!("[{}]", items.join(", "))
         };
         format!(
-            "[clusters.{name}]\ntunnel = \"{tunnel}\"\njump = [{hops}]\nendpoint = \"{endpoint}\"\nuser = {user:?}\nidentity_files = {ids}\nknown_hosts = {kh}\nhost_key_checking = \"{hkc}\"\nkeepalive_interval = \"{ka}\"\nkeepalive_max = {kam}\nconnect_timeout = \"{ct}\"\nstalled_reader_timeout = \"{srt}\"\nconnect = \"{conn}\"\nmachine_ssh_port = {msp}\nread_only = {ro}\ninteractive_session = \"{isess}\"\n{door}",
+            "[clusters.{name}]\ntunnel = \"{tunnel}\"\njump = [{hops}]\nendpoint = \"{endpoint}\"\nuser = {user:?}\nidentity_files = {ids}\nknown_hosts = {kh}\nhost_key_checking = \"{hkc}\"\nkeepalive_interval = \"{ka}\"\nkeepalive_max = {kam}\nconnect_timeout = \"{ct}\"\nstalled_reader_timeout = \"{srt}\"\nconnect = \"{conn}\"\nmachine_ssh_port = {msp}\nread_only = {ro}\nguard = {guard}\ninteractive_session = \"{isess}\"\n{door}",
             name = self.name,
             tunnel = self.tunnel,
             hops = hops.join(", "),
@@ -581,6 +586,7 @@ impl ClusterConfig {
             },
             msp = self.machine_ssh_port,
             ro = self.read_only,
+            guard = self.guard,
             isess = match self.interactive_session {
                 InteractiveSession::Auto => "auto",
                 InteractiveSession::Off => "off",

@@ -1442,3 +1442,137 @@ fn prompt_shows_the_shells_cluster_and_its_state() {
     drop(b);
     assert_eq!(prompt(&[("FLEETCTL_ENDPOINT", endpoint)], &[]), "c1:?");
 }
+
+/// A guarded cluster (`guard = true`): our fleetctl changes it only when the user types the
+/// cluster's name on the terminal (`script` gives it one) or names it with
+/// `--confirm-cluster`; without a terminal it refuses, and the refusal is in the audit trail.
+/// Reading commands and other clients of the socket are not held up.
+#[test]
+fn a_guarded_cluster_is_changed_only_when_its_name_is_confirmed() {
+    use std::io::Write;
+    use std::os::unix::process::CommandExt;
+    let w = World::new();
+    let b = w.broker("guard = true");
+    for u in ["one.service", "two.service", "three.service"] {
+        w.sim.put(
+            u,
+            vec![opt("Service", "ExecStart", "/bin/true")],
+            "inactive",
+        );
+    }
+    let xdg = b.runtime_dir.parent().expect("xdg").to_path_buf();
+    let fleetctl = env!("CARGO_BIN_EXE_fleetctl");
+    // In a new session: no controlling terminal, whatever the test runner has.
+    let run = |args: &[&str]| {
+        let mut cmd = Command::new(fleetctl);
+        cmd.args(["--cluster", "c1"])
+            .args(args)
+            .env("XDG_RUNTIME_DIR", &xdg)
+            .env_remove("FLEETCTL_CLUSTER")
+            .env_remove("FLEETCTL_ENDPOINT")
+            .stdin(Stdio::null());
+        // SAFETY: setsid is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::unistd::setsid()
+                    .map(drop)
+                    .map_err(std::io::Error::from)
+            });
+        }
+        cmd.output().expect("fleetctl")
+    };
+    let exists = |u: &str| {
+        http(
+            &b.socket("c1"),
+            "GET",
+            &format!("/fleet/v1/units/{u}"),
+            None,
+        )
+        .0 == 200
+    };
+
+    let out = run(&["destroy", "one.service"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        err.contains(
+            "cluster \"c1\" is guarded: `fleetctl destroy` would change 1 unit there: one.service"
+        ) && err.contains("pass --confirm-cluster c1"),
+        "{err}"
+    );
+    assert!(exists("one.service"), "nothing changed without a terminal");
+    let out = run(&["--confirm-cluster", "c2", "destroy", "one.service"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not name cluster \"c1\""));
+    assert!(exists("one.service"));
+    // Reading needs no confirmation.
+    let out = run(&["list-unit-files"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = run(&["--confirm-cluster", "c1", "destroy", "one.service"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(!exists("one.service"));
+
+    // On a terminal: the name typed decides.
+    let on_terminal = |unit: &str, typed: &str| {
+        let line = format!(
+            "XDG_RUNTIME_DIR={} {fleetctl} --cluster c1 destroy {unit}",
+            xdg.display()
+        );
+        let mut child = Command::new("script")
+            .args(["-qec", &line, "/dev/null"])
+            .env_remove("FLEETCTL_CLUSTER")
+            .env_remove("FLEETCTL_ENDPOINT")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("script");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(format!("{typed}\n").as_bytes())
+            .expect("type");
+        child.wait_with_output().expect("script")
+    };
+    let out = on_terminal("two.service", "c2");
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{shown}");
+    assert!(
+        shown.contains("Type the cluster's name to go on:")
+            && shown.contains("the name typed is not the cluster's"),
+        "{shown}"
+    );
+    assert!(exists("two.service"));
+    let out = on_terminal("two.service", "c1");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(!exists("two.service"));
+
+    // Other clients of the socket are not held up.
+    assert_eq!(
+        http(
+            &b.socket("c1"),
+            "DELETE",
+            "/fleet/v1/units/three.service",
+            None
+        )
+        .0,
+        204
+    );
+    // The refusals are on record, with the command and its units.
+    let audit = String::from_utf8_lossy(&b.cli(&["audit"]).stdout).into_owned();
+    let refused: Vec<&str> = audit
+        .lines()
+        .filter(|l| l.contains("not run on a guarded cluster"))
+        .collect();
+    assert_eq!(refused.len(), 3, "{audit}");
+    assert!(
+        refused[0].contains("fleetctl destroy one.service")
+            && refused[0].contains("--confirm-cluster c1"),
+        "{audit}"
+    );
+}

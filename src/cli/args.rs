@@ -69,6 +69,10 @@ pub(crate) struct GlobalFlags {
     /// `--request-timeout`, parsed ([`GlobalFlags::parse_numbers`]).
     #[arg(skip)]
     pub request_timeout: Option<f64>,
+    /// Name of the cluster a change is meant for: what a guarded cluster asks for when there
+    /// is no terminal to type it on
+    #[arg(long = "confirm-cluster", global = true, value_name = "NAME")]
+    pub confirm_cluster: Option<String>,
     /// Print out more debug information to stderr
     #[arg(long, global = true, action = ArgAction::SetTrue)]
     pub debug: bool,

@@ -5,6 +5,7 @@
 //! errors and unknown commands exit 2 (the original exits 0). See docs/compatibility.md.
 
 pub(crate) mod args;
+pub(crate) mod guard;
 pub(crate) mod lists;
 pub(crate) mod remote;
 pub mod session;
@@ -101,7 +102,40 @@ pub async fn run(argv: Vec<OsString>) -> i32 {
         user: g.ssh_username.clone(),
         timeout_secs: g.ssh_timeout,
     };
+    if let Some(change) = change_of(&command) {
+        if let Err(code) = guard::confirm(&target, &change, g.confirm_cluster.as_deref()).await {
+            return code;
+        }
+    }
     dispatch(command, &api, &sessions).await
+}
+
+/// What a command would change on the cluster, for its guard; `None` for commands that only
+/// read.
+fn change_of(command: &Cmd) -> Option<guard::Change<'_>> {
+    let (command, units) = match command {
+        Cmd::Submit { units, .. } => ("submit", units),
+        Cmd::Load { units, .. } => ("load", units),
+        Cmd::Start { units, .. } => ("start", units),
+        Cmd::Stop { units, .. } => ("stop", units),
+        Cmd::Unload { units, .. } => ("unload", units),
+        Cmd::Destroy { units, .. } => ("destroy", units),
+        // Listed one by one: a new command has to say whether it changes the cluster.
+        Cmd::ListUnits(_)
+        | Cmd::ListUnitFiles(_)
+        | Cmd::ListMachines(_)
+        | Cmd::Cat { .. }
+        | Cmd::Status { .. }
+        | Cmd::Journal { .. }
+        | Cmd::Ssh { .. }
+        | Cmd::Version { .. }
+        | Cmd::Help { .. }
+        | Cmd::Verify { .. } => return None,
+    };
+    Some(guard::Change {
+        command,
+        units: &units.units,
+    })
 }
 
 /// The parsed command line, or the exit code when parsing ends the run (`--version`, usage

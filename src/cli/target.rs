@@ -60,6 +60,8 @@ pub(crate) struct Target {
     pub control: PathBuf,
     /// How long the broker may wait for the cluster's tunnel (when known).
     pub connect_timeout_secs: Option<f64>,
+    /// Whether the cluster is guarded (`guard = true`), when the daemon said so.
+    pub guard: Option<bool>,
 }
 
 fn rank(m: &ArgMatches, id: &str) -> Option<u8> {
@@ -172,6 +174,7 @@ fn target(c: ClusterInfo, control: PathBuf) -> Target {
         cluster: Some(c.name),
         control,
         connect_timeout_secs: Some(c.connect_timeout_secs),
+        guard: Some(c.guard),
     }
 }
 
@@ -200,6 +203,7 @@ fn by_endpoint(raw: &str, control: PathBuf) -> Result<Target, TargetError> {
         cluster,
         control,
         connect_timeout_secs: None,
+        guard: None,
     })
 }
 

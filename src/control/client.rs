@@ -64,6 +64,16 @@ pub async fn request(
     method: &str,
     path: &str,
 ) -> Result<(u16, Bytes), ControlError> {
+    request_with_body(control, method, path, Vec::new()).await
+}
+
+/// `METHOD path` with a JSON `body` on the control socket; returns status and body.
+pub(crate) async fn request_with_body(
+    control: &Path,
+    method: &str,
+    path: &str,
+    body: Vec<u8>,
+) -> Result<(u16, Bytes), ControlError> {
     let unreachable = |reason: String| unreachable(control, reason);
     let stream = connect(control).await?;
     let exchange = async {
@@ -76,7 +86,8 @@ pub async fn request(
             .method(method)
             .uri(path)
             .header("Host", "fleet-broker")
-            .body(Full::new(Bytes::new()))
+            .header("Content-Type", "application/json")
+            .body(Full::new(Bytes::from(body)))
             .map_err(|e| unreachable(e.to_string()))?;
         let resp = sender
             .send_request(req)

@@ -41,6 +41,46 @@ fn exec_error(e: &crate::protocol::exec::ExecError) -> Response<Body> {
     json_response(status, body.to_string())
 }
 
+/// `POST /v1/clusters/NAME/guard-refused`: our fleetctl did not change a guarded cluster
+/// (not confirmed); the refusal goes into the audit trail with who asked.
+async fn guard_refused(
+    audit: &Arc<crate::audit::AuditLog>,
+    cluster: &str,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    use http_body_util::BodyExt;
+    let caller = req
+        .extensions()
+        .get::<crate::audit::Peer>()
+        .copied()
+        .map(crate::audit::Caller::of);
+    let body = match http_body_util::Limited::new(req.into_body(), 64 * 1024)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return fleet_error(StatusCode::BAD_REQUEST, &format!("reading the body: {e}")),
+    };
+    let refusal: crate::protocol::GuardRefusal = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return fleet_error(StatusCode::BAD_REQUEST, &format!("not a refusal: {e}")),
+    };
+    audit
+        .record_as(
+            caller.as_ref(),
+            serde_json::json!({
+                "kind": "guard",
+                "phase": "refused",
+                "cluster": cluster,
+                "command": refusal.command,
+                "units": refusal.units,
+                "error": refusal.reason,
+            }),
+        )
+        .await;
+    json_response(StatusCode::OK, "{}".into())
+}
+
 /// `POST /v1/clusters/NAME/exec`: starts the session, then upgrades to the frame stream.
 async fn exec(
     exec: Arc<crate::exec::Exec>,
@@ -180,6 +220,7 @@ pub(crate) fn info(rt: &crate::registry::ClusterRuntime) -> ClusterInfo {
         connect_timeout_secs: t.config.connect_timeout.as_secs_f64(),
         status: t.status(),
         front_door: rt.front_door.as_ref().map(|d| d.info()),
+        guard: t.config.guard,
     }
 }
 
@@ -399,6 +440,9 @@ impl Control {
                             Ok(r) => to_json(&r),
                             Err(e) => exec_error(&e),
                         }
+                    }
+                    (&Method::POST, ["guard-refused"]) => {
+                        guard_refused(&self.audit, t.name(), req).await
                     }
                     (&Method::POST, ["disconnect"]) => {
                         t.command(Command::Disconnect).await;

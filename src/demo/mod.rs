@@ -303,6 +303,7 @@ fn demo_cluster(port: u16, fleet_socket: &Path, known_hosts: PathBuf) -> Cluster
         connect: ConnectMode::Eager,
         machine_ssh_port: 22,
         read_only: false,
+        guard: false,
         interactive_session: crate::config::InteractiveSession::Off,
         front_door: None,
         front_door_authorized_keys: None,

@@ -13,6 +13,17 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+/// A mutating command our fleetctl did not run on a guarded cluster, for the audit trail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuardRefusal {
+    /// The fleetctl command (`destroy`, `start`, …).
+    pub command: String,
+    /// The units it named.
+    pub units: Vec<String>,
+    /// Why it was not run.
+    pub reason: String,
+}
+
 /// Where a cluster's tunnel is in its life (the supervisor's states, `tunnel`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -90,6 +101,9 @@ pub struct ClusterInfo {
     /// The cluster's SSH front door, when it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub front_door: Option<FrontDoorInfo>,
+    /// `guard = true`: our fleetctl asks for the cluster's name before changing anything.
+    #[serde(default)]
+    pub guard: bool,
 }
 
 /// A cluster's front door as the control socket reports it.
