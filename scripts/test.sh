@@ -33,7 +33,9 @@ if [ "${#need[@]}" -gt 0 ]; then
 fi
 
 log="$(mktemp)"
-trap 'rm -f "$log"' EXIT
+skips="$(mktemp)"
+trap 'rm -f "$log" "$skips"' EXIT
+export FLEET_BROKER_TEST_SKIPS="$skips"
 # The gates the README promises, before the tests: formatting, lints, the benchmark builds.
 cargo fmt --check
 cargo clippy --locked --all-targets -- -D warnings
@@ -44,6 +46,13 @@ cargo clippy --locked -p russh --no-default-features --features ring,rsa,flate2 
 cargo bench --locked --no-run
 # The fuzz targets (a workspace of their own; running them needs nightly, checking does not).
 cargo check --locked --manifest-path fuzz/Cargo.toml
+# No cycle between the modules of src/, with the project's shared tool where it sits beside
+# the checkout.
+if [ -f ../shared/tools/modcycles.py ]; then
+    cycles="$(python3 ../shared/tools/modcycles.py src)"
+    echo "$cycles" | tail -n 1
+    echo "$cycles" | tail -n 1 | grep -q ' 0 cycles$' || { echo "$cycles" >&2; exit 1; }
+fi
 set +e
 cargo test --locked 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
@@ -52,5 +61,9 @@ cargo test --locked -p russh --no-default-features --features ring,rsa,flate2 \
     --test test_window_release --test test_window_adjust --test test_backpressure 2>&1 | tee -a "$log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 set -e
-awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+ignored="$(sed -n 's/^test \(.*\) \.\.\. ignored.*$/\1/p' "$log" | sort -u)"
+awk -v skipped="$(grep -c . "$skips" || true)" \
+    '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "tests: %d passed, %d failed, %d ignored, %d skipped\n", p, f, i, skipped }' "$log"
+[ -z "$ignored" ] || echo "ignored (run with -- --ignored): $(echo $ignored)"
+[ ! -s "$skips" ] || { echo "skipped:"; sed 's/^/  /' "$skips"; }
 exit "$status"

@@ -34,16 +34,6 @@ use crate::control::Control;
 use crate::exec::Exec;
 use crate::local::{self, LocalError};
 
-/// Why the daemon, or a cluster added by a reload, did not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    /// A socket, directory or file of the runtime or state directory.
-    #[error(transparent)]
-    Local(#[from] LocalError),
-    /// The front door's host key.
-    #[error(transparent)]
-    FrontDoorKey(#[from] crate::front_door::HostKeyError),
-}
 use crate::proxy::Proxy;
 use crate::registry::{ClusterRuntime, Registry, ReloadRequest};
 use crate::tunnel::Tunnel;
@@ -103,7 +93,7 @@ fn abandon(registry: &Registry, sockets: &[PathBuf]) {
     }
 }
 
-pub use crate::registry::{ReloadError, Reloaded};
+pub use crate::registry::{ReloadError, Reloaded, StartError};
 
 impl Daemon {
     /// Binds every socket and starts the supervisors.

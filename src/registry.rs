@@ -133,6 +133,17 @@ impl std::fmt::Display for Reloaded {
     }
 }
 
+/// Why the daemon, or a cluster added by a reload, did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A socket, directory or file of the runtime or state directory.
+    #[error(transparent)]
+    Local(#[from] crate::local::LocalError),
+    /// The front door's host key.
+    #[error(transparent)]
+    FrontDoorKey(#[from] crate::front_door::HostKeyError),
+}
+
 /// Why a reload left the running config as it was.
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
@@ -141,5 +152,5 @@ pub enum ReloadError {
     Config(#[from] crate::config::ConfigError),
     /// A new cluster's socket (or front door key) could not be set up.
     #[error(transparent)]
-    Start(#[from] crate::daemon::StartError),
+    Start(#[from] StartError),
 }

@@ -687,7 +687,10 @@ fn a_black_holed_tunnel_answers_within_connect_timeout_and_heals() {
         }
         Err(why) => {
             // Without the privilege the test cannot run; it says so.
-            eprintln!("SKIPPED a_black_holed_tunnel_answers_within_connect_timeout_and_heals: not root, cannot make a network namespace: {why}");
+            skipped(
+                "a_black_holed_tunnel_answers_within_connect_timeout_and_heals",
+                &format!("not root, cannot make a network namespace: {why}"),
+            );
             return;
         }
     };

@@ -1456,3 +1456,21 @@ pub fn two_readers_and_a_loop(socket: &Path, size: usize) -> BulkRun {
         failed,
     }
 }
+
+/// Says that a test did not run its checks (only for a missing privilege or kernel feature):
+/// on stderr, and in the file `FLEET_BROKER_TEST_SKIPS` names, which `scripts/test.sh`
+/// counts and lists in its summary even when every test passed.
+#[allow(dead_code)]
+pub fn skipped(test: &str, why: &str) {
+    eprintln!("SKIPPED {test}: {why}");
+    if let Some(file) = std::env::var_os("FLEET_BROKER_TEST_SKIPS") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(file)
+        {
+            let _ = writeln!(f, "{test}: {why}");
+        }
+    }
+}
