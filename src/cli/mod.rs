@@ -5,6 +5,7 @@
 //! errors and unknown commands exit 2 (the original exits 0). See docs/compatibility.md.
 
 pub(crate) mod args;
+pub(crate) mod fanout;
 pub(crate) mod guard;
 pub(crate) mod lists;
 pub(crate) mod remote;
@@ -71,6 +72,11 @@ pub async fn run(argv: Vec<OsString>) -> i32 {
         return code;
     }
     let sub_matches = matches.subcommand().map(|(_, m)| m).unwrap_or(&matches);
+    if let Some(spec) = g.cluster.as_deref().filter(|s| fanout::is_fan_out(s)) {
+        if target::chosen_flag(sub_matches) == Some("cluster") {
+            return fanout::run(spec, &command, g).await;
+        }
+    }
     let target = match target::resolve(sub_matches, g).await {
         Ok(t) => t,
         Err(e) => {

@@ -126,7 +126,7 @@ fn listing(names: &[String]) -> String {
 
 /// The flag that chooses the cluster: the one given most directly (command line, then
 /// environment, then default), `--cluster` before `--endpoint` before `--tunnel` at a tie.
-fn chosen_flag(m: &ArgMatches) -> Option<&'static str> {
+pub(crate) fn chosen_flag(m: &ArgMatches) -> Option<&'static str> {
     let mut choices: Vec<(u8, u8, &'static str)> = Vec::new();
     for (order, id) in [(0u8, "cluster"), (1, "endpoint"), (2, "tunnel")] {
         if let Some(r) = rank(m, id) {
@@ -168,7 +168,7 @@ fn is_cluster_socket(path: &std::path::Path) -> bool {
         .is_some_and(|p| p.file_name() == Some("clusters".as_ref()))
 }
 
-fn target(c: ClusterInfo, control: PathBuf) -> Target {
+pub(crate) fn target(c: ClusterInfo, control: PathBuf) -> Target {
     Target {
         socket: c.socket,
         cluster: Some(c.name),

@@ -70,6 +70,21 @@ async fn find_units(ctx: &Ctx, args: &[String]) -> Result<Vec<Unit>, ()> {
 }
 
 /// cat: the serialized unit, byte for byte, no newline added.
+/// A unit file on stdout after `header`: on a terminal, control characters are shown
+/// escaped; a script gets the file as it is.
+pub(crate) fn print_unit_file(text: &str, header: &str) {
+    use std::io::{IsTerminal, Write};
+    let text = if std::io::stdout().is_terminal() {
+        crate::escape::display_text(text)
+    } else {
+        std::borrow::Cow::Borrowed(text)
+    };
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(header.as_bytes());
+    let _ = out.write_all(text.as_bytes());
+    let _ = out.flush();
+}
+
 pub(crate) async fn run_cat(ctx: &Ctx, args: &[String]) -> i32 {
     if args.len() != 1 {
         eprintln!("One unit file must be provided");
@@ -78,18 +93,7 @@ pub(crate) async fn run_cat(ctx: &Ctx, args: &[String]) -> i32 {
     let name = unit_name_mangle(&args[0]);
     match ctx.api.unit(&name).await {
         Ok(Some(u)) => {
-            use std::io::{IsTerminal, Write};
-            let text = unit_file::serialize(&u.options);
-            // On a terminal, control characters are shown escaped; a script gets the file
-            // as it is.
-            let text = if std::io::stdout().is_terminal() {
-                crate::escape::display_text(&text)
-            } else {
-                std::borrow::Cow::Borrowed(text.as_str())
-            };
-            let mut out = std::io::stdout().lock();
-            let _ = out.write_all(text.as_bytes());
-            let _ = out.flush();
+            print_unit_file(&unit_file::serialize(&u.options), "");
             0
         }
         Ok(None) => {

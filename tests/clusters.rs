@@ -1,0 +1,154 @@
+//! Several clusters at once: fan-out reads with a CLUSTER column, a cluster that is down
+//! named on stderr while the others print, and changes refused for more than one cluster.
+//! Real sshd, ssh-agent and simulators behind it; the down cluster's tunnel is a closed port.
+
+mod support;
+
+use std::time::Instant;
+
+use support::*;
+
+/// Three clusters: c1 and c2 on two simulators behind one sshd, c3 down.
+fn three_clusters() -> (World, SimServer, Broker) {
+    let w = World::new();
+    let sim2 = SimServer::start();
+    w.sim.put(
+        "a.service",
+        vec![opt("Service", "ExecStart", "/bin/true")],
+        "launched",
+    );
+    sim2.put(
+        "b.service",
+        vec![opt("Service", "ExecStart", "/bin/false")],
+        "inactive",
+    );
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a port")
+        .port();
+    let config = format!(
+        "{}{}[clusters.c3]\ntunnel = \"127.0.0.1:{closed}\"\nuser = \"root\"\nknown_hosts = [\"{}\"]\nconnect_timeout = \"2s\"\n",
+        w.config(""),
+        cluster_toml(
+            "c2",
+            &w.sshd,
+            &format!("unix://{}", sim2.socket.display()),
+            "root",
+            &w.known_hosts,
+            "",
+        ),
+        w.known_hosts.display()
+    );
+    let b = Broker::start(&config, Some(&w.agent.socket));
+    (w, sim2, b)
+}
+
+#[test]
+fn fan_out_lists_every_cluster_with_a_cluster_column_and_names_the_one_down() {
+    let (_w, _sim2, b) = three_clusters();
+    let cwd = open_tempdir("fb-cwd.");
+    let started = Instant::now();
+    let run = fleetctl(
+        &b,
+        cwd.path(),
+        &[],
+        &[
+            "--cluster",
+            "c*",
+            "list-unit-files",
+            "--fields",
+            "cluster,unit,dstate",
+        ],
+    );
+    let took = started.elapsed();
+    assert_eq!(run.code, 1, "{run:?}");
+    assert_eq!(
+        run.stdout, "CLUSTER\tUNIT\t\tDSTATE\nc1\ta.service\tlaunched\nc2\tb.service\tinactive\n",
+        "{run:?}"
+    );
+    assert!(
+        run.stderr
+            .starts_with("cluster c3: Error retrieving list of units from repository: ")
+            && !run.stderr.contains("cluster c1")
+            && !run.stderr.contains("cluster c2"),
+        "{}",
+        run.stderr
+    );
+    // The one down costs its connect_timeout (2 s), not the others' patience.
+    assert!(took.as_secs() < 10, "took {took:?}");
+
+    // Named clusters, the column where --fields puts it, the default columns after it.
+    let run = fleetctl(
+        &b,
+        cwd.path(),
+        &[],
+        &[
+            "--cluster",
+            "c2,c1",
+            "list-machines",
+            "--no-legend",
+            "--fields",
+            "machine,cluster",
+        ],
+    );
+    assert_eq!(run.code, 0, "{run:?}");
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(lines.len(), 6, "three machines each: {run:?}");
+    assert!(
+        lines[..3].iter().all(|l| l.ends_with("\tc1"))
+            && lines[3..].iter().all(|l| l.ends_with("\tc2")),
+        "clusters in the daemon's order: {run:?}"
+    );
+    let run = fleetctl(&b, cwd.path(), &[], &["--cluster", "c1,c2", "list-units"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stdout.starts_with("CLUSTER\tUNIT\t"), "{run:?}");
+
+    // cat: each cluster's file under its header; a cluster without it is said.
+    let run = fleetctl(
+        &b,
+        cwd.path(),
+        &[],
+        &["--cluster", "c1,c2", "cat", "a.service"],
+    );
+    assert_eq!(run.code, 1, "{run:?}");
+    assert_eq!(
+        run.stdout, "==> c1 <==\n[Service]\nExecStart=/bin/true\n",
+        "{run:?}"
+    );
+    assert_eq!(
+        run.stderr, "cluster c2: Unit a.service not found\n",
+        "{run:?}"
+    );
+
+    // Nothing matches: said, exit 1.
+    let run = fleetctl(&b, cwd.path(), &[], &["--cluster", "x*", "list-units"]);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.stderr.contains("no configured cluster matches \"x*\""),
+        "{run:?}"
+    );
+}
+
+#[test]
+fn a_change_goes_to_one_cluster_at_a_time() {
+    let (w, _sim2, b) = three_clusters();
+    let cwd = open_tempdir("fb-cwd.");
+    for args in [
+        &["--cluster", "c1,c2", "destroy", "a.service"][..],
+        &["--cluster", "c*", "start", "a.service"][..],
+        &["--cluster", "c*", "ssh", "a.service"][..],
+    ] {
+        let run = fleetctl(&b, cwd.path(), &[], args);
+        assert_eq!(run.code, 1, "{args:?}: {run:?}");
+        assert!(
+            run.stderr.contains("names several clusters"),
+            "{args:?}: {run:?}"
+        );
+    }
+    assert_eq!(
+        http(&b.socket("c1"), "GET", "/fleet/v1/units/a.service", None).0,
+        200,
+        "nothing changed"
+    );
+    drop(w);
+}
