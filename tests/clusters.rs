@@ -152,3 +152,75 @@ fn a_change_goes_to_one_cluster_at_a_time() {
     );
     drop(w);
 }
+
+/// `fleet-broker diff A B` on two simulators: each kind of difference, diff(1)'s exit status.
+#[test]
+fn diff_reports_each_kind_of_difference_with_diffs_exit_status() {
+    let (w, sim2, b) = three_clusters();
+    // a.service only in c1, b.service only in c2 (three_clusters); now the rest.
+    let same = vec![opt("Service", "ExecStart", "/bin/sleep 1")];
+    w.sim.put("same.service", same.clone(), "launched");
+    sim2.put("same.service", same, "launched");
+    w.sim.put(
+        "file.service",
+        vec![opt("Service", "ExecStart", "/bin/v1")],
+        "launched",
+    );
+    sim2.put(
+        "file.service",
+        vec![opt("Service", "ExecStart", "/bin/v2")],
+        "launched",
+    );
+    let state = vec![opt("Service", "ExecStart", "/bin/state")];
+    w.sim.put("state.service", state.clone(), "launched");
+    sim2.put("state.service", state, "inactive");
+
+    let out = b.cli(&["diff", "c1", "c2", "--content"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "only in c1: a.service", "{text}");
+    assert_eq!(lines[1], "only in c2: b.service", "{text}");
+    assert!(
+        lines[2].starts_with("unit file differs: file.service ("),
+        "{text}"
+    );
+    assert_eq!(
+        &lines[3..9],
+        [
+            "--- c1/file.service",
+            "+++ c2/file.service",
+            "@@ -1,2 +1,2 @@",
+            " [Service]",
+            "-ExecStart=/bin/v1",
+            "+ExecStart=/bin/v2",
+        ],
+        "{text}"
+    );
+    assert_eq!(
+        lines[9], "desired state differs: state.service (launched in c1, inactive in c2)",
+        "{text}"
+    );
+    assert_eq!(lines.len(), 10, "same.service is not listed: {text}");
+
+    // The same cluster twice: nothing to say, exit 0.
+    let out = b.cli(&["diff", "c1", "c1"]);
+    assert_eq!(
+        (out.status.code(), out.stdout.as_slice()),
+        (Some(0), &b""[..]),
+        "{out:?}"
+    );
+    // A cluster that is down, or not configured: exit 2, said.
+    let out = b.cli(&["diff", "c1", "c3"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cluster c3: "),
+        "{out:?}"
+    );
+    let out = b.cli(&["diff", "c1", "nope"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no cluster named \"nope\""),
+        "{out:?}"
+    );
+}

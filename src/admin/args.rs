@@ -195,6 +195,16 @@ pub(crate) enum Cmd {
         #[arg(long, conflicts_with = "cluster")]
         unset: bool,
     },
+    /// Compare the units of two clusters: only in one, different unit files, different desired states (exit 0 same, 1 different, 2 trouble)
+    Diff {
+        /// The first cluster (e.g. staging)
+        a: String,
+        /// The second cluster (e.g. prod)
+        b: String,
+        /// Show the unified diff of unit files that differ
+        #[arg(long)]
+        content: bool,
+    },
     /// Print this shell's cluster (FLEETCTL_CLUSTER or FLEETCTL_ENDPOINT) and its state, for a shell prompt; nothing when none is chosen
     Prompt {
         /// What to print: {cluster} and {state} are filled in (default "{cluster}:{state}")

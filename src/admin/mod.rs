@@ -11,6 +11,7 @@
 
 mod args;
 mod ask;
+mod diff;
 mod import;
 mod install;
 mod keys;
@@ -62,7 +63,7 @@ pub fn main() -> ExitCode {
         }
     };
     match rt.block_on(run(cli, passed)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("fleet-broker: {e:#}");
             ExitCode::FAILURE
@@ -89,7 +90,7 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     }
 }
 
-async fn run(cli: Cli, passed: crate::activation::Passed) -> anyhow::Result<()> {
+async fn run(cli: Cli, passed: crate::activation::Passed) -> anyhow::Result<ExitCode> {
     let asks_daemon = match &cli.command {
         Cmd::Reload => Some("reload"),
         Cmd::Status { .. } => Some("status"),
@@ -104,7 +105,7 @@ async fn run(cli: Cli, passed: crate::activation::Passed) -> anyhow::Result<()> 
         );
     }
     let config_path = cli.config.unwrap_or_else(default_config_path);
-    match cli.command {
+    let done = match cli.command {
         Cmd::Serve => crate::service::serve(config_path, passed).await,
         Cmd::Reload => ask::reload().await,
         Cmd::CheckConfig => show::check_config(&config_path),
@@ -119,6 +120,8 @@ async fn run(cli: Cli, passed: crate::activation::Passed) -> anyhow::Result<()> 
             Ok(())
         }
         Cmd::Man { dir } => show::man_pages(&dir),
+        // diff answers as diff(1) does: 0 same, 1 different, 2 trouble.
+        Cmd::Diff { a, b, content } => return Ok(diff::diff(&a, &b, content).await),
         Cmd::Prompt { format } => {
             prompt::prompt(format.as_deref().unwrap_or(prompt::DEFAULT_FORMAT)).await
         }
@@ -175,7 +178,8 @@ async fn run(cli: Cli, passed: crate::activation::Passed) -> anyhow::Result<()> 
             let confirm = keys::confirm_mode(yes, fingerprint)?;
             keys::trust_host(&config_path, &cluster, &confirm).await
         }
-    }
+    };
+    done.map(|()| ExitCode::SUCCESS)
 }
 
 fn load_config(path: &std::path::Path) -> anyhow::Result<Config> {
