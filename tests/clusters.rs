@@ -224,3 +224,57 @@ fn diff_reports_each_kind_of_difference_with_diffs_exit_status() {
         "{out:?}"
     );
 }
+
+/// The bash completions offer the configured cluster names (read from the config as you
+/// type, no daemon needed) for `--cluster` and for the commands that take a cluster, and
+/// clap's completion for the rest.
+#[test]
+fn completions_offer_the_configured_cluster_names() {
+    let dir = open_tempdir("fb-complete.");
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "[clusters.prod-eu]\ntunnel = \"127.0.0.1:1\"\n[clusters.prod-us]\ntunnel = \"127.0.0.1:2\"\n[clusters.staging]\ntunnel = \"127.0.0.1:3\"\n",
+    )
+    .expect("config");
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_fleet-broker"));
+    let path = format!(
+        "{}:{}",
+        bin.parent().expect("bin dir").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let complete = |fleetctl: bool, words: &str| {
+        let script = format!(
+            "source <(fleet-broker completions bash{}); COMP_WORDS=({words}); COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1)); {} ; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+            if fleetctl { " --fleetctl" } else { "" },
+            if fleetctl { "_fleetctl__clusters fleetctl" } else { "_fleet__broker__clusters fleet-broker" },
+        );
+        let out = std::process::Command::new("bash")
+            .args(["-c", &script])
+            .env("PATH", &path)
+            .env("FLEET_BROKER_CONFIG", &config)
+            .output()
+            .expect("bash");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(
+        complete(false, "fleet-broker connect ''"),
+        "prod-eu\nprod-us\nstaging\n"
+    );
+    assert_eq!(
+        complete(false, "fleet-broker diff staging prod"),
+        "prod-eu\nprod-us\n"
+    );
+    assert_eq!(complete(true, "fleetctl --cluster st"), "staging\n");
+    assert_eq!(
+        complete(true, "fleetctl list-units --cluster p"),
+        "prod-eu\nprod-us\n"
+    );
+    // Elsewhere clap's own completion answers: subcommands, not clusters.
+    let subcommands = complete(false, "fleet-broker con");
+    assert!(
+        subcommands.contains("connect") && !subcommands.contains("staging"),
+        "{subcommands}"
+    );
+}

@@ -205,6 +205,9 @@ pub(crate) enum Cmd {
         #[arg(long)]
         content: bool,
     },
+    /// The configured cluster names, one a line (for shell completion)
+    #[command(hide = true)]
+    CompleteClusters,
     /// Print this shell's cluster (FLEETCTL_CLUSTER or FLEETCTL_ENDPOINT) and its state, for a shell prompt; nothing when none is chosen
     Prompt {
         /// What to print: {cluster} and {state} are filled in (default "{cluster}:{state}")

@@ -120,6 +120,10 @@ async fn run(cli: Cli, passed: crate::activation::Passed) -> anyhow::Result<Exit
             Ok(())
         }
         Cmd::Man { dir } => show::man_pages(&dir),
+        Cmd::CompleteClusters => {
+            show::cluster_names(&config_path);
+            Ok(())
+        }
         // diff answers as diff(1) does: 0 same, 1 different, 2 trouble.
         Cmd::Diff { a, b, content } => return Ok(diff::diff(&a, &b, content).await),
         Cmd::Prompt { format } => {

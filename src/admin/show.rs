@@ -99,14 +99,108 @@ pub(super) fn audit(
     Ok(())
 }
 
-/// `fleet-broker completions SHELL [--fleetctl]`.
+/// `fleet-broker completions SHELL [--fleetctl]`: clap's script, and for bash, zsh and fish
+/// the configured cluster names (asked of `fleet-broker complete-clusters` as you type) for
+/// `--cluster` and for the commands that take a cluster.
 pub(super) fn completions(shell: clap_complete::Shell, fleetctl: bool) {
     let (mut cmd, name) = if fleetctl {
         (crate::cli::command(), "fleetctl")
     } else {
         (super::command(), "fleet-broker")
     };
-    clap_complete::generate(shell, &mut cmd, name, &mut std::io::stdout());
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut cmd, name, &mut script);
+    let script = String::from_utf8_lossy(&script);
+    print!("{}", with_cluster_names(shell, &script, fleetctl));
+}
+
+/// The subcommands of fleet-broker whose positional arguments are cluster names.
+const TAKES_CLUSTER: &str = "connect disconnect trust env remove doctor diff";
+
+/// `script` (clap's, for `shell`) completing cluster names where a cluster is asked for.
+fn with_cluster_names(shell: clap_complete::Shell, script: &str, fleetctl: bool) -> String {
+    use clap_complete::Shell;
+    let names = "fleet-broker complete-clusters 2>/dev/null";
+    match shell {
+        Shell::Bash => {
+            let (func, program) = if fleetctl {
+                ("_fleetctl", "fleetctl")
+            } else {
+                ("_fleet__broker", "fleet-broker")
+            };
+            let positional = if fleetctl { "" } else { TAKES_CLUSTER };
+            format!(
+                r#"{script}
+# Cluster names, from fleet-broker's config, where a cluster is asked for.
+{func}__clusters() {{
+    local cur="${{COMP_WORDS[COMP_CWORD]}}" prev="${{COMP_WORDS[COMP_CWORD-1]}}" sub="" i
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        case "${{COMP_WORDS[i]}}" in
+            --config|--cluster) ((i++)) ;;
+            -*) ;;
+            *) sub="${{COMP_WORDS[i]}}"; break ;;
+        esac
+    done
+    if [[ "$prev" == "--cluster" ]] || {{ [[ -n "$sub" && " {positional} " == *" $sub "* && "$cur" != -* && "$prev" != -* ]]; }}; then
+        COMPREPLY=($(compgen -W "$({names})" -- "$cur"))
+        return 0
+    fi
+    {func} "$@"
+}}
+complete -F {func}__clusters -o bashdefault -o default {program}
+"#
+            )
+        }
+        Shell::Zsh => {
+            let mut out = String::new();
+            for line in script.lines() {
+                let asks_cluster = line.starts_with("'--cluster=[")
+                    || line.starts_with("':cluster -- ")
+                    || line.starts_with("'::cluster -- ")
+                    || line.starts_with("':a -- The first cluster")
+                    || line.starts_with("':b -- The second cluster");
+                if asks_cluster {
+                    out.push_str(&line.replacen(":_default'", ":_fleet_broker_clusters'", 1));
+                } else {
+                    out.push_str(line);
+                }
+                out.push('\n');
+            }
+            let function = format!(
+                "# Cluster names, from fleet-broker's config.\n(( $+functions[_fleet_broker_clusters] )) ||\n_fleet_broker_clusters() {{\n    compadd -- ${{(f)\"$({names})\"}}\n}}\n\n"
+            );
+            match out.rfind("if [ \"$funcstack[1]\"") {
+                Some(at) => {
+                    out.insert_str(at, &function);
+                    out
+                }
+                None => out + &function,
+            }
+        }
+        Shell::Fish => {
+            let program = if fleetctl { "fleetctl" } else { "fleet-broker" };
+            let mut out = format!(
+                "{script}# Cluster names, from fleet-broker's config.\ncomplete -c {program} -l cluster -x -a '({names})'\n"
+            );
+            if !fleetctl {
+                out.push_str(&format!(
+                    "complete -c fleet-broker -n '__fish_seen_subcommand_from {TAKES_CLUSTER}' -f -a '({names})'\n"
+                ));
+            }
+            out
+        }
+        _ => script.to_string(),
+    }
+}
+
+/// `fleet-broker complete-clusters`: the configured cluster names, one a line, for shell
+/// completion; nothing when the config cannot be read.
+pub(super) fn cluster_names(config: &Path) {
+    if let Ok(config) = crate::config::Config::load(config) {
+        for name in config.clusters.keys() {
+            println!("{name}");
+        }
+    }
 }
 
 /// `fleet-broker man DIR`: the pages of both programs and their subcommands.
