@@ -936,6 +936,11 @@ struct OneHost {
 }
 
 fn one_host(sshd_extra: &str) -> OneHost {
+    one_host_as(sshd_extra, &["c1"], "")
+}
+
+/// [`one_host`] served as each of the clusters `names`, and `more` config after them.
+fn one_host_as(sshd_extra: &str, names: &[&str], more: &str) -> OneHost {
     let keys = open_tempdir("fb-keys.");
     let key = keygen(keys.path(), "id_ed25519", "ed25519");
     let stubs = open_tempdir("fb-stubs.");
@@ -958,17 +963,21 @@ fn one_host(sshd_extra: &str) -> OneHost {
     let sim = SimServer::with(vec![machine], false);
     let kh = keys.path().join("known_hosts");
     std::fs::write(&kh, sshd.known_hosts_line()).expect("known_hosts");
-    let b = Broker::start(
-        &cluster_toml(
-            "c1",
-            &sshd,
-            &format!("unix://{}", sim.socket.display()),
-            "root",
-            &kh,
-            &format!("machine_ssh_port = {}\n", sshd.port),
-        ),
-        Some(&agent.socket),
-    );
+    let mut config: String = names
+        .iter()
+        .map(|name| {
+            cluster_toml(
+                name,
+                &sshd,
+                &format!("unix://{}", sim.socket.display()),
+                "root",
+                &kh,
+                &format!("machine_ssh_port = {}\n", sshd.port),
+            )
+        })
+        .collect();
+    config.push_str(more);
+    let b = Broker::start(&config, Some(&agent.socket));
     OneHost {
         _sshd: sshd,
         _agent: agent,
@@ -1094,4 +1103,71 @@ fn target_lookups_reach_the_api_over_the_tunnel_not_through_the_cluster_socket()
             b.log()
         );
     }
+}
+
+/// `status` and `journal --lines N` on several clusters: each cluster's output under its
+/// header, in order; a cluster that is down named on stderr while the others print; exit 1.
+#[test]
+fn status_and_journal_fan_out_with_a_header_per_cluster() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a port")
+        .port();
+    let host = one_host_as(
+        "",
+        &["c1", "c2"],
+        &format!("[clusters.c3]\ntunnel = \"127.0.0.1:{closed}\"\nuser = \"root\"\nconnect_timeout = \"2s\"\n"),
+    );
+    host.sim.put(
+        "hello.service",
+        vec![
+            opt("Service", "ExecStart", "/bin/sleep 1000"),
+            opt("X-Fleet", "MachineID", M1),
+        ],
+        "launched",
+    );
+    let cwd = open_tempdir("fb-cwd.");
+    let run = fleetctl(
+        &host.b,
+        cwd.path(),
+        &[],
+        &["--cluster", "c1,c2", "status", "hello.service"],
+    );
+    let one = "* hello.service - stub unit on m1\n   Active: active (running)\n";
+    assert_eq!(
+        (run.code, run.stdout.as_str()),
+        (0, format!("==> c1 <==\n{one}\n==> c2 <==\n{one}").as_str()),
+        "{run:?}"
+    );
+    let run = fleetctl(
+        &host.b,
+        cwd.path(),
+        &[],
+        &[
+            "--cluster",
+            "c*",
+            "journal",
+            "--lines",
+            "2",
+            "hello.service",
+        ],
+    );
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.stdout.starts_with("==> c1 <==\n") && run.stdout.contains("\n==> c2 <==\n"),
+        "{run:?}"
+    );
+    assert!(
+        run.stderr.lines().all(|l| l.starts_with("cluster c3: ")) && !run.stderr.is_empty(),
+        "{run:?}"
+    );
+    // Following a journal is one cluster's business.
+    let run = fleetctl(
+        &host.b,
+        cwd.path(),
+        &[],
+        &["--cluster", "c1,c2", "journal", "-f", "hello.service"],
+    );
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stderr.contains("names several clusters"), "{run:?}");
 }

@@ -1,7 +1,9 @@
 //! Reads from several clusters at once: `--cluster a,b` or a pattern over the configured
 //! names (`--cluster 'prod-*'`). Every cluster is asked concurrently; the listings print one
 //! table with a `CLUSTER` column (where `--fields` puts `cluster`, first by default), `cat`
-//! prints each cluster's file under a `==> NAME <==` header; clusters in the daemon's order.
+//! prints each cluster's file under a `==> NAME <==` header, and so do `status` and
+//! `journal --lines N` (each cluster's run is this fleetctl again, on that one cluster, its
+//! output kept until the header is printed); clusters in the daemon's order.
 //! A cluster that fails is said on stderr with its name while the others print, and the
 //! exit status is 1. A command that changes anything refuses more than one cluster.
 
@@ -47,12 +49,20 @@ async fn clusters(spec: &str, g: &GlobalFlags) -> Result<Vec<(String, FleetClien
 }
 
 /// Runs `command` on every cluster `spec` names; the exit status.
-pub(crate) async fn run(spec: &str, command: &Cmd, g: &GlobalFlags) -> i32 {
+pub(crate) async fn run(
+    spec: &str,
+    command: &Cmd,
+    g: &GlobalFlags,
+    argv: &[std::ffi::OsString],
+) -> i32 {
     let (listing, fields, full, no_legend) = match command {
         Cmd::ListUnits(f) => (Listing::Units, &f.fields, f.full || f.l, f.no_legend),
         Cmd::ListUnitFiles(f) => (Listing::UnitFiles, &f.fields, f.full, f.no_legend),
         Cmd::ListMachines(f) => (Listing::Machines, &f.fields, f.full || f.l, f.no_legend),
         Cmd::Cat { units } => return cat(spec, &units.units, g).await,
+        Cmd::Status { .. } | Cmd::Journal { follow: false, .. } => {
+            return each_on_its_own(spec, g, argv).await
+        }
         _ => {
             eprintln!(
                 "Error: --cluster {spec:?} names several clusters; only list-units, list-unit-files, list-machines and cat read from several at once, and a change goes to one cluster at a time"
@@ -85,6 +95,85 @@ pub(crate) async fn run(spec: &str, command: &Cmd, g: &GlobalFlags) -> i32 {
     });
     let answers = futures::future::join_all(asked).await;
     lists::print_clusters(&keys, answers, no_legend)
+}
+
+/// The command line without its choice of cluster (`--cluster`, and an `--endpoint` or
+/// `--tunnel` it won over), for a run on one cluster named by `FLEETCTL_CLUSTER`.
+fn without_cluster(argv: &[std::ffi::OsString]) -> Vec<std::ffi::OsString> {
+    const CHOICES: [&str; 3] = ["--cluster", "--endpoint", "--tunnel"];
+    let mut out = Vec::new();
+    let mut it = argv.iter().skip(1);
+    while let Some(a) = it.next() {
+        let s = a.to_string_lossy();
+        if s == "--" {
+            out.push(a.clone());
+            out.extend(it.cloned());
+            break;
+        }
+        if CHOICES.contains(&s.as_ref()) {
+            it.next();
+        } else if !CHOICES.iter().any(|c| s.starts_with(&format!("{c}="))) {
+            out.push(a.clone());
+        }
+    }
+    out
+}
+
+/// `status` and `journal --lines N` on every cluster at once, each a run of this fleetctl on
+/// that cluster; their output under each cluster's header, their errors with its name.
+async fn each_on_its_own(spec: &str, g: &GlobalFlags, argv: &[std::ffi::OsString]) -> i32 {
+    let clusters = match clusters(spec, g).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("Unable to initialize client: {e}");
+            return 1;
+        }
+    };
+    let me = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("Error: cannot find this fleetctl to run it on each cluster: {e}");
+            return 1;
+        }
+    };
+    let args = without_cluster(argv);
+    let runs = clusters.iter().map(|(cluster, _)| {
+        let mut cmd = tokio::process::Command::new(&me);
+        cmd.args(&args)
+            .env("FLEETCTL_CLUSTER", cluster)
+            .env_remove("FLEETCTL_ENDPOINT")
+            .env_remove("FLEETCTL_TUNNEL")
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        async move { (cluster.clone(), cmd.output().await) }
+    });
+    let mut failed = false;
+    let mut first = true;
+    for (cluster, out) in futures::future::join_all(runs).await {
+        match out {
+            Ok(out) => {
+                use std::io::Write;
+                let mut stdout = std::io::stdout().lock();
+                let _ = write!(
+                    stdout,
+                    "{}==> {cluster} <==\n",
+                    if first { "" } else { "\n" }
+                );
+                let _ = stdout.write_all(&out.stdout);
+                let _ = stdout.flush();
+                first = false;
+                for line in String::from_utf8_lossy(&out.stderr).lines() {
+                    eprintln!("cluster {cluster}: {line}");
+                }
+                failed |= !out.status.success();
+            }
+            Err(e) => {
+                failed = true;
+                eprintln!("cluster {cluster}: cannot run fleetctl: {e}");
+            }
+        }
+    }
+    i32::from(failed)
 }
 
 /// `cat UNIT` on every cluster: each file under its cluster's header.
@@ -128,4 +217,32 @@ async fn cat(spec: &str, args: &[String], g: &GlobalFlags) -> i32 {
         }
     }
     i32::from(failed)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_run_on_one_cluster_drops_only_the_choice_of_cluster() {
+        let argv: Vec<std::ffi::OsString> = [
+            "fleetctl",
+            "--cluster",
+            "c*",
+            "--endpoint=unix:///x",
+            "status",
+            "--tunnel",
+            "h",
+            "web",
+            "--",
+            "--cluster",
+            "x",
+        ]
+        .iter()
+        .map(Into::into)
+        .collect();
+        let kept: Vec<String> = super::without_cluster(&argv)
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(kept, ["status", "web", "--", "--cluster", "x"]);
+    }
 }

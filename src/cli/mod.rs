@@ -50,7 +50,7 @@ pub fn command() -> clap::Command {
 
 /// Runs fleetctl with `argv` (including the program name); returns the exit code.
 pub async fn run(argv: Vec<OsString>) -> i32 {
-    let (mut cmd, matches, cli) = match parse(argv) {
+    let (mut cmd, matches, cli) = match parse(argv.clone()) {
         Ok(p) => p,
         Err(code) => return code,
     };
@@ -74,7 +74,7 @@ pub async fn run(argv: Vec<OsString>) -> i32 {
     let sub_matches = matches.subcommand().map(|(_, m)| m).unwrap_or(&matches);
     if let Some(spec) = g.cluster.as_deref().filter(|s| fanout::is_fan_out(s)) {
         if target::chosen_flag(sub_matches) == Some("cluster") {
-            return fanout::run(spec, &command, g).await;
+            return fanout::run(spec, &command, g, &argv).await;
         }
     }
     let target = match target::resolve(sub_matches, g).await {
