@@ -154,11 +154,7 @@ async fn each_on_its_own(spec: &str, g: &GlobalFlags, argv: &[std::ffi::OsString
             Ok(out) => {
                 use std::io::Write;
                 let mut stdout = std::io::stdout().lock();
-                let _ = write!(
-                    stdout,
-                    "{}==> {cluster} <==\n",
-                    if first { "" } else { "\n" }
-                );
+                let _ = writeln!(stdout, "{}==> {cluster} <==", if first { "" } else { "\n" });
                 let _ = stdout.write_all(&out.stdout);
                 let _ = stdout.flush();
                 first = false;
