@@ -174,10 +174,117 @@ fn main() {
     if block("master") {
         master_sessions();
     }
+    if block("clusters") {
+        several_clusters(&w);
+    }
+}
+
+/// Several clusters: `fleetctl --cluster 'c*' list-units` over three clusters (30 units each)
+/// against each single cluster's own run, and `fleet-broker prompt`; whole processes,
+/// medians of 21 runs in a random order, every output checked.
+fn several_clusters(w: &World) {
+    let runs = 21;
+    let sims = [SimServer::start(), SimServer::start(), SimServer::start()];
+    let mut config = String::new();
+    for (i, sim) in sims.iter().enumerate() {
+        sim.sim.lock().expect("sim").put_many(
+            (0..30)
+                .map(|u| {
+                    (
+                        format!("c{i}-{u:02}.service"),
+                        vec![opt("Service", "ExecStart", "/bin/sleep 1000")],
+                        "launched".to_string(),
+                    )
+                })
+                .collect(),
+        );
+        config.push_str(&cluster_toml(
+            &format!("c{}", i + 1),
+            &w.sshd,
+            &format!("unix://{}", sim.socket.display()),
+            "root",
+            &w.known_hosts,
+            "connect = \"eager\"\n",
+        ));
+    }
+    let b = Broker::start(&config, Some(&w.agent.socket));
+    let xdg = b.dir.path().join("xdg");
+    let fleetctl = |cluster: &str, lines: usize| {
+        let t = Instant::now();
+        let out = Command::new(env!("CARGO_BIN_EXE_fleetctl"))
+            .args(["--cluster", cluster, "list-units"])
+            .env("XDG_RUNTIME_DIR", &xdg)
+            .env_remove("FLEETCTL_ENDPOINT")
+            .env_remove("FLEETCTL_CLUSTER")
+            .stdin(Stdio::null())
+            .output()
+            .expect("fleetctl");
+        let took = t.elapsed();
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), lines);
+        took
+    };
+    let prompt = || {
+        let t = Instant::now();
+        let out = Command::new(env!("CARGO_BIN_EXE_fleet-broker"))
+            .arg("prompt")
+            .env("XDG_RUNTIME_DIR", &xdg)
+            .env("FLEETCTL_CLUSTER", "c1")
+            .env_remove("FLEETCTL_ENDPOINT")
+            .output()
+            .expect("prompt");
+        let took = t.elapsed();
+        assert_eq!(out.stdout, b"c1:ready", "{out:?}");
+        took
+    };
+    // Warm: every tunnel up, every pool filled once.
+    for c in ["c1", "c2", "c3"] {
+        fleetctl(c, 31);
+    }
+    fleetctl("c*", 91);
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); 5];
+    let mut order: Vec<usize> = (0..5).collect();
+    for _ in 0..runs {
+        rand::seq::SliceRandom::shuffle(order.as_mut_slice(), &mut rand::thread_rng());
+        for &i in &order {
+            let d = match i {
+                0 => fleetctl("c1", 31),
+                1 => fleetctl("c2", 31),
+                2 => fleetctl("c3", 31),
+                3 => fleetctl("c*", 91),
+                _ => prompt(),
+            };
+            samples[i].push(d);
+        }
+    }
+    let median = |i: usize| {
+        let mut s = samples[i].clone();
+        s.sort();
+        percentile(&s, 0.5)
+    };
+    println!();
+    println!("several clusters: whole processes, medians of {runs} runs in a random order, debug-free release build");
+    for (i, what) in [
+        "fleetctl --cluster c1 list-units (30 units)",
+        "fleetctl --cluster c2 list-units (30 units)",
+        "fleetctl --cluster c3 list-units (30 units)",
+        "fleetctl --cluster 'c*' list-units (3 x 30)",
+        "fleet-broker prompt",
+    ]
+    .iter()
+    .enumerate()
+    {
+        println!("{what:<46} {:>8.2} ms", ms(median(i)));
+    }
+    let slowest = median(0).max(median(1)).max(median(2));
+    println!(
+        "fan-out / slowest single cluster: {:.2}x",
+        median(3).as_secs_f64() / slowest.as_secs_f64()
+    );
 }
 
 /// Whether to run a block: all unless `BENCH_ONLY` names some (comma-separated: whole,
-/// load, patterns, rss, bulk, flow, waits, status, master).
+/// load, patterns, rss, bulk, flow, waits, status, master, clusters).
 fn block(name: &str) -> bool {
     std::env::var("BENCH_ONLY").map_or(true, |v| v.split(',').any(|b| b.trim() == name))
 }
