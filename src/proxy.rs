@@ -159,6 +159,9 @@ impl Proxy {
             return self.forward(req).await;
         }
         let started = Instant::now();
+        // What the daemon keeps of the cluster's answers (the machine list) is dropped
+        // before a change is sent, and again when it has been answered.
+        self.tunnel.note_change();
         let peer = req.extensions().get::<crate::audit::Peer>().copied();
         let method = req.method().to_string();
         let path = req
@@ -171,6 +174,7 @@ impl Proxy {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         let resp = self.forward(req).await;
+        self.tunnel.note_change();
         let response_bytes = hyper::body::Body::size_hint(resp.body())
             .exact()
             .or_else(|| {

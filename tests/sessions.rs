@@ -1171,3 +1171,41 @@ fn status_and_journal_fan_out_with_a_header_per_cluster() {
     assert_eq!(run.code, 1, "{run:?}");
     assert!(run.stderr.contains("names several clusters"), "{run:?}");
 }
+
+/// The daemon keeps a machine list a few seconds for the next target lookups, and drops it
+/// when a changing request goes through the cluster's socket: a machine re-addressed behind
+/// the daemon's back is dialled at its new address after the next change.
+#[test]
+fn the_machine_list_is_kept_briefly_and_dropped_by_a_change() {
+    let host = one_host("");
+    let cwd = open_tempdir("fb-cwd.");
+    let ssh = |word: &str| fleetctl(&host.b, cwd.path(), &[], &["ssh", M1, "echo", word]);
+    let run = ssh("one");
+    assert_eq!((run.code, run.stdout.as_str()), (0, "one\n"), "{run:?}");
+    let kept_since = std::time::Instant::now();
+    // Nothing listens there: a dial to it is refused at once.
+    host.sim
+        .sim
+        .lock()
+        .expect("sim")
+        .move_machine(M1, "127.0.0.254");
+    let run = ssh("two");
+    // Within the list's few seconds (5 s), the kept list still says where M1 was.
+    if kept_since.elapsed() < std::time::Duration::from_secs(4) {
+        assert_eq!((run.code, run.stdout.as_str()), (0, "two\n"), "{run:?}");
+    }
+    // A changing request (even one fleet refuses) drops the list.
+    let (status, _) = http(
+        &host.b.socket("c1"),
+        "DELETE",
+        "/fleet/v1/units/nothere.service",
+        None,
+    );
+    assert_eq!(status, 404);
+    let run = ssh("three");
+    assert_ne!(run.code, 0, "{run:?}");
+    assert!(
+        run.stderr.contains("127.0.0.254"),
+        "dialled the new address: {run:?}"
+    );
+}

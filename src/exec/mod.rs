@@ -42,6 +42,18 @@ pub(crate) const NESTED_IDLE: Duration = Duration::from_secs(60);
 /// Bound on the fleet API lookups of target resolution.
 pub(crate) const LOOKUP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a machine list the daemon asked for answers the next target lookups (unless a
+/// changing request went through the cluster's socket meanwhile): machines come and go far
+/// more rarely than commands run, and each lookup saved is a round trip to the tunnel host.
+const MACHINES_FRESH: Duration = Duration::from_secs(5);
+
+/// A machine list, when it was asked for, and the cluster's change count then.
+struct KeptMachines {
+    at: std::time::Instant,
+    changes: u64,
+    machines: Arc<Vec<crate::fleet::schema::Machine>>,
+}
+
 /// The longest session setup a request may ask for (`--ssh-timeout`).
 const MAX_SETUP_TIMEOUT: Duration = Duration::from_secs(3600);
 
@@ -52,6 +64,8 @@ pub(crate) struct Exec {
     api: FleetClient,
     agent: Option<PathBuf>,
     pool: Mutex<HashMap<PoolKey, Vec<Arc<Pooled>>>>,
+    /// The last machine list, for [`MACHINES_FRESH`].
+    machines: Mutex<Option<KeptMachines>>,
     /// The cluster's token: ends the pool's sweeper and every session.
     stop: CancellationToken,
 }
@@ -71,11 +85,39 @@ impl Exec {
             api,
             agent,
             pool: Mutex::new(HashMap::new()),
+            machines: Mutex::new(None),
             stop: stop.clone(),
         });
         let weak = Arc::downgrade(&exec);
         tokio::spawn(tracing::Instrument::in_current_span(sweep(weak, stop)));
         exec
+    }
+
+    /// The cluster's machines: the list asked for less than [`MACHINES_FRESH`] ago when no
+    /// changing request went through the cluster's socket since, else asked again. Units are
+    /// never kept: a unit's state is always asked.
+    async fn machines(
+        &self,
+    ) -> Result<Arc<Vec<crate::fleet::schema::Machine>>, crate::fleet_client::ApiError> {
+        let changes = self.tunnel.changes();
+        if let Ok(kept) = self.machines.lock() {
+            if let Some(k) = kept
+                .as_ref()
+                .filter(|k| k.changes == changes && k.at.elapsed() < MACHINES_FRESH)
+            {
+                return Ok(k.machines.clone());
+            }
+        }
+        let at = std::time::Instant::now();
+        let machines = Arc::new(self.api.machines().await?);
+        if let Ok(mut kept) = self.machines.lock() {
+            *kept = Some(KeptMachines {
+                at,
+                changes,
+                machines: machines.clone(),
+            });
+        }
+        Ok(machines)
     }
 
     fn short(id: &str) -> &str {

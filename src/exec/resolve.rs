@@ -53,7 +53,7 @@ impl Exec {
             _ => None,
         };
         let lookups = async {
-            tokio::join!(api.machines(), async {
+            tokio::join!(self.machines(), async {
                 match &unit_name {
                     Some(name) => Some(api.unit(name).await),
                     None => None,

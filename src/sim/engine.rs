@@ -168,6 +168,13 @@ impl Sim {
         &self.machines
     }
 
+    /// A machine re-addressed (its host came back on another address).
+    pub fn move_machine(&mut self, id: &str, primary_ip: &str) {
+        for m in self.machines.iter_mut().filter(|m| m.id == id) {
+            m.primary_ip = primary_ip.to_string();
+        }
+    }
+
     /// Whether the unit is in the registry.
     pub fn exists(&self, name: &str) -> bool {
         self.units.contains_key(name)

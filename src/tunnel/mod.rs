@@ -128,6 +128,9 @@ pub(crate) struct Tunnel {
     /// Held while a request finds out why streamlocal was refused, so that requests at once
     /// ask the tunnel host one at a time (each question is an exec session).
     pub(crate) transport_probe: tokio::sync::Mutex<()>,
+    /// Counts the changing requests (anything but GET and HEAD) sent through this cluster's
+    /// socket: what the daemon keeps of the cluster's answers is good only while it stays.
+    changes: std::sync::atomic::AtomicU64,
 }
 
 /// Sessions the fd-forward transport holds at most on one connection.
@@ -187,6 +190,7 @@ impl Tunnel {
             }),
             fd_forward_sessions: Arc::new(tokio::sync::Semaphore::new(FD_FORWARD_SESSIONS)),
             transport_probe: tokio::sync::Mutex::new(()),
+            changes: std::sync::atomic::AtomicU64::new(0),
         });
         let sup = Supervisor::new(tunnel.clone(), cmd_rx, shutdown);
         tokio::spawn(tracing::Instrument::in_current_span(sup.run()));
@@ -289,6 +293,17 @@ impl Tunnel {
             }
             s.next_sample = s.next_sample.wrapping_add(1);
         });
+    }
+
+    /// Notes a changing request on its way to the cluster.
+    pub(crate) fn note_change(&self) {
+        self.changes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// How many changing requests were sent so far ([`Tunnel::note_change`]).
+    pub(crate) fn changes(&self) -> u64 {
+        self.changes.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub(crate) fn add_bytes(&self, bytes_in: u64, bytes_out: u64) {
