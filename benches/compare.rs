@@ -263,7 +263,7 @@ fn several_clusters(w: &World) {
         percentile(&s, 0.5)
     };
     println!();
-    println!("several clusters: whole processes, medians of {runs} runs in a random order, debug-free release build");
+    println!("several clusters: whole processes, medians of {runs} runs in a random order");
     for (i, what) in [
         "fleetctl --cluster c1 list-units (30 units)",
         "fleetctl --cluster c2 list-units (30 units)",

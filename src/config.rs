@@ -3,10 +3,10 @@
 //! cluster and field) so the user can fix it; nothing outside this module sees raw strings
 //! for durations, endpoints or policies.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use indexmap::IndexMap;
 use serde::{Deserialize, Deserializer};
 
 mod values;
@@ -114,8 +114,8 @@ pub struct ClusterConfig {
 pub struct Config {
     /// The file it was read from.
     pub path: PathBuf,
-    /// The clusters, by name.
-    pub clusters: BTreeMap<String, ClusterConfig>,
+    /// The clusters by name, in the order the file lists them.
+    pub clusters: IndexMap<String, ClusterConfig>,
     /// Where mutating requests and exec sessions are recorded (`audit_log`).
     pub audit_log: AuditLogSetting,
 }
@@ -140,7 +140,7 @@ struct RawFile {
     #[serde(default)]
     defaults: RawSettings,
     #[serde(default)]
-    clusters: BTreeMap<String, RawSettings>,
+    clusters: IndexMap<String, RawSettings>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -424,7 +424,7 @@ impl Config {
                 "`tunnel` belongs in a [clusters.NAME] table, not in [defaults]",
             ));
         }
-        let mut clusters = BTreeMap::new();
+        let mut clusters = IndexMap::new();
         for (name, rc) in raw.clusters {
             let at = |message: String| {
                 let header = format!("[clusters.{name}]");

@@ -104,6 +104,7 @@ impl Daemon {
         let control_socket = local::control_socket(runtime_dir);
         let shutdown = CancellationToken::new();
         let registry = Arc::new(Registry::default());
+        registry.set_order(config.clusters.keys().cloned().collect());
         let audit = Arc::new(crate::audit::AuditLog::new(crate::audit::log_path(
             &config.audit_log,
             &opts.state_dir,
@@ -287,6 +288,8 @@ impl Daemon {
     /// Applies `config`: unchanged clusters keep their tunnel, changed ones restart, removed
     /// ones stop, new ones start. Returns a summary.
     pub async fn reload(&self, config: &Config) -> Result<Reloaded, StartError> {
+        self.registry
+            .set_order(config.clusters.keys().cloned().collect());
         let (mut kept, mut changed, mut added, mut removed) = (0, 0, 0, 0);
         for name in self.registry.names() {
             match config.clusters.get(&name) {

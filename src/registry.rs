@@ -63,14 +63,36 @@ impl ClusterRuntime {
 #[derive(Default)]
 pub(crate) struct Registry {
     clusters: RwLock<BTreeMap<String, Arc<ClusterRuntime>>>,
+    /// The clusters' names in the config's order, the order every list of them is given in.
+    order: RwLock<Vec<String>>,
 }
 
 impl Registry {
-    /// A snapshot of the served clusters.
+    /// A snapshot of the served clusters, in the config's order.
     pub(crate) fn all(&self) -> Vec<Arc<ClusterRuntime>> {
-        match self.clusters.read() {
+        let mut all: Vec<Arc<ClusterRuntime>> = match self.clusters.read() {
             Ok(c) => c.values().cloned().collect(),
             Err(p) => p.into_inner().values().cloned().collect(),
+        };
+        let order = match self.order.read() {
+            Ok(o) => o.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        // Stable: a name the order does not know (none, once it is set) stays by name.
+        all.sort_by_key(|c| {
+            order
+                .iter()
+                .position(|n| n == c.tunnel.name())
+                .unwrap_or(usize::MAX)
+        });
+        all
+    }
+
+    /// The config's order of the clusters (at start and at each reload).
+    pub(crate) fn set_order(&self, names: Vec<String>) {
+        match self.order.write() {
+            Ok(mut o) => *o = names,
+            Err(p) => *p.into_inner() = names,
         }
     }
 
@@ -82,7 +104,7 @@ impl Registry {
         }
     }
 
-    /// The names of the served clusters, sorted.
+    /// The names of the served clusters, in the config's order.
     pub(crate) fn names(&self) -> Vec<String> {
         self.all()
             .iter()

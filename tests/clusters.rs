@@ -8,7 +8,8 @@ use std::time::Instant;
 
 use support::*;
 
-/// Three clusters: c1 and c2 on two simulators behind one sshd, c3 down.
+/// Three clusters: c1 and c2 on two simulators behind one sshd, c3 down; the config lists
+/// c2 first, and every list follows the config's order.
 fn three_clusters() -> (World, SimServer, Broker) {
     let w = World::new();
     let sim2 = SimServer::start();
@@ -28,7 +29,6 @@ fn three_clusters() -> (World, SimServer, Broker) {
         .port();
     let config = format!(
         "{}{}[clusters.c3]\ntunnel = \"127.0.0.1:{closed}\"\nuser = \"root\"\nknown_hosts = [\"{}\"]\nconnect_timeout = \"2s\"\n",
-        w.config(""),
         cluster_toml(
             "c2",
             &w.sshd,
@@ -37,6 +37,7 @@ fn three_clusters() -> (World, SimServer, Broker) {
             &w.known_hosts,
             "",
         ),
+        w.config(""),
         w.known_hosts.display()
     );
     let b = Broker::start(&config, Some(&w.agent.socket));
@@ -63,7 +64,7 @@ fn fan_out_lists_every_cluster_with_a_cluster_column_and_names_the_one_down() {
     let took = started.elapsed();
     assert_eq!(run.code, 1, "{run:?}");
     assert_eq!(
-        run.stdout, "CLUSTER\tUNIT\t\tDSTATE\nc1\ta.service\tlaunched\nc2\tb.service\tinactive\n",
+        run.stdout, "CLUSTER\tUNIT\t\tDSTATE\nc2\tb.service\tinactive\nc1\ta.service\tlaunched\n",
         "{run:?}"
     );
     assert!(
@@ -95,9 +96,9 @@ fn fan_out_lists_every_cluster_with_a_cluster_column_and_names_the_one_down() {
     let lines: Vec<&str> = run.stdout.lines().collect();
     assert_eq!(lines.len(), 6, "three machines each: {run:?}");
     assert!(
-        lines[..3].iter().all(|l| l.ends_with("\tc1"))
-            && lines[3..].iter().all(|l| l.ends_with("\tc2")),
-        "clusters in the daemon's order: {run:?}"
+        lines[..3].iter().all(|l| l.ends_with("\tc2"))
+            && lines[3..].iter().all(|l| l.ends_with("\tc1")),
+        "clusters in the config's order: {run:?}"
     );
     let run = fleetctl(&b, cwd.path(), &[], &["--cluster", "c1,c2", "list-units"]);
     assert_eq!(run.code, 0, "{run:?}");

@@ -171,3 +171,13 @@ fn hostport_forms() {
     assert_eq!(JumpHop::parse("j").unwrap().to_string(), "j:22");
     assert!(JumpHop::parse("@j").is_err());
 }
+
+#[test]
+fn clusters_keep_the_files_order() {
+    let text = "[clusters.prod]\ntunnel = \"p\"\n[clusters.dev]\ntunnel = \"d\"\n[clusters.staging]\ntunnel = \"s\"\n";
+    let c = Config::parse(Path::new("c.toml"), text).unwrap();
+    assert_eq!(
+        c.clusters.keys().collect::<Vec<_>>(),
+        ["prod", "dev", "staging"]
+    );
+}
