@@ -1575,4 +1575,13 @@ fn a_guarded_cluster_is_changed_only_when_its_name_is_confirmed() {
             && refused[0].contains("--confirm-cluster c1"),
         "{audit}"
     );
+    // The prompt marks the cluster as guarded.
+    let out = Command::new(env!("CARGO_BIN_EXE_fleet-broker"))
+        .arg("prompt")
+        .env("XDG_RUNTIME_DIR", &xdg)
+        .env("FLEETCTL_CLUSTER", "c1")
+        .env_remove("FLEETCTL_ENDPOINT")
+        .output()
+        .expect("prompt");
+    assert_eq!(out.stdout, b"c1!:ready", "{out:?}");
 }

@@ -210,7 +210,7 @@ pub(crate) enum Cmd {
     CompleteClusters,
     /// Print this shell's cluster (FLEETCTL_CLUSTER or FLEETCTL_ENDPOINT) and its state, for a shell prompt; nothing when none is chosen
     Prompt {
-        /// What to print: {cluster} and {state} are filled in (default "{cluster}:{state}")
+        /// What to print: {cluster}, {state} and {guard} ("!" for a guarded cluster) are filled in (default "{cluster}{guard}:{state}")
         #[arg(long, value_name = "FMT")]
         format: Option<String>,
     },

@@ -10,7 +10,10 @@ use std::time::Duration;
 const ASK_LIMIT: Duration = Duration::from_millis(200);
 
 /// The format when none is given.
-pub(super) const DEFAULT_FORMAT: &str = "{cluster}:{state}";
+pub(super) const DEFAULT_FORMAT: &str = "{cluster}{guard}:{state}";
+
+/// What `{guard}` becomes for a cluster with `guard = true`.
+const GUARD_MARK: &str = "!";
 
 /// The shell's cluster and the control socket that serves it, from the environment; `None`
 /// when fleetctl would not talk to a broker's cluster.
@@ -42,24 +45,29 @@ fn current() -> Option<(String, PathBuf)> {
     chosen.filter(|(n, _)| crate::config::valid_cluster_name(n))
 }
 
-/// The cluster's state as the daemon reports it: `?` when the daemon does not answer within
-/// [`ASK_LIMIT`] (or at all), `unknown` when it does not know the cluster.
-async fn state(cluster: &str, control: &std::path::Path) -> String {
+/// The cluster's state as the daemon reports it (`?` when the daemon does not answer within
+/// [`ASK_LIMIT`], or at all; `unknown` when it does not know the cluster), and whether it is
+/// guarded.
+async fn state(cluster: &str, control: &std::path::Path) -> (String, bool) {
     let path = format!("/v1/clusters/{cluster}");
     let ask = crate::control::client::request(control, "GET", &path);
     match tokio::time::timeout(ASK_LIMIT, ask).await {
         Ok(Ok((200, body))) => serde_json::from_slice::<crate::protocol::ClusterInfo>(&body)
-            .map_or_else(|_| "?".to_string(), |i| i.status.state.to_string()),
-        Ok(Ok((404, _))) => "unknown".to_string(),
-        _ => "?".to_string(),
+            .map_or_else(
+                |_| ("?".to_string(), false),
+                |i| (i.status.state.to_string(), i.guard),
+            ),
+        Ok(Ok((404, _))) => ("unknown".to_string(), false),
+        _ => ("?".to_string(), false),
     }
 }
 
-/// `format` with `{cluster}` and `{state}` filled in; other text as it is.
-fn render(format: &str, cluster: &str, state: &str) -> String {
+/// `format` with `{cluster}`, `{state}` and `{guard}` filled in; other text as it is.
+fn render(format: &str, cluster: &str, state: &str, guard: bool) -> String {
     format
         .replace("{cluster}", cluster)
         .replace("{state}", state)
+        .replace("{guard}", if guard { GUARD_MARK } else { "" })
 }
 
 /// `fleet-broker prompt [--format FMT]`.
@@ -67,10 +75,10 @@ pub(super) async fn prompt(format: &str) -> anyhow::Result<()> {
     let Some((cluster, control)) = current() else {
         return Ok(());
     };
-    let state = state(&cluster, &control).await;
+    let (state, guard) = state(&cluster, &control).await;
     print!(
         "{}",
-        crate::escape::display(&render(format, &cluster, &state))
+        crate::escape::display(&render(format, &cluster, &state, guard))
     );
     Ok(())
 }
@@ -80,11 +88,15 @@ mod tests {
     #[test]
     fn placeholders_are_filled_and_other_text_kept() {
         assert_eq!(
-            super::render("{cluster}:{state}", "prod", "ready"),
-            "prod:ready"
+            super::render(super::DEFAULT_FORMAT, "prod", "ready", true),
+            "prod!:ready"
         );
         assert_eq!(
-            super::render("[{cluster} {x}]", "prod", "ready"),
+            super::render(super::DEFAULT_FORMAT, "dev", "idle", false),
+            "dev:idle"
+        );
+        assert_eq!(
+            super::render("[{cluster} {x}]", "prod", "ready", true),
             "[prod {x}]"
         );
     }
