@@ -120,21 +120,38 @@ pub(crate) struct GlobalFlags {
     pub etcd_cafile: Option<String>,
 }
 
+/// A numeric flag's value that cannot be used, worded as clap words a usage error.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum FlagError {
+    #[error("error: invalid value '{value}' for '--{flag} <{}>': {error}", flag.to_uppercase().replace('-', "_"))]
+    NotANumber {
+        flag: &'static str,
+        value: String,
+        error: std::num::ParseFloatError,
+    },
+    #[error("--{0} must be a positive number of seconds")]
+    NotPositive(&'static str),
+}
+
 impl GlobalFlags {
     /// Parses the numeric flags. As in the original, a value from the environment that
     /// does not parse is ignored; one from the command line is a usage error.
-    pub(crate) fn parse_numbers(&mut self, m: &clap::ArgMatches) -> Result<(), String> {
-        let seconds = |id: &str, flag: &str, raw: &Option<String>| -> Result<Option<f64>, String> {
+    pub(crate) fn parse_numbers(&mut self, m: &clap::ArgMatches) -> Result<(), FlagError> {
+        let seconds = |id: &str,
+                       flag: &'static str,
+                       raw: &Option<String>|
+         -> Result<Option<f64>, FlagError> {
             let Some(s) = raw else { return Ok(None) };
             match s.trim().parse::<f64>() {
                 Ok(v) => Ok(Some(v)),
                 Err(_) if m.value_source(id) == Some(clap::parser::ValueSource::EnvVariable) => {
                     Ok(None)
                 }
-                Err(e) => Err(format!(
-                    "error: invalid value '{s}' for '--{flag} <{}>': {e}",
-                    flag.to_uppercase().replace('-', "_")
-                )),
+                Err(error) => Err(FlagError::NotANumber {
+                    flag,
+                    value: s.clone(),
+                    error,
+                }),
             }
         };
         self.ssh_timeout = seconds("ssh_timeout_raw", "ssh-timeout", &self.ssh_timeout_raw)?;

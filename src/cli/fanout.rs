@@ -3,7 +3,7 @@
 //! table with a `CLUSTER` column (where `--fields` puts `cluster`, first by default), `cat`
 //! prints each cluster's file under a `==> NAME <==` header, and so do `status` and
 //! `journal --lines N` (each cluster's run is this fleetctl again, on that one cluster, its
-//! output kept until the header is printed); clusters in the daemon's order.
+//! output kept until the header is printed); clusters in the config's order.
 //! A cluster that fails is said on stderr with its name while the others print, and the
 //! exit status is 1. A command that changes anything refuses more than one cluster.
 
@@ -16,12 +16,21 @@ pub(crate) fn is_fan_out(spec: &str) -> bool {
     spec.contains([',', '*', '?'])
 }
 
-/// The configured clusters `spec` names, in the daemon's order, each with its client.
-async fn clusters(spec: &str, g: &GlobalFlags) -> Result<Vec<(String, FleetClient)>, String> {
+/// Why the clusters to ask are not known.
+#[derive(Debug, thiserror::Error)]
+enum ChoiceError {
+    #[error(transparent)]
+    Control(#[from] crate::control::client::ControlError),
+    #[error(transparent)]
+    Flag(#[from] super::args::FlagError),
+    #[error("no configured cluster matches {0:?} (`fleet-broker status` lists them)")]
+    NoMatch(String),
+}
+
+/// The configured clusters `spec` names, in the config's order, each with its client.
+async fn clusters(spec: &str, g: &GlobalFlags) -> Result<Vec<(String, FleetClient)>, ChoiceError> {
     let control = crate::control::client::default_control_socket();
-    let list = crate::control::client::list_clusters(&control)
-        .await
-        .map_err(|e| e.to_string())?;
+    let list = crate::control::client::list_clusters(&control).await?;
     let wanted: Vec<&str> = spec
         .split(',')
         .map(str::trim)
@@ -41,9 +50,7 @@ async fn clusters(spec: &str, g: &GlobalFlags) -> Result<Vec<(String, FleetClien
         chosen.push((name, FleetClient::new(&target.socket, timeout)));
     }
     if chosen.is_empty() {
-        return Err(format!(
-            "no configured cluster matches {spec:?} (`fleet-broker status` lists them)"
-        ));
+        return Err(ChoiceError::NoMatch(spec.to_string()));
     }
     Ok(chosen)
 }

@@ -11,6 +11,32 @@ use super::target::Target;
 /// How long the daemon is given to say whether a cluster is guarded, and to take a refusal.
 const ASK_LIMIT: Duration = Duration::from_secs(5);
 
+/// Why a change was not confirmed.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error("--confirm-cluster {named} does not name cluster {cluster:?}")]
+    OtherName { named: String, cluster: String },
+    #[error("there is no terminal to confirm on; pass --confirm-cluster {0} to mean it")]
+    NoTerminal(String),
+    #[error("no answer on the terminal")]
+    NoAnswer,
+    #[error("the name typed is not the cluster's")]
+    WrongName,
+}
+
+/// Why it is not known whether a cluster is guarded.
+#[derive(Debug, thiserror::Error)]
+enum Unknown {
+    #[error(transparent)]
+    Control(#[from] crate::control::client::ControlError),
+    #[error("fleet-broker answered {status}: {message}")]
+    Refused { status: u16, message: String },
+    #[error("unexpected answer from fleet-broker: {0}")]
+    Unexpected(serde_json::Error),
+    #[error("fleet-broker did not answer within {0:?}")]
+    Slow(Duration),
+}
+
 /// What a guarded cluster is asked to confirm.
 pub(crate) struct Change<'a> {
     /// The fleetctl command (`destroy`, …).
@@ -47,15 +73,15 @@ pub(crate) async fn confirm(
     let what = describe(cluster, change);
     let outcome = match confirm {
         Some(named) if named == cluster => Ok(()),
-        Some(named) => Err(format!(
-            "--confirm-cluster {} does not name cluster {cluster:?}",
-            crate::escape::display(named)
-        )),
+        Some(named) => Err(Refusal::OtherName {
+            named: crate::escape::display(named).into_owned(),
+            cluster: cluster.to_string(),
+        }),
         None => ask_on_terminal(cluster, &what).await,
     };
     if let Err(reason) = outcome {
         eprintln!("Error: {what}\nNot confirmed: {reason}; nothing changed");
-        record_refusal(target, cluster, change, &reason).await;
+        record_refusal(target, cluster, change, &reason.to_string()).await;
         return Err(1);
     }
     Ok(())
@@ -73,25 +99,25 @@ fn describe(cluster: &str, change: &Change<'_>) -> String {
 }
 
 /// Asks the daemon whether the cluster is guarded.
-async fn guarded(target: &Target, cluster: &str) -> Result<bool, String> {
+async fn guarded(target: &Target, cluster: &str) -> Result<bool, Unknown> {
     let path = format!("/v1/clusters/{cluster}");
     let ask = crate::control::client::request(&target.control, "GET", &path);
     match tokio::time::timeout(ASK_LIMIT, ask).await {
         Ok(Ok((200, body))) => serde_json::from_slice::<crate::protocol::ClusterInfo>(&body)
             .map(|i| i.guard)
-            .map_err(|e| format!("unexpected answer from fleet-broker: {e}")),
-        Ok(Ok((status, body))) => Err(format!(
-            "fleet-broker answered {status}: {}",
-            crate::control::client::error_text(&body)
-        )),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!("fleet-broker did not answer within {ASK_LIMIT:?}")),
+            .map_err(Unknown::Unexpected),
+        Ok(Ok((status, body))) => Err(Unknown::Refused {
+            status,
+            message: crate::control::client::error_text(&body),
+        }),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(Unknown::Slow(ASK_LIMIT)),
     }
 }
 
 /// Shows `what` on the terminal and reads a line there (never stdin, which may be a unit
 /// file or a pipe); `Ok` when it is the cluster's name.
-async fn ask_on_terminal(cluster: &str, what: &str) -> Result<(), String> {
+async fn ask_on_terminal(cluster: &str, what: &str) -> Result<(), Refusal> {
     let prompt = format!("{what}\nType the cluster's name to go on: ");
     let answer = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
         use std::io::{BufRead, Write};
@@ -108,11 +134,9 @@ async fn ask_on_terminal(cluster: &str, what: &str) -> Result<(), String> {
     .await;
     match answer {
         Ok(Ok(line)) if line.trim_end_matches(['\n', '\r']) == cluster => Ok(()),
-        Ok(Ok(line)) if line.is_empty() => Err("no answer on the terminal".into()),
-        Ok(Ok(_)) => Err("the name typed is not the cluster's".into()),
-        Ok(Err(_)) | Err(_) => Err(format!(
-            "there is no terminal to confirm on; pass --confirm-cluster {cluster} to mean it"
-        )),
+        Ok(Ok(line)) if line.is_empty() => Err(Refusal::NoAnswer),
+        Ok(Ok(_)) => Err(Refusal::WrongName),
+        Ok(Err(_)) | Err(_) => Err(Refusal::NoTerminal(cluster.to_string())),
     }
 }
 

@@ -218,7 +218,10 @@ fn run_local(command: &Cmd, cmd: &mut clap::Command) -> Option<i32> {
 
 /// `--request-timeout`, or by default long enough for the broker to answer 503 with the
 /// cause when a tunnel is down, rather than time out first and say less.
-fn request_timeout(g: &args::GlobalFlags, target: &target::Target) -> Result<Duration, String> {
+fn request_timeout(
+    g: &args::GlobalFlags,
+    target: &target::Target,
+) -> Result<Duration, args::FlagError> {
     let secs = g.request_timeout.unwrap_or_else(|| {
         target
             .connect_timeout_secs
@@ -227,7 +230,7 @@ fn request_timeout(g: &args::GlobalFlags, target: &target::Target) -> Result<Dur
             })
     });
     if !(secs.is_finite() && secs > 0.0) {
-        return Err("--request-timeout must be a positive number of seconds".into());
+        return Err(args::FlagError::NotPositive("request-timeout"));
     }
     Ok(Duration::from_secs_f64(secs))
 }
