@@ -26,13 +26,9 @@ fn current() -> Option<(String, PathBuf)> {
         .and_then(|e| crate::cli::target::parse_endpoint(&e).ok())
         .map(|(socket, _)| socket);
     // A broker's cluster socket names its cluster and its daemon: …/clusters/NAME.sock.
-    let by_socket = endpoint.as_ref().and_then(|s| {
-        let dir = s
-            .parent()
-            .filter(|p| p.file_name() == Some("clusters".as_ref()))?;
-        let name = s.file_stem()?.to_str()?.to_string();
-        Some((name, crate::local::control_socket(dir.parent()?)))
-    });
+    let by_socket = endpoint
+        .as_deref()
+        .and_then(crate::cli::target::broker_cluster_of);
     let chosen = match (named, by_socket) {
         (Some(n), Some((m, control))) if n == m => Some((n, control)),
         // An endpoint that is not this cluster's socket wins, as it does for fleetctl.
@@ -49,15 +45,10 @@ fn current() -> Option<(String, PathBuf)> {
 /// [`ASK_LIMIT`], or at all; `unknown` when it does not know the cluster), and whether it is
 /// guarded.
 async fn state(cluster: &str, control: &std::path::Path) -> (String, bool) {
-    let path = format!("/v1/clusters/{cluster}");
-    let ask = crate::control::client::request(control, "GET", &path);
-    match tokio::time::timeout(ASK_LIMIT, ask).await {
-        Ok(Ok((200, body))) => serde_json::from_slice::<crate::protocol::ClusterInfo>(&body)
-            .map_or_else(
-                |_| ("?".to_string(), false),
-                |i| (i.status.state.to_string(), i.guard),
-            ),
-        Ok(Ok((404, _))) => ("unknown".to_string(), false),
+    use crate::control::client::{cluster_info, ControlError};
+    match tokio::time::timeout(ASK_LIMIT, cluster_info(control, cluster)).await {
+        Ok(Ok(info)) => (info.status.state.to_string(), info.guard),
+        Ok(Err(ControlError::Refused { status: 404, .. })) => ("unknown".to_string(), false),
         _ => ("?".to_string(), false),
     }
 }

@@ -29,10 +29,6 @@ enum Refusal {
 enum Unknown {
     #[error(transparent)]
     Control(#[from] crate::control::client::ControlError),
-    #[error("fleet-broker answered {status}: {message}")]
-    Refused { status: u16, message: String },
-    #[error("unexpected answer from fleet-broker: {0}")]
-    Unexpected(serde_json::Error),
     #[error("fleet-broker did not answer within {0:?}")]
     Slow(Duration),
 }
@@ -100,17 +96,9 @@ fn describe(cluster: &str, change: &Change<'_>) -> String {
 
 /// Asks the daemon whether the cluster is guarded.
 async fn guarded(target: &Target, cluster: &str) -> Result<bool, Unknown> {
-    let path = format!("/v1/clusters/{cluster}");
-    let ask = crate::control::client::request(&target.control, "GET", &path);
+    let ask = crate::control::client::cluster_info(&target.control, cluster);
     match tokio::time::timeout(ASK_LIMIT, ask).await {
-        Ok(Ok((200, body))) => serde_json::from_slice::<crate::protocol::ClusterInfo>(&body)
-            .map(|i| i.guard)
-            .map_err(Unknown::Unexpected),
-        Ok(Ok((status, body))) => Err(Unknown::Refused {
-            status,
-            message: crate::control::client::error_text(&body),
-        }),
-        Ok(Err(e)) => Err(e.into()),
+        Ok(info) => Ok(info?.guard),
         Err(_) => Err(Unknown::Slow(ASK_LIMIT)),
     }
 }

@@ -178,6 +178,16 @@ pub(crate) fn target(c: ClusterInfo, control: PathBuf) -> Target {
     }
 }
 
+/// The cluster a broker's cluster socket serves, and its daemon's control socket:
+/// `…/clusters/NAME.sock` gives NAME and `…/control.sock`.
+pub(crate) fn broker_cluster_of(socket: &std::path::Path) -> Option<(String, PathBuf)> {
+    let dir = socket
+        .parent()
+        .filter(|p| p.file_name() == Some("clusters".as_ref()))?;
+    let name = socket.file_stem()?.to_string_lossy().into_owned();
+    Some((name, crate::local::control_socket(dir.parent()?)))
+}
+
 /// `--endpoint unix://…`: the socket itself; a cluster socket of a broker also names its
 /// cluster and control socket.
 fn by_endpoint(raw: &str, control: PathBuf) -> Result<Target, TargetError> {
@@ -188,16 +198,10 @@ fn by_endpoint(raw: &str, control: PathBuf) -> Result<Target, TargetError> {
             crate::fleet_client::chrono_like_now()
         );
     }
-    let clusters_dir = socket
-        .parent()
-        .filter(|p| p.file_name() == Some("clusters".as_ref()));
-    let cluster = socket
-        .file_stem()
-        .filter(|_| clusters_dir.is_some())
-        .map(|s| s.to_string_lossy().into_owned());
-    let control = clusters_dir
-        .and_then(|d| d.parent())
-        .map_or(control, crate::local::control_socket);
+    let (cluster, control) = match broker_cluster_of(&socket) {
+        Some((name, control)) => (Some(name), control),
+        None => (None, control),
+    };
     Ok(Target {
         socket,
         cluster,

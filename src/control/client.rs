@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 
 use crate::local::LocalError;
-use crate::protocol::ClusterList;
+use crate::protocol::{ClusterInfo, ClusterList};
 
 /// Why the daemon could not be asked, or what it answered instead.
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +113,18 @@ pub fn error_text(body: &[u8]) -> String {
         .ok()
         .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
         .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned())
+}
+
+/// One configured cluster, from the daemon; `Refused` with 404 when it does not know it.
+pub(crate) async fn cluster_info(control: &Path, name: &str) -> Result<ClusterInfo, ControlError> {
+    let (status, body) = request(control, "GET", &format!("/v1/clusters/{name}")).await?;
+    if status != 200 {
+        return Err(ControlError::Refused {
+            status,
+            message: error_text(&body),
+        });
+    }
+    serde_json::from_slice(&body).map_err(ControlError::Unexpected)
 }
 
 /// Every configured cluster, from the daemon.
