@@ -935,6 +935,18 @@ struct OneHost {
     _dirs: (tempfile::TempDir, tempfile::TempDir),
 }
 
+/// `hello.service`, launched on M1.
+fn put_hello_on_m1(sim: &SimServer) {
+    sim.put(
+        "hello.service",
+        vec![
+            opt("Service", "ExecStart", "/bin/sleep 1000"),
+            opt("X-Fleet", "MachineID", M1),
+        ],
+        "launched",
+    );
+}
+
 fn one_host(sshd_extra: &str) -> OneHost {
     one_host_as(sshd_extra, &["c1"], "")
 }
@@ -1025,14 +1037,7 @@ fn sessions_start_on_a_channel_opened_ahead() {
 fn max_sessions_one_on_a_machine_that_is_the_tunnel_host_still_runs_commands() {
     let host = one_host("MaxSessions 1\n");
     let b = host.b;
-    host.sim.put(
-        "hello.service",
-        vec![
-            opt("Service", "ExecStart", "/bin/sleep 1000"),
-            opt("X-Fleet", "MachineID", M1),
-        ],
-        "launched",
-    );
+    put_hello_on_m1(&host.sim);
     assert_eq!(
         http(&b.socket("c1"), "GET", "/fleet/v1/machines", None).0,
         200
@@ -1079,14 +1084,7 @@ fn max_sessions_one_on_a_machine_that_is_the_tunnel_host_still_runs_commands() {
 fn target_lookups_reach_the_api_over_the_tunnel_not_through_the_cluster_socket() {
     let host = one_host("");
     let b = host.b;
-    host.sim.put(
-        "hello.service",
-        vec![
-            opt("Service", "ExecStart", "/bin/sleep 1000"),
-            opt("X-Fleet", "MachineID", M1),
-        ],
-        "launched",
-    );
+    put_hello_on_m1(&host.sim);
     std::fs::remove_file(b.socket("c1")).expect("remove the cluster socket");
     let cwd = open_tempdir("fb-cwd.");
     for target in [M1, "hello.service"] {
@@ -1118,14 +1116,7 @@ fn status_and_journal_fan_out_with_a_header_per_cluster() {
         &["c1", "c2"],
         &format!("[clusters.c3]\ntunnel = \"127.0.0.1:{closed}\"\nuser = \"root\"\nconnect_timeout = \"2s\"\n"),
     );
-    host.sim.put(
-        "hello.service",
-        vec![
-            opt("Service", "ExecStart", "/bin/sleep 1000"),
-            opt("X-Fleet", "MachineID", M1),
-        ],
-        "launched",
-    );
+    put_hello_on_m1(&host.sim);
     let cwd = open_tempdir("fb-cwd.");
     let run = fleetctl(
         &host.b,

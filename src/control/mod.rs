@@ -41,6 +41,14 @@ fn exec_error(e: &crate::protocol::exec::ExecError) -> Response<Body> {
     json_response(status, body.to_string())
 }
 
+/// Who sent `req` (the peer the control socket admitted), for the audit trail.
+fn caller_of(req: &Request<Incoming>) -> Option<crate::audit::Caller> {
+    req.extensions()
+        .get::<crate::audit::Peer>()
+        .copied()
+        .map(crate::audit::Caller::of)
+}
+
 /// `POST /v1/clusters/NAME/guard-refused`: our fleetctl did not change a guarded cluster
 /// (not confirmed); the refusal goes into the audit trail with who asked.
 async fn guard_refused(
@@ -49,11 +57,7 @@ async fn guard_refused(
     req: Request<Incoming>,
 ) -> Response<Body> {
     use http_body_util::BodyExt;
-    let caller = req
-        .extensions()
-        .get::<crate::audit::Peer>()
-        .copied()
-        .map(crate::audit::Caller::of);
+    let caller = caller_of(&req);
     let body = match http_body_util::Limited::new(req.into_body(), 64 * 1024)
         .collect()
         .await
@@ -89,11 +93,7 @@ async fn exec(
     req: Request<Incoming>,
 ) -> Response<Body> {
     use http_body_util::BodyExt;
-    let caller = req
-        .extensions()
-        .get::<crate::audit::Peer>()
-        .copied()
-        .map(crate::audit::Caller::of);
+    let caller = caller_of(&req);
     let wants_upgrade = req
         .headers()
         .get(hyper::header::UPGRADE)

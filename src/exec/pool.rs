@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use russh::client::{Handle, Msg};
 use russh::Channel;
@@ -155,6 +155,10 @@ impl Drop for Slot {
     }
 }
 
+/// How long after a session of ours ended on a connection a refused session is taken for
+/// its slot still being freed, and tried again.
+const SLOT_FREEING: Duration = Duration::from_secs(2);
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq)]
 pub(super) struct PoolKey {
     ip: String,
@@ -305,10 +309,11 @@ impl Slot {
 
     /// For a session that could not be opened on a pooled connection: gives up that
     /// connection's interactive session (its slot under `MaxSessions`); true when one was
-    /// given up, so that opening again may succeed.
+    /// given up, or when a session of ours ended on it just now (sshd frees a slot a round
+    /// trip after the close), so that opening again may succeed.
     pub(super) async fn make_room(&self) -> bool {
         match &self.pooled {
-            Some(p) => p.give_up_interactive().await,
+            Some(p) => p.give_up_interactive().await || lock(&p.last_used).elapsed() < SLOT_FREEING,
             None => false,
         }
     }

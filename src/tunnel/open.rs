@@ -10,9 +10,9 @@ use super::{ClientHandler, SshHandle};
 /// round trip before sshd counts the slot free.
 const ROOM_ATTEMPTS: u32 = 10;
 
-/// Opens a session on `handle`. When sshd refuses it (`MaxSessions`) and `make_room` gives
-/// up the connection's interactive session, opening is tried again (bounded), so the user's
-/// command gets the slot.
+/// Opens a session on `handle`. When sshd refuses it (`MaxSessions`) and `make_room` says a
+/// slot is being freed (it gave up the connection's interactive session, or a session of
+/// ours ended just now), opening is tried again (bounded), so the user's command gets it.
 pub(crate) async fn open_session_making_room<F, Fut>(
     handle: &russh::client::Handle<ClientHandler>,
     make_room: F,
@@ -23,7 +23,9 @@ where
 {
     match handle.channel_open_session().await {
         Err(russh::Error::ChannelOpenFailure(_)) if make_room().await => {
-            tracing::info!("sshd refused another session (MaxSessions); gave up the connection's interactive session for it");
+            tracing::info!(
+                "sshd refused another session (MaxSessions); trying again as a slot is freed"
+            );
             let mut attempt = 0;
             loop {
                 match handle.channel_open_session().await {
