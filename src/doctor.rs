@@ -66,12 +66,7 @@ pub async fn run(path: &Path, only: Option<&str>, agent: Option<PathBuf>) -> Rep
     if let Some(o) = only.filter(|o| !config.clusters.contains_key(*o)) {
         r.bad(format!(
             "no cluster named {o:?}; configured: {}",
-            config
-                .clusters
-                .keys()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", ")
+            config.names()
         ));
     }
     r

@@ -196,12 +196,7 @@ fn find_cluster<'a>(config: &'a Config, name: &str) -> anyhow::Result<&'a Cluste
         anyhow::anyhow!(
             "no cluster named {name:?} in {}; configured: {}",
             config.path.display(),
-            config
-                .clusters
-                .keys()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", ")
+            config.names()
         )
     })
 }
