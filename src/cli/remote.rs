@@ -436,7 +436,7 @@ async fn ssh_without_broker(api: &FleetClient, target: &ExecTarget, shell: bool)
         None => None,
     };
     match find(wanted, &machines, unit.as_ref()) {
-        Err(e) if e == "Could not determine address of machine." => {
+        Err(e @ crate::fleet::target::TargetError::NoAddress) => {
             eprintln!("{e}");
             1
         }

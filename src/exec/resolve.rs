@@ -96,7 +96,7 @@ impl Exec {
         };
         let place = find(wanted, &machines, unit.as_ref())
             .map(machine_place)
-            .map_err(ExecError::resolve)?;
+            .map_err(|e| ExecError::resolve(e.to_string()))?;
         if let Place::Machine { ip, .. } = &place {
             if ip.is_empty() {
                 return Err(ExecError::resolve(
