@@ -26,7 +26,10 @@ pub enum StartError {
 /// A started session.
 pub struct ExecStream {
     tx: mpsc::Sender<Frame>,
-    reader: tokio::io::ReadHalf<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>,
+    /// Buffered: a frame's head and payload come in one read, not three.
+    reader: tokio::io::BufReader<
+        tokio::io::ReadHalf<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>,
+    >,
     _writer: tokio::task::JoinHandle<()>,
 }
 
@@ -117,7 +120,7 @@ pub async fn open(
     });
     Ok(ExecStream {
         tx,
-        reader,
+        reader: tokio::io::BufReader::with_capacity(64 * 1024, reader),
         _writer: writer_task,
     })
 }

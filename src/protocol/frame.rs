@@ -76,12 +76,14 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame) -> std
     if chunks.is_empty() {
         chunks.push(&[]);
     }
+    // Head and payload in one write: one system call per frame on an unbuffered socket.
+    let mut framed = Vec::with_capacity(5 + chunks[0].len());
     for chunk in chunks {
-        let mut head = [0u8; 5];
-        head[0] = kind;
-        head[1..].copy_from_slice(&(chunk.len() as u32).to_be_bytes());
-        w.write_all(&head).await?;
-        w.write_all(chunk).await?;
+        framed.clear();
+        framed.push(kind);
+        framed.extend_from_slice(&(chunk.len() as u32).to_be_bytes());
+        framed.extend_from_slice(chunk);
+        w.write_all(&framed).await?;
     }
     w.flush().await
 }
