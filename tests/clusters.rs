@@ -23,12 +23,8 @@ fn three_clusters() -> (World, SimServer, Broker) {
         vec![opt("Service", "ExecStart", "/bin/false")],
         "inactive",
     );
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a port")
-        .port();
     let config = format!(
-        "{}{}[clusters.c3]\ntunnel = \"127.0.0.1:{closed}\"\nuser = \"root\"\nknown_hosts = [\"{}\"]\nconnect_timeout = \"2s\"\n",
+        "{}{}{}",
         cluster_toml(
             "c2",
             &w.sshd,
@@ -38,7 +34,7 @@ fn three_clusters() -> (World, SimServer, Broker) {
             "",
         ),
         w.config(""),
-        w.known_hosts.display()
+        down_cluster_toml("c3")
     );
     let b = Broker::start(&config, Some(&w.agent.socket));
     (w, sim2, b)

@@ -1107,15 +1107,7 @@ fn target_lookups_reach_the_api_over_the_tunnel_not_through_the_cluster_socket()
 /// header, in order; a cluster that is down named on stderr while the others print; exit 1.
 #[test]
 fn status_and_journal_fan_out_with_a_header_per_cluster() {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a port")
-        .port();
-    let host = one_host_as(
-        "",
-        &["c1", "c2"],
-        &format!("[clusters.c3]\ntunnel = \"127.0.0.1:{closed}\"\nuser = \"root\"\nconnect_timeout = \"2s\"\n"),
-    );
+    let host = one_host_as("", &["c1", "c2"], &down_cluster_toml("c3"));
     put_hello_on_m1(&host.sim);
     let cwd = open_tempdir("fb-cwd.");
     let run = fleetctl(

@@ -918,6 +918,17 @@ pub fn parse_response(raw: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
     Ok((status, body))
 }
 
+/// A cluster table whose tunnel host is a loopback port nothing listens on: its tunnel is
+/// refused at once, and its requests get a 503 within its 2 s connect_timeout.
+#[allow(dead_code)]
+pub fn down_cluster_toml(name: &str) -> String {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a port")
+        .port();
+    format!("[clusters.{name}]\ntunnel = \"127.0.0.1:{closed}\"\nuser = \"root\"\nconnect_timeout = \"2s\"\n")
+}
+
 /// A cluster table for a config file.
 pub fn cluster_toml(
     name: &str,
