@@ -107,6 +107,65 @@ fn status_passes_exit_codes_and_separates_units() {
     );
 }
 
+/// `status` and `journal --lines` of a scheduled unit are one request to the daemon, which
+/// looks the unit up as it starts the session: nothing goes through the cluster's socket. A
+/// unit the daemon cannot place (missing, global, not scheduled) is refused as a resolve
+/// error, and our fleetctl then asks the API itself to say why in fleetctl's words (the
+/// messages are checked in the tests around this one).
+#[test]
+fn status_and_journal_of_a_scheduled_unit_are_one_request() {
+    let e = env();
+    append_journal(e.m.stub(1), &[("c1", "one"), ("c2", "two")]);
+    let through_socket = || {
+        e.b.cluster_info("c1")["requests"]
+            .as_u64()
+            .expect("requests")
+    };
+    let before = through_socket();
+    let r = e.run(&["status", "hello"]);
+    assert_eq!(
+        (r.code, r.stdout.as_str()),
+        (
+            0,
+            "* hello.service - stub unit on m1\n   Active: active (running)\n"
+        ),
+        "{r:?}"
+    );
+    let r = e.run(&["journal", "--lines", "1", "hello"]);
+    assert_eq!((r.code, r.stdout.as_str()), (0, "two\n"), "{r:?}");
+    assert_eq!(
+        through_socket(),
+        before,
+        "status and journal asked the API themselves"
+    );
+    // The ones it cannot place are told why, through the API.
+    let r = e.run(&["status", "idle"]);
+    assert_eq!(
+        (r.code, r.stderr.as_str()),
+        (1, "Unit idle.service does not appear to be loaded.\n")
+    );
+    assert_eq!(through_socket(), before + 1);
+    let control = e.b.control_socket();
+    rt().block_on(async {
+        for (unit, why) in [
+            (
+                "idle.service",
+                "unit idle.service is not scheduled to a machine",
+            ),
+            ("glob.service", "global units unsupported"),
+            ("nothere.service", "unit does not exist"),
+        ] {
+            let r = session::open(
+                &control,
+                "c1",
+                &req(ExecTarget::ScheduledUnit(unit.into()), "true"),
+            )
+            .await;
+            assert_eq!(r.err(), Some(StartError::Resolve(why.into())), "{unit}");
+        }
+    });
+}
+
 #[test]
 fn journal_lines_sudo_and_output() {
     let e = env();

@@ -91,18 +91,33 @@ impl Sessions {
         let cluster = self.cluster()?.to_string();
         let interactive = req.pty.is_some();
         let stream = session::open(&self.control, &cluster, &req).await?;
-        let raw = if interactive { RawMode::enter() } else { None };
-        if interactive {
-            forward_resizes(stream.sender());
+        Ok(attach(stream, interactive, forward_input).await)
+    }
+
+    /// Starts `action` on the machine of the scheduled unit `name` in one request, the daemon
+    /// looking the unit up as it starts the session (instead of our asking the API first).
+    /// `None` when it cannot: no broker cluster, or a unit that is missing, unreadable,
+    /// global or not scheduled, or a daemon that does not know the request. The caller then
+    /// asks the API itself and says why in fleetctl's words.
+    async fn start_on_scheduled_unit(
+        &self,
+        name: &str,
+        action: RemoteAction,
+        ssh_port: Option<u16>,
+        pty: bool,
+    ) -> Option<Result<session::ExecStream, StartError>> {
+        let cluster = self.cluster.as_deref()?;
+        let req = self.request(
+            ExecTarget::ScheduledUnit(name.to_string()),
+            Run::Action(action),
+            ssh_port,
+            false,
+            pty,
+        );
+        match session::open(&self.control, cluster, &req).await {
+            Err(StartError::Resolve(_) | StartError::Request(_)) => None,
+            started => Some(started),
         }
-        if forward_input {
-            forward_stdin(stream.sender());
-        } else {
-            stream.send(Frame::StdinEof).await;
-        }
-        let outcome = stream.finish().await;
-        drop(raw);
-        Ok(outcome)
     }
 
     /// Runs a command and collects its stdout (stderr passes through).
@@ -136,6 +151,35 @@ impl Sessions {
     }
 }
 
+/// Attaches the local terminal to a started session until it ends: pty and raw mode when
+/// `interactive`, stdin forwarded when `forward_input`.
+async fn attach(stream: session::ExecStream, interactive: bool, forward_input: bool) -> Outcome {
+    let raw = if interactive { RawMode::enter() } else { None };
+    if interactive {
+        forward_resizes(stream.sender());
+    }
+    if forward_input {
+        forward_stdin(stream.sender());
+    } else {
+        stream.send(Frame::StdinEof).await;
+    }
+    let outcome = stream.finish().await;
+    drop(raw);
+    outcome
+}
+
+/// The exit code of a `status` or `journal` session, with fleetctl's message when SSH failed.
+fn session_code(r: Result<Outcome, StartError>) -> i32 {
+    match r {
+        Ok(Outcome::Failed(e))
+        | Err(StartError::Ssh(e) | StartError::Request(e) | StartError::Resolve(e)) => {
+            eprintln!("Unable to SSH to remote host: {e}");
+            255
+        }
+        Ok(o) => o.code(),
+    }
+}
+
 /// The unit, or fleetctl's message when it does not exist or cannot be read.
 async fn unit_or_report(api: &FleetClient, name: &str) -> Result<crate::fleet::schema::Unit, ()> {
     match api.unit(name).await {
@@ -161,6 +205,25 @@ pub(crate) async fn status(
     let mut printed = false;
     for arg in args {
         let name = unit_name_mangle(arg);
+        let action = RemoteAction::Status { unit: name.clone() };
+        let pty = stdin_is_tty();
+        if let Some(started) = s
+            .start_on_scheduled_unit(&name, action.clone(), ssh_port, pty)
+            .await
+        {
+            if printed {
+                println!();
+            }
+            printed = true;
+            let ended = match started {
+                Ok(stream) => Ok(attach(stream, pty, false).await),
+                Err(e) => Err(e),
+            };
+            match session_code(ended) {
+                0 => continue,
+                code => return code,
+            }
+        }
         let Ok(u) = unit_or_report(api, &name).await else {
             return 1;
         };
@@ -185,22 +248,14 @@ pub(crate) async fn status(
             printed = true;
             let req = s.request(
                 ExecTarget::Machine(machine),
-                Run::Action(RemoteAction::Status { unit: name.clone() }),
+                Run::Action(action.clone()),
                 ssh_port,
                 false,
-                stdin_is_tty(),
+                pty,
             );
-            match s.run_attached(req, false).await {
-                Ok(Outcome::Failed(e)) | Err(StartError::Ssh(e)) | Err(StartError::Resolve(e)) => {
-                    eprintln!("Unable to SSH to remote host: {e}");
-                    return 255;
-                }
-                Ok(o) => {
-                    let code = o.code();
-                    if code != 0 {
-                        return code;
-                    }
-                }
+            match session_code(s.run_attached(req, false).await) {
+                0 => {}
+                code => return code,
             }
         }
     }
@@ -246,6 +301,18 @@ pub(crate) async fn journal(
         return 1;
     }
     let name = unit_name_mangle(&args[0]);
+    if !o.follow {
+        let action = journal_action(&name, o, true, None, false);
+        if let Some(started) = s
+            .start_on_scheduled_unit(&name, action, o.ssh_port, false)
+            .await
+        {
+            return session_code(match started {
+                Ok(stream) => Ok(attach(stream, false, false).await),
+                Err(e) => Err(e),
+            });
+        }
+    }
     let Ok(u) = unit_or_report(api, &name).await else {
         return 1;
     };
@@ -266,13 +333,7 @@ pub(crate) async fn journal(
             false,
             false,
         );
-        return match s.run_attached(req, false).await {
-            Ok(Outcome::Failed(e)) | Err(StartError::Ssh(e)) | Err(StartError::Resolve(e)) => {
-                eprintln!("Unable to SSH to remote host: {e}");
-                255
-            }
-            Ok(outcome) => outcome.code(),
-        };
+        return session_code(s.run_attached(req, false).await);
     }
     follow(s, target, &name, o).await
 }
@@ -333,7 +394,7 @@ async fn follow(s: &Sessions, target: ExecTarget, name: &str, o: &JournalOpts) -
                 eprintln!("Unable to SSH to remote host: {e}");
                 return 255;
             }
-            Ok((Outcome::Failed(e), _)) | Err(StartError::Ssh(e)) => {
+            Ok((Outcome::Failed(e), _)) | Err(StartError::Ssh(e) | StartError::Request(e)) => {
                 if down_since.is_none() {
                     eprintln!("fleetctl: lost the journal session ({e}); retrying");
                     down_since = Some(std::time::Instant::now());
@@ -394,11 +455,11 @@ pub(crate) async fn ssh(
             eprintln!("Unable to proceed: {e}");
             1
         }
-        Err(StartError::Ssh(e)) | Ok(Outcome::Failed(e)) if shell => {
+        Err(StartError::Ssh(e) | StartError::Request(e)) | Ok(Outcome::Failed(e)) if shell => {
             eprintln!("Failed opening shell over SSH: {e}");
             1
         }
-        Err(StartError::Ssh(e)) | Ok(Outcome::Failed(e)) => {
+        Err(StartError::Ssh(e) | StartError::Request(e)) | Ok(Outcome::Failed(e)) => {
             eprintln!("Failed running command over SSH: {e}");
             255
         }
@@ -413,7 +474,7 @@ async fn ssh_without_broker(api: &FleetClient, target: &ExecTarget, shell: bool)
     use crate::fleet::target::{find, Wanted};
     let (wanted, unit_name) = match target {
         ExecTarget::Machine(m) => (Wanted::Machine(m), None),
-        ExecTarget::Unit(u) => (Wanted::Unit, Some(u.clone())),
+        ExecTarget::Unit(u) | ExecTarget::ScheduledUnit(u) => (Wanted::Unit, Some(u.clone())),
         ExecTarget::Auto(a) => (Wanted::Auto(a), Some(unit_name_mangle(a))),
         ExecTarget::TunnelHost => (Wanted::Machine(""), None),
     };

@@ -21,6 +21,8 @@ pub enum StartError {
     Resolve(String),
     /// The SSH hop or the daemon failed (exit 255).
     Ssh(String),
+    /// The daemon did not understand the request (one older than this fleetctl, say).
+    Request(String),
 }
 
 /// A started session.
@@ -99,10 +101,10 @@ pub async fn open(
             .ok()
             .and_then(|v| serde_json::from_value::<ExecErrorKind>(v["kind"].clone()).ok());
         let msg = error_text(&body);
-        return Err(if kind == Some(ExecErrorKind::Resolve) {
-            StartError::Resolve(msg)
-        } else {
-            StartError::Ssh(msg)
+        return Err(match kind {
+            Some(ExecErrorKind::Resolve) => StartError::Resolve(msg),
+            Some(ExecErrorKind::Request) => StartError::Request(msg),
+            _ => StartError::Ssh(msg),
         });
     }
     let upgraded = hyper::upgrade::on(resp)
@@ -142,18 +144,23 @@ impl ExecStream {
     }
 
     /// Copies output to stdout/stderr until the end; returns how the command ended.
+    ///
+    /// The writes block this (the CLI's only) thread: a reader that stops reading holds the
+    /// session back, as it would hold `ssh` back. tokio's stdout would hand every frame to a
+    /// thread of its own, started for the first (a thread start and two switches per frame).
     pub async fn finish(mut self) -> Outcome {
-        let mut out = tokio::io::stdout();
-        let mut err = tokio::io::stderr();
+        use std::io::Write;
         loop {
             match self.recv().await {
                 Some(Frame::Stdout(b)) => {
-                    let _ = out.write_all(&b).await;
-                    let _ = out.flush().await;
+                    let mut out = std::io::stdout().lock();
+                    let _ = out.write_all(&b);
+                    let _ = out.flush();
                 }
                 Some(Frame::Stderr(b)) => {
-                    let _ = err.write_all(&b).await;
-                    let _ = err.flush().await;
+                    let mut err = std::io::stderr().lock();
+                    let _ = err.write_all(&b);
+                    let _ = err.flush();
                 }
                 Some(Frame::Exit(c)) => return Outcome::Exit(c),
                 Some(Frame::ExitSignal(s)) => return Outcome::Signal(s),

@@ -48,7 +48,7 @@ impl Exec {
         let api = &self.api;
         // A unit target needs the unit and the machine list; both are asked at once.
         let unit_name = match target {
-            ExecTarget::Unit(name) => Some(name.clone()),
+            ExecTarget::Unit(name) | ExecTarget::ScheduledUnit(name) => Some(name.clone()),
             ExecTarget::Auto(s) => Some(crate::fleet::names::unit_name_mangle(s)),
             _ => None,
         };
@@ -83,7 +83,7 @@ impl Exec {
         use crate::fleet::target::{find, Wanted};
         let wanted = match target {
             ExecTarget::Machine(prefix) => Wanted::Machine(prefix),
-            ExecTarget::Unit(_) => Wanted::Unit,
+            ExecTarget::Unit(_) | ExecTarget::ScheduledUnit(_) => Wanted::Unit,
             ExecTarget::Auto(s) => Wanted::Auto(s),
             ExecTarget::TunnelHost => return Ok(Place::Tunnel),
         };
@@ -94,6 +94,15 @@ impl Exec {
             (_, Some(u)) => u.ok().flatten(),
             (_, None) => None,
         };
+        if let (ExecTarget::ScheduledUnit(name), Some(u)) = (target, &unit) {
+            let global = crate::fleet::unit_file::is_global(&u.options);
+            if !global && (u.current_state == "inactive" || u.machine_id.is_empty()) {
+                return Err(ExecError::resolve(format!(
+                    "unit {} is not scheduled to a machine",
+                    crate::escape::display(name)
+                )));
+            }
+        }
         let place = find(wanted, &machines, unit.as_ref())
             .map(machine_place)
             .map_err(|e| ExecError::resolve(e.to_string()))?;

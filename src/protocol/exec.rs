@@ -19,6 +19,11 @@ pub enum ExecTarget {
     Auto(String),
     /// The tunnel host itself.
     TunnelHost,
+    /// The machine of a unit that is scheduled (not global, not inactive, with a machine):
+    /// `status` and `journal` in one request, the daemon looking the unit up as it starts the
+    /// session. Any other unit is refused as [`ExecErrorKind::Resolve`], and the client asks
+    /// the API itself to say why in fleetctl's words.
+    ScheduledUnit(String),
 }
 
 /// A terminal for the session.
