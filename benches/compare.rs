@@ -2,7 +2,8 @@
 //! through fleet-broker, through OpenSSH `ssh -N -L` (what users configure), through OpenSSH
 //! with a pty (`ssh -tt -L … sleep`, which makes OpenSSH set TCP_NODELAY), and directly on the
 //! simulator socket (the floor). Paths are sampled in turn (A B C D A B …) after a warm-up.
-//! `BENCH_N` sets the samples per path (default 200).
+//! `BENCH_N` sets the samples per path (default 200), `BENCH_ONLY` the blocks that follow
+//! it, and `BENCH_HOLD=api` or `=master` holds that block set up for profiling ([`hold`]).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -90,6 +91,11 @@ fn main() {
         ("OpenSSH ssh -tt -L (tuned)", tuned_sock.clone()),
         ("simulator socket (floor)", w.sim.socket.clone()),
     ];
+    let mut held: Vec<(&str, PathBuf)> = paths.clone();
+    held.push(("broker's config and log", broker.dir.path().to_path_buf()));
+    if hold("api", &held) {
+        return;
+    }
     let want = http(&w.sim.socket, "GET", "/fleet/v1/machines", None);
     for (_, p) in &paths {
         for _ in 0..20 {
@@ -281,6 +287,32 @@ fn several_clusters(w: &World) {
         "fan-out / slowest single cluster: {:.2}x",
         median(3).as_secs_f64() / slowest.as_secs_f64()
     );
+}
+
+/// With `BENCH_HOLD=BLOCK` (`api`, the first block, or `master`), that block sets up its
+/// processes, prints where they are and, instead of measuring, waits until the printed file
+/// is removed (at most an hour): for profiling one path with `perf` against live peers.
+/// Returns whether it held; the caller then returns, so every process it started is stopped
+/// as after a run.
+fn hold(block: &str, what: &[(&str, PathBuf)]) -> bool {
+    if std::env::var("BENCH_HOLD").ok().as_deref() != Some(block) {
+        return false;
+    }
+    for (name, path) in what {
+        println!("hold: {name}: {}", path.display());
+    }
+    let dir = open_tempdir("fb-hold.");
+    let marker = dir.path().join("remove-to-stop");
+    std::fs::write(&marker, "").expect("hold marker");
+    println!(
+        "hold: measuring nothing; remove {} to stop",
+        marker.display()
+    );
+    let end = Instant::now() + Duration::from_secs(3600);
+    while marker.exists() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    true
 }
 
 /// Whether to run a block: all unless `BENCH_ONLY` names some (comma-separated: whole,
@@ -927,6 +959,16 @@ fn master_sessions() {
             .output()
             .expect("ssh")
     };
+    if hold(
+        "master",
+        &[
+            ("broker's XDG_RUNTIME_DIR", xdg.clone()),
+            ("OpenSSH's config", cfg.clone()),
+            ("the machine's ControlMaster socket", machine_ctl.clone()),
+        ],
+    ) {
+        return;
+    }
     let cat = format!("cat {}", payload_path.display());
     let rows: Vec<(&str, Vec<String>, String)> = vec![
         (
