@@ -836,11 +836,19 @@ fn status_vs_jump() {
     ssh(true);
     ssh(false);
     let mut samples = vec![Vec::new(); 4];
+    // A new random order every round: in a fixed one the broker always ran right after a
+    // fresh `ssh`, whose sshd was still tearing its session down.
+    let mut order: Vec<usize> = (0..4).collect();
     for _ in 0..runs {
-        samples[0].push(fleetctl(&broker));
-        samples[1].push(fleetctl(&off));
-        samples[2].push(ssh(true));
-        samples[3].push(ssh(false));
+        rand::seq::SliceRandom::shuffle(order.as_mut_slice(), &mut rand::thread_rng());
+        for &i in &order {
+            samples[i].push(match i {
+                0 => fleetctl(&broker),
+                1 => fleetctl(&off),
+                2 => ssh(true),
+                _ => ssh(false),
+            });
+        }
     }
     let medians: Vec<Duration> = samples.into_iter().map(median).collect();
     println!();
