@@ -58,7 +58,8 @@ cargo test --locked 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 # The patched russh's own tests of what was changed in it (patches/russh/PATCHES.md).
 cargo test --locked -p russh --no-default-features --features ring,rsa,flate2 \
-    --test test_window_release --test test_window_adjust --test test_backpressure 2>&1 | tee -a "$log"
+    --test test_window_release --test test_window_adjust --test test_backpressure \
+    --test test_close_first 2>&1 | tee -a "$log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 set -e
 ignored="$(sed -n 's/^test \(.*\) \.\.\. ignored.*$/\1/p' "$log" | sort -u)"

@@ -527,6 +527,19 @@ impl Session {
                 let channel_num = map_err!(ChannelId::decode(&mut r))?;
                 map_err!(ensure_end(&r))?;
                 if !self.common.is_established_channel(channel_num) {
+                    // The answer to a CLOSE we sent: `Encrypted::close` forgot the
+                    // channel then, and now both sides are done with it, so its reader
+                    // gets the end and the session lets go of it. Without this, every
+                    // channel the client closed first stayed in `channels` (its queue
+                    // and its reader waiting) for the life of the connection.
+                    let closed_by_us = self
+                        .common
+                        .encrypted
+                        .as_ref()
+                        .is_some_and(|enc| !enc.channels.contains_key(&channel_num));
+                    if closed_by_us && let Some(chan) = self.channels.remove(&channel_num) {
+                        let _ = chan.send(ChannelMsg::Close).await;
+                    }
                     return Ok(());
                 }
                 if let Some(ref mut enc) = self.common.encrypted {
