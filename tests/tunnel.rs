@@ -133,6 +133,56 @@ fn two_hundred_concurrent_requests_all_succeed() {
     );
 }
 
+/// `fleet_broker_channels` from the daemon's metrics.
+fn live_channels(b: &Broker) -> u64 {
+    let (_, body) = http(&b.control_socket(), "GET", "/metrics", None);
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find_map(|l| l.strip_prefix("fleet_broker_channels "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("fleet_broker_channels")
+}
+
+/// Bursts of more concurrent requests than the pool keeps connections for: the ones it does
+/// not keep are closed, and closed for good. Each channel the daemon closed first used to stay
+/// in the SSH session for the life of the connection, its reader still waiting (the session
+/// ignored sshd's answering CLOSE), and the daemon grew by a few kilobytes per request.
+#[test]
+fn upstream_connections_the_pool_does_not_keep_are_let_go() {
+    let w = World::new();
+    let b = w.broker("");
+    let sock = b.socket("c1");
+    wait_until_served(&b, "the cluster socket");
+    for _ in 0..3 {
+        let handles: Vec<_> = (0..40)
+            .map(|_| {
+                let sock = sock.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..5 {
+                        let r = try_http(&sock, "GET", "/fleet/v1/machines", None);
+                        assert!(matches!(r, Ok((200, _))), "{r:?}");
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().expect("client thread");
+        }
+    }
+    // The pool keeps 8 idle connections; the interactive session and the daemon's lookups
+    // may hold a few channels more.
+    let mut seen = u64::MAX;
+    wait_until(
+        "the channels beyond the pool's to be let go",
+        Duration::from_secs(10),
+        || {
+            seen = live_channels(&b);
+            seen <= 12
+        },
+    );
+    assert!(seen <= 12, "{seen} channels live");
+}
+
 #[test]
 fn large_response_streams_through_intact() {
     let w = World::new();

@@ -330,6 +330,11 @@ impl Control {
             crate::tunnel::channel::MAX_BUFFERED_TOTAL,
             crate::tunnel::channel::buffered_total()
         );
+        let _ = writeln!(
+            out,
+            "# HELP fleet_broker_channels Tunnel channels whose byte stream is in use (upstream connections of the fleet API among them), all clusters.\n# TYPE fleet_broker_channels gauge\nfleet_broker_channels {}",
+            crate::tunnel::channel::live_channels()
+        );
         let lag = self.lag.snapshot();
         let tick = crate::lag::TICK.as_millis();
         let _ = writeln!(
