@@ -27,6 +27,10 @@ const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
 const MAX_PAGES: usize = 100_000;
 /// Pages of a listing asked for at once ([`FleetClient::pages`]).
 const PAGES_AHEAD: usize = 4;
+/// Idle connections kept: the pages asked ahead, the machine list and a unit beside them.
+const POOL_MAX_IDLE: usize = 8;
+/// How long an idle connection is kept.
+const POOL_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Fleet's page token: base64url with padding of the page size and the 1-based page
 /// number, each a little-endian u16 (reference A.4).
@@ -315,8 +319,14 @@ impl FleetClient {
         }
     }
 
+    /// Idle connections are kept for a while (few: each is a channel of the tunnel in the
+    /// daemon) and closed by the pool's timer when that while is over.
     fn client(connector: Connector) -> Client<Connector, Full<Bytes>> {
-        Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector)
+        Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_max_idle_per_host(POOL_MAX_IDLE)
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .build(connector)
     }
 
     /// The same client, calling `wake` once when the socket is not there, and connecting

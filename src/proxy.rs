@@ -20,8 +20,15 @@ use crate::protocol::BROKER_ERROR_HEADER;
 use crate::tunnel::api::ApiConnector;
 use crate::tunnel::Tunnel;
 
-/// Idle pooled upstream connections kept per cluster.
-const POOL_MAX_IDLE: usize = 32;
+/// Idle pooled upstream connections kept per cluster: enough for our fleetctl's concurrent
+/// requests (a listing asks for its pages ahead and the machine list beside them). Each is
+/// a channel that the tunnel host's sshd keeps polling, and every request paid for the
+/// ones kept: 32 idle channels after a burst of 256 clients made a request 0.06-0.07 ms
+/// (about 17%) slower for as long as they stayed.
+const POOL_MAX_IDLE: usize = 8;
+/// How long an idle upstream connection is kept. The pool closes it only with a timer
+/// (`pool_timer`); without one, connections past this age stay open until they are checked
+/// out again, and the least used never are.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A local request body, counted as it streams upstream.
@@ -87,6 +94,7 @@ impl Proxy {
         let client = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(POOL_MAX_IDLE)
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_timer(hyper_util::rt::TokioTimer::new())
             .build(ApiConnector::new(tunnel.clone()));
         Proxy {
             tunnel,
