@@ -5,7 +5,8 @@
 //! [`DRAIN_TIMEOUT`]). Bounded: at most [`MAX_CONNECTIONS`] connections per socket (more
 //! wait in the kernel's backlog), request headers must arrive within
 //! [`HEADER_READ_TIMEOUT`], and accept errors (EMFILE) back off instead of spinning, logged
-//! at most once a second.
+//! at most once a second. When a burst of [`BURST`] or more connections at once has ended,
+//! the memory it took is given back to the system.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -114,6 +115,7 @@ pub(crate) async fn accept_loop<L, H, HF>(
     HF: Future<Output = ()> + Send + 'static,
 {
     let mut conns = tokio::task::JoinSet::new();
+    let burst = std::sync::Arc::new(Burst::default());
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(max));
     let mut pause = Duration::ZERO;
     let accept_errors = Throttle::default();
@@ -140,7 +142,12 @@ pub(crate) async fn accept_loop<L, H, HF>(
             Ok(conn) => {
                 pause = Duration::ZERO;
                 if let Some(task) = handle(conn, slot) {
-                    conns.spawn(tracing::Instrument::in_current_span(task));
+                    burst.begin();
+                    let burst = burst.clone();
+                    conns.spawn(tracing::Instrument::in_current_span(async move {
+                        task.await;
+                        burst.end();
+                    }));
                 }
                 // Reap finished connection tasks as we go.
                 while conns.try_join_next().is_some() {}
@@ -168,6 +175,34 @@ pub(crate) async fn accept_loop<L, H, HF>(
     if drained.is_err() {
         tracing::warn!(socket = %label, "in-flight requests still running after {:?}; closing them", DRAIN_TIMEOUT);
         conns.abort_all();
+    }
+}
+
+/// Connections at once from which their end gives memory back.
+const BURST: usize = 64;
+
+/// The connections of one door at once, and the most since they last all ended: when a
+/// burst of at least [`BURST`] has ended, glibc is asked to give the memory its buffers
+/// took back to the system (otherwise a daemon stays at the burst's high-water mark: 31 MB
+/// after 256 clients at once, 13 MB once trimmed).
+#[derive(Default)]
+struct Burst {
+    live: std::sync::atomic::AtomicUsize,
+    peak: std::sync::atomic::AtomicUsize,
+}
+
+impl Burst {
+    fn begin(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = self.live.fetch_add(1, Relaxed) + 1;
+        self.peak.fetch_max(now, Relaxed);
+    }
+
+    fn end(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.live.fetch_sub(1, Relaxed) == 1 && self.peak.swap(0, Relaxed) >= BURST {
+            crate::memory::trim_soon();
+        }
     }
 }
 
