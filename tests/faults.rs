@@ -476,20 +476,7 @@ fn memory_taken_by_a_burst_of_clients_is_given_back_when_it_ends() {
             peak
         })
     };
-    let clients: Vec<_> = (0..200)
-        .map(|_| {
-            let sock = sock.clone();
-            std::thread::spawn(move || {
-                for _ in 0..20 {
-                    let r = try_http(&sock, "GET", "/fleet/v1/machines", None);
-                    assert!(matches!(r, Ok((200, _))), "{r:?}");
-                }
-            })
-        })
-        .collect();
-    for c in clients {
-        c.join().expect("client");
-    }
+    concurrent_gets(&sock, 200, 20);
     running.store(false, std::sync::atomic::Ordering::Relaxed);
     let peak = sampler.join().expect("sampler").max(rss_kb(pid));
     assert!(

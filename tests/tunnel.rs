@@ -154,20 +154,7 @@ fn upstream_connections_the_pool_does_not_keep_are_let_go() {
     let sock = b.socket("c1");
     wait_until_served(&b, "the cluster socket");
     for _ in 0..3 {
-        let handles: Vec<_> = (0..40)
-            .map(|_| {
-                let sock = sock.clone();
-                std::thread::spawn(move || {
-                    for _ in 0..5 {
-                        let r = try_http(&sock, "GET", "/fleet/v1/machines", None);
-                        assert!(matches!(r, Ok((200, _))), "{r:?}");
-                    }
-                })
-            })
-            .collect();
-        for h in handles {
-            h.join().expect("client thread");
-        }
+        concurrent_gets(&sock, 40, 5);
     }
     // The pool keeps 8 idle connections; the interactive session and the daemon's lookups
     // may hold a few channels more.

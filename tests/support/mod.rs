@@ -876,6 +876,25 @@ pub fn try_http(
     parse_response(&raw)
 }
 
+/// `clients` clients at once, each sending `each` `GET /fleet/v1/machines` in turn on a new
+/// connection to `socket`; every answer must be a 200.
+pub fn concurrent_gets(socket: &Path, clients: usize, each: usize) {
+    let handles: Vec<_> = (0..clients)
+        .map(|_| {
+            let socket = socket.to_path_buf();
+            std::thread::spawn(move || {
+                for _ in 0..each {
+                    let r = try_http(&socket, "GET", "/fleet/v1/machines", None);
+                    assert!(matches!(r, Ok((200, _))), "{r:?}");
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("client thread");
+    }
+}
+
 /// Splits a raw HTTP/1.1 response, de-chunking if needed.
 pub fn parse_response(raw: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
     let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
