@@ -291,16 +291,6 @@ fn an_encrypted_identity_without_its_key_in_an_agent_is_named() {
     runtime_never_blocked(&b);
 }
 
-/// `fleet_broker_buffered_bytes` from the daemon's metrics.
-fn buffered_bytes(b: &Broker) -> u64 {
-    let (_, body) = http(&b.control_socket(), "GET", "/metrics", None);
-    String::from_utf8_lossy(&body)
-        .lines()
-        .find_map(|l| l.strip_prefix("fleet_broker_buffered_bytes "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("fleet_broker_buffered_bytes")
-}
-
 #[test]
 fn slow_local_readers_hold_at_most_a_window_each_until_the_stall_limit_closes_them() {
     use std::io::{Read, Write};
@@ -324,7 +314,7 @@ fn slow_local_readers_hold_at_most_a_window_each_until_the_stall_limit_closes_th
     // (the rest of the half is given back in a batch), never more.
     let mut most = 0;
     wait_until("four windows to fill", DEADLINE, || {
-        let held = buffered_bytes(&b);
+        let held = b.metric("fleet_broker_buffered_bytes");
         most = most.max(held);
         held > 4 * WINDOW / 2
     });
@@ -340,7 +330,7 @@ fn slow_local_readers_hold_at_most_a_window_each_until_the_stall_limit_closes_th
             == 4
     });
     wait_until("the buffers to be released", DEADLINE, || {
-        buffered_bytes(&b) == 0
+        b.metric("fleet_broker_buffered_bytes") == 0
     });
     drop(stalled);
     assert_eq!(http(&sock, "GET", "/fleet/v1/machines", None).0, 200);
@@ -428,7 +418,7 @@ fn clients_that_vanish_mid_response_leave_nothing_behind() {
     wait_until(
         "buffers held for vanished clients to be released",
         DEADLINE,
-        || buffered_bytes(&b) == 0,
+        || b.metric("fleet_broker_buffered_bytes") == 0,
     );
     let (status, body) = http(&sock, "GET", "/fleet/v1/units", None);
     assert_eq!(status, 200);
@@ -1011,7 +1001,7 @@ fn an_endless_answer_to_the_daemons_own_lookup_is_cut_and_memory_comes_back() {
     if after * 10 > before * 12 {
         eprintln!(
             "DIAG buffered {} smaps:\n{}",
-            buffered_bytes(&b),
+            b.metric("fleet_broker_buffered_bytes"),
             std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default()
         );
         eprintln!("{}", b.log());

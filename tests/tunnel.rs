@@ -133,16 +133,6 @@ fn two_hundred_concurrent_requests_all_succeed() {
     );
 }
 
-/// `fleet_broker_channels` from the daemon's metrics.
-fn live_channels(b: &Broker) -> u64 {
-    let (_, body) = http(&b.control_socket(), "GET", "/metrics", None);
-    String::from_utf8_lossy(&body)
-        .lines()
-        .find_map(|l| l.strip_prefix("fleet_broker_channels "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("fleet_broker_channels")
-}
-
 /// Bursts of more concurrent requests than the pool keeps connections for: the ones it does
 /// not keep are closed, and closed for good. Each channel the daemon closed first used to stay
 /// in the SSH session for the life of the connection, its reader still waiting (the session
@@ -163,7 +153,7 @@ fn upstream_connections_the_pool_does_not_keep_are_let_go() {
         "the channels beyond the pool's to be let go",
         Duration::from_secs(10),
         || {
-            seen = live_channels(&b);
+            seen = b.metric("fleet_broker_channels");
             seen <= 12
         },
     );

@@ -798,6 +798,20 @@ impl Broker {
         false
     }
 
+    /// A gauge or counter from the daemon's `GET /metrics` (`fleet_broker_channels`, …); one
+    /// that is not there fails the test.
+    pub fn metric(&self, name: &str) -> u64 {
+        let (_, body) = http(&self.control_socket(), "GET", "/metrics", None);
+        let prefix = format!("{name} ");
+        String::from_utf8_lossy(&body)
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(prefix.as_str())
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .unwrap_or_else(|| panic!("no {name} in the daemon's metrics"))
+    }
+
     /// GET on the control socket, parsed.
     pub fn cluster_info(&self, name: &str) -> serde_json::Value {
         let (status, body) = http(
