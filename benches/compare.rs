@@ -3,8 +3,11 @@
 //! with a pty (`ssh -tt -L … sleep`, which makes OpenSSH set TCP_NODELAY), and directly on the
 //! simulator socket (the floor). Paths are sampled in turn (A B C D A B …) after a warm-up.
 //! `BENCH_N` sets the samples per path (default 200), `BENCH_ONLY` the blocks that follow
-//! it, and `BENCH_HOLD=api` or `=master` holds that block set up for profiling ([`hold`]).
+//! it, and `BENCH_HOLD=api`, `=master` or `=master-link` holds that block set up for
+//! profiling ([`hold`]). Every OpenSSH peer uses the broker's cipher ([`CIPHER`]).
 
+#[path = "compare/link.rs"]
+mod link;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -25,31 +28,44 @@ impl Drop for Ssh {
 
 /// `ssh` to the world's sshd, pinned, with its agent, never prompting.
 fn openssh(w: &World) -> Command {
+    openssh_at(w, w.sshd.port, &w.known_hosts)
+}
+
+/// `ssh` to `port` (the world's sshd, or a relay in front of it) pinned by `known_hosts`,
+/// with the world's agent, never prompting.
+fn openssh_at(w: &World, port: u16, known_hosts: &Path) -> Command {
     let mut cmd = Command::new("ssh");
     cmd.arg("-p")
-        .arg(w.sshd.port.to_string())
+        .arg(port.to_string())
         .arg("-o")
-        .arg(format!("UserKnownHostsFile={}", w.known_hosts.display()))
+        .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
         .args(["-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes"])
         .arg("-o")
         .arg(format!("IdentityAgent={}", w.agent.socket.display()));
     cmd
 }
 
+/// An OpenSSH forward of the simulator socket to `local`, with the broker's cipher
+/// (aes256-gcm; OpenSSH's default is chacha20-poly1305). `tuned` adds a terminal session
+/// (`-tt … sleep`), which makes OpenSSH set TCP_NODELAY; it lasts as long as [`hold`] may.
 fn openssh_forward(w: &World, local: &Path, tuned: bool) -> Ssh {
-    let mut cmd = openssh(w);
+    let dest = format!("root@{}", w.sshd.ip);
+    forward_via(openssh(w), w, &dest, local, tuned)
+}
+
+/// [`openssh_forward`] with `cmd` (an [`openssh_at`]) as the connection to `dest`.
+fn forward_via(mut cmd: Command, w: &World, dest: &str, local: &Path, tuned: bool) -> Ssh {
     cmd.args(["-o", "StreamLocalBindUnlink=yes"])
+        .args(["-c", CIPHER])
         .arg("-L")
         .arg(format!("{}:{}", local.display(), w.sim.socket.display()))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     if tuned {
-        cmd.arg("-tt")
-            .arg(format!("root@{}", w.sshd.ip))
-            .arg("sleep 600");
+        cmd.arg("-tt").arg(dest).arg("sleep 3700");
     } else {
-        cmd.arg("-N").arg(format!("root@{}", w.sshd.ip));
+        cmd.arg("-N").arg(dest);
     }
     let child = Ssh(cmd.spawn().expect("ssh"));
     wait_until("ssh -L socket", DEADLINE, || {
@@ -57,6 +73,10 @@ fn openssh_forward(w: &World, local: &Path, tuned: bool) -> Ssh {
     });
     child
 }
+
+/// The cipher of every OpenSSH peer: the one the broker prefers on CPUs with AES
+/// instructions, so that both sides of a row encrypt alike.
+const CIPHER: &str = "aes256-gcm@openssh.com";
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -122,7 +142,7 @@ fn main() {
             assert_eq!(r.0, 200);
         }
     }
-    println!("GET /fleet/v1/machines, new local connection per request, {n} samples per path, interleaved");
+    println!("GET /fleet/v1/machines, new local connection per request, {n} samples per path, interleaved, {CIPHER} on both sides");
     println!("{:<30} {:>10} {:>10}", "path", "p50 ms", "p99 ms");
     let mut stats = Vec::new();
     for (i, (name, _)) in paths.iter().enumerate() {
@@ -150,7 +170,7 @@ fn main() {
         ratio(stats[0].1, stats[3].1)
     );
     if block("whole") {
-        whole_process(&w, &broker);
+        whole_process(&w, &broker, &tuned_sock);
     }
     if block("load") {
         load(&broker);
@@ -184,10 +204,13 @@ fn main() {
         status_vs_jump();
     }
     if block("master") {
-        master_sessions();
+        master_sessions(None);
     }
     if block("clusters") {
         several_clusters(&w);
+    }
+    if block("link") {
+        link::link(&w);
     }
 }
 
@@ -322,7 +345,7 @@ fn hold(block: &str, what: &[(&str, PathBuf)]) -> bool {
 }
 
 /// Whether to run a block: all unless `BENCH_ONLY` names some (comma-separated: whole,
-/// load, patterns, rss, bulk, flow, waits, status, master, clusters).
+/// load, patterns, rss, bulk, flow, waits, status, master, clusters, link).
 fn block(name: &str) -> bool {
     std::env::var("BENCH_ONLY").map_or(true, |v| v.split(',').any(|b| b.trim() == name))
 }
@@ -394,7 +417,7 @@ fn write_patterns(w: &World, paths: &[(&str, PathBuf)]) {
         }
         println!();
         println!(
-            "{label}: GET {path}, {} bytes, {n} requests per path, interleaved",
+            "{label}: GET {path}, {} bytes, {n} requests per path, interleaved, {CIPHER} on both sides",
             want.1.len()
         );
         println!(
@@ -541,7 +564,7 @@ fn bulk(w: &World) {
     let dir = open_tempdir("fb-bulk.");
     let local = dir.path().join("bulk.sock");
     let mut cmd = openssh(w);
-    cmd.args(["-c", "aes256-gcm@openssh.com"])
+    cmd.args(["-c", CIPHER])
         .arg("-N")
         .arg("-L")
         .arg(format!("{}:{addr}", local.display()))
@@ -613,7 +636,7 @@ fn flow(w: &World) {
     );
     let local = dir.path().join("forward.sock");
     let mut cmd = openssh(w);
-    cmd.args(["-c", "aes256-gcm@openssh.com"])
+    cmd.args(["-c", CIPHER])
         .arg("-N")
         .arg("-L")
         .arg(format!("{}:{}", local.display(), fleetd.display()))
@@ -886,9 +909,19 @@ fn status_vs_jump() {
 /// in a new random order each round;
 /// aes256-gcm on every hop of both sides; every output checked, a short or wrong one fails
 /// the benchmark.
-fn master_sessions() {
+fn master_sessions(link_rtt: Option<u64>) {
     let runs = 21;
     let m = machines_with_hello();
+    // Over a link, broker and masters alike dial the tunnel host through a delaying relay,
+    // pinned by the same key at the relay's address.
+    let relay = link_rtt.map(|rtt| link::DelayRelay::start(&m.tunnel, rtt));
+    let (tunnel_ip, tunnel_port) = match &relay {
+        Some(r) => {
+            r.pin(&m.tunnel, &m.known_hosts);
+            ("127.0.0.1".to_string(), r.addr.port())
+        }
+        None => (m.tunnel.ip.clone(), m.tunnel.port),
+    };
     let journal: String = (1..=30)
         .map(|i| format!("c{i}\tDec 04 10:00:{i:02} m1 hello[1]: line {i}\n"))
         .collect();
@@ -896,7 +929,11 @@ fn master_sessions() {
     let want_journal: String = (21..=30)
         .map(|i| format!("Dec 04 10:00:{i:02} m1 hello[1]: line {i}\n"))
         .collect();
-    let broker = m.broker("");
+    let broker = Broker::start(
+        &m.config("")
+            .replace(&m.tunnel.tunnel(), &format!("{tunnel_ip}:{tunnel_port}")),
+        Some(&m.agent.socket),
+    );
     let dir = open_tempdir("fb-master.");
     let payload: Vec<u8> = (0..1u32 << 20)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
@@ -904,7 +941,7 @@ fn master_sessions() {
     let payload_path = dir.path().join("payload");
     std::fs::write(&payload_path, &payload).expect("payload");
     let cfg = dir.path().join("ssh_config");
-    write_ssh_config(&m, &cfg, "  Ciphers aes256-gcm@openssh.com\n");
+    write_ssh_config(&m, &cfg, &format!("  Ciphers {CIPHER}\n"));
     let tunnel_ctl = dir.path().join("tunnel.ctl");
     let machine_ctl = dir.path().join("m1.ctl");
     let check = |ctl: &Path, host: &str| {
@@ -929,7 +966,7 @@ fn master_sessions() {
             .arg("-p")
             .arg(port.to_string())
             .arg(host)
-            .arg("sleep 600")
+            .arg("sleep 3700")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -939,13 +976,13 @@ fn master_sessions() {
         wait_until("an OpenSSH master", DEADLINE, || check(ctl, host));
         child
     };
-    let _tunnel_master = master(&tunnel_ctl, &[], m.tunnel.port, &m.tunnel.ip);
+    let _tunnel_master = master(&tunnel_ctl, &[], tunnel_port, &tunnel_ip);
     let proxy = format!(
         "ProxyCommand=ssh -F {} -S {} -W %h:%p -p {} {}",
         cfg.display(),
         tunnel_ctl.display(),
-        m.tunnel.port,
-        m.tunnel.ip
+        tunnel_port,
+        tunnel_ip
     );
     let _machine_master = master(&machine_ctl, &["-o".into(), proxy], m.m1.port, &m.m1.ip);
     let xdg = broker.dir.path().join("xdg");
@@ -974,7 +1011,11 @@ fn master_sessions() {
             .expect("ssh")
     };
     if hold(
-        "master",
+        if link_rtt.is_some() {
+            "master-link"
+        } else {
+            "master"
+        },
         &[
             ("broker's XDG_RUNTIME_DIR", xdg.clone()),
             ("OpenSSH's config", cfg.clone()),
@@ -1055,8 +1096,11 @@ fn master_sessions() {
         }
     }
     println!();
+    let link = link_rtt.map_or_else(String::new, |rtt| {
+        format!(", round trip {rtt} ms to the tunnel host (a delaying relay)")
+    });
     println!(
-        "sessions on a machine: warm broker vs warm OpenSSH ControlMasters (tunnel, and machine via -W; -tt), aes256-gcm on every hop, whole process, median of {runs} runs in a random order"
+        "sessions on a machine: warm broker vs warm OpenSSH ControlMasters (tunnel, and machine via -W; -tt), aes256-gcm on every hop{link}, whole process, median of {runs} runs in a random order"
     );
     println!(
         "{:<28} {:>12} {:>16} {:>8}",
@@ -1083,14 +1127,16 @@ fn median(mut v: Vec<Duration>) -> Duration {
 }
 
 /// Whole-process wall time of `fleetctl list-units` (30 units, then 1 000 over fleetd's
-/// 100-unit pages): through the warm broker, and the same binary straight on the simulator
-/// socket (`FLEETCTL_ENDPOINT`); against a new `ssh host true` (what every original
-/// `fleetctl --tunnel` command pays at least once).
-fn whole_process(w: &World, broker: &Broker) {
+/// 100-unit pages): through the warm broker, the same binary straight on the simulator
+/// socket (`FLEETCTL_ENDPOINT`) and through the tuned OpenSSH forward of the first block (the
+/// fair peer: one SSH hop, as the broker's); against a new `ssh host true` (what every
+/// original `fleetctl --tunnel` command pays at least once).
+fn whole_process(w: &World, broker: &Broker, tuned: &Path) {
     let runs = 20;
     let xdg = broker.dir.path().join("xdg");
     let key = w.keys.path().join("id_ed25519");
     let direct = format!("unix://{}", w.sim.socket.display());
+    let forwarded = format!("unix://{}", tuned.display());
     let fleetctl = |endpoint: Option<&str>| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleetctl"));
         cmd.arg("list-units")
@@ -1149,20 +1195,22 @@ fn whole_process(w: &World, broker: &Broker) {
                     .collect(),
             );
         }
-        let (mut a, mut b) = (Vec::new(), Vec::new());
+        let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
         fleetctl(None);
         fleetctl(Some(&direct));
+        fleetctl(Some(&forwarded));
         if first {
             ssh();
         }
         for _ in 0..runs {
             a.push(fleetctl(None));
             b.push(fleetctl(Some(&direct)));
+            c.push(fleetctl(Some(&forwarded)));
             if first {
                 hello.push(ssh());
             }
         }
-        let (ma, mb) = (median(a), median(b));
+        let (ma, mb, mc) = (median(a), median(b), median(c));
         println!();
         println!(
             "fleetctl list-units, {count} units, whole process, median of {runs} runs, interleaved"
@@ -1179,8 +1227,14 @@ fn whole_process(w: &World, broker: &Broker) {
             ms(mb)
         );
         println!(
-            "broker / simulator socket: {:.2}x",
-            ma.as_secs_f64() / mb.as_secs_f64()
+            "{:<44} {:>10.2}",
+            "fleetctl list-units (OpenSSH -tt -L, tuned)",
+            ms(mc)
+        );
+        println!(
+            "broker / simulator socket: {:.2}x   tuned OpenSSH forward / simulator socket: {:.2}x",
+            ma.as_secs_f64() / mb.as_secs_f64(),
+            mc.as_secs_f64() / mb.as_secs_f64()
         );
         if first {
             let mh = median(std::mem::take(&mut hello));
