@@ -235,12 +235,17 @@ fn list_units(broker: &Broker, tuned: &Path, rtt: u64) {
     run(None);
     run(Some(tuned));
     for _ in 0..runs {
-        a.push(run(None));
-        b.push(run(Some(tuned)));
+        if rand::random::<bool>() {
+            a.push(run(None));
+            b.push(run(Some(tuned)));
+        } else {
+            b.push(run(Some(tuned)));
+            a.push(run(None));
+        }
     }
     let (ma, mb) = (super::median(a), super::median(b));
     println!(
-        "link {rtt} ms: fleetctl list-units, median of {runs}: broker {:.2} ms, tuned OpenSSH forward {:.2} ms, {:.3}x",
+        "link {rtt} ms: fleetctl list-units, median of {runs} in a random order: broker {:.2} ms, tuned OpenSSH forward {:.2} ms, {:.3}x",
         ms(ma),
         ms(mb),
         ma.as_secs_f64() / mb.as_secs_f64()
