@@ -10,7 +10,8 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use super::{ms, percentile, support::*, CIPHER};
@@ -20,9 +21,19 @@ use super::{ms, percentile, support::*, CIPHER};
 const IN_FLIGHT: usize = 4096;
 
 /// Accepts on loopback and relays each connection to `target`, every chunk delivered
-/// `one_way` after it was read. Its threads end with the process (a bench run).
+/// `one_way` after it was read. Dropping it stops accepting; a relayed connection's threads
+/// end when either side closes it.
 pub(super) struct DelayRelay {
     pub(super) addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for DelayRelay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wakes the accept loop, which then sees the flag.
+        let _ = TcpStream::connect(self.addr);
+    }
 }
 
 /// Re-arms quick-ack, so that the relay's own ACKs are not what is measured.
@@ -101,8 +112,13 @@ impl DelayRelay {
     fn with_delay(target: SocketAddr, one_way: Duration) -> DelayRelay {
         let listener = TcpListener::bind("127.0.0.1:0").expect("relay bind");
         let addr = listener.local_addr().expect("relay addr");
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
         std::thread::spawn(move || {
             for client in listener.incoming() {
+                if stopped.load(Ordering::SeqCst) {
+                    return;
+                }
                 let Ok(client) = client else { continue };
                 let Ok(server) = TcpStream::connect(target) else {
                     continue;
@@ -118,7 +134,7 @@ impl DelayRelay {
                 pipe(s2, c2, one_way);
             }
         });
-        DelayRelay { addr }
+        DelayRelay { addr, stop }
     }
 }
 
