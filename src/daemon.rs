@@ -229,13 +229,12 @@ impl Daemon {
             )));
         }
         let task = tokio::spawn(
-            crate::http::serve(
+            crate::http::serve_streams(
                 listener,
                 path.display().to_string(),
                 stop.clone(),
-                move |req| {
-                    let p = proxy.clone();
-                    async move { p.handle(req).await }
+                move |stream, peer, stop, slot| {
+                    crate::proxy::lean::serve(proxy.clone(), stream, peer, stop, slot)
                 },
             )
             .instrument(span.clone()),

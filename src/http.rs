@@ -68,6 +68,35 @@ pub async fn serve<S, F>(
     S: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
+    serve_streams(
+        listener,
+        label,
+        shutdown,
+        move |stream, peer, stop, slot| {
+            serve_connection(
+                TokioIo::new(stream),
+                peer,
+                handler.clone(),
+                stop,
+                false,
+                slot,
+            )
+        },
+    )
+    .await;
+}
+
+/// [`serve`] with the connection's own server: `conn` gets every accepted connection whose
+/// peer passed the uid check, with the stop token and the slot to hold until it ends.
+pub(crate) async fn serve_streams<C, CF>(
+    listener: UnixListener,
+    label: String,
+    shutdown: CancellationToken,
+    conn: C,
+) where
+    C: Fn(tokio::net::UnixStream, Peer, CancellationToken, tokio::sync::OwnedSemaphorePermit) -> CF,
+    CF: Future<Output = ()> + Send + 'static,
+{
     let refusals = Throttle::default();
     let stop = shutdown.clone();
     accept_loop(
@@ -85,14 +114,7 @@ pub async fn serve<S, F>(
                     return None;
                 }
             };
-            Some(serve_connection(
-                TokioIo::new(stream),
-                peer,
-                handler.clone(),
-                stop.clone(),
-                false,
-                slot,
-            ))
+            Some(conn(stream, peer, stop.clone(), slot))
         },
     )
     .await;

@@ -1,7 +1,9 @@
 //! A cluster socket: a local HTTP/1.1 server whose every request is forwarded to the
 //! cluster's fleet API over a pooled upstream HTTP connection carried by an SSH channel
 //! (`direct-streamlocal@openssh.com` for a unix endpoint, `direct-tcpip` for http). Paths,
-//! queries, status codes and bodies pass through unchanged and streamed.
+//! queries, status codes and bodies pass through unchanged and streamed. Reads without a
+//! body take [`lean`]'s short path; everything else, and the policy (`read_only`, audit,
+//! CONNECT), is [`Proxy::handle`]'s, on hyper.
 //! Every channel is read through a `tunnel::channel::DrainedChannel`, so a local client that
 //! stops reading is cut off instead of stalling every other request of the cluster.
 
@@ -19,6 +21,8 @@ use crate::http::{fleet_error, Body};
 use crate::protocol::BROKER_ERROR_HEADER;
 use crate::tunnel::api::ApiConnector;
 use crate::tunnel::Tunnel;
+
+pub(crate) mod lean;
 
 /// Idle pooled upstream connections kept per cluster: enough for our fleetctl's concurrent
 /// requests (a listing asks for its pages ahead and the machine list beside them). Each is
@@ -51,6 +55,8 @@ pub struct Proxy {
     tunnel: Arc<Tunnel>,
     client: Client<ApiConnector, UpBody>,
     audit: Arc<crate::audit::AuditLog>,
+    /// The upstream connections of the short path for reads ([`lean`]).
+    lean: Arc<lean::Pool>,
 }
 
 const HOP_BY_HOP: [&str; 8] = [
@@ -98,6 +104,7 @@ impl Proxy {
             tunnel,
             client,
             audit,
+            lean: Arc::default(),
         }
     }
 

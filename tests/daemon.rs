@@ -335,6 +335,134 @@ fn read_only_cluster_refuses_writes() {
     );
 }
 
+/// One answer read off a kept-alive connection: status, headers (lower-cased names) and the
+/// body as framed by its head (none for HEAD).
+fn read_answer(
+    r: &mut std::io::BufReader<std::os::unix::net::UnixStream>,
+    head_request: bool,
+) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    use std::io::{BufRead, Read};
+    let mut line = String::new();
+    r.read_line(&mut line).expect("status line");
+    let status: u16 = line
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("status line {line:?}"));
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h).expect("header");
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        let (k, v) = h.split_once(':').expect("header line");
+        headers.push((k.to_ascii_lowercase(), v.trim().to_string()));
+    }
+    let get = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    let mut body = Vec::new();
+    if head_request {
+    } else if get("transfer-encoding").as_deref() == Some("chunked") {
+        loop {
+            let mut size = String::new();
+            r.read_line(&mut size).expect("chunk size");
+            let n = usize::from_str_radix(size.trim(), 16).expect("hex size");
+            let mut chunk = vec![0; n + 2];
+            r.read_exact(&mut chunk).expect("chunk");
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+    } else {
+        let n: usize = get("content-length")
+            .expect("length")
+            .parse()
+            .expect("number");
+        body.resize(n, 0);
+        r.read_exact(&mut body).expect("body");
+    }
+    (status, headers, body)
+}
+
+#[test]
+fn one_kept_connection_takes_reads_on_the_short_path_and_the_rest_through_the_policy() {
+    use std::io::Write;
+    let w = World::new();
+    w.sim.put(
+        "kept.service",
+        vec![opt("Service", "ExecStart", "/bin/true")],
+        "inactive",
+    );
+    let b = w.broker("read_only = true");
+    wait_until_served(&b, "the read-only cluster");
+    let before = b.cluster_info("c1")["requests"].as_u64().expect("count");
+    let mut s = std::os::unix::net::UnixStream::connect(b.socket("c1")).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .expect("timeout");
+    let mut r = std::io::BufReader::new(s.try_clone().expect("clone"));
+    let machines = http(&w.sim.socket, "GET", "/fleet/v1/machines", None).1;
+    let units = http(&w.sim.socket, "GET", "/fleet/v1/units", None).1;
+    // Two reads in one write, then a HEAD: each answer framed apart, in order.
+    s.write_all(b"GET /fleet/v1/machines HTTP/1.1\r\nHost: x\r\n\r\nGET /fleet/v1/units HTTP/1.1\r\nHost: x\r\nConnection: x-drop\r\nX-Drop: 1\r\n\r\nHEAD /fleet/v1/machines HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("write");
+    let (status, headers, body) = read_answer(&mut r, false);
+    assert_eq!((status, &body), (200, &machines));
+    assert!(
+        headers.iter().all(|(k, _)| k != "fleet-broker-error"),
+        "{headers:?}"
+    );
+    let (status, _, body) = read_answer(&mut r, false);
+    assert_eq!((status, &body), (200, &units));
+    let (status, _, body) = read_answer(&mut r, true);
+    assert_eq!((status, body.len()), (405, 0), "the simulator has no HEAD");
+    // A read with a body goes to hyper, which frames it: the DELETE inside it is the GET's
+    // body, never a request of its own.
+    let smuggled = "DELETE /fleet/v1/units/kept.service HTTP/1.1\r\nHost: x\r\n\r\n";
+    s.write_all(
+        format!(
+            "GET /fleet/v1/machines HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{smuggled}",
+            smuggled.len()
+        )
+        .as_bytes(),
+    )
+    .expect("write");
+    let (status, _, body) = read_answer(&mut r, false);
+    assert_eq!((status, &body), (200, &machines));
+    // The same connection, now served by hyper: the policy still holds.
+    s.write_all(b"DELETE /fleet/v1/units/kept.service HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("write");
+    let (status, _, body) = read_answer(&mut r, false);
+    assert_eq!(status, 403, "{}", String::from_utf8_lossy(&body));
+    s.write_all(b"GET /fleet/v1/units HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("write");
+    let (status, headers, body) = read_answer(&mut r, false);
+    assert_eq!((status, &body), (200, &units));
+    assert!(
+        headers.contains(&("connection".into(), "close".into())),
+        "{headers:?}"
+    );
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut r, &mut rest).expect("closed after the answer");
+    assert!(rest.is_empty(), "{rest:?}");
+    assert_eq!(
+        http(&w.sim.socket, "GET", "/fleet/v1/units/kept.service", None).0,
+        200,
+        "the unit is still there"
+    );
+    assert_eq!(
+        b.cluster_info("c1")["requests"].as_u64().expect("count") - before,
+        5,
+        "five requests went upstream: three reads, the HEAD and the read with a body"
+    );
+}
+
 #[test]
 fn connect_is_answered_405_and_never_forwarded() {
     let w = World::new();

@@ -143,6 +143,19 @@ pub(crate) struct Upstream {
     _session: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
+impl Upstream {
+    /// Whether this connection may be used for another request ([`DrainedChannel::is_idle_and_open`]).
+    pub(crate) fn is_idle_and_open(&self) -> bool {
+        self.channel.is_idle_and_open()
+    }
+
+    /// Whether this connection holds one of the tunnel host's sessions (`fleetctl
+    /// fd-forward`), which the connection's other requests may be waiting for.
+    pub(crate) fn holds_session(&self) -> bool {
+        self._session.is_some()
+    }
+}
+
 impl Connection for Upstream {
     fn connected(&self) -> Connected {
         Connected::new()

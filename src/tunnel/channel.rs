@@ -270,6 +270,13 @@ impl DrainedChannel {
         }
     }
 
+    /// Whether the channel can carry another exchange: not ended, not cut off, and nothing
+    /// unread (an idle upstream connection that received bytes nobody asked for is broken).
+    pub(crate) fn is_idle_and_open(&self) -> bool {
+        let s = lock(&self.shared);
+        !s.eof && !s.cut && s.queue.is_empty()
+    }
+
     /// Closes the channel when its reader takes nothing for `limit` while data waits (a
     /// local client that stopped reading an answer).
     pub(crate) fn with_stall_limit(self, limit: Duration) -> DrainedChannel {

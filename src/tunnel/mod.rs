@@ -228,6 +228,11 @@ impl Tunnel {
         }
     }
 
+    /// Whether the connection is up now (without waiting or asking for one).
+    pub(crate) fn is_up(&self) -> bool {
+        matches!(&*self.link_tx.borrow(), Link::Up(h) if !h.is_closed())
+    }
+
     /// Waits (at most `limit`) until the supervisor reports `state`; true if it did.
     pub(crate) async fn wait_for_state(&self, state: State, limit: Duration) -> bool {
         let mut rx = self.link_tx.subscribe();

@@ -1,0 +1,872 @@
+//! The short path of a cluster socket for what nearly every request is: a `GET` or `HEAD`
+//! without a body. Such a request needs none of the proxy's policy (a read is allowed on a
+//! read-only cluster and not audited), so it skips hyper's server and client and their pool:
+//! the head is parsed once (`httparse`), checked, written again without hop-by-hop headers on
+//! a pooled upstream connection, and the answer is framed from its own head (length,
+//! chunked, or until the end) and streamed back. On a warm daemon this takes a tenth of the
+//! request's latency off, and on cold caches more (docs/performance.md).
+//!
+//! Everything else goes to hyper and [`Proxy::handle`] with the bytes already read, for the
+//! rest of the connection: a request with a body or framing headers (`Content-Length`,
+//! `Transfer-Encoding`, so no request is ever framed by this code), `Upgrade`, `Expect`, a
+//! method other than `GET`/`HEAD`, a head that does not parse or is too large, HTTP/1.0, a
+//! tunnel that is not up this moment, the `fd-forward` transport, and a request whose
+//! upstream connection fails before its answer began (a read, so asking again is safe).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::UnixStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{Proxy, HOP_BY_HOP, POOL_IDLE_TIMEOUT, POOL_MAX_IDLE};
+use crate::audit::Peer;
+use crate::http::HEADER_READ_TIMEOUT;
+use crate::protocol::BROKER_ERROR_HEADER;
+use crate::tunnel::api::Upstream;
+
+/// The largest request head taken on this path (hyper's limit applies past it).
+const MAX_HEAD: usize = 64 * 1024;
+/// The largest answer head from fleetd.
+const MAX_ANSWER_HEAD: usize = 64 * 1024;
+/// Headers parsed in a head; more go to hyper (requests) or fail (answers).
+const MAX_HEADERS: usize = 100;
+/// The longest chunk-size line of a chunked answer.
+const MAX_CHUNK_LINE: usize = 4096;
+/// Informational answers (1xx) skipped before the final one.
+const MAX_INFORMATIONAL: usize = 16;
+/// Bytes read from the client or fleetd at once.
+const READ_SIZE: usize = 16 * 1024;
+
+/// Idle upstream connections of the short path, newest last.
+#[derive(Default)]
+pub(super) struct Pool {
+    idle: Mutex<VecDeque<(Upstream, Instant)>>,
+    sweeping: std::sync::atomic::AtomicBool,
+}
+
+impl Pool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(Upstream, Instant)>> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The newest idle connection that is still open and not too old.
+    fn take(&self) -> Option<Upstream> {
+        let mut idle = self.lock();
+        while let Some((up, at)) = idle.pop_back() {
+            if up.is_idle_and_open() && at.elapsed() < POOL_IDLE_TIMEOUT {
+                return Some(up);
+            }
+        }
+        None
+    }
+
+    /// Keeps `up` for the next request (the oldest goes past [`POOL_MAX_IDLE`]), and closes
+    /// what has been idle for [`POOL_IDLE_TIMEOUT`] when that time comes.
+    fn put(self: &Arc<Self>, up: Upstream) {
+        {
+            let mut idle = self.lock();
+            idle.push_back((up, Instant::now()));
+            while idle.len() > POOL_MAX_IDLE {
+                idle.pop_front();
+            }
+        }
+        if !self
+            .sweeping
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            let pool = Arc::downgrade(self);
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(POOL_IDLE_TIMEOUT).await;
+                    let Some(pool) = pool.upgrade() else { return };
+                    let mut idle = pool.lock();
+                    idle.retain(|(up, at)| {
+                        up.is_idle_and_open() && at.elapsed() < POOL_IDLE_TIMEOUT
+                    });
+                    if idle.is_empty() {
+                        pool.sweeping
+                            .store(false, std::sync::atomic::Ordering::SeqCst);
+                        return;
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// A request the short path takes: its head for fleetd, and how the client wants the
+/// connection kept.
+struct Taken {
+    /// The request as it goes upstream: request line and headers, hop-by-hop ones removed.
+    upstream: Vec<u8>,
+    /// Bytes of the head in the client's buffer.
+    head_len: usize,
+    head: bool,
+    close: bool,
+    path: String,
+}
+
+/// What the client's buffer holds.
+enum Head {
+    /// A request for the short path.
+    Take(Taken),
+    /// A request for hyper (which answers malformed ones as well).
+    Hyper,
+    /// Not a whole head yet.
+    Partial,
+}
+
+fn is(name: &str, other: &str) -> bool {
+    name.eq_ignore_ascii_case(other)
+}
+
+/// The comma-separated tokens of a header value, lower-cased.
+fn tokens(v: &[u8]) -> impl Iterator<Item = String> + '_ {
+    v.split(|b| *b == b',')
+        .map(|t| String::from_utf8_lossy(t).trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+}
+
+/// Reads the request head at the start of `buf`, and decides who serves it.
+fn parse_request(buf: &[u8]) -> Head {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Head::Partial,
+        _ => return Head::Hyper,
+    };
+    let (Some(method), Some(path), Some(1)) = (req.method, req.path, req.version) else {
+        return Head::Hyper;
+    };
+    let head = match method {
+        "GET" => false,
+        "HEAD" => true,
+        _ => return Head::Hyper,
+    };
+    // Origin form in visible ASCII only; anything else is hyper's to judge.
+    if !path.starts_with('/') || !path.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+        return Head::Hyper;
+    }
+    let mut close = false;
+    let mut named: Vec<String> = Vec::new();
+    let mut host = false;
+    for h in req.headers.iter() {
+        let n = h.name;
+        if is(n, "content-length")
+            || is(n, "transfer-encoding")
+            || is(n, "upgrade")
+            || is(n, "expect")
+        {
+            return Head::Hyper;
+        }
+        if is(n, "connection") {
+            for t in tokens(h.value) {
+                match t.as_str() {
+                    "close" => close = true,
+                    "upgrade" => return Head::Hyper,
+                    _ => named.push(t),
+                }
+            }
+        }
+        host |= is(n, "host");
+    }
+    let mut upstream = Vec::with_capacity(head_len + 16);
+    upstream.extend_from_slice(method.as_bytes());
+    upstream.push(b' ');
+    upstream.extend_from_slice(path.as_bytes());
+    upstream.extend_from_slice(b" HTTP/1.1\r\n");
+    if !host {
+        // As hyper's client writes it for the proxy's `http://fleet/…` requests.
+        upstream.extend_from_slice(b"host: fleet\r\n");
+    }
+    for h in req.headers.iter() {
+        let lower = h.name.to_ascii_lowercase();
+        if HOP_BY_HOP.contains(&lower.as_str()) || named.contains(&lower) {
+            continue;
+        }
+        upstream.extend_from_slice(lower.as_bytes());
+        upstream.extend_from_slice(b": ");
+        upstream.extend_from_slice(h.value);
+        upstream.extend_from_slice(b"\r\n");
+    }
+    upstream.extend_from_slice(b"\r\n");
+    Head::Take(Taken {
+        upstream,
+        head_len,
+        head,
+        close,
+        path: path.to_string(),
+    })
+}
+
+/// How an answer's body ends (RFC 9112 6.3).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+/// An answer head from fleetd, ready for the client.
+#[derive(Debug)]
+struct Answer {
+    /// The head for the client, ending with the blank line.
+    head: Vec<u8>,
+    framing: Framing,
+    /// Whether the upstream connection can carry another request after this answer.
+    reusable: bool,
+}
+
+/// Why an answer from fleetd could not be forwarded.
+#[derive(Debug, thiserror::Error)]
+enum AnswerError {
+    #[error("the fleet API's answer head is malformed: {0}")]
+    Malformed(String),
+    #[error("the fleet API's answer head is larger than {MAX_ANSWER_HEAD} bytes")]
+    TooLarge,
+}
+
+/// Parses an answer head at the start of `buf`; `Ok(None)` when it is not whole yet, and
+/// `(head, consumed)` when it is. Informational answers (1xx) are skipped, as hyper's client
+/// does.
+fn parse_answer(
+    buf: &[u8],
+    request_head: bool,
+    client_close: bool,
+) -> Result<Option<(Answer, usize)>, AnswerError> {
+    let mut skipped = 0;
+    for _ in 0..=MAX_INFORMATIONAL {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut headers);
+        let rest = &buf[skipped..];
+        let n = match resp.parse(rest) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) if buf.len() < MAX_ANSWER_HEAD => return Ok(None),
+            Ok(httparse::Status::Partial) => return Err(AnswerError::TooLarge),
+            Err(e) => return Err(AnswerError::Malformed(e.to_string())),
+        };
+        let status = resp.code.unwrap_or(0);
+        if status == 101 {
+            return Err(AnswerError::Malformed("101 Switching Protocols".into()));
+        }
+        if (100..200).contains(&status) {
+            skipped += n;
+            continue;
+        }
+        let answer = final_answer(&resp, status, request_head, client_close);
+        return answer.map(|a| Some((a, skipped + n)));
+    }
+    Err(AnswerError::Malformed(format!(
+        "more than {MAX_INFORMATIONAL} informational answers"
+    )))
+}
+
+/// The client's head and the framing of a final (non-1xx) answer.
+fn final_answer(
+    resp: &httparse::Response<'_, '_>,
+    status: u16,
+    request_head: bool,
+    client_close: bool,
+) -> Result<Answer, AnswerError> {
+    let mut chunked = None;
+    let mut length: Option<u64> = None;
+    let mut upstream_close = resp.version != Some(1);
+    let mut named: Vec<String> = Vec::new();
+    for h in resp.headers.iter() {
+        if is(h.name, "transfer-encoding") {
+            // The last coding decides (RFC 9112 6.3): chunked, or the body runs to the end.
+            chunked = tokens(h.value).last().map(|t| t == "chunked");
+        } else if is(h.name, "content-length") {
+            for t in tokens(h.value) {
+                let v: u64 = t
+                    .parse()
+                    .ok()
+                    .filter(|_| t.bytes().all(|b| b.is_ascii_digit()))
+                    .ok_or_else(|| AnswerError::Malformed(format!("content-length {t:?}")))?;
+                if length.is_some_and(|l| l != v) {
+                    return Err(AnswerError::Malformed(
+                        "content-length values differ".into(),
+                    ));
+                }
+                length = Some(v);
+            }
+        } else if is(h.name, "connection") {
+            for t in tokens(h.value) {
+                if t == "close" {
+                    upstream_close = true;
+                }
+                named.push(t);
+            }
+        }
+    }
+    let no_body = request_head || status == 204 || status == 304;
+    let framing = match (no_body, chunked, length) {
+        (true, _, _) => Framing::None,
+        (false, Some(true), _) => Framing::Chunked,
+        (false, Some(false), _) => Framing::UntilClose,
+        (false, None, Some(l)) => Framing::Length(l),
+        (false, None, None) => Framing::UntilClose,
+    };
+    let mut head = Vec::with_capacity(512);
+    let reason = hyper::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("<unknown status code>");
+    head.extend_from_slice(format!("HTTP/1.1 {status} {reason}\r\n").as_bytes());
+    for h in resp.headers.iter() {
+        let lower = h.name.to_ascii_lowercase();
+        let keep_length = request_head || matches!(framing, Framing::None);
+        if HOP_BY_HOP.contains(&lower.as_str())
+            || named.contains(&lower)
+            || lower == BROKER_ERROR_HEADER
+            || (lower == "content-length" && !keep_length)
+        {
+            continue;
+        }
+        head.extend_from_slice(lower.as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(h.value);
+        head.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        Framing::Length(l) => head.extend_from_slice(format!("content-length: {l}\r\n").as_bytes()),
+        Framing::Chunked | Framing::UntilClose => {
+            head.extend_from_slice(b"transfer-encoding: chunked\r\n")
+        }
+        Framing::None => {}
+    }
+    if client_close {
+        head.extend_from_slice(b"connection: close\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    Ok(Answer {
+        head,
+        framing,
+        reusable: !upstream_close && framing != Framing::UntilClose,
+    })
+}
+
+/// Serves one accepted connection of a cluster socket.
+pub(crate) async fn serve(
+    proxy: Proxy,
+    mut stream: UnixStream,
+    peer: Peer,
+    stop: CancellationToken,
+    slot: impl Send + 'static,
+) {
+    let mut buf = BytesMut::with_capacity(READ_SIZE);
+    loop {
+        // The next head, whole within the header timeout (which also ends an idle kept
+        // connection), as hyper's server has it; shutdown ends a connection waiting here.
+        let deadline = Instant::now() + HEADER_READ_TIMEOUT;
+        let taken = loop {
+            match parse_request(&buf) {
+                Head::Take(t) => break Some(t),
+                Head::Hyper => break None,
+                Head::Partial => {}
+            }
+            let read = tokio::select! {
+                r = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)) => r,
+                _ = stop.cancelled() => return,
+            };
+            match read {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
+                Ok(Ok(_)) => {}
+            }
+        };
+        let served = match taken {
+            Some(t) if proxy.tunnel().is_up() && !proxy.tunnel().uses_fd_forward() => {
+                forward(&proxy, &mut stream, t, &mut buf).await
+            }
+            _ => Served::Hyper,
+        };
+        match served {
+            Served::KeepAlive if !stop.is_cancelled() => continue,
+            Served::KeepAlive | Served::Close => return,
+            Served::Hyper => break,
+        }
+    }
+    // hyper serves the rest of the connection, starting with the bytes already read.
+    let io = hyper_util::rt::TokioIo::new(Prefixed {
+        prefix: buf,
+        inner: stream,
+    });
+    let handler = move |req| {
+        let p = proxy.clone();
+        async move { p.handle(req).await }
+    };
+    crate::http::serve_connection(io, peer, handler, stop, false, slot).await;
+}
+
+/// How a request ended.
+enum Served {
+    /// Answered; the connection may carry another request.
+    KeepAlive,
+    /// Answered (or failed while answering); the connection is closed.
+    Close,
+    /// Not answered: hyper is to serve it from the bytes still in the buffer.
+    Hyper,
+}
+
+/// Sends a taken request upstream and streams the answer back.
+async fn forward(
+    proxy: &Proxy,
+    client: &mut UnixStream,
+    taken: Taken,
+    buf: &mut BytesMut,
+) -> Served {
+    let started = std::time::Instant::now();
+    let tunnel = proxy.tunnel().clone();
+    tracing::debug!(method = if taken.head { "HEAD" } else { "GET" }, path = %taken.path, "request");
+    let up = match proxy.lean.take() {
+        Some(up) => up,
+        None => {
+            let limit = tunnel.config.connect_timeout;
+            match tokio::time::timeout(limit, crate::tunnel::api::connect(&tunnel)).await {
+                Ok(Ok(up)) => up,
+                // hyper's path waits for the tunnel and names the cause.
+                _ => return Served::Hyper,
+            }
+        }
+    };
+    let mut up = up;
+    if up.write_all(&taken.upstream).await.is_err() {
+        return Served::Hyper;
+    }
+    // The answer head, within connect_timeout; halfway, the supervisor is asked to probe.
+    let limit = tunnel.config.connect_timeout;
+    let deadline = Instant::now() + limit;
+    let stall = Instant::now() + limit / 2;
+    let mut probed = false;
+    let mut answer_buf = BytesMut::with_capacity(READ_SIZE);
+    let (answer, consumed) = loop {
+        match parse_answer(&answer_buf, taken.head, taken.close) {
+            Ok(Some(a)) => break a,
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "upstream request failed");
+                return answer_error(proxy, client, &taken, buf, &e.to_string()).await;
+            }
+        }
+        let until = if probed { deadline } else { stall };
+        match tokio::time::timeout_at(until, up.read_buf(&mut answer_buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) if answer_buf.is_empty() => return Served::Hyper,
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                return answer_error(
+                    proxy,
+                    client,
+                    &taken,
+                    buf,
+                    "the fleet API closed the connection within its answer's head",
+                )
+                .await
+            }
+            Ok(Ok(_)) => {}
+            Err(_) if !probed => {
+                tunnel.ask_probe();
+                probed = true;
+            }
+            Err(_) => {
+                let cause = proxy
+                    .tunnel_down_reason()
+                    .unwrap_or_else(|| "the fleet API did not answer".into());
+                let why = format!(
+                    "no response within {}: {cause}",
+                    humantime::format_duration(limit)
+                );
+                tracing::warn!(error = %why, "upstream request stalled");
+                return answer_error(proxy, client, &taken, buf, &why).await;
+            }
+        }
+    };
+    buf.advance(taken.head_len);
+    tunnel.record_request(started.elapsed(), 0, 0);
+    answer_buf.advance(consumed);
+    if client.write_all(&answer.head).await.is_err() {
+        return Served::Close;
+    }
+    let body = match answer.framing {
+        Framing::None => Ok(true),
+        Framing::Length(n) => copy_length(&mut up, client, &mut answer_buf, n, &tunnel).await,
+        Framing::Chunked => copy_chunked(&mut up, client, &mut answer_buf, &tunnel).await,
+        Framing::UntilClose => copy_until_close(&mut up, client, &mut answer_buf, &tunnel).await,
+    };
+    match body {
+        Ok(complete) => {
+            // An fd-forward session goes back to the host at once: the budget of sessions
+            // is shared with hyper's path, which serves the cluster from now on.
+            if complete && answer.reusable && answer_buf.is_empty() && !up.holds_session() {
+                proxy.lean.put(up);
+            }
+            if taken.close {
+                let _ = client.shutdown().await;
+                Served::Close
+            } else {
+                Served::KeepAlive
+            }
+        }
+        // The client's answer is cut: the connection ends, as hyper ends it.
+        Err(()) => Served::Close,
+    }
+}
+
+/// Answers a request whose upstream exchange failed with the proxy's 503.
+async fn answer_error(
+    proxy: &Proxy,
+    client: &mut UnixStream,
+    taken: &Taken,
+    buf: &mut BytesMut,
+    cause: &str,
+) -> Served {
+    buf.advance(taken.head_len);
+    let resp = proxy.unavailable(cause);
+    let (parts, body) = resp.into_parts();
+    let body = match http_body_util::BodyExt::collect(body).await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return Served::Close,
+    };
+    let reason = parts.status.canonical_reason().unwrap_or("");
+    let mut out = format!("HTTP/1.1 {} {reason}\r\n", parts.status.as_u16()).into_bytes();
+    for (k, v) in parts.headers.iter() {
+        out.extend_from_slice(k.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
+    if taken.close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if !taken.head {
+        out.extend_from_slice(&body);
+    }
+    if client.write_all(&out).await.is_err() || taken.close {
+        let _ = client.shutdown().await;
+        return Served::Close;
+    }
+    Served::KeepAlive
+}
+
+/// Reads more of the answer into `pending`; false at its end.
+async fn fill(up: &mut Upstream, pending: &mut BytesMut) -> Result<bool, ()> {
+    if pending.capacity() - pending.len() < READ_SIZE {
+        pending.reserve(READ_SIZE);
+    }
+    match up.read_buf(pending).await {
+        Ok(0) => Ok(false),
+        Ok(_) => Ok(true),
+        Err(_) => Err(()),
+    }
+}
+
+/// Copies a body of `n` bytes; `Ok(true)` when all came.
+async fn copy_length(
+    up: &mut Upstream,
+    client: &mut UnixStream,
+    pending: &mut BytesMut,
+    mut n: u64,
+    tunnel: &crate::tunnel::Tunnel,
+) -> Result<bool, ()> {
+    while n > 0 {
+        if pending.is_empty() && !fill(up, pending).await? {
+            return Err(());
+        }
+        let take = pending.len().min(usize::try_from(n).unwrap_or(usize::MAX));
+        let chunk = pending.split_to(take);
+        tunnel.add_bytes(take as u64, 0);
+        client.write_all(&chunk).await.map_err(|_| ())?;
+        n -= take as u64;
+    }
+    Ok(true)
+}
+
+/// Writes `data` to the client as one chunk.
+async fn write_chunk(client: &mut UnixStream, data: &[u8]) -> Result<(), ()> {
+    if data.is_empty() {
+        return Ok(());
+    }
+    let mut out = Vec::with_capacity(data.len() + 16);
+    out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+    client.write_all(&out).await.map_err(|_| ())
+}
+
+/// A line (without its CRLF) at the start of `pending`, reading more as needed.
+async fn line(up: &mut Upstream, pending: &mut BytesMut) -> Result<BytesMut, ()> {
+    loop {
+        if let Some(i) = pending.windows(2).position(|w| w == b"\r\n") {
+            let l = pending.split_to(i);
+            pending.advance(2);
+            return Ok(l);
+        }
+        if pending.len() > MAX_CHUNK_LINE || !fill(up, pending).await? {
+            return Err(());
+        }
+    }
+}
+
+/// Copies a chunked body, chunk data re-framed for the client; trailers are dropped.
+async fn copy_chunked(
+    up: &mut Upstream,
+    client: &mut UnixStream,
+    pending: &mut BytesMut,
+    tunnel: &crate::tunnel::Tunnel,
+) -> Result<bool, ()> {
+    loop {
+        let size_line = line(up, pending).await?;
+        let size_text = size_line[..]
+            .split(|b| *b == b';')
+            .next()
+            .map(|s| String::from_utf8_lossy(s).trim().to_string())
+            .unwrap_or_default();
+        if size_text.is_empty() || !size_text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(());
+        }
+        let size = u64::from_str_radix(&size_text, 16).map_err(|_| ())?;
+        if size == 0 {
+            // Trailers (dropped, as hyper drops them), up to the blank line.
+            let mut trailers = 0;
+            while !line(up, pending).await?.is_empty() {
+                trailers += 1;
+                if trailers > MAX_HEADERS {
+                    return Err(());
+                }
+            }
+            client.write_all(b"0\r\n\r\n").await.map_err(|_| ())?;
+            return Ok(true);
+        }
+        let mut left = size;
+        while left > 0 {
+            if pending.is_empty() && !fill(up, pending).await? {
+                return Err(());
+            }
+            let take = pending
+                .len()
+                .min(usize::try_from(left).unwrap_or(usize::MAX));
+            let data = pending.split_to(take);
+            tunnel.add_bytes(take as u64, 0);
+            write_chunk(client, &data).await?;
+            left -= take as u64;
+        }
+        if !line(up, pending).await?.is_empty() {
+            return Err(());
+        }
+    }
+}
+
+/// Copies a body that ends with the connection, as chunks.
+async fn copy_until_close(
+    up: &mut Upstream,
+    client: &mut UnixStream,
+    pending: &mut BytesMut,
+    tunnel: &crate::tunnel::Tunnel,
+) -> Result<bool, ()> {
+    loop {
+        if !pending.is_empty() {
+            let data = pending.split();
+            tunnel.add_bytes(data.len() as u64, 0);
+            write_chunk(client, &data).await?;
+        }
+        if !fill(up, pending).await? {
+            client.write_all(b"0\r\n\r\n").await.map_err(|_| ())?;
+            return Ok(false);
+        }
+    }
+}
+
+/// A stream whose first bytes were already read (into `prefix`).
+struct Prefixed {
+    prefix: BytesMut,
+    inner: UnixStream,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(out.remaining());
+            out.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, out)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn taken(raw: &str) -> Taken {
+        match parse_request(raw.as_bytes()) {
+            Head::Take(t) => t,
+            Head::Hyper => panic!("went to hyper: {raw:?}"),
+            Head::Partial => panic!("partial: {raw:?}"),
+        }
+    }
+
+    fn goes_to_hyper(raw: &str) -> bool {
+        matches!(parse_request(raw.as_bytes()), Head::Hyper)
+    }
+
+    #[test]
+    fn a_plain_get_is_written_again_without_hop_by_hop_headers() {
+        let t = taken("GET /fleet/v1/machines?alt=json HTTP/1.1\r\nHost: domain-sock\r\nConnection: close, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: 5\r\nTE: trailers\r\nUser-Agent: Go-http-client/1.1\r\n\r\nGET /next");
+        assert_eq!(
+            String::from_utf8(t.upstream).unwrap(),
+            "GET /fleet/v1/machines?alt=json HTTP/1.1\r\nhost: domain-sock\r\nuser-agent: Go-http-client/1.1\r\n\r\n"
+        );
+        assert!(t.close && !t.head);
+        assert_eq!(t.head_len, "GET /fleet/v1/machines?alt=json HTTP/1.1\r\nHost: domain-sock\r\nConnection: close, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: 5\r\nTE: trailers\r\nUser-Agent: Go-http-client/1.1\r\n\r\n".len());
+        let t = taken("HEAD /fleet/v1/units HTTP/1.1\r\n\r\n");
+        assert!(t.head && !t.close);
+        assert!(String::from_utf8(t.upstream)
+            .unwrap()
+            .contains("host: fleet\r\n"));
+    }
+
+    #[test]
+    fn requests_with_a_body_or_anything_unusual_go_to_hyper() {
+        for raw in [
+            // Framing of a request is never decided here.
+            "GET /x HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello",
+            "GET /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            "GET /x HTTP/1.1\r\ncontent-length: 0\r\ntransfer-encoding: chunked\r\n\r\n",
+            "PUT /fleet/v1/units/a.service HTTP/1.1\r\n\r\n",
+            "DELETE /fleet/v1/units/a.service HTTP/1.1\r\n\r\n",
+            "get /x HTTP/1.1\r\n\r\n",
+            "CONNECT fleet:80 HTTP/1.1\r\n\r\n",
+            "GET http://fleet/x HTTP/1.1\r\n\r\n",
+            "GET /x HTTP/1.0\r\n\r\n",
+            "GET /x HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            "GET /x HTTP/1.1\r\nExpect: 100-continue\r\n\r\n",
+            "GET /x HTTP/1.1\r\nBad Header: 1\r\n\r\n",
+            "GET /x HTTP/1.1\r\nX: a\r\n b\r\n\r\n",
+            "GARBAGE\r\n\r\n",
+            "GET /caf\u{e9} HTTP/1.1\r\n\r\n",
+        ] {
+            assert!(goes_to_hyper(raw), "{raw:?}");
+        }
+        assert!(matches!(
+            parse_request(b"GET /x HTTP/1.1\r\nHost: a\r\n"),
+            Head::Partial
+        ));
+        let huge = format!("GET /x HTTP/1.1\r\nX: {}", "a".repeat(MAX_HEAD));
+        assert!(goes_to_hyper(&huge));
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("X{i}: 1\r\n")).collect();
+        assert!(goes_to_hyper(&format!("GET /x HTTP/1.1\r\n{many}\r\n")));
+    }
+
+    fn answer(raw: &str, head: bool, close: bool) -> (Answer, usize) {
+        parse_answer(raw.as_bytes(), head, close)
+            .expect("parses")
+            .expect("whole")
+    }
+
+    #[test]
+    fn answers_are_framed_from_their_own_head() {
+        let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\nDate: x\r\n\r\n";
+        let (a, n) = answer(&format!("{head}{{}}"), false, false);
+        assert_eq!(n, head.len());
+        assert_eq!(a.framing, Framing::Length(2));
+        assert!(a.reusable);
+        assert_eq!(
+            String::from_utf8(a.head).unwrap(),
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ndate: x\r\ncontent-length: 2\r\n\r\n"
+        );
+        let (a, _) = answer(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\nConnection: X-Hop\r\nX-Hop: 1\r\nFleet-Broker-Error: c1\r\n\r\n",
+            false,
+            true,
+        );
+        assert_eq!(a.framing, Framing::Chunked);
+        assert_eq!(
+            String::from_utf8(a.head).unwrap(),
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+        );
+        let (a, _) = answer("HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", false, false);
+        assert_eq!(a.framing, Framing::UntilClose);
+        assert!(!a.reusable);
+        let (a, _) = answer("HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n", true, false);
+        assert_eq!(a.framing, Framing::None);
+        assert!(String::from_utf8(a.head)
+            .unwrap()
+            .contains("content-length: 7\r\n"));
+        let (a, _) = answer("HTTP/1.1 204 No Content\r\n\r\n", false, false);
+        assert_eq!(a.framing, Framing::None);
+        let two =
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n";
+        let (a, n) = answer(two, false, false);
+        assert_eq!((a.framing, n), (Framing::Length(0), two.len()));
+        assert!(a.head.starts_with(b"HTTP/1.1 404 Not Found\r\n"));
+        let many = "HTTP/1.1 100 Continue\r\n\r\n".repeat(MAX_INFORMATIONAL + 1);
+        assert!(parse_answer(many.as_bytes(), false, false).is_err());
+        assert!(parse_answer(b"HTTP/1.1 200 OK\r\nContent-Le", false, false)
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn answers_a_client_could_be_misled_by_are_refused() {
+        for raw in [
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\n",
+            "HTTP/1.1 101 Switching Protocols\r\n\r\n",
+            "SSH-2.0-OpenSSH\r\n\r\n",
+        ] {
+            assert!(
+                parse_answer(raw.as_bytes(), false, false).is_err(),
+                "{raw:?}"
+            );
+        }
+        let big = format!("HTTP/1.1 200 OK\r\nX: {}", "a".repeat(MAX_ANSWER_HEAD));
+        assert!(matches!(
+            parse_answer(big.as_bytes(), false, false),
+            Err(AnswerError::TooLarge)
+        ));
+    }
+}
