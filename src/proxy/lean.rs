@@ -40,6 +40,8 @@ const MAX_CHUNK_LINE: usize = 4096;
 const MAX_INFORMATIONAL: usize = 16;
 /// Bytes read from the client or fleetd at once.
 const READ_SIZE: usize = 16 * 1024;
+/// Bytes of an answer's body gathered for one write to the client, when they have arrived.
+const BATCH: usize = 256 * 1024;
 
 /// Idle upstream connections of the short path, newest last.
 #[derive(Default)]
@@ -554,15 +556,46 @@ async fn answer_error(
     Served::KeepAlive
 }
 
-/// Reads more of the answer into `pending`; false at its end.
+/// Reads more of the answer into `pending`, waiting for the first bytes and then taking
+/// whatever else has arrived, up to [`BATCH`]: one write to the client for all of it, as
+/// hyper's queued writes do. False at the answer's end.
 async fn fill(up: &mut Upstream, pending: &mut BytesMut) -> Result<bool, ()> {
+    use futures::FutureExt;
     if pending.capacity() - pending.len() < READ_SIZE {
         pending.reserve(READ_SIZE);
     }
     match up.read_buf(pending).await {
-        Ok(0) => Ok(false),
-        Ok(_) => Ok(true),
-        Err(_) => Err(()),
+        Ok(0) => return Ok(false),
+        Ok(_) => {}
+        Err(_) => return Err(()),
+    }
+    while pending.len() < BATCH {
+        if pending.capacity() - pending.len() < READ_SIZE {
+            pending.reserve(READ_SIZE);
+        }
+        match up.read_buf(pending).now_or_never() {
+            Some(Ok(n)) if n > 0 => {}
+            // Nothing more now (or the end, or an error): the next fill finds it.
+            _ => break,
+        }
+    }
+    Ok(true)
+}
+
+/// Lets the daemon's other tasks run after every [`BATCH`] bytes of a long answer: reads of
+/// a channel do not count against tokio's budget, and a fast reader would otherwise keep the
+/// thread for megabytes while small requests of other clients wait (a small answer never
+/// waits for its turn).
+#[derive(Default)]
+struct Turns(usize);
+
+impl Turns {
+    async fn after(&mut self, written: usize) {
+        self.0 += written;
+        if self.0 >= BATCH {
+            self.0 = 0;
+            tokio::task::yield_now().await;
+        }
     }
 }
 
@@ -574,6 +607,7 @@ async fn copy_length(
     mut n: u64,
     tunnel: &crate::tunnel::Tunnel,
 ) -> Result<bool, ()> {
+    let mut turns = Turns::default();
     while n > 0 {
         if pending.is_empty() && !fill(up, pending).await? {
             return Err(());
@@ -582,21 +616,31 @@ async fn copy_length(
         let chunk = pending.split_to(take);
         tunnel.add_bytes(take as u64, 0);
         client.write_all(&chunk).await.map_err(|_| ())?;
+        turns.after(take).await;
         n -= take as u64;
     }
     Ok(true)
 }
 
-/// Writes `data` to the client as one chunk.
+/// Writes `data` to the client as one chunk (size line, data and CRLF in one `writev`).
 async fn write_chunk(client: &mut UnixStream, data: &[u8]) -> Result<(), ()> {
     if data.is_empty() {
         return Ok(());
     }
-    let mut out = Vec::with_capacity(data.len() + 16);
-    out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
-    out.extend_from_slice(data);
-    out.extend_from_slice(b"\r\n");
-    client.write_all(&out).await.map_err(|_| ())
+    let size = format!("{:x}\r\n", data.len());
+    let mut parts = [
+        std::io::IoSlice::new(size.as_bytes()),
+        std::io::IoSlice::new(data),
+        std::io::IoSlice::new(b"\r\n"),
+    ];
+    let mut slices = &mut parts[..];
+    while !slices.is_empty() {
+        match client.write_vectored(slices).await {
+            Ok(0) | Err(_) => return Err(()),
+            Ok(n) => std::io::IoSlice::advance_slices(&mut slices, n),
+        }
+    }
+    Ok(())
 }
 
 /// A line (without its CRLF) at the start of `pending`, reading more as needed.
@@ -620,6 +664,7 @@ async fn copy_chunked(
     pending: &mut BytesMut,
     tunnel: &crate::tunnel::Tunnel,
 ) -> Result<bool, ()> {
+    let mut turns = Turns::default();
     loop {
         let size_line = line(up, pending).await?;
         let size_text = size_line[..]
@@ -654,6 +699,7 @@ async fn copy_chunked(
             let data = pending.split_to(take);
             tunnel.add_bytes(take as u64, 0);
             write_chunk(client, &data).await?;
+            turns.after(take).await;
             left -= take as u64;
         }
         if !line(up, pending).await?.is_empty() {
@@ -669,11 +715,13 @@ async fn copy_until_close(
     pending: &mut BytesMut,
     tunnel: &crate::tunnel::Tunnel,
 ) -> Result<bool, ()> {
+    let mut turns = Turns::default();
     loop {
         if !pending.is_empty() {
             let data = pending.split();
             tunnel.add_bytes(data.len() as u64, 0);
             write_chunk(client, &data).await?;
+            turns.after(data.len()).await;
         }
         if !fill(up, pending).await? {
             client.write_all(b"0\r\n\r\n").await.map_err(|_| ())?;
