@@ -1012,3 +1012,97 @@ fn an_endless_answer_to_the_daemons_own_lookup_is_cut_and_memory_comes_back() {
     );
     runtime_never_blocked(&b);
 }
+
+/// A fleetd that answers each path with the given raw bytes (then closes), on a unix socket
+/// the test serves; every other path gets `{}`.
+fn scripted_fleetd(
+    dir: &std::path::Path,
+    answers: Vec<(&'static str, &'static [u8])>,
+) -> std::path::PathBuf {
+    use std::io::{BufRead, BufReader, Write};
+    let socket = dir.join("scripted.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+    std::thread::spawn(move || {
+        // Bounded: the test makes a handful of connections.
+        for conn in listener.incoming().take(64) {
+            let Ok(conn) = conn else { continue };
+            let answers = answers.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+                let mut out = conn;
+                for _ in 0..64 {
+                    let mut first = String::new();
+                    if reader.read_line(&mut first).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let mut line = String::new();
+                    while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                        line.clear();
+                    }
+                    match answers.iter().find(|(p, _)| first.contains(p)) {
+                        Some((_, raw)) => {
+                            let _ = out.write_all(raw);
+                            return;
+                        }
+                        None => {
+                            let _ = out.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}");
+                        }
+                    }
+                }
+            });
+        }
+    });
+    socket
+}
+
+/// Answers a client could be misled by never reach it as answers: conflicting lengths are
+/// the broker's 503 naming the fault, a chunked body that breaks its framing cuts the
+/// client's connection instead of ending the body early, and the daemon serves on.
+#[test]
+fn a_fleetd_answer_with_broken_framing_is_a_503_or_a_cut_never_a_short_answer() {
+    use std::io::{Read, Write};
+    let w = World::new();
+    let socket = scripted_fleetd(
+        w.keys.path(),
+        vec![
+            (
+                "/fleet/v1/units/two-lengths",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+            ),
+            (
+                "/fleet/v1/units/bad-chunk",
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{\"a\"\r\nzz\r\n",
+            ),
+        ],
+    );
+    let config = cluster_toml(
+        "c1",
+        &w.sshd,
+        &format!("unix://{}", socket.display()),
+        "root",
+        &w.known_hosts,
+        "",
+    );
+    let b = Broker::start(&config, Some(&w.agent.socket));
+    assert_eq!(http(&b.socket("c1"), "GET", "/fleet/v1/units", None).0, 200);
+    let (status, body) = http(&b.socket("c1"), "GET", "/fleet/v1/units/two-lengths", None);
+    let text = String::from_utf8_lossy(&body);
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("content-length values differ"), "{text}");
+    let mut s = std::os::unix::net::UnixStream::connect(b.socket("c1")).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    s.write_all(b"GET /fleet/v1/units/bad-chunk HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("write");
+    let mut got = Vec::new();
+    // The connection ends (an error or EOF), without the chunked body's last chunk.
+    let _ = s.read_to_end(&mut got);
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(
+        !text.ends_with("0\r\n\r\n"),
+        "the answer must not look whole: {text:?}"
+    );
+    assert_eq!(http(&b.socket("c1"), "GET", "/fleet/v1/units", None).0, 200);
+    runtime_never_blocked(&b);
+}
