@@ -78,6 +78,24 @@ fn forward_via(mut cmd: Command, w: &World, dest: &str, local: &Path, tuned: boo
 /// instructions, so that both sides of a row encrypt alike.
 const CIPHER: &str = "aes256-gcm@openssh.com";
 
+/// Prints each path's p50 and p99 of its samples (milliseconds) under a header, and returns
+/// them in the paths' order.
+fn p50_p99_table(
+    paths: &[(&str, PathBuf)],
+    samples: &[Vec<Duration>],
+) -> Vec<(Duration, Duration)> {
+    println!("{:<30} {:>10} {:>10}", "path", "p50 ms", "p99 ms");
+    let mut stats = Vec::new();
+    for (i, (name, _)) in paths.iter().enumerate() {
+        let mut s = samples[i].clone();
+        s.sort();
+        let (p50, p99) = (percentile(&s, 0.5), percentile(&s, 0.99));
+        println!("{name:<30} {:>10.3} {:>10.3}", ms(p50), ms(p99));
+        stats.push((p50, p99));
+    }
+    stats
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
@@ -143,15 +161,7 @@ fn main() {
         }
     }
     println!("GET /fleet/v1/machines, new local connection per request, {n} samples per path, interleaved, {CIPHER} on both sides");
-    println!("{:<30} {:>10} {:>10}", "path", "p50 ms", "p99 ms");
-    let mut stats = Vec::new();
-    for (i, (name, _)) in paths.iter().enumerate() {
-        let mut s = samples[i].clone();
-        s.sort();
-        let (p50, p99) = (percentile(&s, 0.5), percentile(&s, 0.99));
-        println!("{name:<30} {:>10.3} {:>10.3}", ms(p50), ms(p99));
-        stats.push((p50, p99));
-    }
+    let stats = p50_p99_table(&paths, &samples);
     let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();
     println!();
     println!(

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use super::{ms, percentile, support::*, CIPHER};
+use super::{ms, support::*, CIPHER};
 
 /// Chunks in flight per direction; a reader that gets this far ahead waits (TCP's window
 /// does the same on a real link).
@@ -207,15 +207,7 @@ pub(super) fn link(w: &World) {
         println!(
             "link: round trip {rtt} ms to the tunnel host (a delaying relay), GET /fleet/v1/machines, new local connection per request, {n} samples per path, interleaved, {CIPHER} on both sides"
         );
-        println!("{:<30} {:>10} {:>10}", "path", "p50 ms", "p99 ms");
-        let mut stats = Vec::new();
-        for (i, (name, _)) in paths.iter().enumerate() {
-            let mut s = samples[i].clone();
-            s.sort();
-            let (p50, p99) = (percentile(&s, 0.5), percentile(&s, 0.99));
-            println!("{name:<30} {:>10.3} {:>10.3}", ms(p50), ms(p99));
-            stats.push((p50, p99));
-        }
+        let stats = super::p50_p99_table(&paths, &samples);
         let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();
         println!(
             "link {rtt} ms: broker / OpenSSH tuned (-tt):  p50 {:.3}x   p99 {:.3}x",
