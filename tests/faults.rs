@@ -853,6 +853,20 @@ fn a_killed_agent_is_named_and_a_new_one_on_its_socket_is_enough() {
     runtime_never_blocked(&b);
 }
 
+/// The request line of the next request a test's fleetd reads (its headers skipped; these
+/// requests have no body), or `None` at the end of the connection.
+fn request_line(reader: &mut impl std::io::BufRead) -> Option<String> {
+    let mut first = String::new();
+    if reader.read_line(&mut first).unwrap_or(0) == 0 {
+        return None;
+    }
+    let mut line = String::new();
+    while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+        line.clear();
+    }
+    Some(first)
+}
+
 /// A fleetd that answers `/fleet/v1/machines` with a body that never ends (and `{}` to
 /// everything else), on a unix socket the test serves; the first machine list is an
 /// ordinary one (one machine at 127.0.0.1), for a warm-up. Returns the socket and a flag that
@@ -863,7 +877,7 @@ fn endless_fleetd(
     std::path::PathBuf,
     std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) {
-    use std::io::{BufRead, BufReader, Write};
+    use std::io::{BufReader, Write};
     use std::sync::atomic::{AtomicBool, Ordering};
     let socket = dir.join("endless.sock");
     let listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
@@ -882,14 +896,9 @@ fn endless_fleetd(
                 let mut reader = BufReader::new(conn.try_clone().expect("clone"));
                 let mut out = conn;
                 loop {
-                    let mut first = String::new();
-                    if reader.read_line(&mut first).unwrap_or(0) == 0 {
+                    let Some(first) = request_line(&mut reader) else {
                         return;
-                    }
-                    let mut line = String::new();
-                    while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
-                        line.clear();
-                    }
+                    };
                     if !first.contains("/fleet/v1/machines") {
                         let _ = out.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}");
                         continue;
@@ -1019,7 +1028,7 @@ fn scripted_fleetd(
     dir: &std::path::Path,
     answers: Vec<(&'static str, &'static [u8])>,
 ) -> std::path::PathBuf {
-    use std::io::{BufRead, BufReader, Write};
+    use std::io::{BufReader, Write};
     let socket = dir.join("scripted.sock");
     let listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
     std::thread::spawn(move || {
@@ -1031,14 +1040,9 @@ fn scripted_fleetd(
                 let mut reader = BufReader::new(conn.try_clone().expect("clone"));
                 let mut out = conn;
                 for _ in 0..64 {
-                    let mut first = String::new();
-                    if reader.read_line(&mut first).unwrap_or(0) == 0 {
+                    let Some(first) = request_line(&mut reader) else {
                         return;
-                    }
-                    let mut line = String::new();
-                    while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
-                        line.clear();
-                    }
+                    };
                     match answers.iter().find(|(p, _)| first.contains(p)) {
                         Some((_, raw)) => {
                             let _ = out.write_all(raw);
