@@ -109,7 +109,8 @@ struct Taken {
     head_len: usize,
     head: bool,
     close: bool,
-    path: String,
+    /// Where the request target stands in `upstream` (for the debug log).
+    path: std::ops::Range<usize>,
 }
 
 /// What the client's buffer holds.
@@ -124,6 +125,20 @@ enum Head {
 
 fn is(name: &str, other: &str) -> bool {
     name.eq_ignore_ascii_case(other)
+}
+
+/// Whether a header goes no further than this hop: the fixed hop-by-hop ones and those the
+/// message's `Connection` header names (lower-cased in `named`).
+fn is_hop(name: &str, named: &[String]) -> bool {
+    HOP_BY_HOP.iter().any(|h| is(name, h)) || named.iter().any(|n| is(name, n))
+}
+
+/// Writes `name: value` and its CRLF, the name lower-cased as hyper writes header names.
+fn put_header(out: &mut Vec<u8>, h: &httparse::Header<'_>) {
+    out.extend(h.name.bytes().map(|b| b.to_ascii_lowercase()));
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(h.value);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// The comma-separated tokens of a header value, lower-cased.
@@ -180,6 +195,7 @@ fn parse_request(buf: &[u8]) -> Head {
     let mut upstream = Vec::with_capacity(head_len + 16);
     upstream.extend_from_slice(method.as_bytes());
     upstream.push(b' ');
+    let path_at = upstream.len()..upstream.len() + path.len();
     upstream.extend_from_slice(path.as_bytes());
     upstream.extend_from_slice(b" HTTP/1.1\r\n");
     if !host {
@@ -187,14 +203,9 @@ fn parse_request(buf: &[u8]) -> Head {
         upstream.extend_from_slice(b"host: fleet\r\n");
     }
     for h in req.headers.iter() {
-        let lower = h.name.to_ascii_lowercase();
-        if HOP_BY_HOP.contains(&lower.as_str()) || named.contains(&lower) {
-            continue;
+        if !is_hop(h.name, &named) {
+            put_header(&mut upstream, h);
         }
-        upstream.extend_from_slice(lower.as_bytes());
-        upstream.extend_from_slice(b": ");
-        upstream.extend_from_slice(h.value);
-        upstream.extend_from_slice(b"\r\n");
     }
     upstream.extend_from_slice(b"\r\n");
     Head::Take(Taken {
@@ -202,7 +213,7 @@ fn parse_request(buf: &[u8]) -> Head {
         head_len,
         head,
         close,
-        path: path.to_string(),
+        path: path_at,
     })
 }
 
@@ -321,20 +332,14 @@ fn final_answer(
         .and_then(|s| s.canonical_reason())
         .unwrap_or("<unknown status code>");
     head.extend_from_slice(format!("HTTP/1.1 {status} {reason}\r\n").as_bytes());
+    let keep_length = request_head || matches!(framing, Framing::None);
     for h in resp.headers.iter() {
-        let lower = h.name.to_ascii_lowercase();
-        let keep_length = request_head || matches!(framing, Framing::None);
-        if HOP_BY_HOP.contains(&lower.as_str())
-            || named.contains(&lower)
-            || lower == BROKER_ERROR_HEADER
-            || (lower == "content-length" && !keep_length)
+        if !is_hop(h.name, &named)
+            && !is(h.name, BROKER_ERROR_HEADER)
+            && (keep_length || !is(h.name, "content-length"))
         {
-            continue;
+            put_header(&mut head, h);
         }
-        head.extend_from_slice(lower.as_bytes());
-        head.extend_from_slice(b": ");
-        head.extend_from_slice(h.value);
-        head.extend_from_slice(b"\r\n");
     }
     match framing {
         Framing::Length(l) => head.extend_from_slice(format!("content-length: {l}\r\n").as_bytes()),
@@ -425,8 +430,12 @@ async fn forward(
 ) -> Served {
     let started = std::time::Instant::now();
     let tunnel = proxy.tunnel().clone();
-    tracing::debug!(method = if taken.head { "HEAD" } else { "GET" }, path = %taken.path, "request");
-    let up = match proxy.lean.take() {
+    tracing::debug!(
+        method = if taken.head { "HEAD" } else { "GET" },
+        path = %String::from_utf8_lossy(&taken.upstream[taken.path.clone()]),
+        "request"
+    );
+    let mut up = match proxy.lean.take() {
         Some(up) => up,
         None => {
             let limit = tunnel.config.connect_timeout;
@@ -437,7 +446,6 @@ async fn forward(
             }
         }
     };
-    let mut up = up;
     if up.write_all(&taken.upstream).await.is_err() {
         return Served::Hyper;
     }
@@ -493,11 +501,18 @@ async fn forward(
     if client.write_all(&answer.head).await.is_err() {
         return Served::Close;
     }
+    let body = Body {
+        up: &mut up,
+        client,
+        pending: &mut answer_buf,
+        tunnel: &tunnel,
+        turns: Turns::default(),
+    };
     let body = match answer.framing {
         Framing::None => Ok(true),
-        Framing::Length(n) => copy_length(&mut up, client, &mut answer_buf, n, &tunnel).await,
-        Framing::Chunked => copy_chunked(&mut up, client, &mut answer_buf, &tunnel).await,
-        Framing::UntilClose => copy_until_close(&mut up, client, &mut answer_buf, &tunnel).await,
+        Framing::Length(n) => body.copy_length(n).await,
+        Framing::Chunked => body.copy_chunked().await,
+        Framing::UntilClose => body.copy_until_close().await,
     };
     match body {
         Ok(complete) => {
@@ -556,32 +571,6 @@ async fn answer_error(
     Served::KeepAlive
 }
 
-/// Reads more of the answer into `pending`, waiting for the first bytes and then taking
-/// whatever else has arrived, up to [`BATCH`]: one write to the client for all of it, as
-/// hyper's queued writes do. False at the answer's end.
-async fn fill(up: &mut Upstream, pending: &mut BytesMut) -> Result<bool, ()> {
-    use futures::FutureExt;
-    if pending.capacity() - pending.len() < READ_SIZE {
-        pending.reserve(READ_SIZE);
-    }
-    match up.read_buf(pending).await {
-        Ok(0) => return Ok(false),
-        Ok(_) => {}
-        Err(_) => return Err(()),
-    }
-    while pending.len() < BATCH {
-        if pending.capacity() - pending.len() < READ_SIZE {
-            pending.reserve(READ_SIZE);
-        }
-        match up.read_buf(pending).now_or_never() {
-            Some(Ok(n)) if n > 0 => {}
-            // Nothing more now (or the end, or an error): the next fill finds it.
-            _ => break,
-        }
-    }
-    Ok(true)
-}
-
 /// Lets the daemon's other tasks run after every [`BATCH`] bytes of a long answer: reads of
 /// a channel do not count against tokio's budget, and a fast reader would otherwise keep the
 /// thread for megabytes while small requests of other clients wait (a small answer never
@@ -597,29 +586,6 @@ impl Turns {
             tokio::task::yield_now().await;
         }
     }
-}
-
-/// Copies a body of `n` bytes; `Ok(true)` when all came.
-async fn copy_length(
-    up: &mut Upstream,
-    client: &mut UnixStream,
-    pending: &mut BytesMut,
-    mut n: u64,
-    tunnel: &crate::tunnel::Tunnel,
-) -> Result<bool, ()> {
-    let mut turns = Turns::default();
-    while n > 0 {
-        if pending.is_empty() && !fill(up, pending).await? {
-            return Err(());
-        }
-        let take = pending.len().min(usize::try_from(n).unwrap_or(usize::MAX));
-        let chunk = pending.split_to(take);
-        tunnel.add_bytes(take as u64, 0);
-        client.write_all(&chunk).await.map_err(|_| ())?;
-        turns.after(take).await;
-        n -= take as u64;
-    }
-    Ok(true)
 }
 
 /// Writes `data` to the client as one chunk (size line, data and CRLF in one `writev`).
@@ -643,89 +609,140 @@ async fn write_chunk(client: &mut UnixStream, data: &[u8]) -> Result<(), ()> {
     Ok(())
 }
 
-/// A line (without its CRLF) at the start of `pending`, reading more as needed.
-async fn line(up: &mut Upstream, pending: &mut BytesMut) -> Result<BytesMut, ()> {
-    loop {
-        if let Some(i) = pending.windows(2).position(|w| w == b"\r\n") {
-            let l = pending.split_to(i);
-            pending.advance(2);
-            return Ok(l);
-        }
-        if pending.len() > MAX_CHUNK_LINE || !fill(up, pending).await? {
-            return Err(());
-        }
-    }
+/// An answer's body on its way from fleetd (`pending` holds what was read of it) to the
+/// client. Every copier returns `Ok(true)` when the body came whole and its end is known.
+struct Body<'a> {
+    up: &'a mut Upstream,
+    client: &'a mut UnixStream,
+    pending: &'a mut BytesMut,
+    tunnel: &'a crate::tunnel::Tunnel,
+    turns: Turns,
 }
 
-/// Copies a chunked body, chunk data re-framed for the client; trailers are dropped.
-async fn copy_chunked(
-    up: &mut Upstream,
-    client: &mut UnixStream,
-    pending: &mut BytesMut,
-    tunnel: &crate::tunnel::Tunnel,
-) -> Result<bool, ()> {
-    let mut turns = Turns::default();
-    loop {
-        let size_line = line(up, pending).await?;
-        let size_text = size_line[..]
-            .split(|b| *b == b';')
-            .next()
-            .map(|s| String::from_utf8_lossy(s).trim().to_string())
-            .unwrap_or_default();
-        if size_text.is_empty() || !size_text.bytes().all(|b| b.is_ascii_hexdigit()) {
+impl Body<'_> {
+    /// Reads more of the answer, waiting for the first bytes and then taking whatever else
+    /// has arrived, up to [`BATCH`]: one write to the client for all of it, as hyper's queued
+    /// writes do. False at the answer's end.
+    async fn fill(&mut self) -> Result<bool, ()> {
+        use futures::FutureExt;
+        if self.pending.capacity() - self.pending.len() < READ_SIZE {
+            self.pending.reserve(READ_SIZE);
+        }
+        match self.up.read_buf(self.pending).await {
+            Ok(0) => return Ok(false),
+            Ok(_) => {}
+            Err(_) => return Err(()),
+        }
+        while self.pending.len() < BATCH {
+            if self.pending.capacity() - self.pending.len() < READ_SIZE {
+                self.pending.reserve(READ_SIZE);
+            }
+            match self.up.read_buf(self.pending).now_or_never() {
+                Some(Ok(n)) if n > 0 => {}
+                // Nothing more now (or the end, or an error): the next fill finds it.
+                _ => break,
+            }
+        }
+        Ok(true)
+    }
+
+    /// Up to `n` bytes of the body (at least one); the answer ending first is an error.
+    async fn take(&mut self, n: u64) -> Result<BytesMut, ()> {
+        if self.pending.is_empty() && !self.fill().await? {
             return Err(());
         }
-        let size = u64::from_str_radix(&size_text, 16).map_err(|_| ())?;
-        if size == 0 {
-            // Trailers (dropped, as hyper drops them), up to the blank line.
-            let mut trailers = 0;
-            while !line(up, pending).await?.is_empty() {
-                trailers += 1;
-                if trailers > MAX_HEADERS {
-                    return Err(());
-                }
-            }
-            client.write_all(b"0\r\n\r\n").await.map_err(|_| ())?;
-            return Ok(true);
+        let take = self
+            .pending
+            .len()
+            .min(usize::try_from(n).unwrap_or(usize::MAX));
+        Ok(self.pending.split_to(take))
+    }
+
+    /// Sends body bytes to the client, as they are or as one chunk, and counts them.
+    async fn send(&mut self, data: &[u8], chunked: bool) -> Result<(), ()> {
+        self.tunnel.add_bytes(data.len() as u64, 0);
+        if chunked {
+            write_chunk(self.client, data).await?;
+        } else {
+            self.client.write_all(data).await.map_err(|_| ())?;
         }
-        let mut left = size;
-        while left > 0 {
-            if pending.is_empty() && !fill(up, pending).await? {
+        self.turns.after(data.len()).await;
+        Ok(())
+    }
+
+    /// A line (without its CRLF) at the start of what was read, reading more as needed.
+    async fn line(&mut self) -> Result<BytesMut, ()> {
+        loop {
+            if let Some(i) = self.pending.windows(2).position(|w| w == b"\r\n") {
+                let l = self.pending.split_to(i);
+                self.pending.advance(2);
+                return Ok(l);
+            }
+            if self.pending.len() > MAX_CHUNK_LINE || !self.fill().await? {
                 return Err(());
             }
-            let take = pending
-                .len()
-                .min(usize::try_from(left).unwrap_or(usize::MAX));
-            let data = pending.split_to(take);
-            tunnel.add_bytes(take as u64, 0);
-            write_chunk(client, &data).await?;
-            turns.after(take).await;
-            left -= take as u64;
-        }
-        if !line(up, pending).await?.is_empty() {
-            return Err(());
         }
     }
-}
 
-/// Copies a body that ends with the connection, as chunks.
-async fn copy_until_close(
-    up: &mut Upstream,
-    client: &mut UnixStream,
-    pending: &mut BytesMut,
-    tunnel: &crate::tunnel::Tunnel,
-) -> Result<bool, ()> {
-    let mut turns = Turns::default();
-    loop {
-        if !pending.is_empty() {
-            let data = pending.split();
-            tunnel.add_bytes(data.len() as u64, 0);
-            write_chunk(client, &data).await?;
-            turns.after(data.len()).await;
+    /// A body of `n` bytes.
+    async fn copy_length(mut self, mut n: u64) -> Result<bool, ()> {
+        while n > 0 {
+            let data = self.take(n).await?;
+            self.send(&data, false).await?;
+            n -= data.len() as u64;
         }
-        if !fill(up, pending).await? {
-            client.write_all(b"0\r\n\r\n").await.map_err(|_| ())?;
-            return Ok(false);
+        Ok(true)
+    }
+
+    /// A chunked body, chunk data re-framed for the client; trailers are dropped.
+    async fn copy_chunked(mut self) -> Result<bool, ()> {
+        loop {
+            let size_line = self.line().await?;
+            let size_text = size_line[..]
+                .split(|b| *b == b';')
+                .next()
+                .and_then(|s| std::str::from_utf8(s).ok())
+                .map(str::trim)
+                .unwrap_or_default();
+            if size_text.is_empty() || !size_text.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(());
+            }
+            let size = u64::from_str_radix(size_text, 16).map_err(|_| ())?;
+            if size == 0 {
+                // Trailers (dropped, as hyper drops them), up to the blank line.
+                let mut trailers = 0;
+                while !self.line().await?.is_empty() {
+                    trailers += 1;
+                    if trailers > MAX_HEADERS {
+                        return Err(());
+                    }
+                }
+                self.client.write_all(b"0\r\n\r\n").await.map_err(|_| ())?;
+                return Ok(true);
+            }
+            let mut left = size;
+            while left > 0 {
+                let data = self.take(left).await?;
+                self.send(&data, true).await?;
+                left -= data.len() as u64;
+            }
+            if !self.line().await?.is_empty() {
+                return Err(());
+            }
+        }
+    }
+
+    /// A body that ends with the connection, as chunks; never known whole.
+    async fn copy_until_close(mut self) -> Result<bool, ()> {
+        loop {
+            if !self.pending.is_empty() {
+                let data = self.pending.split();
+                self.send(&data, true).await?;
+            }
+            if !self.fill().await? {
+                self.client.write_all(b"0\r\n\r\n").await.map_err(|_| ())?;
+                return Ok(false);
+            }
         }
     }
 }
