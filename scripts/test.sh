@@ -61,6 +61,9 @@ cargo test --locked -p russh --no-default-features --features ring,rsa,flate2 \
     --test test_window_release --test test_window_adjust --test test_backpressure \
     --test test_close_first 2>&1 | tee -a "$log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+cargo test --locked -p russh --no-default-features --features ring,rsa,flate2 --lib rekey \
+    2>&1 | tee -a "$log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 set -e
 ignored="$(sed -n 's/^test \(.*\) \.\.\. ignored.*$/\1/p' "$log" | sort -u)"
 awk -v skipped="$(grep -c . "$skips" || true)" \

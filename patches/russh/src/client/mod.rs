@@ -42,6 +42,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// How far the rekey deadline may seem to move between turns of the session loop (two
+/// readings of the clock) before the timer is moved with it.
+const REKEY_DEADLINE_SLACK: Duration = Duration::from_millis(10);
+
 use futures::Future;
 use futures::task::{Context, Poll};
 use kex::ClientKex;
@@ -1427,6 +1431,13 @@ impl Session {
         let reading = start_reading(stream_read, buffer, opening_cipher);
         pin!(reading);
 
+        // One rekey timer for the whole loop, moved only when its deadline does: a timer
+        // made anew on every turn was registered with and removed from the runtime's timer
+        // wheel for every packet.
+        let rekey_timer = tokio::time::sleep(Duration::ZERO);
+        pin!(rekey_timer);
+        let mut rekey_deadline: Option<tokio::time::Instant> = None;
+
         #[allow(clippy::panic)] // false positive in select! macro
         while !self.common.disconnected {
             self.common.received_data = false;
@@ -1437,9 +1448,21 @@ impl Session {
             // application output in its bounded receivers while a channel is
             // window-blocked.
             let can_receive_outbound = !self.kex.active() && !self.common.has_any_pending_data();
-            let rekey_timer =
-                crate::future_or_pending(self.rekey_time_remaining(), tokio::time::sleep);
-            pin!(rekey_timer);
+            let wanted = self
+                .rekey_time_remaining()
+                .map(|d| tokio::time::Instant::now() + d);
+            if let Some(at) = wanted {
+                // The deadline is the last rekey plus the limit: the same on every turn but
+                // for the clock's reading, so it moves the timer only when it really moved.
+                let moved = rekey_deadline.is_none_or(|old| {
+                    at < old || at.duration_since(old) > REKEY_DEADLINE_SLACK
+                });
+                if moved {
+                    rekey_timer.as_mut().reset(at);
+                    rekey_deadline = Some(at);
+                }
+            }
+            rekey_deadline = wanted.and(rekey_deadline);
             tokio::select! {
                 r = &mut reading => {
                     let (stream_read, mut buffer, mut opening_cipher) = match r {
@@ -1482,9 +1505,10 @@ impl Session {
                     std::mem::swap(&mut opening_cipher, &mut self.common.remote_to_local);
                     reading.set(start_reading(stream_read, buffer, opening_cipher));
                 }
-                () = &mut rekey_timer => {
+                () = &mut rekey_timer, if rekey_deadline.is_some() => {
                     // The flush after the select sees the elapsed limit.
                     debug!("rekey time limit reached");
+                    rekey_deadline = None;
                 }
                 () = &mut keepalive_timer => {
                     keepalive_elapsed = true;
@@ -2491,6 +2515,54 @@ mod tests {
             first_packet_from_event_loop(session, &mut peer, stream).await,
             Some(msg::KEXINIT)
         );
+    }
+
+    /// The rekey timer lives across the loop's turns: packets arriving every few
+    /// milliseconds (each a turn) neither push the time limit back nor start a rekey early.
+    #[tokio::test]
+    async fn time_limit_starts_rekey_while_packets_keep_arriving() {
+        let (mut session, _sender, _replies) = keyboard_interactive_session();
+        let limit = Duration::from_millis(80);
+        allow_rekey(&mut session, crate::Limits::new(1 << 30, 1 << 30, limit));
+        session.common.encrypted.as_mut().unwrap().state = EncryptedState::Authenticated;
+        let (peer, stream) = tokio::io::duplex(64 * 1024);
+        let (mut peer_read, mut peer_write) = tokio::io::split(peer);
+        let started = tokio::time::Instant::now();
+        let feeder = tokio::spawn(async move {
+            let mut writer = PacketWriter::clear();
+            for _ in 0..1000 {
+                writer.packet_raw(&[msg::IGNORE; 32]).unwrap();
+                let bytes = writer.buffer().buffer.to_vec();
+                writer.buffer().buffer.clear();
+                if peer_write.write_all(&bytes).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        let (stream_read, mut stream_write) = SshRead::new(stream).split();
+        let mut handler = TestHandler;
+        let mut kex_done_signal = None;
+        let event_loop = session.run_inner(
+            stream_read,
+            &mut stream_write,
+            &mut handler,
+            &mut kex_done_signal,
+        );
+        tokio::pin!(event_loop);
+        let mut buffer = SSHBuffer::new();
+        let mut opening_key = cipher::clear::Key;
+        let packet = cipher::read(&mut peer_read, &mut buffer, &mut opening_key);
+        let first = tokio::select! {
+            r = &mut event_loop => panic!("event loop ended before rekeying: {:?}", r.map(drop)),
+            r = tokio::time::timeout(Duration::from_secs(5), packet) => {
+                r.expect("no rekey within 5 s while packets kept arriving").unwrap();
+                buffer.buffer.get(5).copied()
+            }
+        };
+        feeder.abort();
+        assert_eq!(first, Some(msg::KEXINIT));
+        assert!(started.elapsed() >= limit, "rekey after {:?}", started.elapsed());
     }
 
     #[cfg(feature = "flate2")]
