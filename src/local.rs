@@ -45,7 +45,9 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> LocalError + '_ {
 
 /// The effective uid of this process.
 pub(crate) fn my_uid() -> u32 {
-    nix::unistd::geteuid().as_raw()
+    // Asked once: every accepted connection compares its peer with it.
+    static UID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *UID.get_or_init(|| nix::unistd::geteuid().as_raw())
 }
 
 /// `$FLEET_BROKER_RUNTIME_DIR`, else `$XDG_RUNTIME_DIR/fleet-broker`, else

@@ -42,25 +42,31 @@ const MAX_INFORMATIONAL: usize = 16;
 const READ_SIZE: usize = 16 * 1024;
 /// Bytes of an answer's body gathered for one write to the client, when they have arrived.
 const BATCH: usize = 256 * 1024;
+/// Bytes of an answer held back to go with the next piece (see [`Body`]); larger data is
+/// written at once, without a copy.
+const STAGED: usize = 16 * 1024;
+
+/// An idle upstream connection with the buffer its answers are read into.
+type Idle = (Upstream, BytesMut, Instant);
 
 /// Idle upstream connections of the short path, newest last.
 #[derive(Default)]
 pub(super) struct Pool {
-    idle: Mutex<VecDeque<(Upstream, Instant)>>,
+    idle: Mutex<VecDeque<Idle>>,
     sweeping: std::sync::atomic::AtomicBool,
 }
 
 impl Pool {
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(Upstream, Instant)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle>> {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The newest idle connection that is still open and not too old.
-    fn take(&self) -> Option<Upstream> {
+    fn take(&self) -> Option<(Upstream, BytesMut)> {
         let mut idle = self.lock();
-        while let Some((up, at)) = idle.pop_back() {
+        while let Some((up, buf, at)) = idle.pop_back() {
             if up.is_idle_and_open() && at.elapsed() < POOL_IDLE_TIMEOUT {
-                return Some(up);
+                return Some((up, buf));
             }
         }
         None
@@ -68,10 +74,15 @@ impl Pool {
 
     /// Keeps `up` for the next request (the oldest goes past [`POOL_MAX_IDLE`]), and closes
     /// what has been idle for [`POOL_IDLE_TIMEOUT`] when that time comes.
-    fn put(self: &Arc<Self>, up: Upstream) {
+    fn put(self: &Arc<Self>, up: Upstream, mut buf: BytesMut) {
+        // A buffer a long answer grew is not kept.
+        if buf.capacity() > 4 * READ_SIZE {
+            buf = BytesMut::new();
+        }
+        buf.clear();
         {
             let mut idle = self.lock();
-            idle.push_back((up, Instant::now()));
+            idle.push_back((up, buf, Instant::now()));
             while idle.len() > POOL_MAX_IDLE {
                 idle.pop_front();
             }
@@ -86,7 +97,7 @@ impl Pool {
                     tokio::time::sleep(POOL_IDLE_TIMEOUT).await;
                     let Some(pool) = pool.upgrade() else { return };
                     let mut idle = pool.lock();
-                    idle.retain(|(up, at)| {
+                    idle.retain(|(up, _, at)| {
                         up.is_idle_and_open() && at.elapsed() < POOL_IDLE_TIMEOUT
                     });
                     if idle.is_empty() {
@@ -367,7 +378,7 @@ pub(crate) async fn serve(
     stop: CancellationToken,
     slot: impl Send + 'static,
 ) {
-    let mut buf = BytesMut::with_capacity(READ_SIZE);
+    let mut buf = BytesMut::new();
     loop {
         // The next head, whole within the header timeout (which also ends an idle kept
         // connection), as hyper's server has it; shutdown ends a connection waiting here.
@@ -378,9 +389,17 @@ pub(crate) async fn serve(
                 Head::Hyper => break None,
                 Head::Partial => {}
             }
-            let read = tokio::select! {
-                r = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)) => r,
-                _ = stop.cancelled() => return,
+            // What the client has sent already is taken without setting up the wait (a
+            // new connection's request is nearly always there when it is accepted).
+            let read = match read_ready(&stream, &mut buf) {
+                Some(r) => Ok(r),
+                None => tokio::select! {
+                    r = tokio::time::timeout_at(deadline, async {
+                        buf.reserve(READ_SIZE);
+                        stream.read_buf(&mut buf).await
+                    }) => r,
+                    _ = stop.cancelled() => return,
+                },
             };
             match read {
                 Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
@@ -411,6 +430,25 @@ pub(crate) async fn serve(
     crate::http::serve_connection(io, peer, handler, stop, false, slot).await;
 }
 
+/// Reads what the client has sent so far without waiting; `None` when nothing is there yet
+/// (the socket is non-blocking, as tokio keeps it).
+fn read_ready(stream: &UnixStream, buf: &mut BytesMut) -> Option<std::io::Result<usize>> {
+    use std::os::fd::AsRawFd;
+    let mut chunk = [0u8; 4096];
+    match nix::sys::socket::recv(
+        stream.as_raw_fd(),
+        &mut chunk,
+        nix::sys::socket::MsgFlags::empty(),
+    ) {
+        Ok(n) => {
+            buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
+            Some(Ok(n))
+        }
+        Err(nix::errno::Errno::EAGAIN) => None,
+        Err(e) => Some(Err(e.into())),
+    }
+}
+
 /// How a request ended.
 enum Served {
     /// Answered; the connection may carry another request.
@@ -435,12 +473,12 @@ async fn forward(
         path = %String::from_utf8_lossy(&taken.upstream[taken.path.clone()]),
         "request"
     );
-    let mut up = match proxy.lean.take() {
-        Some(up) => up,
+    let (mut up, mut answer_buf) = match proxy.lean.take() {
+        Some(taken) => taken,
         None => {
             let limit = tunnel.config.connect_timeout;
             match tokio::time::timeout(limit, crate::tunnel::api::connect(&tunnel)).await {
-                Ok(Ok(up)) => up,
+                Ok(Ok(up)) => (up, BytesMut::new()),
                 // hyper's path waits for the tunnel and names the cause.
                 _ => return Served::Hyper,
             }
@@ -454,7 +492,7 @@ async fn forward(
     let deadline = Instant::now() + limit;
     let stall = Instant::now() + limit / 2;
     let mut probed = false;
-    let mut answer_buf = BytesMut::with_capacity(READ_SIZE);
+    answer_buf.reserve(READ_SIZE);
     let (answer, consumed) = loop {
         match parse_answer(&answer_buf, taken.head, taken.close) {
             Ok(Some(a)) => break a,
@@ -498,28 +536,30 @@ async fn forward(
     buf.advance(taken.head_len);
     tunnel.record_request(started.elapsed(), 0, 0);
     answer_buf.advance(consumed);
-    if client.write_all(&answer.head).await.is_err() {
-        return Served::Close;
-    }
-    let body = Body {
+    let mut body = Body {
         up: &mut up,
         client,
         pending: &mut answer_buf,
         tunnel: &tunnel,
         turns: Turns::default(),
+        out: answer.head,
     };
-    let body = match answer.framing {
-        Framing::None => Ok(true),
+    let copied = match answer.framing {
+        Framing::None => body.finish().await.map(|()| true),
         Framing::Length(n) => body.copy_length(n).await,
         Framing::Chunked => body.copy_chunked().await,
         Framing::UntilClose => body.copy_until_close().await,
     };
-    match body {
+    if copied.is_err() {
+        // What came before the fault still goes, as hyper sends it; the cut follows.
+        let _ = body.flush().await;
+    }
+    match copied {
         Ok(complete) => {
             // An fd-forward session goes back to the host at once: the budget of sessions
             // is shared with hyper's path, which serves the cluster from now on.
             if complete && answer.reusable && answer_buf.is_empty() && !up.holds_session() {
-                proxy.lean.put(up);
+                proxy.lean.put(up, answer_buf);
             }
             if taken.close {
                 let _ = client.shutdown().await;
@@ -588,19 +628,17 @@ impl Turns {
     }
 }
 
-/// Writes `data` to the client as one chunk (size line, data and CRLF in one `writev`).
-async fn write_chunk(client: &mut UnixStream, data: &[u8]) -> Result<(), ()> {
-    if data.is_empty() {
-        return Ok(());
-    }
-    let size = format!("{:x}\r\n", data.len());
-    let mut parts = [
-        std::io::IoSlice::new(size.as_bytes()),
-        std::io::IoSlice::new(data),
-        std::io::IoSlice::new(b"\r\n"),
-    ];
-    let mut slices = &mut parts[..];
+/// Writes all of `parts` to the client (one `writev` when the socket takes it).
+async fn write_all_vectored(
+    client: &mut UnixStream,
+    parts: &mut [std::io::IoSlice<'_>],
+) -> Result<(), ()> {
+    let mut slices = parts;
     while !slices.is_empty() {
+        if slices[0].is_empty() {
+            slices = &mut slices[1..];
+            continue;
+        }
         match client.write_vectored(slices).await {
             Ok(0) | Err(_) => return Err(()),
             Ok(n) => std::io::IoSlice::advance_slices(&mut slices, n),
@@ -611,24 +649,52 @@ async fn write_chunk(client: &mut UnixStream, data: &[u8]) -> Result<(), ()> {
 
 /// An answer's body on its way from fleetd (`pending` holds what was read of it) to the
 /// client. Every copier returns `Ok(true)` when the body came whole and its end is known.
+///
+/// What goes to the client waits in `out` (the answer's head first, then framing and small
+/// data) until the answer ends, more of it has to be waited for, or a large piece of data
+/// goes: a small answer reaches the client in one write, which wakes it once, where a write
+/// per piece woke it (and, on its CPU, preempted the daemon) for each.
 struct Body<'a> {
     up: &'a mut Upstream,
     client: &'a mut UnixStream,
     pending: &'a mut BytesMut,
     tunnel: &'a crate::tunnel::Tunnel,
     turns: Turns,
+    out: Vec<u8>,
 }
 
 impl Body<'_> {
-    /// Reads more of the answer, waiting for the first bytes and then taking whatever else
-    /// has arrived, up to [`BATCH`]: one write to the client for all of it, as hyper's queued
-    /// writes do. False at the answer's end.
+    /// Writes what waits in `out`.
+    async fn flush(&mut self) -> Result<(), ()> {
+        if !self.out.is_empty() {
+            self.client.write_all(&self.out).await.map_err(|_| ())?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    /// The answer is complete: writes what waits, ending a re-framed body first.
+    async fn finish(&mut self) -> Result<(), ()> {
+        self.flush().await
+    }
+
+    /// Reads more of the answer, waiting for the first bytes (after writing what waits in
+    /// `out`, so the client never waits on fleetd for bytes the daemon holds) and then taking
+    /// whatever else has arrived, up to [`BATCH`]: one write to the client for all of it, as
+    /// hyper's queued writes do. False at the answer's end.
     async fn fill(&mut self) -> Result<bool, ()> {
         use futures::FutureExt;
         if self.pending.capacity() - self.pending.len() < READ_SIZE {
             self.pending.reserve(READ_SIZE);
         }
-        match self.up.read_buf(self.pending).await {
+        let read = match self.up.read_buf(self.pending).now_or_never() {
+            Some(r) => r,
+            None => {
+                self.flush().await?;
+                self.up.read_buf(self.pending).await
+            }
+        };
+        match read {
             Ok(0) => return Ok(false),
             Ok(_) => {}
             Err(_) => return Err(()),
@@ -658,13 +724,29 @@ impl Body<'_> {
         Ok(self.pending.split_to(take))
     }
 
-    /// Sends body bytes to the client, as they are or as one chunk, and counts them.
+    /// Sends body bytes to the client, as they are or as one chunk, and counts them: small
+    /// ones join what waits in `out`, larger ones go at once with it in one `writev`.
     async fn send(&mut self, data: &[u8], chunked: bool) -> Result<(), ()> {
+        if data.is_empty() {
+            return Ok(());
+        }
         self.tunnel.add_bytes(data.len() as u64, 0);
         if chunked {
-            write_chunk(self.client, data).await?;
+            self.out
+                .extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+        }
+        let end: &[u8] = if chunked { b"\r\n" } else { b"" };
+        if self.out.len() + data.len() <= STAGED {
+            self.out.extend_from_slice(data);
+            self.out.extend_from_slice(end);
         } else {
-            self.client.write_all(data).await.map_err(|_| ())?;
+            let mut parts = [
+                std::io::IoSlice::new(&self.out),
+                std::io::IoSlice::new(data),
+                std::io::IoSlice::new(end),
+            ];
+            write_all_vectored(self.client, &mut parts).await?;
+            self.out.clear();
         }
         self.turns.after(data.len()).await;
         Ok(())
@@ -685,17 +767,17 @@ impl Body<'_> {
     }
 
     /// A body of `n` bytes.
-    async fn copy_length(mut self, mut n: u64) -> Result<bool, ()> {
+    async fn copy_length(&mut self, mut n: u64) -> Result<bool, ()> {
         while n > 0 {
             let data = self.take(n).await?;
             self.send(&data, false).await?;
             n -= data.len() as u64;
         }
-        Ok(true)
+        self.finish().await.map(|()| true)
     }
 
     /// A chunked body, chunk data re-framed for the client; trailers are dropped.
-    async fn copy_chunked(mut self) -> Result<bool, ()> {
+    async fn copy_chunked(&mut self) -> Result<bool, ()> {
         loop {
             let size_line = self.line().await?;
             let size_text = size_line[..]
@@ -717,8 +799,8 @@ impl Body<'_> {
                         return Err(());
                     }
                 }
-                self.client.write_all(b"0\r\n\r\n").await.map_err(|_| ())?;
-                return Ok(true);
+                self.out.extend_from_slice(b"0\r\n\r\n");
+                return self.finish().await.map(|()| true);
             }
             let mut left = size;
             while left > 0 {
@@ -733,15 +815,15 @@ impl Body<'_> {
     }
 
     /// A body that ends with the connection, as chunks; never known whole.
-    async fn copy_until_close(mut self) -> Result<bool, ()> {
+    async fn copy_until_close(&mut self) -> Result<bool, ()> {
         loop {
             if !self.pending.is_empty() {
                 let data = self.pending.split();
                 self.send(&data, true).await?;
             }
             if !self.fill().await? {
-                self.client.write_all(b"0\r\n\r\n").await.map_err(|_| ())?;
-                return Ok(false);
+                self.out.extend_from_slice(b"0\r\n\r\n");
+                return self.finish().await.map(|()| false);
             }
         }
     }
