@@ -4,9 +4,9 @@
 //! before the second is sent. Re-arming quick-ack after each read ACKs every segment at once:
 //! a held packet waits one round trip, not a delayed-ACK timer.
 //!
-//! The socket is read through a buffer ([`READ_AHEAD`]): russh asks for each packet's length
-//! and then its body, and a multi-packet answer (fleetd writes large ones in 4 KiB pieces)
-//! took two `recv`s and two re-arms per packet.
+//! Small reads go through a buffer ([`READ_AHEAD`]): russh asks for each packet's length and
+//! then its body, and a multi-packet answer (fleetd writes large ones in 4 KiB pieces) took
+//! two `recv`s and two re-arms per packet.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -16,12 +16,15 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-/// Bytes read from the socket at once. russh reads a packet's length and then its body, each
-/// with its own read; through this buffer, the packets that have arrived together are taken
-/// with one `recv` (and one re-arm of quick-ack) instead of two of each per packet.
-const READ_AHEAD: usize = 64 * 1024;
+/// The buffer for small reads. russh reads a packet's length and then its body, each with its
+/// own read: a read smaller than this fills the buffer, so a small packet (or several) comes
+/// with its length in one `recv` and one re-arm of quick-ack. Larger reads go straight to
+/// the caller, as before: a 64 KiB buffer for every read copied every byte of a bulk answer
+/// once more and re-armed quick-ack less often, and took 0.86x OpenSSH's throughput where
+/// the broker had 1.13x.
+const READ_AHEAD: usize = 4 * 1024;
 
-/// A TCP stream that keeps quick-ack mode on, read through a buffer.
+/// A TCP stream that keeps quick-ack mode on, small reads served from a buffer.
 pub(crate) struct QuickAck {
     stream: TcpStream,
     buf: Box<[u8]>,
