@@ -2457,7 +2457,7 @@ mod tests {
     /// returns the type of the first packet it writes.
     async fn first_packet_from_event_loop(
         mut session: Session,
-        peer: &mut tokio::io::DuplexStream,
+        peer: &mut (impl AsyncRead + Unpin),
         stream: tokio::io::DuplexStream,
     ) -> Option<u8> {
         let (stream_read, mut stream_write) = SshRead::new(stream).split();
@@ -2540,26 +2540,7 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         });
-        let (stream_read, mut stream_write) = SshRead::new(stream).split();
-        let mut handler = TestHandler;
-        let mut kex_done_signal = None;
-        let event_loop = session.run_inner(
-            stream_read,
-            &mut stream_write,
-            &mut handler,
-            &mut kex_done_signal,
-        );
-        tokio::pin!(event_loop);
-        let mut buffer = SSHBuffer::new();
-        let mut opening_key = cipher::clear::Key;
-        let packet = cipher::read(&mut peer_read, &mut buffer, &mut opening_key);
-        let first = tokio::select! {
-            r = &mut event_loop => panic!("event loop ended before rekeying: {:?}", r.map(drop)),
-            r = tokio::time::timeout(Duration::from_secs(5), packet) => {
-                r.expect("no rekey within 5 s while packets kept arriving").unwrap();
-                buffer.buffer.get(5).copied()
-            }
-        };
+        let first = first_packet_from_event_loop(session, &mut peer_read, stream).await;
         feeder.abort();
         assert_eq!(first, Some(msg::KEXINIT));
         assert!(started.elapsed() >= limit, "rekey after {:?}", started.elapsed());
