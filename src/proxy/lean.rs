@@ -545,7 +545,7 @@ async fn forward(
         out: answer.head,
     };
     let copied = match answer.framing {
-        Framing::None => body.finish().await.map(|()| true),
+        Framing::None => body.flush().await.map(|()| true),
         Framing::Length(n) => body.copy_length(n).await,
         Framing::Chunked => body.copy_chunked().await,
         Framing::UntilClose => body.copy_until_close().await,
@@ -673,11 +673,6 @@ impl Body<'_> {
         Ok(())
     }
 
-    /// The answer is complete: writes what waits, ending a re-framed body first.
-    async fn finish(&mut self) -> Result<(), ()> {
-        self.flush().await
-    }
-
     /// Reads more of the answer, waiting for the first bytes (after writing what waits in
     /// `out`, so the client never waits on fleetd for bytes the daemon holds) and then taking
     /// whatever else has arrived, up to [`BATCH`]: one write to the client for all of it, as
@@ -773,7 +768,7 @@ impl Body<'_> {
             self.send(&data, false).await?;
             n -= data.len() as u64;
         }
-        self.finish().await.map(|()| true)
+        self.flush().await.map(|()| true)
     }
 
     /// A chunked body, chunk data re-framed for the client; trailers are dropped.
@@ -800,7 +795,7 @@ impl Body<'_> {
                     }
                 }
                 self.out.extend_from_slice(b"0\r\n\r\n");
-                return self.finish().await.map(|()| true);
+                return self.flush().await.map(|()| true);
             }
             let mut left = size;
             while left > 0 {
@@ -823,7 +818,7 @@ impl Body<'_> {
             }
             if !self.fill().await? {
                 self.out.extend_from_slice(b"0\r\n\r\n");
-                return self.finish().await.map(|()| false);
+                return self.flush().await.map(|()| false);
             }
         }
     }
