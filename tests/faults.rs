@@ -1110,3 +1110,85 @@ fn a_fleetd_answer_with_broken_framing_is_a_503_or_a_cut_never_a_short_answer() 
     assert_eq!(http(&b.socket("c1"), "GET", "/fleet/v1/units", None).0, 200);
     runtime_never_blocked(&b);
 }
+
+/// Bytes `s` has sent that its peer has not taken off the socket yet (`SIOCOUTQ`).
+fn unread_by_peer(s: &std::os::unix::net::UnixStream) -> i32 {
+    use std::os::fd::AsRawFd;
+    let mut n: nix::libc::c_int = 0;
+    // SAFETY: a valid descriptor and a pointer to a live c_int, as SIOCOUTQ writes one.
+    let r = unsafe { nix::libc::ioctl(s.as_raw_fd(), nix::libc::TIOCOUTQ, &mut n) };
+    assert_eq!(r, 0, "SIOCOUTQ: {}", std::io::Error::last_os_error());
+    n
+}
+
+/// A request on the short path stays in its client's socket until the answer is out (taking
+/// it off would wake the client, which is waiting for the answer by then), and is taken off
+/// before the connection closes: the client reads a clean end, not a reset.
+#[test]
+fn a_request_is_taken_off_its_socket_only_after_its_answer() {
+    use std::io::{BufReader, Read, Write};
+    let w = World::new();
+    let socket = w.keys.path().join("held.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+    let (asked_tx, asked) = std::sync::mpsc::channel::<String>();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let released = std::sync::Arc::new(std::sync::Mutex::new(released));
+    std::thread::spawn(move || {
+        // Bounded: the daemon's own lookups and the test's one request.
+        for conn in listener.incoming().take(16) {
+            let Ok(conn) = conn else { continue };
+            let (asked_tx, released) = (asked_tx.clone(), released.clone());
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+                let mut out = conn;
+                // Bounded, as the connections are.
+                for _ in 0..64 {
+                    let Some(first) = request_line(&mut reader) else {
+                        return;
+                    };
+                    if first.contains("/fleet/v1/units/held") {
+                        let _ = asked_tx.send(first);
+                        let released = released.lock().expect("release lock");
+                        let _ = released.recv_timeout(Duration::from_secs(60));
+                    }
+                    let _ = out.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}");
+                }
+            });
+        }
+    });
+    let config = cluster_toml(
+        "c1",
+        &w.sshd,
+        &format!("unix://{}", socket.display()),
+        "root",
+        &w.known_hosts,
+        "",
+    );
+    let b = Broker::start(&config, Some(&w.agent.socket));
+    assert_eq!(http(&b.socket("c1"), "GET", "/fleet/v1/units", None).0, 200);
+    let mut s = std::os::unix::net::UnixStream::connect(b.socket("c1")).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    s.write_all(b"GET /fleet/v1/units/held HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("write");
+    let first = asked
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the request reached fleetd");
+    assert!(first.starts_with("GET /fleet/v1/units/held"), "{first}");
+    assert!(
+        unread_by_peer(&s) > 0,
+        "the request was taken off the client's socket before its answer"
+    );
+    release.send(()).expect("release");
+    let mut got = Vec::new();
+    s.read_to_end(&mut got)
+        .expect("a clean end of the answer, not a reset");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(text.ends_with("\r\n\r\n{}"), "{text}");
+    // Taken off after the answer's end went out: the client may see the end first.
+    wait_until("the request to be taken off", DEADLINE, || {
+        unread_by_peer(&s) == 0
+    });
+    runtime_never_blocked(&b);
+}

@@ -379,6 +379,9 @@ pub(crate) async fn serve(
     slot: impl Send + 'static,
 ) {
     let mut buf = BytesMut::new();
+    // Bytes of `buf` still in the socket: a request is first only peeked at (see
+    // [`read_ready`]) and taken off after its answer went.
+    let mut peeked = 0;
     loop {
         // The next head, whole within the header timeout (which also ends an idle kept
         // connection), as hyper's server has it; shutdown ends a connection waiting here.
@@ -389,21 +392,27 @@ pub(crate) async fn serve(
                 Head::Hyper => break None,
                 Head::Partial => {}
             }
-            // What the client has sent already is taken without setting up the wait (a
-            // new connection's request is nearly always there when it is accepted).
-            let read = match read_ready(&stream, &mut buf) {
-                Some(r) => Ok(r),
+            // A request is peeked at while none of it is in `buf`; what was peeked is taken
+            // off before more is read.
+            let peek = buf.is_empty();
+            if !peek && discard(&stream, &mut peeked).is_err() {
+                return;
+            }
+            // What the client has sent already is read without setting up the wait (a new
+            // connection's request is nearly always there when it is accepted).
+            let read = match read_ready(&stream, &mut buf, peek) {
+                Some(r) => r,
                 None => tokio::select! {
-                    r = tokio::time::timeout_at(deadline, async {
-                        buf.reserve(READ_SIZE);
-                        stream.read_buf(&mut buf).await
-                    }) => r,
+                    r = tokio::time::timeout_at(deadline, read_when_ready(&stream, &mut buf, peek)) => {
+                        r.unwrap_or(Ok(0))
+                    }
                     _ = stop.cancelled() => return,
                 },
             };
             match read {
-                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
-                Ok(Ok(_)) => {}
+                Ok(0) | Err(_) => return,
+                Ok(n) if peek => peeked = n,
+                Ok(_) => {}
             }
         };
         let served = match taken {
@@ -412,6 +421,9 @@ pub(crate) async fn serve(
             }
             _ => Served::Hyper,
         };
+        if discard(&stream, &mut peeked).is_err() {
+            return;
+        }
         match served {
             Served::KeepAlive if !stop.is_cancelled() => continue,
             Served::KeepAlive | Served::Close => return,
@@ -431,22 +443,85 @@ pub(crate) async fn serve(
 }
 
 /// Reads what the client has sent so far without waiting; `None` when nothing is there yet
-/// (the socket is non-blocking, as tokio keeps it).
-fn read_ready(stream: &UnixStream, buf: &mut BytesMut) -> Option<std::io::Result<usize>> {
-    use std::os::fd::AsRawFd;
-    let mut chunk = [0u8; 4096];
-    match nix::sys::socket::recv(
-        stream.as_raw_fd(),
-        &mut chunk,
-        nix::sys::socket::MsgFlags::empty(),
-    ) {
-        Ok(n) => {
-            buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
-            Some(Ok(n))
-        }
-        Err(nix::errno::Errno::EAGAIN) => None,
-        Err(e) => Some(Err(e.into())),
+/// (the socket is non-blocking, as tokio keeps it; tokio's own readiness is not asked, as
+/// it knows nothing of a socket just accepted).
+///
+/// With `peek` the bytes stay in the socket ([`discard`] takes them off later). Taking a
+/// request off a unix socket wakes its client, which is waiting for the answer by then: the
+/// kernel wakes a sleeper on the sender's socket whenever the receiver frees what it sent.
+/// That wake finds nothing to read, and on the daemon's CPU it preempts the daemon before
+/// the request goes on; peeked, the request is taken off once the answer is out.
+fn read_ready(
+    stream: &UnixStream,
+    buf: &mut BytesMut,
+    peek: bool,
+) -> Option<std::io::Result<usize>> {
+    match recv_buf(stream, buf, peek) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+        r => Some(r),
     }
+}
+
+/// [`read_ready`] once the socket is readable.
+async fn read_when_ready(
+    stream: &UnixStream,
+    buf: &mut BytesMut,
+    peek: bool,
+) -> std::io::Result<usize> {
+    loop {
+        stream.readable().await?;
+        // `try_io` clears tokio's readiness when nothing is there, so the next wait is real.
+        match stream.try_io(tokio::io::Interest::READABLE, || {
+            recv_buf(stream, buf, peek)
+        }) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            r => return r,
+        }
+    }
+}
+
+/// One non-blocking `recv` (with `peek`, a `MSG_PEEK`) appended to `buf`.
+fn recv_buf(stream: &UnixStream, buf: &mut BytesMut, peek: bool) -> std::io::Result<usize> {
+    buf.reserve(4096);
+    let flags = if peek { nix::libc::MSG_PEEK } else { 0 };
+    let n = recv_into(stream, buf.spare_capacity_mut(), flags)?;
+    // SAFETY: `recv` wrote the first `n` bytes of the spare capacity.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
+}
+
+/// Takes the `peeked` bytes, already in the caller's buffer, off the socket.
+fn discard(stream: &UnixStream, peeked: &mut usize) -> Result<(), ()> {
+    let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); 1024];
+    while *peeked > 0 {
+        let want = (*peeked).min(scratch.len());
+        match recv_into(stream, scratch.get_mut(..want).ok_or(())?, 0) {
+            Ok(n) if n > 0 => *peeked -= n.min(*peeked),
+            // Peeked bytes are in the socket until taken: anything else is a fault.
+            _ => return Err(()),
+        }
+    }
+    Ok(())
+}
+
+/// One non-blocking `recv` into `into`, which it may leave partly uninitialised; returns
+/// how many bytes it wrote.
+fn recv_into(
+    stream: &UnixStream,
+    into: &mut [std::mem::MaybeUninit<u8>],
+    flags: nix::libc::c_int,
+) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid descriptor; the kernel writes at most `into.len()` bytes at its start.
+    let n = unsafe {
+        nix::libc::recv(
+            stream.as_raw_fd(),
+            into.as_mut_ptr().cast(),
+            into.len(),
+            flags,
+        )
+    };
+    usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
 }
 
 /// How a request ended.
