@@ -1151,27 +1151,41 @@ fn median(mut v: Vec<Duration>) -> Duration {
 /// 100-unit pages): through the warm broker, the same binary straight on the simulator
 /// socket (`FLEETCTL_ENDPOINT`) and through the tuned OpenSSH forward of the first block (the
 /// fair peer: one SSH hop, as the broker's); against a new `ssh host true` (what every
-/// original `fleetctl --tunnel` command pays at least once).
+/// original `fleetctl --tunnel` command pays at least once). A fourth path names the
+/// broker's cluster socket as the endpoint: the proxy alone, without the lookup of the only
+/// cluster on the control socket that a bare `fleetctl list-units` makes first.
+/// 60 runs: a run's time varies by 10-20 % (the simulator computes every page under one
+/// lock, beside the client and the proxy on two cores), and with 20 the medians moved by
+/// more than the differences measured.
 fn whole_process(w: &World, broker: &Broker, tuned: &Path) {
-    let runs = 20;
+    let runs = 60;
     let xdg = broker.dir.path().join("xdg");
     let key = w.keys.path().join("id_ed25519");
     let direct = format!("unix://{}", w.sim.socket.display());
     let forwarded = format!("unix://{}", tuned.display());
-    let fleetctl = |endpoint: Option<&str>| {
+    let named = format!("unix://{}", broker.socket("c1").display());
+    // Every run's listing is checked: the header and one row per unit.
+    let fleetctl = |endpoint: Option<&str>, units: usize| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleetctl"));
         cmd.arg("list-units")
             .env("XDG_RUNTIME_DIR", &xdg)
             .env_remove("FLEETCTL_ENDPOINT")
             .env_remove("FLEETCTL_CLUSTER")
-            .stdout(Stdio::null());
+            .stdout(Stdio::piped());
         if let Some(e) = endpoint {
             cmd.env("FLEETCTL_ENDPOINT", e);
         }
         let t = Instant::now();
-        let out = cmd.status().expect("fleetctl");
-        assert!(out.success());
-        t.elapsed()
+        let out = cmd.output().expect("fleetctl");
+        let took = t.elapsed();
+        assert!(out.status.success(), "fleetctl list-units via {endpoint:?}");
+        let rows = out.stdout.split(|&b| b == b'\n').filter(|l| !l.is_empty());
+        assert_eq!(
+            rows.count(),
+            units + 1,
+            "fleetctl list-units via {endpoint:?}: every unit listed"
+        );
+        took
     };
     let ssh = || {
         let t = Instant::now();
@@ -1216,32 +1230,34 @@ fn whole_process(w: &World, broker: &Broker, tuned: &Path) {
                     .collect(),
             );
         }
-        let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
-        fleetctl(None);
-        fleetctl(Some(&direct));
-        fleetctl(Some(&forwarded));
+        let (mut a, mut b, mut c, mut d) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        fleetctl(None, count);
+        fleetctl(Some(&direct), count);
+        fleetctl(Some(&forwarded), count);
+        fleetctl(Some(&named), count);
         if first {
             ssh();
         }
         // A new order every round: in a fixed one the broker always ran right after the
         // fresh `ssh` (200 ms of another process's work) and took 0.7 ms more for it.
         let mut order: Vec<usize> = if first {
-            vec![0, 1, 2, 3]
+            vec![0, 1, 2, 3, 4]
         } else {
-            vec![0, 1, 2]
+            vec![0, 1, 2, 4]
         };
         for _ in 0..runs {
             rand::seq::SliceRandom::shuffle(order.as_mut_slice(), &mut rand::thread_rng());
             for &i in &order {
                 match i {
-                    0 => a.push(fleetctl(None)),
-                    1 => b.push(fleetctl(Some(&direct))),
-                    2 => c.push(fleetctl(Some(&forwarded))),
+                    0 => a.push(fleetctl(None, count)),
+                    1 => b.push(fleetctl(Some(&direct), count)),
+                    2 => c.push(fleetctl(Some(&forwarded), count)),
+                    4 => d.push(fleetctl(Some(&named), count)),
                     _ => hello.push(ssh()),
                 }
             }
         }
-        let (ma, mb, mc) = (median(a), median(b), median(c));
+        let (ma, mb, mc, md) = (median(a), median(b), median(c), median(d));
         println!();
         println!(
             "fleetctl list-units, {count} units, whole process, median of {runs} runs in a random order"
@@ -1263,9 +1279,15 @@ fn whole_process(w: &World, broker: &Broker, tuned: &Path) {
             ms(mc)
         );
         println!(
-            "broker / simulator socket: {:.2}x   tuned OpenSSH forward / simulator socket: {:.2}x",
+            "{:<44} {:>10.2}",
+            "fleetctl list-units (broker socket named)",
+            ms(md)
+        );
+        println!(
+            "broker / simulator socket: {:.3}x   tuned OpenSSH forward / simulator socket: {:.3}x   broker socket named / simulator socket: {:.3}x",
             ma.as_secs_f64() / mb.as_secs_f64(),
-            mc.as_secs_f64() / mb.as_secs_f64()
+            mc.as_secs_f64() / mb.as_secs_f64(),
+            md.as_secs_f64() / mb.as_secs_f64()
         );
         if first {
             let mh = median(std::mem::take(&mut hello));
