@@ -853,6 +853,29 @@ fn a_killed_agent_is_named_and_a_new_one_on_its_socket_is_enough() {
     runtime_never_blocked(&b);
 }
 
+/// The broker of one cluster, c1, whose fleet API is `fleetd` (one of these tests' own),
+/// with `extra` lines in the cluster's config.
+fn broker_before(w: &World, fleetd: &std::path::Path, extra: &str) -> Broker {
+    let config = cluster_toml(
+        "c1",
+        &w.sshd,
+        &format!("unix://{}", fleetd.display()),
+        "root",
+        &w.known_hosts,
+        extra,
+    );
+    Broker::start(&config, Some(&w.agent.socket))
+}
+
+/// A connection of our own to c1's socket, for bytes written by hand; its reads give up
+/// after 30 s.
+fn raw_client(b: &Broker) -> std::os::unix::net::UnixStream {
+    let s = std::os::unix::net::UnixStream::connect(b.socket("c1")).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    s
+}
+
 /// The request line of the next request a test's fleetd reads (its headers skipped; these
 /// requests have no body), or `None` at the end of the connection.
 fn request_line(reader: &mut impl std::io::BufRead) -> Option<String> {
@@ -938,16 +961,8 @@ fn endless_fleetd(
 fn an_endless_answer_to_the_daemons_own_lookup_is_cut_and_memory_comes_back() {
     let w = World::new();
     let (socket, stop) = endless_fleetd(w.keys.path());
-    let config = cluster_toml(
-        "c1",
-        &w.sshd,
-        &format!("unix://{}", socket.display()),
-        "root",
-        &w.known_hosts,
-        // Nothing listens there: the warm-up's session fails fast after its lookup.
-        "machine_ssh_port = 1\n",
-    );
-    let b = Broker::start(&config, Some(&w.agent.socket));
+    // Nothing listens there: the warm-up's session fails fast after its lookup.
+    let b = broker_before(&w, &socket, "machine_ssh_port = 1\n");
     let pid = b.pid().expect("pid");
     let cwd = open_tempdir("fb-cwd.");
     // Warm: the tunnel is up, a request has gone through it, a session has run (on the
@@ -1079,23 +1094,13 @@ fn a_fleetd_answer_with_broken_framing_is_a_503_or_a_cut_never_a_short_answer() 
             ),
         ],
     );
-    let config = cluster_toml(
-        "c1",
-        &w.sshd,
-        &format!("unix://{}", socket.display()),
-        "root",
-        &w.known_hosts,
-        "",
-    );
-    let b = Broker::start(&config, Some(&w.agent.socket));
+    let b = broker_before(&w, &socket, "");
     assert_eq!(http(&b.socket("c1"), "GET", "/fleet/v1/units", None).0, 200);
     let (status, body) = http(&b.socket("c1"), "GET", "/fleet/v1/units/two-lengths", None);
     let text = String::from_utf8_lossy(&body);
     assert_eq!(status, 503, "{text}");
     assert!(text.contains("content-length values differ"), "{text}");
-    let mut s = std::os::unix::net::UnixStream::connect(b.socket("c1")).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
+    let mut s = raw_client(&b);
     s.write_all(b"GET /fleet/v1/units/bad-chunk HTTP/1.1\r\nHost: x\r\n\r\n")
         .expect("write");
     let mut got = Vec::new();
@@ -1156,19 +1161,9 @@ fn a_request_is_taken_off_its_socket_only_after_its_answer() {
             });
         }
     });
-    let config = cluster_toml(
-        "c1",
-        &w.sshd,
-        &format!("unix://{}", socket.display()),
-        "root",
-        &w.known_hosts,
-        "",
-    );
-    let b = Broker::start(&config, Some(&w.agent.socket));
+    let b = broker_before(&w, &socket, "");
     assert_eq!(http(&b.socket("c1"), "GET", "/fleet/v1/units", None).0, 200);
-    let mut s = std::os::unix::net::UnixStream::connect(b.socket("c1")).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
+    let mut s = raw_client(&b);
     s.write_all(b"GET /fleet/v1/units/held HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .expect("write");
     let first = asked
