@@ -853,20 +853,6 @@ fn a_killed_agent_is_named_and_a_new_one_on_its_socket_is_enough() {
     runtime_never_blocked(&b);
 }
 
-/// The broker of one cluster, c1, whose fleet API is `fleetd` (one of these tests' own),
-/// with `extra` lines in the cluster's config.
-fn broker_before(w: &World, fleetd: &std::path::Path, extra: &str) -> Broker {
-    let config = cluster_toml(
-        "c1",
-        &w.sshd,
-        &format!("unix://{}", fleetd.display()),
-        "root",
-        &w.known_hosts,
-        extra,
-    );
-    Broker::start(&config, Some(&w.agent.socket))
-}
-
 /// A connection of our own to c1's socket, for bytes written by hand; its reads give up
 /// after 30 s.
 fn raw_client(b: &Broker) -> std::os::unix::net::UnixStream {
@@ -962,7 +948,7 @@ fn an_endless_answer_to_the_daemons_own_lookup_is_cut_and_memory_comes_back() {
     let w = World::new();
     let (socket, stop) = endless_fleetd(w.keys.path());
     // Nothing listens there: the warm-up's session fails fast after its lookup.
-    let b = broker_before(&w, &socket, "machine_ssh_port = 1\n");
+    let b = w.broker_on(&socket, "machine_ssh_port = 1\n");
     let pid = b.pid().expect("pid");
     let cwd = open_tempdir("fb-cwd.");
     // Warm: the tunnel is up, a request has gone through it, a session has run (on the
@@ -1094,7 +1080,7 @@ fn a_fleetd_answer_with_broken_framing_is_a_503_or_a_cut_never_a_short_answer() 
             ),
         ],
     );
-    let b = broker_before(&w, &socket, "");
+    let b = w.broker_on(&socket, "");
     assert_eq!(http(&b.socket("c1"), "GET", "/fleet/v1/units", None).0, 200);
     let (status, body) = http(&b.socket("c1"), "GET", "/fleet/v1/units/two-lengths", None);
     let text = String::from_utf8_lossy(&body);
@@ -1161,7 +1147,7 @@ fn a_request_is_taken_off_its_socket_only_after_its_answer() {
             });
         }
     });
-    let b = broker_before(&w, &socket, "");
+    let b = w.broker_on(&socket, "");
     assert_eq!(http(&b.socket("c1"), "GET", "/fleet/v1/units", None).0, 200);
     let mut s = raw_client(&b);
     s.write_all(b"GET /fleet/v1/units/held HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")

@@ -11,16 +11,7 @@ use support::*;
 
 /// A broker whose cluster `c1` reaches a [`bulk_fleetd`] behind the world's sshd.
 fn bulk_broker(w: &World, extra: &str) -> Broker {
-    let fleetd = bulk_fleetd(w.keys.path());
-    let config = cluster_toml(
-        "c1",
-        &w.sshd,
-        &format!("unix://{}", fleetd.display()),
-        "root",
-        &w.known_hosts,
-        extra,
-    );
-    Broker::start(&config, Some(&w.agent.socket))
+    w.broker_on(&bulk_fleetd(w.keys.path()), extra)
 }
 
 #[test]

@@ -1018,10 +1018,16 @@ impl World {
     }
 
     pub fn config(&self, extra: &str) -> String {
+        self.config_on(&self.sim.socket, extra)
+    }
+
+    /// The config of cluster `c1` whose fleet API is `fleetd` (the simulator's socket, or a
+    /// fleetd of the test's own) behind the world's sshd.
+    pub fn config_on(&self, fleetd: &Path, extra: &str) -> String {
         cluster_toml(
             "c1",
             &self.sshd,
-            &format!("unix://{}", self.sim.socket.display()),
+            &format!("unix://{}", fleetd.display()),
             "root",
             &self.known_hosts,
             extra,
@@ -1029,7 +1035,12 @@ impl World {
     }
 
     pub fn broker(&self, extra: &str) -> Broker {
-        Broker::start(&self.config(extra), Some(&self.agent.socket))
+        self.broker_on(&self.sim.socket, extra)
+    }
+
+    /// A broker of [`World::config_on`].
+    pub fn broker_on(&self, fleetd: &Path, extra: &str) -> Broker {
+        Broker::start(&self.config_on(fleetd, extra), Some(&self.agent.socket))
     }
 }
 
