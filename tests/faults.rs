@@ -1029,35 +1029,54 @@ fn scripted_fleetd(
     dir: &std::path::Path,
     answers: Vec<(&'static str, &'static [u8])>,
 ) -> std::path::PathBuf {
-    use std::io::{BufReader, Write};
+    use std::io::Write;
     let socket = dir.join("scripted.sock");
-    let listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+    fleetd_on(&socket, move |first, out| {
+        match answers.iter().find(|(p, _)| first.contains(p)) {
+            Some((_, raw)) => {
+                let _ = out.write_all(raw);
+                false
+            }
+            None => {
+                let _ = out.write_all(OK_EMPTY);
+                true
+            }
+        }
+    });
+    socket
+}
+
+/// `{}`, as fleetd answers a path it has nothing for.
+const OK_EMPTY: &[u8] =
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}";
+
+/// A fleetd of the test's own on `socket`, a thread per connection (bounded: at most 64
+/// connections of 64 requests each): `answer` is given each request's first line and the
+/// connection to write to, and says whether the connection stays open.
+fn fleetd_on(
+    socket: &std::path::Path,
+    answer: impl Fn(&str, &mut std::os::unix::net::UnixStream) -> bool + Send + Sync + 'static,
+) {
+    let listener = std::os::unix::net::UnixListener::bind(socket).expect("bind");
+    let answer = std::sync::Arc::new(answer);
     std::thread::spawn(move || {
-        // Bounded: the test makes a handful of connections.
         for conn in listener.incoming().take(64) {
             let Ok(conn) = conn else { continue };
-            let answers = answers.clone();
+            let answer = answer.clone();
             std::thread::spawn(move || {
-                let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+                let mut reader = std::io::BufReader::new(conn.try_clone().expect("clone"));
                 let mut out = conn;
                 for _ in 0..64 {
                     let Some(first) = request_line(&mut reader) else {
                         return;
                     };
-                    match answers.iter().find(|(p, _)| first.contains(p)) {
-                        Some((_, raw)) => {
-                            let _ = out.write_all(raw);
-                            return;
-                        }
-                        None => {
-                            let _ = out.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}");
-                        }
+                    if !answer(&first, &mut out) {
+                        return;
                     }
                 }
             });
         }
     });
-    socket
 }
 
 /// Answers a client could be misled by never reach it as answers: conflicting lengths are
@@ -1117,35 +1136,20 @@ fn unread_by_peer(s: &std::os::unix::net::UnixStream) -> i32 {
 /// before the connection closes: the client reads a clean end, not a reset.
 #[test]
 fn a_request_is_taken_off_its_socket_only_after_its_answer() {
-    use std::io::{BufReader, Read, Write};
+    use std::io::{Read, Write};
     let w = World::new();
     let socket = w.keys.path().join("held.sock");
-    let listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
     let (asked_tx, asked) = std::sync::mpsc::channel::<String>();
     let (release, released) = std::sync::mpsc::channel::<()>();
-    let released = std::sync::Arc::new(std::sync::Mutex::new(released));
-    std::thread::spawn(move || {
-        // Bounded: the daemon's own lookups and the test's one request.
-        for conn in listener.incoming().take(16) {
-            let Ok(conn) = conn else { continue };
-            let (asked_tx, released) = (asked_tx.clone(), released.clone());
-            std::thread::spawn(move || {
-                let mut reader = BufReader::new(conn.try_clone().expect("clone"));
-                let mut out = conn;
-                // Bounded, as the connections are.
-                for _ in 0..64 {
-                    let Some(first) = request_line(&mut reader) else {
-                        return;
-                    };
-                    if first.contains("/fleet/v1/units/held") {
-                        let _ = asked_tx.send(first);
-                        let released = released.lock().expect("release lock");
-                        let _ = released.recv_timeout(Duration::from_secs(60));
-                    }
-                    let _ = out.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}");
-                }
-            });
+    let released = std::sync::Mutex::new(released);
+    fleetd_on(&socket, move |first, out| {
+        if first.contains("/fleet/v1/units/held") {
+            let _ = asked_tx.send(first.to_string());
+            let released = released.lock().expect("release lock");
+            let _ = released.recv_timeout(Duration::from_secs(60));
         }
+        let _ = out.write_all(OK_EMPTY);
+        true
     });
     let b = w.broker_on(&socket, "");
     assert_eq!(http(&b.socket("c1"), "GET", "/fleet/v1/units", None).0, 200);
