@@ -909,7 +909,7 @@ fn endless_fleetd(
                         return;
                     };
                     if !first.contains("/fleet/v1/machines") {
-                        let _ = out.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}");
+                        let _ = out.write_all(OK_EMPTY);
                         continue;
                     }
                     let _ = out.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n");

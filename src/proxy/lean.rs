@@ -38,8 +38,11 @@ const MAX_HEADERS: usize = 100;
 const MAX_CHUNK_LINE: usize = 4096;
 /// Informational answers (1xx) skipped before the final one.
 const MAX_INFORMATIONAL: usize = 16;
-/// Bytes read from the client or fleetd at once.
+/// Bytes read from fleetd at once.
 const READ_SIZE: usize = 16 * 1024;
+/// Bytes of a request read (or peeked at) from the client at once: a head is rarely
+/// longer, and a longer one is read on in the same steps.
+const HEAD_READ: usize = 4096;
 /// Bytes of an answer's body gathered for one write to the client, when they have arrived.
 const BATCH: usize = 256 * 1024;
 /// Bytes of an answer held back to go with the next piece (see [`Body`]); larger data is
@@ -482,7 +485,7 @@ async fn read_when_ready(
 
 /// One non-blocking `recv` (with `peek`, a `MSG_PEEK`) appended to `buf`.
 fn recv_buf(stream: &UnixStream, buf: &mut BytesMut, peek: bool) -> std::io::Result<usize> {
-    buf.reserve(4096);
+    buf.reserve(HEAD_READ);
     let flags = if peek { nix::libc::MSG_PEEK } else { 0 };
     let n = recv_into(stream, buf.spare_capacity_mut(), flags)?;
     // SAFETY: `recv` wrote the first `n` bytes of the spare capacity.
