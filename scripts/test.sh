@@ -64,6 +64,9 @@ cargo test --locked -p russh --no-default-features --features ring,rsa,flate2 \
 cargo test --locked -p russh --no-default-features --features ring,rsa,flate2 --lib rekey \
     2>&1 | tee -a "$log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+cargo test --locked -p russh --no-default-features --features ring,rsa,flate2 --lib \
+    received_without_copies 2>&1 | tee -a "$log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 set -e
 ignored="$(sed -n 's/^test \(.*\) \.\.\. ignored.*$/\1/p' "$log" | sort -u)"
 awk -v skipped="$(grep -c . "$skips" || true)" \

@@ -29,6 +29,13 @@ pub enum Decompress {
     Zlib(flate2::Decompress),
 }
 
+impl Decompress {
+    /// Whether `decompress` writes its output anew rather than returning its input.
+    pub fn transforms(&self) -> bool {
+        !matches!(self, Decompress::None)
+    }
+}
+
 #[derive(Debug, PartialEq, Eq, Copy, Clone, Hash)]
 pub struct Name(&'static str);
 impl AsRef<str> for Name {

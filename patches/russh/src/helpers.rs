@@ -177,6 +177,31 @@ mod name_list {
     }
 }
 
+/// Decodes an SSH `string` from the front of `r`, a reader over part of `whole`, as a slice
+/// of `whole`: no copy.
+///
+/// `Bytes::decode` goes through `Vec::decode`, which zero-fills a vector of the string's
+/// length and then copies into it; channel data is most of what a session receives, so its
+/// strings take this path.
+pub(crate) fn decode_bytes_in(
+    whole: &bytes::Bytes,
+    r: &mut &[u8],
+) -> Result<bytes::Bytes, ssh_encoding::Error> {
+    let len = u32::decode(r)? as usize;
+    let (Some(data), Some(rest)) = (r.get(..len), r.get(len..)) else {
+        return Err(ssh_encoding::Error::Length);
+    };
+    *r = rest;
+    // `slice_ref` needs `data` inside `whole`; a reader over other memory gets a copy.
+    let within = whole.as_ptr_range();
+    let range = data.as_ptr_range();
+    if data.is_empty() || (within.start <= range.start && range.end <= within.end) {
+        Ok(whole.slice_ref(data))
+    } else {
+        Ok(bytes::Bytes::copy_from_slice(data))
+    }
+}
+
 pub use limited_string::LimitedString;
 pub use name_list::NameList;
 

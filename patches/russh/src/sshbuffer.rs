@@ -384,11 +384,43 @@ impl PacketBytesWriter {
 }
 
 /// Incoming SSH packet after decryption and optional decompression.
-/// Uses Vec<u8> (not CryptoVec/mlocked) because incoming network data is not secret.
+/// Not CryptoVec/mlocked, because incoming network data is not secret. `Bytes`, so that the
+/// payload of an uncompressed packet is the read buffer itself, not a copy of it, and channel
+/// data handed to a channel's reader is a slice of it, not another copy.
 #[derive(Debug)]
 pub(crate) struct IncomingSshPacket {
-    pub buffer: Vec<u8>,
+    pub buffer: Bytes,
     pub seqn: Wrapping<u32>,
+}
+
+/// Where a packet's payload starts: after the packet length and the padding length.
+const PAYLOAD_OFFSET: usize = 5;
+
+impl IncomingSshPacket {
+    /// The payload of the decrypted packet in `buffer`, taking the read buffer over (the next
+    /// packet is read into a new one) unless `decompress` has to write it out anew.
+    pub(crate) fn take_from(
+        buffer: &mut SSHBuffer,
+        decompress: Option<&mut crate::compression::Decompress>,
+    ) -> Result<Self, crate::Error> {
+        let seqn = buffer.seqn;
+        let buffer = match decompress {
+            Some(d) if d.transforms() => {
+                let mut out = Vec::new();
+                let payload = buffer.buffer.get(PAYLOAD_OFFSET..).unwrap_or_default();
+                Bytes::copy_from_slice(d.decompress(payload, &mut out)?)
+            }
+            _ => {
+                let whole = Bytes::from(std::mem::take(&mut buffer.buffer));
+                if whole.len() < PAYLOAD_OFFSET {
+                    Bytes::new()
+                } else {
+                    whole.slice(PAYLOAD_OFFSET..)
+                }
+            }
+        };
+        Ok(Self { buffer, seqn })
+    }
 }
 
 /// Packet writer for constructing and encrypting outgoing SSH packets.
@@ -614,5 +646,123 @@ impl PacketWriter {
             self.write_buffer.buffer.clear();
         }
         Ok(())
+    }
+}
+
+/// Received packets and their channel data without copies (`IncomingSshPacket::take_from`,
+/// `helpers::decode_bytes_in`), and the read of a packet's body into the buffer's spare
+/// capacity (`cipher::read`).
+#[cfg(test)]
+mod received_without_copies {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use tokio::io::{AsyncRead, ReadBuf};
+
+    use super::*;
+
+    /// A stream that hands out at most `step` bytes per read.
+    struct Trickle<'a> {
+        data: &'a [u8],
+        step: usize,
+    }
+
+    impl AsyncRead for Trickle<'_> {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            let n = self.step.min(self.data.len()).min(buf.remaining());
+            let (now, rest) = self.data.split_at(n);
+            buf.put_slice(now);
+            self.data = rest;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// The wire form of a CHANNEL_DATA message for channel 7 carrying `data`.
+    fn channel_data_packets(datas: &[&[u8]]) -> Vec<u8> {
+        let mut writer = PacketWriter::clear();
+        for data in datas {
+            writer
+                .packet(|buf| {
+                    buf.push(crate::msg::CHANNEL_DATA);
+                    buf.extend_from_slice(&7u32.to_be_bytes());
+                    buf.extend_from_slice(&(data.len() as u32).to_be_bytes());
+                    buf.extend_from_slice(data);
+                    Ok(())
+                })
+                .unwrap();
+        }
+        writer.buffer().buffer.clone()
+    }
+
+    /// Reads every packet of `wire` in steps of `step` bytes; the channel data of each.
+    async fn read_all(wire: &[u8], step: usize) -> Result<Vec<Bytes>, crate::Error> {
+        let mut stream = Trickle { data: wire, step };
+        let mut opening = crate::cipher::clear::Key;
+        let mut buffer = SSHBuffer::new();
+        let mut out = Vec::new();
+        while !stream.data.is_empty() {
+            buffer.buffer.clear();
+            crate::cipher::read(&mut stream, &mut buffer, &mut opening).await?;
+            let read_into = buffer.buffer.as_ptr();
+            let pkt = IncomingSshPacket::take_from(&mut buffer, None)?;
+            // The payload is the read buffer itself, past the packet and padding lengths.
+            assert_eq!(pkt.buffer.as_ptr(), read_into.wrapping_add(5), "payload copied");
+            assert_eq!(pkt.buffer.first(), Some(&crate::msg::CHANNEL_DATA));
+            let whole = pkt.buffer.clone();
+            let mut r = &pkt.buffer[5..];
+            let data = crate::helpers::decode_bytes_in(&whole, &mut r).unwrap();
+            assert!(r.is_empty());
+            // The data handed on is the packet's own memory, not a copy of it.
+            let within = whole.as_ptr_range();
+            let range = data.as_ptr_range();
+            assert!(
+                data.is_empty() || (within.start <= range.start && range.end <= within.end),
+                "channel data copied out of its packet"
+            );
+            out.push(data);
+        }
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn packets_arriving_in_pieces_come_out_whole() {
+        let big: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
+        let datas: [&[u8]; 3] = [&big, b"", b"small"];
+        let wire = channel_data_packets(&datas);
+        for step in [1, 3, 4096, 1 << 20] {
+            let got = read_all(&wire, step).await.unwrap();
+            assert_eq!(got.len(), 3, "step {step}");
+            for (g, d) in got.iter().zip(datas) {
+                assert_eq!(&g[..], d, "step {step}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_ending_inside_a_packet_is_an_error() {
+        let wire = channel_data_packets(&[&[9u8; 1000]]);
+        for cut in [2, 4, 5, 500, wire.len() - 1] {
+            let err = read_all(&wire[..cut], 7).await.unwrap_err();
+            assert!(
+                matches!(&err, crate::Error::IO(e) if e.kind() == std::io::ErrorKind::UnexpectedEof),
+                "cut at {cut}: {err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_string_longer_than_its_packet_is_refused() {
+        let whole = Bytes::from_static(&[0, 0, 0, 9, 1, 2, 3]);
+        let mut r = &whole[..];
+        assert!(crate::helpers::decode_bytes_in(&whole, &mut r).is_err());
+        // A reader over other memory still gets its string, copied.
+        let other = [0u8, 0, 0, 2, 5, 6];
+        let mut r = &other[..];
+        let got = crate::helpers::decode_bytes_in(&whole, &mut r).unwrap();
+        assert_eq!(&got[..], [5, 6]);
     }
 }

@@ -1305,24 +1305,9 @@ async fn start_reading<R: AsyncRead + Unpin>(
 }
 
 impl Session {
-    fn maybe_decompress(&mut self, buffer: &SSHBuffer) -> Result<IncomingSshPacket, Error> {
-        if let Some(ref mut enc) = self.common.encrypted {
-            let mut decomp = Vec::new();
-            Ok(IncomingSshPacket {
-                #[allow(clippy::indexing_slicing)] // length checked
-                buffer: enc.decompress.decompress(
-                    &buffer.buffer[5..],
-                    &mut decomp,
-                )?.into(),
-                seqn: buffer.seqn,
-            })
-        } else {
-            Ok(IncomingSshPacket {
-                #[allow(clippy::indexing_slicing)] // length checked
-                buffer: buffer.buffer[5..].into(),
-                seqn: buffer.seqn,
-            })
-        }
+    fn maybe_decompress(&mut self, buffer: &mut SSHBuffer) -> Result<IncomingSshPacket, Error> {
+        let decompress = self.common.encrypted.as_mut().map(|enc| &mut enc.decompress);
+        IncomingSshPacket::take_from(buffer, decompress)
     }
 
     fn new(
@@ -1476,7 +1461,7 @@ impl Session {
                         break
                     }
 
-                    let mut pkt = self.maybe_decompress(&buffer)?;
+                    let mut pkt = self.maybe_decompress(&mut buffer)?;
                     if !pkt.buffer.is_empty() {
                         #[allow(clippy::indexing_slicing)] // length checked
                         if pkt.buffer[0] == crate::msg::DISCONNECT {
@@ -2115,7 +2100,7 @@ async fn reply<H: Handler>(
 
                         let mut pending = std::mem::take(&mut session.pending_reads);
                         for p in pending.drain(..) {
-                            session.process_packet(handler, &p).await?;
+                            session.process_packet(handler, &bytes::Bytes::from(p)).await?;
                         }
                         session.pending_reads = pending;
                         session.pending_len = 0;
@@ -2353,12 +2338,12 @@ mod tests {
 
         for _ in 0..2 {
             session
-                .process_packet(&mut TestHandler, &packet)
+                .process_packet(&mut TestHandler, &packet.clone().into())
                 .await
                 .unwrap();
         }
         assert!(session
-            .process_packet(&mut TestHandler, &packet)
+            .process_packet(&mut TestHandler, &packet.clone().into())
             .await
             .is_err());
         assert_eq!(
@@ -2372,7 +2357,7 @@ mod tests {
         let (mut session, _sender, mut reply, host_key) = hostkeys_prove_session();
         let packet = hostkeys_proof_packet(&host_key, HOSTKEYS_SESSION_ID);
         session
-            .process_packet(&mut TestHandler, &packet)
+            .process_packet(&mut TestHandler, &packet.clone().into())
             .await
             .unwrap();
 
@@ -2385,7 +2370,7 @@ mod tests {
         let (mut session, _sender, mut reply, host_key) = hostkeys_prove_session();
         let packet = hostkeys_proof_packet(&host_key, b"some-other-session");
         session
-            .process_packet(&mut TestHandler, &packet)
+            .process_packet(&mut TestHandler, &packet.clone().into())
             .await
             .unwrap();
 
@@ -2399,7 +2384,7 @@ mod tests {
     async fn hostkeys_prove_reply_rejects_missing_signature() {
         let (mut session, _sender, mut reply, _host_key) = hostkeys_prove_session();
         session
-            .process_packet(&mut TestHandler, &[crate::msg::REQUEST_SUCCESS])
+            .process_packet(&mut TestHandler, &bytes::Bytes::from_static(&[crate::msg::REQUEST_SUCCESS]))
             .await
             .unwrap();
 
@@ -2410,7 +2395,7 @@ mod tests {
     async fn hostkeys_prove_failure_reply_is_denied() {
         let (mut session, _sender, mut reply, _host_key) = hostkeys_prove_session();
         session
-            .process_packet(&mut TestHandler, &[crate::msg::REQUEST_FAILURE])
+            .process_packet(&mut TestHandler, &bytes::Bytes::from_static(&[crate::msg::REQUEST_FAILURE]))
             .await
             .unwrap();
 
@@ -2613,7 +2598,7 @@ mod tests {
         let (mut session, _sender, mut replies) = keyboard_interactive_session();
         let mut handler = TestHandler;
         let err = session
-            .process_packet(&mut handler, &oversized_prompt_count_packet())
+            .process_packet(&mut handler, &oversized_prompt_count_packet().into())
             .await
             .expect_err("malformed prompt count must fail");
 
@@ -2650,8 +2635,8 @@ mod tests {
         let mut session = authenticated_session();
         let mut handler = TestHandler;
         let mut kex_done_signal = None;
-        let buffer = incoming_packet(compressed_debug_payload(200 * 1024));
-        let mut pkt: IncomingSshPacket = session.maybe_decompress(&buffer).unwrap();
+        let mut buffer = incoming_packet(compressed_debug_payload(200 * 1024));
+        let mut pkt: IncomingSshPacket = session.maybe_decompress(&mut buffer).unwrap();
 
         super::reply(&mut session, &mut handler, &mut kex_done_signal, &mut pkt)
             .await
@@ -2665,9 +2650,9 @@ mod tests {
     fn oversized_compressed_debug_is_rejected_before_client_ignores_it() {
         let mut session = authenticated_session();
         let oversized = crate::cipher::MAXIMUM_DECOMPRESSED_PACKET_LEN + 1024;
-        let buffer = incoming_packet(compressed_debug_payload(oversized));
+        let mut buffer = incoming_packet(compressed_debug_payload(oversized));
 
-        let err = session.maybe_decompress(&buffer).unwrap_err();
+        let err = session.maybe_decompress(&mut buffer).unwrap_err();
         assert!(
             matches!(err, crate::Error::PacketSize(len) if len > crate::cipher::MAXIMUM_DECOMPRESSED_PACKET_LEN)
         );
