@@ -294,7 +294,7 @@ fn an_encrypted_identity_without_its_key_in_an_agent_is_named() {
 #[test]
 fn slow_local_readers_hold_at_most_a_window_each_until_the_stall_limit_closes_them() {
     use std::io::{Read, Write};
-    const WINDOW: u64 = 16 * 1024 * 1024;
+    const WINDOW: u64 = fleet_broker::tunnel::dial::WINDOW_SIZE as u64;
     let w = World::new();
     // A listing of ~24 MB: more than a window, so each stalled reader's channel fills it.
     w.sim.put_big_units(6000);
