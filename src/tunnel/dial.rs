@@ -21,8 +21,9 @@ use crate::known_hosts::{self, fingerprint_md5, fingerprint_sha256, HostId, Know
 /// 54-62 % more CPU per byte of a 1 GiB transfer than for `ssh -L` beside it (the same with
 /// 2 MiB), and on a busy host sshd is what limits the rate (docs/performance.md).
 pub const WINDOW_SIZE: u32 = 2 * 1024 * 1024;
-/// Window per channel of a nested connection (the tunnel channel under it has its own,
-/// [`WINDOW_SIZE`]: a machine's sshd never gets further ahead of us than that).
+/// Window per channel of a nested connection (a machine's sessions). What of a nested
+/// connection waits in the daemon's buffer for the tunnel channel under it is bounded by that
+/// channel's own window, [`WINDOW_SIZE`], whatever the sessions' windows add up to.
 pub(crate) const NESTED_WINDOW_SIZE: u32 = 2 * 1024 * 1024;
 /// Largest packet we accept (OpenSSH's default maximum).
 pub(crate) const MAX_PACKET: u32 = 32 * 1024;
