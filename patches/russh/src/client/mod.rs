@@ -2357,7 +2357,7 @@ mod tests {
         let (mut session, _sender, mut reply, host_key) = hostkeys_prove_session();
         let packet = hostkeys_proof_packet(&host_key, HOSTKEYS_SESSION_ID);
         session
-            .process_packet(&mut TestHandler, &packet.clone().into())
+            .process_packet(&mut TestHandler, &packet.into())
             .await
             .unwrap();
 
@@ -2370,7 +2370,7 @@ mod tests {
         let (mut session, _sender, mut reply, host_key) = hostkeys_prove_session();
         let packet = hostkeys_proof_packet(&host_key, b"some-other-session");
         session
-            .process_packet(&mut TestHandler, &packet.clone().into())
+            .process_packet(&mut TestHandler, &packet.into())
             .await
             .unwrap();
 
