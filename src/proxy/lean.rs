@@ -16,7 +16,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::UnixStream;
 use tokio::time::Instant;
@@ -620,7 +620,7 @@ async fn forward(
         pending: &mut answer_buf,
         tunnel: &tunnel,
         turns: Turns::default(),
-        out: answer.head,
+        out: Gathered::starting_with(answer.head),
     };
     let copied = match answer.framing {
         Framing::None => body.flush().await.map(|()| true),
@@ -725,34 +725,104 @@ async fn write_all_vectored(
     Ok(())
 }
 
+/// What waits to go to the client, in order: the answer's head, framing and small data
+/// copied into `out`, larger data (and the `out` before it) in `queued`, uncopied.
+#[derive(Default)]
+struct Gathered {
+    /// What goes before `out`; at most two pieces per [`STAGED`] bytes (a piece is queued
+    /// only when it does not fit in `out` beside what `out` holds), so one `writev` of it
+    /// stays far below the system's limit of slices.
+    queued: Vec<Bytes>,
+    /// The bytes in `queued`.
+    queued_len: usize,
+    out: Vec<u8>,
+}
+
+impl Gathered {
+    fn starting_with(head: Vec<u8>) -> Gathered {
+        Gathered {
+            out: head,
+            ..Default::default()
+        }
+    }
+
+    /// The bytes waiting.
+    fn len(&self) -> usize {
+        self.queued_len + self.out.len()
+    }
+
+    /// Framing or other bytes of our own, copied.
+    fn put(&mut self, bytes: &[u8]) {
+        self.out.extend_from_slice(bytes);
+    }
+
+    /// Body data, as it is or as one chunk: copied when it fits in `out` within [`STAGED`]
+    /// bytes, queued as it is otherwise.
+    fn put_data(&mut self, data: BytesMut, chunked: bool) {
+        if chunked {
+            self.put(format!("{:x}\r\n", data.len()).as_bytes());
+        }
+        if self.out.len() + data.len() <= STAGED {
+            self.out.extend_from_slice(&data);
+        } else {
+            self.queued_len += self.out.len() + data.len();
+            if !self.out.is_empty() {
+                self.queued.push(Bytes::from(std::mem::take(&mut self.out)));
+            }
+            self.queued.push(data.freeze());
+        }
+        if chunked {
+            self.put(b"\r\n");
+        }
+    }
+
+    /// Everything waiting, for one `writev`.
+    fn slices(&self) -> Vec<std::io::IoSlice<'_>> {
+        self.queued
+            .iter()
+            .map(|b| std::io::IoSlice::new(b))
+            .chain(std::iter::once(std::io::IoSlice::new(&self.out)))
+            .collect()
+    }
+
+    fn clear(&mut self) {
+        self.queued.clear();
+        self.queued_len = 0;
+        self.out.clear();
+    }
+}
+
 /// An answer's body on its way from fleetd (`pending` holds what was read of it) to the
 /// client. Every copier returns `Ok(true)` when the body came whole and its end is known.
 ///
-/// What goes to the client waits in `out` (the answer's head first, then framing and small
-/// data) until the answer ends, more of it has to be waited for, or a large piece of data
-/// goes: a small answer reaches the client in one write, which wakes it once, where a write
-/// per piece woke it (and, on its CPU, preempted the daemon) for each.
+/// What goes to the client is gathered until the answer ends, more of it has to be waited
+/// for, or [`BATCH`] bytes wait, and then goes in one `writev`: that wakes the client once,
+/// where a write per piece woke it (and, on its CPU, preempted the daemon) for each. A
+/// chunked answer's last piece and its end go together.
 struct Body<'a> {
     up: &'a mut Upstream,
     client: &'a mut UnixStream,
     pending: &'a mut BytesMut,
     tunnel: &'a crate::tunnel::Tunnel,
     turns: Turns,
-    out: Vec<u8>,
+    out: Gathered,
 }
 
 impl Body<'_> {
-    /// Writes what waits in `out`.
+    /// Writes what was gathered, in one `writev` when the socket takes it.
     async fn flush(&mut self) -> Result<(), ()> {
-        if !self.out.is_empty() {
-            self.client.write_all(&self.out).await.map_err(|_| ())?;
-            self.out.clear();
+        let written = self.out.len();
+        if written == 0 {
+            return Ok(());
         }
+        write_all_vectored(self.client, &mut self.out.slices()).await?;
+        self.out.clear();
+        self.turns.after(written).await;
         Ok(())
     }
 
-    /// Reads more of the answer, waiting for the first bytes (after writing what waits in
-    /// `out`, so the client never waits on fleetd for bytes the daemon holds) and then taking
+    /// Reads more of the answer, waiting for the first bytes (after writing what waits,
+    /// so the client never waits on fleetd for bytes the daemon holds) and then taking
     /// whatever else has arrived, up to [`BATCH`]: one write to the client for all of it, as
     /// hyper's queued writes do. False at the answer's end.
     async fn fill(&mut self) -> Result<bool, ()> {
@@ -797,31 +867,17 @@ impl Body<'_> {
         Ok(self.pending.split_to(take))
     }
 
-    /// Sends body bytes to the client, as they are or as one chunk, and counts them: small
-    /// ones join what waits in `out`, larger ones go at once with it in one `writev`.
-    async fn send(&mut self, data: &[u8], chunked: bool) -> Result<(), ()> {
+    /// Sends body bytes to the client, as they are or as one chunk, and counts them; once
+    /// [`BATCH`] bytes wait, they go.
+    async fn send(&mut self, data: BytesMut, chunked: bool) -> Result<(), ()> {
         if data.is_empty() {
             return Ok(());
         }
         self.tunnel.add_bytes(data.len() as u64, 0);
-        if chunked {
-            self.out
-                .extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+        self.out.put_data(data, chunked);
+        if self.out.len() >= BATCH {
+            self.flush().await?;
         }
-        let end: &[u8] = if chunked { b"\r\n" } else { b"" };
-        if self.out.len() + data.len() <= STAGED {
-            self.out.extend_from_slice(data);
-            self.out.extend_from_slice(end);
-        } else {
-            let mut parts = [
-                std::io::IoSlice::new(&self.out),
-                std::io::IoSlice::new(data),
-                std::io::IoSlice::new(end),
-            ];
-            write_all_vectored(self.client, &mut parts).await?;
-            self.out.clear();
-        }
-        self.turns.after(data.len()).await;
         Ok(())
     }
 
@@ -843,8 +899,8 @@ impl Body<'_> {
     async fn copy_length(&mut self, mut n: u64) -> Result<bool, ()> {
         while n > 0 {
             let data = self.take(n).await?;
-            self.send(&data, false).await?;
             n -= data.len() as u64;
+            self.send(data, false).await?;
         }
         self.flush().await.map(|()| true)
     }
@@ -872,14 +928,14 @@ impl Body<'_> {
                         return Err(());
                     }
                 }
-                self.out.extend_from_slice(b"0\r\n\r\n");
+                self.out.put(b"0\r\n\r\n");
                 return self.flush().await.map(|()| true);
             }
             let mut left = size;
             while left > 0 {
                 let data = self.take(left).await?;
-                self.send(&data, true).await?;
                 left -= data.len() as u64;
+                self.send(data, true).await?;
             }
             if !self.line().await?.is_empty() {
                 return Err(());
@@ -892,10 +948,10 @@ impl Body<'_> {
         loop {
             if !self.pending.is_empty() {
                 let data = self.pending.split();
-                self.send(&data, true).await?;
+                self.send(data, true).await?;
             }
             if !self.fill().await? {
-                self.out.extend_from_slice(b"0\r\n\r\n");
+                self.out.put(b"0\r\n\r\n");
                 return self.flush().await.map(|()| false);
             }
         }
@@ -970,6 +1026,65 @@ mod tests {
 
     fn goes_to_hyper(raw: &str) -> bool {
         matches!(parse_request(raw.as_bytes()), Head::Hyper)
+    }
+
+    fn joined(g: &Gathered) -> Vec<u8> {
+        g.slices().iter().flat_map(|s| s.iter().copied()).collect()
+    }
+
+    #[test]
+    fn gathered_pieces_go_in_order_and_large_data_uncopied() {
+        let mut g = Gathered::starting_with(b"HEAD\r\n\r\n".to_vec());
+        let large = BytesMut::from(&vec![b'L'; STAGED + 1][..]);
+        let at = large.as_ptr();
+        g.put_data(BytesMut::from(&b"small"[..]), true);
+        g.put_data(large, true);
+        g.put_data(BytesMut::from(&b"tail"[..]), true);
+        g.put(b"0\r\n\r\n");
+        let mut want = b"HEAD\r\n\r\n5\r\nsmall\r\n".to_vec();
+        want.extend_from_slice(format!("{:x}\r\n", STAGED + 1).as_bytes());
+        want.extend_from_slice(&vec![b'L'; STAGED + 1]);
+        want.extend_from_slice(b"\r\n4\r\ntail\r\n0\r\n\r\n");
+        assert_eq!(
+            joined(&g),
+            want,
+            "one writev carries the whole answer, in order"
+        );
+        assert_eq!(g.len(), want.len());
+        assert!(
+            g.slices().iter().any(|s| s.as_ptr() == at),
+            "the large piece is written from where it was read"
+        );
+        g.clear();
+        assert_eq!(g.len(), 0);
+        assert!(joined(&g).is_empty());
+        // Unchunked, as read.
+        g.put_data(BytesMut::from(&b"abc"[..]), false);
+        assert_eq!(joined(&g), b"abc");
+    }
+
+    #[test]
+    fn gathered_slices_stay_few() {
+        // The worst case: each piece just too large for what `out` holds beside it.
+        let mut g = Gathered::default();
+        let mut want = Vec::new();
+        let mut n = 0u8;
+        while g.len() < BATCH {
+            n = n.wrapping_add(1);
+            let small = vec![n; STAGED - 10];
+            g.put_data(BytesMut::from(&small[..]), false);
+            let piece = vec![n.wrapping_add(100); 11];
+            g.put_data(BytesMut::from(&piece[..]), false);
+            want.extend_from_slice(&small);
+            want.extend_from_slice(&piece);
+        }
+        assert_eq!(joined(&g), want);
+        assert!(
+            g.slices().len() <= 2 * g.len() / STAGED + 2,
+            "{} slices for {} bytes",
+            g.slices().len(),
+            g.len()
+        );
     }
 
     #[test]
