@@ -3,7 +3,8 @@
 //! with a pty (`ssh -tt -L … sleep`, which makes OpenSSH set TCP_NODELAY), and directly on the
 //! simulator socket (the floor). Paths are sampled in turn (A B C D A B …) after a warm-up.
 //! `BENCH_N` sets the samples per path (default 200), `BENCH_ONLY` the blocks that follow
-//! it, and `BENCH_HOLD=api`, `=master` or `=master-link` holds that block set up for
+//! it, and `BENCH_HOLD=api`, `=patterns` (the 64 KiB chunked answer), `=master` or
+//! `=master-link` holds that block set up for
 //! profiling ([`hold`]). Every OpenSSH peer uses the broker's cipher ([`CIPHER`]).
 
 #[path = "compare/link.rs"]
@@ -413,6 +414,13 @@ fn write_patterns(w: &World, paths: &[(&str, PathBuf)]) {
             360,
         ),
     ];
+    if std::env::var("BENCH_HOLD").ok().as_deref() == Some("patterns") {
+        // The largest pattern, for profiling one path against live peers.
+        w.sim.sim.lock().expect("sim").write_pattern = WritePattern::GoNetHttp;
+        units(360);
+        hold("patterns", paths);
+        return;
+    }
     for (label, pattern, path, count) in cases {
         w.sim.sim.lock().expect("sim").write_pattern = pattern;
         units(count);
