@@ -815,7 +815,12 @@ impl Body<'_> {
         if written == 0 {
             return Ok(());
         }
-        write_all_vectored(self.client, &mut self.out.slices()).await?;
+        if self.out.queued.is_empty() {
+            // A small answer, or the small rest of one: one buffer, no list of slices.
+            self.client.write_all(&self.out.out).await.map_err(|_| ())?;
+        } else {
+            write_all_vectored(self.client, &mut self.out.slices()).await?;
+        }
         self.out.clear();
         self.turns.after(written).await;
         Ok(())
