@@ -45,8 +45,8 @@ const READ_SIZE: usize = 16 * 1024;
 const HEAD_READ: usize = 4096;
 /// Bytes of an answer's body gathered for one write to the client, when they have arrived.
 const BATCH: usize = 256 * 1024;
-/// Bytes of an answer held back to go with the next piece (see [`Body`]); larger data is
-/// written at once, without a copy.
+/// Bytes of framing and small data copied together to go in one piece (see [`Gathered`]);
+/// larger data is queued for the same write as it is, without a copy.
 const STAGED: usize = 16 * 1024;
 
 /// An idle upstream connection with the buffer its answers are read into.
