@@ -4,7 +4,7 @@
 //! the caller's timeout. Knows nothing of SSH or of the broker.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -13,6 +13,8 @@ use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioIo;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+
+mod ahead;
 
 use crate::fleet::schema::{Machine, MachinePage, Unit, UnitPage, UnitState, UnitStatePage};
 
@@ -25,10 +27,9 @@ const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b':');
 /// Upper bound on pages followed, so a misbehaving server cannot loop us forever.
 const MAX_PAGES: usize = 100_000;
-/// Pages of a listing asked for at once ([`FleetClient::pages`]).
-const PAGES_AHEAD: usize = 4;
-/// Idle connections kept: the pages asked ahead, the machine list and a unit beside them.
-const POOL_MAX_IDLE: usize = 8;
+/// Idle connections kept: the most pages asked ahead, the machine list and a unit beside
+/// them.
+const POOL_MAX_IDLE: usize = ahead::MAX + 2;
 /// How long an idle connection is kept.
 const POOL_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -502,10 +503,10 @@ impl FleetClient {
     /// Every page of a listing, in order, exactly as asking for each page's
     /// `nextPageToken` in turn would give them. Fleet's tokens are its page size and page
     /// number (reference A.4), so once a page names the next one, the pages after it are
-    /// asked for too, [`PAGES_AHEAD`] at a time, and each is taken only when its
-    /// predecessor's token names it; a token of another shape, or one that differs, goes on
-    /// one page at a time from the token the server gave. Answers past the last page are
-    /// dropped unread.
+    /// asked for too, as many at a time as [`ahead::Ahead`] finds keep the server busy, and
+    /// each is taken only when its predecessor's token names it; a token of another shape,
+    /// or one that differs, goes on one page at a time from the token the server gave.
+    /// Answers past the last page are dropped unread.
     async fn pages<P, T>(
         &self,
         base: &str,
@@ -537,6 +538,14 @@ impl FleetClient {
         // The pages asked for ahead: their tokens, and their answers in the same order.
         let mut ahead_tokens: std::collections::VecDeque<String> = Default::default();
         let mut ahead = futures::stream::FuturesOrdered::new();
+        let mut window = ahead::Ahead::new();
+        // One page asked for: its answer, when it was asked and answered, and how many pages
+        // were waiting when it was asked, itself included.
+        let ask = |path: String, depth: usize| async move {
+            let asked = Instant::now();
+            let answer = self.get_json_sized::<P>(&path).await;
+            (answer, asked, Instant::now(), depth)
+        };
         let mut token = String::new();
         for _ in 0..MAX_PAGES {
             let asked = ahead_tokens.front() == Some(&token);
@@ -547,15 +556,16 @@ impl FleetClient {
                 }
                 _ => None,
             };
-            let answer = match answer {
+            let (answer, asked, answered, depth) = match answer {
                 Some(a) => a,
                 None => {
                     // Not the page asked ahead: what was asked ahead is dropped.
                     ahead_tokens.clear();
                     ahead = futures::stream::FuturesOrdered::new();
-                    self.get_json_sized::<P>(&path_for(&token)).await
+                    ask(path_for(&token), 1).await
                 }
             };
+            window.taken(asked, answered, depth);
             let (page, size) = answer?;
             read += size;
             if read > most {
@@ -576,12 +586,12 @@ impl FleetClient {
                     Some((_, last)) => last,
                     None => named.saturating_sub(1),
                 };
-                while ahead_tokens.len() < PAGES_AHEAD && p < u16::MAX {
+                while ahead_tokens.len() < window.window() && p < u16::MAX {
                     p += 1;
                     let t = encode_page_token(limit, p);
                     let path = path_for(&t);
                     ahead_tokens.push_back(t);
-                    ahead.push_back(async move { self.get_json_sized::<P>(&path).await });
+                    ahead.push_back(ask(path, ahead_tokens.len()));
                 }
             }
             token = next;
