@@ -8,13 +8,15 @@
 //! its own: the shortest answer seen is the round trip without queueing (`base`); a page
 //! asked with `depth` pages in flight that took `took` says that
 //! `depth x (1 - base / took)` pages were waiting at the server. Once per round (a
-//! window's pages, at least [`ROUND`]) the round's average decides: fewer than half a
-//! page waiting, the round trip and not the server limits, and the window doubles (up to
-//! [`MAX`]); more than one and a half, it shrinks to leave about one waiting. Deciding on
-//! a round's average, not on each page, keeps a page that found a busy server idle for a
-//! moment from opening the window, and the window from swinging behind its own effect; a
-//! reader held up for a moment only makes answers look later, so it can shrink the window
-//! but never open it.
+//! window's pages, at least [`ROUND`]) the round decides: fewer than half a page waiting
+//! for every page of it, the round trip and not the server limits, and the window doubles
+//! (up to [`MAX`]); more than one and a half for the round's median page, it shrinks to
+//! leave about one waiting. Every page is asked to agree before the window opens because
+//! each page asked past the end costs the server a whole listing, and a page that found a
+//! busy server idle for a moment is common on a loaded machine; the median keeps one page
+//! held up on the way from closing it. Deciding once per round keeps the window from
+//! swinging behind its own effect; a reader held up for a moment only makes answers look
+//! later, so it can shrink the window but never open it.
 //!
 //! Only the listing's speed depends on this; which pages are taken does not.
 
@@ -25,20 +27,23 @@ use std::time::{Duration, Instant};
 pub(super) const MIN: usize = 2;
 /// The most pages in flight.
 pub(super) const MAX: usize = 8;
-/// Fewer pages waiting at the server than this: the window grows.
+/// Fewer pages waiting at the server than this for every page of a round: the window
+/// grows.
 const GROW_BELOW: f64 = 0.5;
-/// More pages waiting at the server than this: the window shrinks.
+/// More pages waiting at the server than this for a round's median page: the window
+/// shrinks.
 const SHRINK_ABOVE: f64 = 1.5;
 /// The fewest pages in a round.
 const ROUND: usize = 4;
+const _: () = assert!(MIN <= ROUND && ROUND <= MAX);
 
 #[derive(Debug)]
 pub(super) struct Ahead {
     window: usize,
     /// The shortest time from asking for a page to its whole answer.
     base: Option<Duration>,
-    /// The pages found waiting at the server by the pages of this round, summed.
-    waiting: f64,
+    /// The pages found waiting at the server by each page of this round.
+    waiting: [f64; MAX],
     /// Pages asked ahead taken in this round.
     taken: usize,
 }
@@ -48,7 +53,7 @@ impl Ahead {
         Ahead {
             window: MIN,
             base: None,
-            waiting: 0.0,
+            waiting: [0.0; MAX],
             taken: 0,
         }
     }
@@ -68,17 +73,22 @@ impl Ahead {
         if depth <= 1 || took.is_zero() {
             return;
         }
-        self.waiting += depth as f64 * (1.0 - base.as_secs_f64() / took.as_secs_f64());
-        self.taken += 1;
-        if self.taken < self.window.max(ROUND) {
+        if let Some(slot) = self.waiting.get_mut(self.taken) {
+            *slot = depth as f64 * (1.0 - base.as_secs_f64() / took.as_secs_f64());
+            self.taken += 1;
+        }
+        if self.taken < self.window.clamp(ROUND, MAX) {
             return;
         }
-        let waiting = self.waiting / self.taken as f64;
-        (self.waiting, self.taken) = (0.0, 0);
-        if waiting < GROW_BELOW {
+        let round = &mut self.waiting[..self.taken];
+        round.sort_by(f64::total_cmp);
+        let most = round.last().copied().unwrap_or(0.0);
+        let median = round.get(round.len() / 2).copied().unwrap_or(0.0);
+        self.taken = 0;
+        if most < GROW_BELOW {
             self.window = (self.window * 2).min(MAX);
-        } else if waiting > SHRINK_ABOVE {
-            let fewer = (waiting - 1.0).round() as usize;
+        } else if median > SHRINK_ABOVE {
+            let fewer = (median - 1.0).round() as usize;
             self.window = self.window.saturating_sub(fewer).max(MIN);
         }
     }
@@ -213,5 +223,37 @@ mod tests {
             ahead.taken(t0, t0 + ms(2.0) * depth as u32, depth);
         }
         assert!(ahead.window() <= 3, "window {}", ahead.window());
+    }
+
+    #[test]
+    fn a_page_that_found_the_server_idle_does_not_open_the_window() {
+        // Two asked at a time of a server nearby that is busy but not always: half the
+        // pages wait behind the one before them (3.5 ms against 2 unqueued), half do not.
+        let t0 = Instant::now();
+        let mut ahead = Ahead::new();
+        ahead.taken(t0, t0 + ms(2.0), 1);
+        for i in 0..40 {
+            let took = if i % 2 == 0 { ms(2.0) } else { ms(3.5) };
+            ahead.taken(t0, t0 + took, 2);
+            assert_eq!(ahead.window(), MIN, "page {i}");
+        }
+    }
+
+    #[test]
+    fn one_page_held_up_on_the_way_does_not_close_the_window() {
+        let t0 = Instant::now();
+        let mut ahead = Ahead::new();
+        ahead.taken(t0, t0 + ms(50.0), 1);
+        for _ in 0..8 {
+            let depth = ahead.window();
+            ahead.taken(t0, t0 + ms(50.0), depth);
+        }
+        assert_eq!(ahead.window(), MAX);
+        for i in 0..40 {
+            // One page in four held up for a second; the rest one round trip.
+            let took = if i % 4 == 0 { ms(1000.0) } else { ms(50.0) };
+            ahead.taken(t0, t0 + took, MAX);
+            assert_eq!(ahead.window(), MAX, "page {i}");
+        }
     }
 }
