@@ -206,18 +206,24 @@ mod tests {
         assert!(windows.iter().all(|&w| w <= 3), "{windows:?}");
     }
 
+    /// A window opened all the way by answers that each took `round_trip`, never queued.
+    fn opened(t0: Instant, round_trip: Duration) -> Ahead {
+        let mut ahead = Ahead::new();
+        ahead.taken(t0, t0 + round_trip, 1);
+        for _ in 0..8 {
+            let depth = ahead.window();
+            ahead.taken(t0, t0 + round_trip, depth);
+        }
+        assert_eq!(ahead.window(), MAX);
+        ahead
+    }
+
     #[test]
     fn a_window_opened_comes_back_when_the_server_queues() {
         // Answers as fast as the round trip at first, then a server busy elsewhere that
         // serves one page at a time, 2 ms each: the pages asked wait behind each other.
         let t0 = Instant::now();
-        let mut ahead = Ahead::new();
-        ahead.taken(t0, t0 + ms(2.0), 1);
-        for _ in 0..10 {
-            let depth = ahead.window();
-            ahead.taken(t0, t0 + ms(2.0), depth);
-        }
-        assert_eq!(ahead.window(), MAX);
+        let mut ahead = opened(t0, ms(2.0));
         for _ in 0..10 {
             let depth = ahead.window();
             ahead.taken(t0, t0 + ms(2.0) * depth as u32, depth);
@@ -242,13 +248,7 @@ mod tests {
     #[test]
     fn one_page_held_up_on_the_way_does_not_close_the_window() {
         let t0 = Instant::now();
-        let mut ahead = Ahead::new();
-        ahead.taken(t0, t0 + ms(50.0), 1);
-        for _ in 0..8 {
-            let depth = ahead.window();
-            ahead.taken(t0, t0 + ms(50.0), depth);
-        }
-        assert_eq!(ahead.window(), MAX);
+        let mut ahead = opened(t0, ms(50.0));
         for i in 0..40 {
             // One page in four held up for a second; the rest one round trip.
             let took = if i % 4 == 0 { ms(1000.0) } else { ms(50.0) };
