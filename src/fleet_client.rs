@@ -3,6 +3,8 @@
 //! `%40`, errors worded as Go's googleapi and net/http word them. Every request is bounded by
 //! the caller's timeout. Knows nothing of SSH or of the broker.
 
+mod ahead;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -13,8 +15,6 @@ use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioIo;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
-
-mod ahead;
 
 use crate::fleet::schema::{Machine, MachinePage, Unit, UnitPage, UnitState, UnitStatePage};
 
