@@ -154,8 +154,9 @@ fn parse(argv: Vec<OsString>) -> Result<(clap::Command, clap::ArgMatches, Cli), 
         println!("{}", version_line());
         return Err(0);
     }
-    let cmd = Cli::command();
-    let matches = match cmd.clone().try_get_matches_from(argv) {
+    // Parsed in place: the command tree is built once and kept for `help`, not cloned.
+    let mut cmd = Cli::command();
+    let matches = match cmd.try_get_matches_from_mut(argv) {
         Ok(m) => m,
         Err(e) => {
             let _ = e.print();
